@@ -1,0 +1,48 @@
+"""The entry point: --mode=info output, overrides, and user errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CITYSCAPES = f"--config={REPO / 'configs' / 'cityscapes.py'}"
+
+
+def _main(*args, cwd=None):
+  return subprocess.run([sys.executable, "-m", "transkd_jax.main", *args],
+                        capture_output=True, text=True, cwd=cwd or REPO, timeout=300)
+
+
+def test_info_writes_sizes(tmp_path):
+  result = _main(CITYSCAPES, f"--workdir={tmp_path}",
+                 "--mode=info", "--config.image_size=(128, 256)")
+  assert result.returncode == 0, result.stderr
+  info = json.loads((tmp_path / "info.json").read_text())
+  assert info["teacher"]["params"] == 27_361_235
+  assert info["student"]["params"] == 3_719_027
+  assert info["input_size"] == [128, 256]
+  # FLOPs scale with pixels; at 128x256 (1/16 of 512x1024) B2 is ~17 GFLOPs.
+  assert 10 < info["teacher"]["gflops"] < 25
+  assert info["student"]["gflops"] < info["teacher"]["gflops"] / 5
+  assert "SegFormer-B2" in result.stdout
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.no_such_key=1", "--config.no_such_key"),
+    ("--config.teacher.variant=b9", "config.teacher.variant"),
+    ("--config.num_classes=0", "config.num_classes"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, override, needle):
+  result = _main(CITYSCAPES, f"--workdir={tmp_path}", override)
+  assert result.returncode == 2
+  assert needle in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_missing_workdir_is_named(tmp_path):
+  result = _main(CITYSCAPES)
+  assert result.returncode == 2
+  assert "--workdir" in result.stderr

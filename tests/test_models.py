@@ -1,0 +1,147 @@
+"""SegFormer / MiT: sizes, shapes and the invariants the rest of the code uses."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transkd_jax.models import SegFormer, VARIANTS
+from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv
+from transkd_jax.models.resize import bilinear_matrix, nearest_indices
+
+
+def _param_count(variant, num_classes, size=(64, 64)):
+  model = SegFormer(variant, num_classes)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3))))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("variant,num_classes,expected", [
+    ("b0", 20, 3_719_284),
+    ("b2", 20, 27_362_004),
+    ("b0", 19, 3_719_027),
+    ("b2", 19, 27_361_235),
+])
+def test_parameter_counts_match_public_code(variant, num_classes, expected):
+  assert _param_count(variant, num_classes) == expected
+
+
+def test_larger_variants_grow_with_depth():
+  counts = [_param_count(v, 19) for v in ("b1", "b2", "b3", "b4", "b5")]
+  assert counts == sorted(counts)
+  # B1 has B0's depths with B2's widths: the head (width 256 vs 768) differs.
+  assert 13e6 < counts[0] < 14e6
+  assert 84e6 < counts[-1] < 86e6  # MiT-B5 SegFormer is ~84.7 M
+
+
+@pytest.fixture(scope="module")
+def b0_and_vars():
+  model = SegFormer("b0", num_classes=5)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  return model, variables
+
+
+def _apply(model, *args, **kwargs):
+  """model.apply under jit (eager op-by-op dispatch is slow on CPU)."""
+  static = tuple(k for k in ("train", "method", "mutable") if k in kwargs)
+  return jax.jit(model.apply, static_argnames=static)(*args, **kwargs)
+
+
+@pytest.mark.parametrize("size", [(64, 128), (70, 90)])
+def test_output_shapes(b0_and_vars, size):
+  model, variables = b0_and_vars
+  images = jax.random.uniform(jax.random.key(1), (2, *size, 3))
+  out = _apply(model, variables, images)
+  h, w = size
+  # Stage i has stride 4 * 2**i with PyTorch's conv arithmetic (ceil for these paddings).
+  grid = [(math.ceil(h / 4), math.ceil(w / 4))]
+  for _ in range(3):
+    grid.append((math.ceil(grid[-1][0] / 2), math.ceil(grid[-1][1] / 2)))
+  assert out["logits"].shape == (2, *grid[0], 5)
+  assert out["logits"].dtype == jnp.float32
+  for i, channels in enumerate(VARIANTS["b0"].channels):
+    assert out["features"][i].shape == (2, *grid[i], channels)
+    assert out["embeddings"][i].shape == (2, grid[i][0] * grid[i][1], channels)
+  assert np.isfinite(np.asarray(out["logits"])).all()
+
+
+def test_encode_matches_full_call_and_skips_head(b0_and_vars):
+  model, variables = b0_and_vars
+  images = jax.random.uniform(jax.random.key(2), (1, 64, 64, 3))
+  full = _apply(model, variables, images)
+  enc = _apply(model, variables, images, method="encode")
+  assert "logits" not in enc
+  for a, b in zip(full["features"] + full["embeddings"], enc["features"] + enc["embeddings"]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Encoding needs no head parameters at all.
+  enc_only = _apply(model, {"params": {"encoder": variables["params"]["encoder"]}}, images,
+                         method="encode")
+  np.testing.assert_array_equal(np.asarray(enc_only["features"][3]),
+                                np.asarray(full["features"][3]))
+
+
+def test_train_mode_uses_dropout_rng_and_updates_batch_stats(b0_and_vars):
+  model, variables = b0_and_vars
+  images = jax.random.uniform(jax.random.key(3), (2, 64, 64, 3))
+  with pytest.raises(Exception, match="dropout"):
+    _apply(model, variables, images, train=True, mutable=("batch_stats",))
+  run = lambda key: _apply(model, variables, images, train=True, rngs={"dropout": key},
+                                mutable=("batch_stats",))
+  out_a, state = run(jax.random.key(4))
+  out_b, _ = run(jax.random.key(5))
+  assert not np.allclose(out_a["logits"], out_b["logits"])  # stochastic depth / dropout
+  old = variables["batch_stats"]["head"]["bn"]["mean"]
+  new = state["batch_stats"]["head"]["bn"]["mean"]
+  assert not np.allclose(old, new)
+  # Evaluation is deterministic and leaves the statistics alone.
+  np.testing.assert_array_equal(_apply(model, variables, images)["logits"],
+                                _apply(model, variables, images)["logits"])
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = SegFormer("b0", num_classes=3, dtype=jnp.bfloat16)
+  images = jnp.zeros((1, 64, 64, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), images)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  out = _apply(model, variables, images)
+  assert out["features"][0].dtype == jnp.bfloat16
+  assert out["logits"].dtype == jnp.float32
+
+
+def test_depthwise_forms_agree():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 12))
+  conv = DepthwiseConv3x3(impl="conv")
+  shifted = DepthwiseConv3x3(impl="shifted")
+  params = conv.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.3, params)  # non-zero bias too
+  np.testing.assert_allclose(shifted.apply(params, x), conv.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (13, 11)])
+def test_patch_conv_equals_strided_convolution(size):
+  x = jax.random.normal(jax.random.key(0), (2, *size, 6))
+  module = PatchConv(features=5, ratio=4)
+  params = module.init(jax.random.key(1), x)
+  expected = jax.lax.conv_general_dilated(
+      x, params["params"]["kernel"], (4, 4), "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["params"]["bias"]
+  np.testing.assert_allclose(module.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_rules_follow_pytorch_by_hand():
+  # 2 -> 4, align_corners=False: src = (dst + .5) / 2 - .5, clamped at 0.
+  np.testing.assert_allclose(bilinear_matrix(2, 4), [[1, 0], [.75, .25], [.25, .75], [0, 1]])
+  # Nearest floors dst * in / out.
+  np.testing.assert_array_equal(nearest_indices(3, 5), [0, 0, 1, 1, 2])
+  np.testing.assert_array_equal(nearest_indices(5, 3), [0, 1, 3])
+
+
+def test_bad_input_is_named():
+  with pytest.raises(ValueError, match="b7"):
+    SegFormer("b7").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+    SegFormer("b0").init(jax.random.key(0), jnp.zeros((1, 3, 32, 32)))

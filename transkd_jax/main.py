@@ -1,0 +1,120 @@
+"""The transkd-jax entry point.
+
+    python -m transkd_jax.main --config=configs/cityscapes.py --workdir=DIR --mode=info
+
+``--config.key=value`` overrides any config value. Modes: ``info`` (sizes of
+the configured teacher and student). Training, evaluation and prediction
+arrive with their issues.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from transkd_jax.errors import UserError
+
+_REPO_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "cityscapes.py"
+
+
+
+def _bad_override(error):
+  """A --config.key=value that does not fit the config: one clear line, exit 2.
+
+  ml_collections raises a bare KeyError/AttributeError (a traceback) for a key
+  the config does not have; say which override and what to do instead.
+  """
+  overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+  print(f"error: cannot apply config override(s) {', '.join(overrides)}: {error!s}. "
+        "Overrides must name keys the config file defines, with values of their type "
+        "(read the config file).", file=sys.stderr)
+  sys.exit(2)
+
+
+try:  # the default config is loaded, and overridden from sys.argv, right here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", str(_REPO_CONFIG) if _REPO_CONFIG.exists() else None,
+      "Path to a config file (configs/*.py); override values with --config.key=value.",
+      lock_config=True)
+except (KeyError, AttributeError) as e:
+  _bad_override(e)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
+_MODE = flags.DEFINE_enum("mode", "info", ["info"], "What to run.")
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate_config(config):
+  """Checks the keys every mode needs; raises UserError naming the key."""
+  from transkd_jax.models.variants import get_variant
+  for role in ("teacher", "student"):
+    try:
+      get_variant(config[role].variant)
+    except (KeyError, AttributeError) as e:
+      raise UserError(f"config.{role}.variant is missing ({e})") from None
+    except ValueError as e:
+      raise UserError(f"config.{role}.variant: {e}") from None
+  if not isinstance(config.num_classes, int) or config.num_classes < 1:
+    raise UserError(f"config.num_classes must be a positive integer, got {config.num_classes!r}")
+  size = tuple(config.image_size)
+  if len(size) != 2 or not all(isinstance(s, int) and s >= 32 for s in size):
+    raise UserError(f"config.image_size must be (height, width), each >= 32; got {size!r}")
+  if config.dtype not in _DTYPES:
+    raise UserError(f"config.dtype must be one of {_DTYPES}, got {config.dtype!r}")
+
+
+def run_info(config, workdir: str) -> dict:
+  """Prints and writes DIR/info.json: params and GFLOPs of teacher and student."""
+  import jax.numpy as jnp
+  from transkd_jax.info import FLOPS_NOTE, model_info
+  from transkd_jax.models import SegFormer
+
+  size = tuple(config.image_size)
+  info = {}
+  for role in ("teacher", "student"):
+    model = SegFormer(config[role].variant, config.num_classes, dtype=getattr(jnp, config.dtype))
+    info[role] = {"variant": config[role].variant, **model_info(model, size)}
+  info["input_size"] = list(size)
+  info["note"] = FLOPS_NOTE
+  print(f"input {size[0]}x{size[1]}, {config.num_classes} classes")
+  for role in ("teacher", "student"):
+    row = info[role]
+    print(f"  {role:8s} SegFormer-{row['variant'].upper()}: {row['params']:,} parameters, "
+          f"{row['gflops']:.2f} GFLOPs")
+  print(f"  ({FLOPS_NOTE})")
+  path = os.path.join(workdir, "info.json")
+  with open(path, "w") as f:
+    json.dump(info, f, indent=2)
+  print(f"wrote {path}")
+  return info
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  try:
+    if config is None:
+      raise UserError("no config: pass --config=configs/<name>.py")
+    if not _WORKDIR.value:
+      raise UserError("--workdir is required (a directory for outputs)")
+    validate_config(config)
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    if _MODE.value == "info":
+      run_info(config, _WORKDIR.value)
+  except UserError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  try:
+    app.run(main)
+  except (KeyError, AttributeError) as e:
+    if flags.FLAGS.is_parsed():
+      raise  # a bug in main, not a bad override
+    _bad_override(e)

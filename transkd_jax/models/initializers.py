@@ -1,0 +1,35 @@
+"""Initialisers of the public PyTorch code, in Flax terms.
+
+They matter only for training from scratch (TransKD's student starts from
+random weights), but then they matter: see REFERENCE.md, "Initialisation".
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+# MiT linear layers: truncated normal, std 0.02 (biases zero).
+linear_kernel = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def conv_kernel(fan_out: int):
+  """MiT convolutions: normal with std sqrt(2 / fan_out), fan_out = k*k*out/groups."""
+  return nn.initializers.normal(stddev=math.sqrt(2.0 / fan_out))
+
+
+# PyTorch's default for nn.Linear / nn.Conv2d weights (kaiming_uniform, a=sqrt(5)):
+# uniform in +-1/sqrt(fan_in). The SegFormer head's layers are made after the
+# encoder's init pass, so they keep this default.
+torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int):
+  """PyTorch's default bias: uniform in +-1/sqrt(fan_in)."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init

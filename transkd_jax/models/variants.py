@@ -1,0 +1,47 @@
+"""The Mix Transformer variant table (B0-B5), as data.
+
+Every number comes from SegFormer's MiT definitions (see ``REFERENCE.md``).
+A variant is a row; nothing else in the code branches on the variant name.
+"""
+
+from typing import NamedTuple, Tuple
+
+
+class MiTVariant(NamedTuple):
+  channels: Tuple[int, int, int, int]
+  depths: Tuple[int, int, int, int]
+  heads: Tuple[int, int, int, int]
+  decoder_width: int
+  # Shared by every variant; kept in the row so a reader sees the whole spec.
+  mlp_ratio: int = 4
+  sr_ratios: Tuple[int, int, int, int] = (8, 4, 2, 1)
+  drop_path_rate: float = 0.1
+  head_dropout: float = 0.1
+
+
+_WIDE = (64, 128, 320, 512)
+_HEADS = (1, 2, 5, 8)
+
+VARIANTS = {
+    "b0": MiTVariant((32, 64, 160, 256), (2, 2, 2, 2), _HEADS, 256),
+    "b1": MiTVariant(_WIDE, (2, 2, 2, 2), _HEADS, 256),
+    "b2": MiTVariant(_WIDE, (3, 4, 6, 3), _HEADS, 768),
+    "b3": MiTVariant(_WIDE, (3, 4, 18, 3), _HEADS, 768),
+    "b4": MiTVariant(_WIDE, (3, 8, 27, 3), _HEADS, 768),
+    "b5": MiTVariant(_WIDE, (3, 6, 40, 3), _HEADS, 768),
+}
+
+# Patch-embedding geometry per stage: (kernel, stride, padding).
+PATCH_GEOMETRY = ((7, 4, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1))
+
+
+def get_variant(name: str) -> MiTVariant:
+  """Returns the variant row for ``name`` ('b0'..'b5', or 'mit_b0'..'mit_b5')."""
+  key = str(name).lower()
+  if key.startswith("mit_"):
+    key = key[len("mit_"):]
+  if key not in VARIANTS:
+    raise ValueError(
+        f"Unknown MiT variant {name!r}; expected one of "
+        f"{', '.join(sorted(VARIANTS))} (or mit_b0 .. mit_b5).")
+  return VARIANTS[key]
