@@ -35,8 +35,14 @@ VARIANTS = {
 PATCH_GEOMETRY = ((7, 4, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1))
 
 
-def get_variant(name: str) -> MiTVariant:
-  """Returns the variant row for ``name`` ('b0'..'b5', or 'mit_b0'..'mit_b5')."""
+def get_variant(name) -> MiTVariant:
+  """The row for ``name`` ('b0'..'b5' or 'mit_b0'..'mit_b5'); a MiTVariant passes through.
+
+  Passing a row of your own (e.g. B2 widths with fewer blocks) builds a custom
+  MiT; tests use that to keep B2-shaped models small.
+  """
+  if isinstance(name, MiTVariant):
+    return name
   key = str(name).lower()
   if key.startswith("mit_"):
     key = key[len("mit_"):]
