@@ -28,12 +28,29 @@ def test_info_writes_sizes(tmp_path):
   assert 10 < info["teacher"]["gflops"] < 25
   assert info["student"]["gflops"] < info["teacher"]["gflops"] / 5
   assert "SegFormer-B2" in result.stdout
+  # The configured method's training-time wrapper: the 19-class B0 + CSF + PEA
+  # (the public code's 4,563,124 counts a 20-way head: 257 more weights).
+  assert info["distiller"]["method"] == "transkd_base"
+  assert info["distiller"]["params"] == 4_563_124 - 257
+  assert info["student"]["gflops"] < info["distiller"]["gflops"] < info["teacher"]["gflops"]
+
+
+def test_info_distiller_follows_the_method(tmp_path):
+  result = _main(CITYSCAPES, f"--workdir={tmp_path}", "--mode=info",
+                 "--config.image_size=(64, 128)", "--config.method=transkd_ea",
+                 "--config.num_classes=20", "--config.class_weights=()")
+  assert result.returncode == 0, result.stderr
+  info = json.loads((tmp_path / "info.json").read_text())
+  assert info["distiller"]["params"] == 5_534_076
 
 
 @pytest.mark.parametrize("override,needle", [
     ("--config.no_such_key=1", "--config.no_such_key"),
     ("--config.teacher.variant=b9", "config.teacher.variant"),
     ("--config.num_classes=0", "config.num_classes"),
+    ("--config.method=transkd", "unknown distillation method 'transkd'"),
+    ("--config.distill.pea_weights=(0.1,0.1)", "config.distill.pea_weights"),
+    ("--config.num_classes=21", "config.class_weights has 19 entries"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, override, needle):
   result = _main(CITYSCAPES, f"--workdir={tmp_path}", override)

@@ -64,6 +64,17 @@ def validate_config(config):
     raise UserError(f"config.image_size must be (height, width), each >= 32; got {size!r}")
   if config.dtype not in _DTYPES:
     raise UserError(f"config.dtype must be one of {_DTYPES}, got {config.dtype!r}")
+  from transkd_jax.distill import loss_settings
+  try:
+    loss_settings(config.method, config.get("distill"))
+  except ValueError as e:
+    raise UserError(f"config.method / config.distill: {e}") from None
+  weights = config.get("class_weights") or ()
+  if weights and (len(weights) != config.num_classes or
+                  not all(isinstance(w, (int, float)) for w in weights)):
+    raise UserError(f"config.class_weights has {len(weights)} entries ({tuple(weights)[:3]}...); "
+                    f"expected {config.num_classes} numbers (config.num_classes), or () for "
+                    "unweighted cross-entropy")
 
 
 def run_info(config, workdir: str) -> dict:
@@ -77,6 +88,11 @@ def run_info(config, workdir: str) -> dict:
   for role in ("teacher", "student"):
     model = SegFormer(config[role].variant, config.num_classes, dtype=getattr(jnp, config.dtype))
     info[role] = {"variant": config[role].variant, **model_info(model, size)}
+  from transkd_jax.distill import build_distiller, get_method
+  distiller = build_distiller(config)
+  info["distiller"] = {"method": config.method,
+                       "description": get_method(config.method).description,
+                       **model_info(distiller, size)}
   info["input_size"] = list(size)
   info["note"] = FLOPS_NOTE
   print(f"input {size[0]}x{size[1]}, {config.num_classes} classes")
@@ -84,6 +100,9 @@ def run_info(config, workdir: str) -> dict:
     row = info[role]
     print(f"  {role:8s} SegFormer-{row['variant'].upper()}: {row['params']:,} parameters, "
           f"{row['gflops']:.2f} GFLOPs")
+  row = info["distiller"]
+  print(f"  training-time student ({row['method']}: {row['description']}): "
+        f"{row['params']:,} parameters, {row['gflops']:.2f} GFLOPs")
   print(f"  ({FLOPS_NOTE})")
   path = os.path.join(workdir, "info.json")
   with open(path, "w") as f:
