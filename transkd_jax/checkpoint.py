@@ -1,0 +1,164 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and config.
+
+``WORKDIR/checkpoints/<step>/`` holds three items: ``state`` (the train state
+as a plain pytree), ``data`` (every process's grain iterator state) and
+``config`` (JSON). Saves are asynchronous and atomic (Orbax writes to a
+temporary directory and renames it when complete), so a crash never leaves a
+half-written checkpoint that looks finished. Kept: the last
+``config.keep_checkpoints`` and the best by validation metric.
+
+Restoring walks back from the newest step: a checkpoint that cannot be read is
+skipped with a warning naming it, and the previous one is used.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers as policies
+
+from transkd_jax.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _metric_fn(name):
+  return lambda metrics: float(metrics[name])
+
+
+class RunCheckpoints:
+  """Save and restore a training run's checkpoints in ``workdir``."""
+
+  def __init__(self, workdir: str, keep: int = 3, best_metric: str = "val_miou",
+               best_mode: str = "max", async_save: bool = True):
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.best_metric = best_metric
+    self.best_mode = best_mode
+    policy = policies.AnyPreservationPolicy([
+        policies.LatestN(n=max(int(keep), 1)),
+        policies.BestN(get_metric_fn=_metric_fn(best_metric), reverse=best_mode == "min", n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    # best_fn makes the manager store each save's metrics; the policy decides deletion.
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                           best_fn=_metric_fn(best_metric), best_mode=best_mode,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+
+  def save(self, step: int, state: dict, data_iterator, config, metrics: Optional[dict] = None,
+           force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state),
+             "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort()))}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                             force=force)
+
+  def steps(self):
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    """The step with the best ``best_metric`` among saved ones (None if none scored)."""
+    scored = []
+    for step in self.steps():
+      metrics = self.manager.metrics(step)
+      if metrics and self.best_metric in metrics:
+        scored.append((float(metrics[self.best_metric]), step))
+    if not scored:
+      return None
+    return (max if self.best_mode == "max" else min)(scored)[1]
+
+  def restore(self, abstract_state, data_iterator=None):
+    """(state, step) from the newest readable checkpoint, or (None, None) if none.
+
+    ``abstract_state`` gives structure, shapes and shardings (ShapeDtypeStructs
+    with ``sharding``); ``data_iterator`` is restored in place.
+    """
+    for step in reversed(self.steps()):
+      try:
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], step
+      except Exception as e:  # a damaged or incompatible checkpoint: try the previous one
+        logging.warning("checkpoint %s cannot be restored (%s: %s); trying the previous one",
+                        os.path.join(self.directory, str(step)), type(e).__name__, e)
+        print(f"warning: checkpoint {os.path.join(self.directory, str(step))} cannot be "
+              f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one",
+              flush=True)
+    return None, None
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_model_variables(path: str, what: str) -> dict:
+  """{"params", "batch_stats"} of a SegFormer from an Orbax directory.
+
+  ``path`` is either a directory ``transkd_jax.convert`` wrote, or a training
+  run's workdir (its best checkpoint, else its latest; the run's student, i.e.
+  a teacher run's model). ``what`` names the config key, for error messages.
+  """
+  if not path:
+    raise UserError(f"{what} is not set")
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise UserError(f"{what}={path!r}: no such directory (expected an Orbax checkpoint "
+                    "written by transkd_jax.convert, or a training run's workdir)")
+  run_dir = os.path.join(path, CHECKPOINT_DIR)
+  try:
+    if os.path.isdir(run_dir):
+      run = RunCheckpoints(path, async_save=False)
+      step = run.best_step()
+      step = run.latest_step() if step is None else step
+      if step is None:
+        raise UserError(f"{what}={path!r}: the run's {CHECKPOINT_DIR}/ holds no checkpoint")
+      state = run.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))["state"]
+      run.close()
+      return {"params": state["params"]["student"],
+              "batch_stats": state["batch_stats"]["student"]}
+    tree = ocp.StandardCheckpointer().restore(path)
+  except UserError:
+    raise
+  except Exception as e:
+    raise UserError(f"{what}={path!r} cannot be read as an Orbax checkpoint "
+                    f"({type(e).__name__}: {str(e)[:300]})") from None
+  if not isinstance(tree, dict) or "params" not in tree:
+    raise UserError(f"{what}={path!r} holds no 'params' (expected the pytree "
+                    "{'params', 'batch_stats'} that transkd_jax.convert writes)")
+  return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+
+
+def check_variables(variables: dict, expected: Any, what: str, description: str):
+  """Raises UserError listing key paths whose presence or shape differs."""
+  def flat(tree):
+    return {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got, want = flat(variables), flat(expected)
+  problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(want))]
+  problems += [f"shape of {k}: {got[k]}, expected {want[k]}"
+               for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  if problems:
+    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)"
+                                       if len(problems) > 8 else "")
+    raise UserError(f"{what} does not fit {description}: {shown}")

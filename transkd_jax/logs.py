@@ -1,0 +1,50 @@
+"""Where training metrics go: a JSON-lines file, TensorBoard, and the console.
+
+Only process 0 writes. ``WORKDIR/metrics.jsonl`` gets one JSON object per
+logged step (``{"step": ..., "split": "train"|"val", name: value, ...}``);
+``WORKDIR/tensorboard/`` gets the same scalars as event files (tensorboardX,
+which needs no TensorFlow), under "train/<name>" and "val/<name>".
+"""
+
+import json
+import os
+from typing import Dict
+
+import jax
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str, enabled: bool = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tb = None
+    self._file = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, split: str, scalars: Dict[str, float]):
+    if not self.enabled:
+      return
+    row = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    for name, value in scalars.items():
+      self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+    self._tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self._file.close()
+      self._tb.close()
+
+
+def read_metrics(workdir: str):
+  """The rows of ``WORKDIR/metrics.jsonl`` (for tests and the recipe)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

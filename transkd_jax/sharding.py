@@ -1,0 +1,89 @@
+"""The device mesh and how arrays are laid out on it.
+
+The mesh has two axes, ``data`` and ``model`` (``config.mesh_shape``, e.g.
+(-1, 1): every device on ``data``). Batches are split along ``data``.
+Parameters and optimiser state follow a named rule (``config.sharding``):
+
+- ``replicate``: every device holds everything (plain data parallelism);
+- ``fsdp``: large arrays are split along ``model`` on their largest dimension
+  that divides evenly (FSDP-style), small ones are replicated.
+
+Rules look only at an array's shape, so the optimiser state (which mirrors the
+parameters) is laid out like the parameters.
+"""
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "model")
+FSDP_MIN_SIZE = 2 ** 16  # arrays smaller than this stay replicated under "fsdp"
+
+
+def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices=None) -> Mesh:
+  """A ("data", "model") mesh; one -1 in ``mesh_shape`` takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(mesh_shape)
+  if len(shape) != 2 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"config.mesh_shape must be (data, model) with at most one -1, got "
+                     f"{tuple(mesh_shape)}")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"config.mesh_shape {tuple(mesh_shape)} does not divide the "
+                       f"{len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"config.mesh_shape {tuple(shape)} needs {math.prod(shape)} devices; "
+                     f"there are {len(devices)}")
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split along ``data``."""
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _replicate_spec(shape, mesh):
+  return P()
+
+
+def _fsdp_spec(shape, mesh):
+  size = mesh.shape["model"]
+  if size == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "model"
+      return P(*spec)
+  return P()
+
+
+RULES = {"replicate": _replicate_spec, "fsdp": _fsdp_spec}
+
+
+def tree_shardings(tree, mesh: Mesh, rule: str = "replicate"):
+  """A NamedSharding per leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+  if rule not in RULES:
+    raise ValueError(f"config.sharding must be one of {', '.join(RULES)}, got {rule!r}")
+  spec_of = RULES[rule]
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec_of(tuple(x.shape), mesh)), tree)
+
+
+def global_batch(local_batch, mesh: Mesh):
+  """Host-local numpy batch -> global jax.Arrays split along ``data``.
+
+  Each process passes its own slice; ``jax.make_array_from_process_local_data``
+  assembles the global batch (one process: the batch itself).
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)

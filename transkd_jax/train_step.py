@@ -1,0 +1,101 @@
+"""The train state and the one jit-compiled, sharded train step.
+
+One step: the frozen teacher's forward (only what the method needs: its
+encoder, or its whole model for logit KD; optionally in bfloat16), the
+student + distillation modules' forward and backward, the distillation
+objective, AdamW. The state is donated; batches are split along the mesh's
+``data`` axis and parameters laid out by ``config.sharding``.
+"""
+
+from typing import Any, Callable, Dict, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from transkd_jax import sharding
+from transkd_jax.distill import Distiller, get_method, objective
+from transkd_jax.models import SegFormer
+from transkd_jax.models.resize import resize_nearest
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  def as_dict(self) -> Dict[str, Any]:
+    """The plain pytree checkpoints store."""
+    return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state}
+
+
+def init_state(model: Distiller, optimizer, image_shape, seed: int,
+               initial_student: Optional[dict] = None) -> TrainState:
+  """A fresh state (parameters from ``seed``; optionally the student's replaced)."""
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape, 3), jnp.float32))
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  if initial_student is not None:
+    params = {**params, "student": initial_student["params"]}
+    batch_stats = {**batch_stats, "student": initial_student["batch_stats"]}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=optimizer.init(params))
+
+
+def state_shardings(abstract_state: TrainState, mesh, rule: str):
+  return sharding.tree_shardings(abstract_state, mesh, rule)
+
+
+def labels_at(labels, size):
+  """Labels at the logits' resolution: PyTorch's nearest rule, if not already there."""
+  if labels.shape[1:3] == tuple(size):
+    return labels
+  return resize_nearest(labels, size)
+
+
+def make_train_step(model: Distiller, teacher: Optional[SegFormer], method_name: str,
+                    settings: Dict[str, Any], optimizer, schedule, seed: int,
+                    class_weights=None) -> Callable:
+  """step(state, teacher_variables, batch) -> (state, metrics); not yet jitted."""
+  teacher_call = get_method(method_name).teacher_call
+  class_weights = None if not class_weights else tuple(float(w) for w in class_weights)
+  base_key = jax.random.key(seed)
+
+  def step(state: TrainState, teacher_variables, batch):
+    images = batch["image"]
+    teacher_out = None
+    if teacher_call is not None:
+      teacher_out = teacher.apply(teacher_variables, images,
+                                  method="encode" if teacher_call == "encode" else None)
+      teacher_out = jax.lax.stop_gradient(teacher_out)
+    key = jax.random.fold_in(base_key, state.step)
+
+    def loss_fn(params):
+      out, updated = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                 train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+      labels = labels_at(batch["label"], out["logits"].shape[1:3])
+      total, terms = objective(method_name, settings, out, teacher_out, labels, class_weights)
+      return total, (terms, updated["batch_stats"])
+
+    (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": total, **terms, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state.step)}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return step
+
+
+def jit_train_step(step: Callable, mesh, state_sharding, teacher_sharding):
+  """The step under jit: state donated, batch along ``data``, metrics replicated."""
+  return jax.jit(step,
+                 in_shardings=(state_sharding, teacher_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
