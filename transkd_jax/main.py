@@ -2,9 +2,10 @@
 
     python -m transkd_jax.main --config=configs/cityscapes.py --workdir=DIR --mode=info
 
-``--config.key=value`` overrides any config value. Modes: ``info`` (sizes of
-the configured teacher and student). Training, evaluation and prediction
-arrive with their issues.
+``--config.key=value`` overrides any config value. Modes: ``train`` (train,
+or resume the run in the workdir), ``info`` (sizes of the configured teacher,
+student and training-time wrapper). Evaluation and prediction arrive with their
+issue.
 """
 
 import json
@@ -42,7 +43,7 @@ try:  # the default config is loaded, and overridden from sys.argv, right here
 except (KeyError, AttributeError) as e:
   _bad_override(e)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
-_MODE = flags.DEFINE_enum("mode", "info", ["info"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "info", ["info", "train"], "What to run.")
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -111,6 +112,20 @@ def run_info(config, workdir: str) -> dict:
   return info
 
 
+def run_train(config, workdir: str) -> dict:
+  from transkd_jax.train import train
+  for key in ("batch_size", "total_steps", "log_every"):
+    if not isinstance(config.get(key), int) or config.get(key) < 1:
+      raise UserError(f"config.{key} must be a positive integer, got {config.get(key)!r}")
+  summary = train(config, workdir)
+  line = f"{summary['status']}: step {summary['step']}, checkpoints in {summary['checkpoint_dir']}"
+  if "val" in summary:
+    line += (f"; val mIoU {summary['val']['miou']:.4f} (standard protocol) on "
+             f"{summary['val']['images']} images")
+  print(line, flush=True)
+  return summary
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -124,6 +139,8 @@ def main(argv):
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if _MODE.value == "info":
       run_info(config, _WORKDIR.value)
+    elif _MODE.value == "train":
+      run_train(config, _WORKDIR.value)
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)

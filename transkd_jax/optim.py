@@ -3,7 +3,8 @@
 Keys (``config.optimizer``): ``lr`` (6e-5), ``b1``/``b2``/``eps`` (0.9, 0.999,
 1e-8), ``weight_decay`` (0.01), ``decay_power`` (1.0: linear, as the public
 code's poly policy), ``end_lr`` (0.0), ``warmup_steps`` (0), ``grad_clip_norm``
-(0 = off), ``no_decay_norms_biases`` (False: the public code decays
+(0 = off), ``decay_steps`` (0 = ``config.total_steps``; the public code decays
+over 1500 epochs but trains 1000), ``no_decay_norms_biases`` (False: the public code decays
 everything; True exempts every array with fewer than 2 dimensions).
 The public code steps its decay once per epoch; we step it every step.
 """
@@ -18,8 +19,9 @@ def make_schedule(opt, total_steps: int):
   if warmup >= total_steps:
     raise ValueError(f"config.optimizer.warmup_steps ({warmup}) must be below "
                      f"config.total_steps ({total_steps})")
+  horizon = int(opt.get("decay_steps", 0) or 0) or total_steps
   decay = optax.polynomial_schedule(opt.lr, opt.get("end_lr", 0.0), opt.get("decay_power", 1.0),
-                                    transition_steps=total_steps - warmup)
+                                    transition_steps=max(horizon - warmup, 1))
   if not warmup:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), decay], [warmup])
