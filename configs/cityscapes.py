@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3              # latest N, plus the best by validation mIoU
   config.eval_split = "val"
+  config.eval_protocol = "standard"        # or "reference" (the public code's, 1/4 labels)
   config.mesh_shape = (-1, 1)              # (data, model); -1 takes the remaining devices
   config.sharding = "replicate"            # or "fsdp": large arrays split along "model"
 

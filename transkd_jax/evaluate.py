@@ -1,8 +1,12 @@
 """Segmentation metrics: a confusion matrix accumulated on device, then mIoU.
 
-``standard`` protocol: logits resized bilinearly to the labels' resolution,
-classes absent from both prediction and label left out of the mean.
-(The evaluation issue adds the ``reference`` protocol and the reports.)
+Two protocols, named next to every number:
+
+- ``standard`` (SegFormer's, cityscapesScripts'): logits resized bilinearly
+  (align_corners=False) to the labels' full resolution; a class absent from
+  both prediction and label is left out of the mean.
+- ``reference`` (the public TransKD code's): labels at 1/4 resolution,
+  predictions at the logits' resolution; an absent class counts as IoU 0.
 """
 
 from typing import Dict
@@ -12,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transkd_jax.distill.losses import IGNORE_LABEL
-from transkd_jax.models.resize import resize_bilinear
+from transkd_jax.models.resize import resize_bilinear, resize_nearest
 
 
 def confusion_matrix(pred, label, num_classes: int, valid=None):
@@ -35,13 +39,35 @@ def predictions_at(logits, size):
   return jnp.argmax(resize_bilinear(logits.astype(jnp.float32), size), axis=-1)
 
 
-def miou_from_confusion(cm: np.ndarray) -> Dict[str, object]:
-  """{"miou", "per_class" (NaN for absent classes), "pixel_acc"} of a confusion matrix."""
+def predictions_for(logits, labels, protocol: str):
+  """(predictions, labels) compared under ``protocol``.
+
+  ``standard``: logits resized to the labels' size. ``reference``: labels
+  brought to the logits' size with PyTorch's nearest rule (a no-op when the
+  pipeline already gives 1/4-resolution labels).
+  """
+  if protocol == "standard":
+    return predictions_at(logits, labels.shape[1:3]), labels
+  return jnp.argmax(logits, axis=-1), resize_nearest(labels, logits.shape[1:3])
+
+
+PROTOCOLS = ("standard", "reference")
+
+
+def miou_from_confusion(cm: np.ndarray, protocol: str = "standard") -> Dict[str, object]:
+  """{"miou", "per_class", "pixel_acc", "protocol"} of a confusion matrix.
+
+  ``per_class`` is NaN for a class absent from both prediction and label
+  under ``standard`` (left out of the mean) and 0 under ``reference``.
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"unknown evaluation protocol {protocol!r}; expected one of {PROTOCOLS}")
   cm = np.asarray(cm, np.float64)
   tp = np.diag(cm)
   union = cm.sum(0) + cm.sum(1) - tp
   with np.errstate(invalid="ignore", divide="ignore"):
-    iou = np.where(union > 0, tp / union, np.nan)
-  present = union > 0
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan if protocol == "standard" else 0.0)
+  present = ~np.isnan(iou)
   return {"miou": float(np.mean(iou[present])) if present.any() else 0.0,
-          "per_class": iou, "pixel_acc": float(tp.sum() / max(cm.sum(), 1.0))}
+          "per_class": iou, "pixel_acc": float(tp.sum() / max(cm.sum(), 1.0)),
+          "protocol": protocol}

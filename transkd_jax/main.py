@@ -120,7 +120,8 @@ def run_train(config, workdir: str) -> dict:
   summary = train(config, workdir)
   line = f"{summary['status']}: step {summary['step']}, checkpoints in {summary['checkpoint_dir']}"
   if "val" in summary:
-    line += (f"; val mIoU {summary['val']['miou']:.4f} (standard protocol) on "
+    line += (f"; val mIoU {summary['val']['miou']:.4f} "
+             f"({config.get('eval_protocol', 'standard')} protocol) on "
              f"{summary['val']['images']} images")
   print(line, flush=True)
   return summary

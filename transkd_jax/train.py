@@ -148,12 +148,14 @@ def make_eval_step(config, mesh):
                       else config.teacher.variant, config.num_classes,
                       dtype=_dtype(config.dtype))
 
+  protocol = config.get("eval_protocol", "standard")
+
   def step(variables, batch):
     logits = student.apply(variables, batch["image"], train=False)["logits"]
     valid = batch.get("valid")
     labels = batch["label"]
-    pred = evaluate.predictions_at(logits, labels.shape[1:3])
-    cm = evaluate.confusion_matrix(pred, labels, config.num_classes, valid)
+    pred, compared = evaluate.predictions_for(logits, labels, protocol)
+    cm = evaluate.confusion_matrix(pred, compared, config.num_classes, valid)
     small = labels_at(labels, logits.shape[1:3])
     if valid is not None:
       small = jnp.where(valid[:, None, None], small, 255)
@@ -176,7 +178,7 @@ def run_validation(config, mesh, eval_step, state) -> dict:
     cm += np.asarray(b_cm)
     ce += float(b_ce)
     pixels += int(b_px)
-  scores = evaluate.miou_from_confusion(cm)
+  scores = evaluate.miou_from_confusion(cm, config.get("eval_protocol", "standard"))
   return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
           "loss": ce / max(pixels, 1), "images": images}
 
@@ -259,7 +261,8 @@ def train(config, workdir: str) -> dict:
       if config.eval_every and (step % config.eval_every == 0 or step == total_steps):
         val = run_validation(config, mesh, eval_step, state)
         writer.write(step, "val", val)
-        bar.write(f"step {step}: val mIoU {val['miou']:.4f} (standard protocol), "
+        bar.write(f"step {step}: val mIoU {val['miou']:.4f} "
+                  f"({config.get('eval_protocol', 'standard')} protocol), "
                   f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}")
         last_val = val
       save_now = (val is not None or step == total_steps or preemption.requested or

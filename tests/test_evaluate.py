@@ -1,0 +1,50 @@
+"""Metrics against confusion matrices and IoUs computed by hand."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transkd_jax import evaluate
+
+# 3 classes; label 255 is ignored. Row = label, column = prediction.
+LABEL = np.array([[[0, 0, 1, 255],
+                   [1, 1, 0, 0]]])
+PRED = np.array([[[0, 1, 1, 2],
+                  [1, 0, 0, 0]]])
+
+
+def test_confusion_matrix_by_hand():
+  cm = np.asarray(evaluate.confusion_matrix(jnp.asarray(PRED), jnp.asarray(LABEL), 3))
+  # label 0 at 4 pixels: predicted 0, 1, 0, 0; label 1 at 3 pixels: predicted 1, 1, 0.
+  np.testing.assert_array_equal(cm, [[3, 1, 0], [1, 2, 0], [0, 0, 0]])
+  # Padding examples (valid False) count nothing.
+  both = jnp.asarray(np.concatenate([PRED, PRED])), jnp.asarray(np.concatenate([LABEL, LABEL]))
+  cm2 = evaluate.confusion_matrix(*both, 3, valid=jnp.asarray([True, False]))
+  np.testing.assert_array_equal(cm2, cm)
+
+
+def test_both_protocols_by_hand():
+  cm = np.array([[3, 1, 0], [1, 2, 0], [0, 0, 0]])
+  # IoU_0 = 3 / (4 + 4 - 3) = 0.6; IoU_1 = 2 / (3 + 3 - 2) = 0.5; class 2 absent.
+  standard = evaluate.miou_from_confusion(cm, "standard")
+  assert standard["miou"] == pytest.approx(0.55)
+  assert np.isnan(standard["per_class"][2])
+  reference = evaluate.miou_from_confusion(cm, "reference")
+  assert reference["miou"] == pytest.approx(1.1 / 3)  # absent class counts 0
+  assert standard["pixel_acc"] == pytest.approx(5 / 7) == reference["pixel_acc"]
+  # A class predicted but never labelled is present (IoU 0) in both.
+  cm_fp = np.array([[3, 1, 1], [1, 2, 0], [0, 0, 0]])
+  assert evaluate.miou_from_confusion(cm_fp, "standard")["miou"] == pytest.approx(
+      (3 / 6 + 0.5 + 0.0) / 3)
+  with pytest.raises(ValueError, match="unknown evaluation protocol"):
+    evaluate.miou_from_confusion(cm, "cityscapes")
+
+
+def test_protocols_compare_at_different_resolutions():
+  logits = jnp.zeros((1, 2, 2, 3)).at[0, :, :, 1].set(1.0)  # predicts class 1 everywhere
+  labels = jnp.ones((1, 8, 8), jnp.int32)
+  pred, lab = evaluate.predictions_for(logits, labels, "standard")
+  assert pred.shape == lab.shape == (1, 8, 8)
+  pred, lab = evaluate.predictions_for(logits, labels, "reference")
+  assert pred.shape == lab.shape == (1, 2, 2)
+  assert bool(jnp.all(pred == 1))
