@@ -44,6 +44,11 @@ except (KeyError, AttributeError) as e:
   _bad_override(e)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
 _MODE = flags.DEFINE_enum("mode", "info", ["info", "train"], "What to run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for multi-process runs started by "
+    "hand (TPU pods and SLURM are detected automatically).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -137,6 +142,11 @@ def main(argv):
     if not _WORKDIR.value:
       raise UserError("--workdir is required (a directory for outputs)")
     validate_config(config)
+    from transkd_jax import distributed
+    try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+      raise UserError(str(e)) from None
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if _MODE.value == "info":
       run_info(config, _WORKDIR.value)
