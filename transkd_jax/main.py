@@ -72,7 +72,8 @@ def validate_config(config):
     raise UserError(f"config.dtype must be one of {_DTYPES}, got {config.dtype!r}")
   from transkd_jax.distill import loss_settings
   try:
-    loss_settings(config.method, config.get("distill"))
+    if config.method != "teacher":
+      loss_settings(config.method, config.get("distill"))
   except ValueError as e:
     raise UserError(f"config.method / config.distill: {e}") from None
   weights = config.get("class_weights") or ()
@@ -95,10 +96,11 @@ def run_info(config, workdir: str) -> dict:
     model = SegFormer(config[role].variant, config.num_classes, dtype=getattr(jnp, config.dtype))
     info[role] = {"variant": config[role].variant, **model_info(model, size)}
   from transkd_jax.distill import build_distiller, get_method
-  distiller = build_distiller(config)
-  info["distiller"] = {"method": config.method,
-                       "description": get_method(config.method).description,
-                       **model_info(distiller, size)}
+  if config.method != "teacher":
+    distiller = build_distiller(config)
+    info["distiller"] = {"method": config.method,
+                         "description": get_method(config.method).description,
+                         **model_info(distiller, size)}
   info["input_size"] = list(size)
   info["note"] = FLOPS_NOTE
   print(f"input {size[0]}x{size[1]}, {config.num_classes} classes")
@@ -106,8 +108,10 @@ def run_info(config, workdir: str) -> dict:
     row = info[role]
     print(f"  {role:8s} SegFormer-{row['variant'].upper()}: {row['params']:,} parameters, "
           f"{row['gflops']:.2f} GFLOPs")
-  row = info["distiller"]
-  print(f"  training-time student ({row['method']}: {row['description']}): "
+  row = info.get("distiller", {"method": "teacher", "description": "the teacher alone",
+                                "params": info["teacher"]["params"],
+                                "gflops": info["teacher"]["gflops"]})
+  print(f"  training-time model ({row['method']}: {row['description']}): "
         f"{row['params']:,} parameters, {row['gflops']:.2f} GFLOPs")
   print(f"  ({FLOPS_NOTE})")
   path = os.path.join(workdir, "info.json")
@@ -133,6 +137,8 @@ def run_train(config, workdir: str) -> dict:
 
 
 def main(argv):
+  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax) off by default
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value

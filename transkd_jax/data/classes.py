@@ -1,0 +1,53 @@
+"""Class tables per dataset: names, colours, and Cityscapes' label-id mapping.
+
+Cityscapes' mapping comes from cityscapesScripts' own label table
+(``cityscapesscripts.helpers.labels``), so our train ids are the benchmark's.
+"""
+
+import numpy as np
+from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
+
+IGNORE = 255
+
+_TRAIN = sorted((l for l in _CITYSCAPES_LABELS if 0 <= l.trainId < 255), key=lambda l: l.trainId)
+CITYSCAPES_NAMES = tuple(l.name for l in _TRAIN)
+CITYSCAPES_PALETTE = np.array([l.color for l in _TRAIN], np.uint8)
+
+
+def _cityscapes_lut() -> np.ndarray:
+  lut = np.full(256, IGNORE, np.uint8)
+  for label in _CITYSCAPES_LABELS:
+    if 0 <= label.id < 256:
+      lut[label.id] = label.trainId if 0 <= label.trainId < 255 else IGNORE
+  return lut
+
+
+# labelIds (0..33) -> train ids (0..18, 255 ignored).
+CITYSCAPES_ID_TO_TRAIN = _cityscapes_lut()
+# train ids -> labelIds (for the generator and the submission format).
+CITYSCAPES_TRAIN_TO_ID = np.array([l.id for l in _TRAIN], np.uint8)
+
+VOC_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+             "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+             "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def _voc_palette(n=21):
+  palette = np.zeros((n, 3), np.uint8)
+  for i in range(n):
+    c, r, g, b = i, 0, 0, 0
+    for j in range(8):
+      r |= ((c >> 0) & 1) << (7 - j)
+      g |= ((c >> 1) & 1) << (7 - j)
+      b |= ((c >> 2) & 1) << (7 - j)
+      c >>= 3
+    palette[i] = (r, g, b)
+  return palette
+
+
+VOC_PALETTE = _voc_palette()
+
+CLASS_NAMES = {"cityscapes": CITYSCAPES_NAMES, "acdc": CITYSCAPES_NAMES,
+               "generated": CITYSCAPES_NAMES, "voc": VOC_NAMES}
+PALETTES = {"cityscapes": CITYSCAPES_PALETTE, "acdc": CITYSCAPES_PALETTE,
+            "generated": CITYSCAPES_PALETTE, "voc": VOC_PALETTE}
