@@ -13,3 +13,9 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# grain's worker processes read absl flags; outside absl.app they must be marked parsed.
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()

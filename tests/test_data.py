@@ -1,0 +1,161 @@
+"""Data: the generator, the Cityscapes source, transforms, and the grain iterators."""
+
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from transkd_jax import data
+from transkd_jax.data import generated, transforms
+from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN, CITYSCAPES_NAMES
+from transkd_jax.data.sources import CityscapesSource
+from transkd_jax.errors import UserError
+
+
+def _config(root, **data_overrides):
+  return ml_collections.ConfigDict({
+      "batch_size": 2, "seed": 3, "image_size": (64, 128),
+      "data": data.default_data_config(root=str(root), num_train=10, num_val=5,
+                                       generated_size=(64, 128), **data_overrides)})
+
+
+@pytest.fixture(scope="module")
+def gen_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("gen") / "tree"
+  generated.write_dataset(str(root), 10, 5, (64, 128), seed=0)
+  return root
+
+
+def test_generator_is_deterministic_and_covers_the_classes():
+  a_img, a_lab = generated.generate_scene(0, 7, (128, 256))
+  b_img, b_lab = generated.generate_scene(0, 7, (128, 256))
+  c_img, _ = generated.generate_scene(1, 7, (128, 256))
+  assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
+  assert not np.array_equal(a_img, c_img)
+  seen = set()
+  for i in range(40):
+    seen |= set(np.unique(CITYSCAPES_ID_TO_TRAIN[generated.generate_scene(0, i, (128, 256))[1]]))
+  assert set(range(19)) <= seen, sorted(set(range(19)) - seen)
+  assert 255 in seen  # the ego-vehicle strip is ignored
+
+
+def test_generated_tree_is_cityscapes_layout(gen_root):
+  source = CityscapesSource(str(gen_root), "train")
+  assert len(source) == 10 and len(CityscapesSource(str(gen_root), "val")) == 5
+  example = source[0]
+  raw = np.asarray(Image.open(source.items[0][1]))
+  assert example["image"].shape == (64, 128, 3) and example["image"].dtype == np.uint8
+  np.testing.assert_array_equal(example["label"], CITYSCAPES_ID_TO_TRAIN[raw])
+  # Reusing the tree with other settings is refused, naming both.
+  with pytest.raises(ValueError, match="other settings"):
+    generated.write_dataset(str(gen_root), 11, 5, (64, 128), seed=0)
+
+
+def _write(path, array):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+def test_cityscapes_label_mapping_and_train_ids(tmp_path):
+  root = tmp_path / "cs"
+  img = np.zeros((8, 16, 3), np.uint8)
+  ids = np.array([[7, 8, 11, 0, 26, 33, 1, 24]] * 8, np.uint8).repeat(2, axis=1)
+  _write(str(root / "leftImg8bit/val/aachen/a_000000_000001_leftImg8bit.png"), img)
+  _write(str(root / "gtFine/val/aachen/a_000000_000001_gtFine_labelIds.png"), ids)
+  got = CityscapesSource(str(root), "val")[0]["label"]
+  assert got[0, ::2].tolist() == [0, 1, 2, 255, 13, 18, 255, 11]
+  assert CITYSCAPES_NAMES[13] == "car"
+  # *_labelTrainIds.png is used as is when present.
+  train_ids = np.full((8, 16), 5, np.uint8)
+  _write(str(root / "gtFine/val/aachen/a_000000_000001_gtFine_labelTrainIds.png"), train_ids)
+  assert (CityscapesSource(str(root), "val")[0]["label"] == 5).all()
+
+
+def test_bad_layouts_are_named(tmp_path):
+  with pytest.raises(UserError, match="not a directory.*leftImg8bit"):
+    CityscapesSource(str(tmp_path / "missing"), "train")
+  (tmp_path / "leftImg8bit").mkdir()
+  with pytest.raises(UserError, match="no split 'train'.*leftImg8bit/train"):
+    CityscapesSource(str(tmp_path), "train")
+  image = tmp_path / "leftImg8bit/train/x/x_1_2_leftImg8bit.png"
+  _write(str(image), np.zeros((4, 4, 3), np.uint8))
+  with pytest.raises(UserError, match="has no label: expected .*x_1_2_gtFine_labelIds.png"):
+    CityscapesSource(str(tmp_path), "train")
+  _write(str(tmp_path / "gtFine/train/x/x_1_2_gtFine_labelIds.png"), np.full((4, 4), 40, np.uint8))
+  _write(str(tmp_path / "gtFine/train/x/y_1_2_gtFine_labelIds.png"), np.zeros((4, 4), np.uint8))
+  with pytest.raises(UserError, match="label .*y_1_2_gtFine_labelIds.png has no image"):
+    CityscapesSource(str(tmp_path), "train")
+  os.remove(tmp_path / "gtFine/train/x/y_1_2_gtFine_labelIds.png")
+  with pytest.raises(UserError, match="label ids up to 40"):
+    CityscapesSource(str(tmp_path), "train")[0]
+  image.write_bytes(b"not a png")
+  with pytest.raises(UserError, match="cannot decode image .*x_1_2_leftImg8bit.png"):
+    CityscapesSource(str(tmp_path), "train")[0]
+
+
+def test_shift_pads_and_quarter_follows_pytorch_rule():
+  x = np.arange(12, dtype=np.int32).reshape(3, 4)
+  np.testing.assert_array_equal(transforms.shift(x, 1, -2, 255),
+                                [[255, 255, 255, 255], [2, 3, 255, 255], [6, 7, 255, 255]])
+  label = np.arange(64).reshape(8, 8)
+  np.testing.assert_array_equal(transforms.quarter(label), label[::4, ::4])
+  odd = np.arange(10 * 10).reshape(10, 10)  # 10 -> 2: source rows floor(i * 5) = 0, 5
+  np.testing.assert_array_equal(transforms.quarter(odd), odd[[0, 5]][:, [0, 5]])
+
+
+def test_reference_train_transform_shapes_and_range():
+  rng = np.random.default_rng(0)
+  example = {"image": np.full((32, 64, 3), 255, np.uint8), "label": np.ones((32, 64), np.uint8)}
+  out = transforms.reference_train(example, rng, (16, 32))
+  assert out["image"].shape == (16, 32, 3) and out["label"].shape == (4, 8)
+  assert out["image"].dtype == np.float32 and out["image"].max() <= 1.0
+  assert set(np.unique(out["label"])) <= {1, 255}
+
+
+def test_train_iterator_shuffles_per_epoch_resumes_and_shards(gen_root):
+  config = _config(gen_root)
+  it = data.make_train_iterator(config)
+  batches = [next(it) for _ in range(12)]  # 10 examples, batch 2: 5 per epoch
+  assert batches[0]["image"].shape == (2, 64, 128, 3)
+  assert batches[0]["label"].shape == (2, 16, 32)
+  state = it.get_state()
+  following = [next(it) for _ in range(3)]
+  resumed = data.make_train_iterator(config)
+  resumed.set_state(state)
+  for a, b in zip(following, [next(resumed) for _ in range(3)]):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  # Another epoch sees the images in another order.
+  first = np.stack([b["image"][:, 0, 0, 0] for b in batches[:5]])
+  second = np.stack([b["image"][:, 0, 0, 0] for b in batches[5:10]])
+  assert not np.array_equal(first, second)
+  # Each of two processes gets half the global batch.
+  halves = [data.make_train_iterator(config, process_index=i, process_count=2) for i in (0, 1)]
+  assert next(halves[0])["image"].shape[0] == next(halves[1])["image"].shape[0] == 1
+
+
+def test_eval_iterator_pads_with_a_valid_mask(gen_root):
+  config = _config(gen_root)
+  batches = list(data.make_eval_iterator(config, "val"))  # 5 images, batch 2 -> 3 batches
+  assert [b["valid"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]
+  two = [list(data.make_eval_iterator(config, "val", process_index=i, process_count=2))
+         for i in (0, 1)]
+  assert len(two[0]) == len(two[1])  # every process runs the same number of batches
+  seen = [img.tobytes() for p in two for b in p for img, ok in zip(b["image"], b["valid"]) if ok]
+  alone = [img.tobytes() for b in batches for img, ok in zip(b["image"], b["valid"]) if ok]
+  assert len(seen) == 5 and sorted(seen) == sorted(alone)  # disjoint shards, all images
+  config.data.eval_label_resolution = "full"
+  assert next(data.make_eval_iterator(config, "val"))["label"].shape == (2, 64, 128)
+
+
+def test_iterator_with_worker_processes_resumes(gen_root):
+  config = _config(gen_root, num_workers=1)
+  it = data.make_train_iterator(config)
+  next(it)
+  state = it.get_state()
+  expected = next(it)
+  resumed = data.make_train_iterator(config)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["image"], expected["image"])
