@@ -9,7 +9,9 @@ import pytest
 
 from transkd_jax.models import SegFormer, VARIANTS
 from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv
-from transkd_jax.models.resize import bilinear_matrix, nearest_indices
+from transkd_jax.models.head import SegFormerHead
+from transkd_jax.models.resize import (bilinear_matrix, nearest_indices, resize_bilinear,
+                                      resize_nearest)
 
 
 def _param_count(variant, num_classes, size=(64, 64)):
@@ -138,6 +140,73 @@ def test_resize_rules_follow_pytorch_by_hand():
   # Nearest floors dst * in / out.
   np.testing.assert_array_equal(nearest_indices(3, 5), [0, 0, 1, 1, 2])
   np.testing.assert_array_equal(nearest_indices(5, 3), [0, 1, 3])
+
+
+def _nearest_matrix(in_size, out_size):
+  m = np.zeros((out_size, in_size), np.float32)
+  m[np.arange(out_size), nearest_indices(in_size, out_size)] = 1.0
+  return m
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("src,dst", [((4, 8), (16, 32)), ((8, 16), (64, 128)), ((5, 7), (17, 33)),
+                                     ((9, 13), (4, 6)), ((6, 6), (6, 11))])
+def test_resize_and_its_gradient_equal_the_dense_matrices(mode, src, dst):
+  """Forward = A_h x A_w^T; the custom VJP (gathers) = A_h^T g A_w, the exact transpose."""
+  resize, matrix = {"bilinear": (resize_bilinear, bilinear_matrix),
+                    "nearest": (resize_nearest, _nearest_matrix)}[mode]
+  x = jax.random.normal(jax.random.key(0), (2, *src, 3))
+  g = jax.random.normal(jax.random.key(1), (2, *dst, 3))
+  a_h, a_w = (matrix(i, o).astype(np.float64) for i, o in zip(src, dst))
+  out, vjp = jax.vjp(lambda t: jax.jit(resize, static_argnums=1)(t, dst), x)
+  expected = np.einsum("Hh,bhwc,Ww->bHWc", a_h, np.asarray(x, np.float64), a_w)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  expected_grad = np.einsum("Hh,bHWc,Ww->bhwc", a_h, np.asarray(g, np.float64), a_w)
+  np.testing.assert_allclose(vjp(g)[0], expected_grad, rtol=1e-5, atol=1e-5)
+  # Integer maps (labels) take the plain gather path, same indices.
+  if mode == "nearest":
+    labels = jnp.arange(src[0] * src[1]).reshape(1, *src)
+    np.testing.assert_array_equal(resize(labels, dst)[0],
+                                  (a_h @ np.asarray(labels[0], np.float64) @ a_w.T))
+
+
+def _reference_head(params, stats, features, num_classes):
+  """The reference order: per-stage linear, upsample, concat(4, 3, 2, 1), 1x1 conv, BN (eval)."""
+  size = features[0].shape[1:3]
+  branches = []
+  for stage in (3, 2, 1, 0):
+    p = params[f"linear_c{stage + 1}"]
+    y = features[stage] @ p["kernel"] + p["bias"]
+    a_h = bilinear_matrix(y.shape[1], size[0])
+    a_w = bilinear_matrix(y.shape[2], size[1])
+    branches.append(jnp.einsum("Hh,bhwc,Ww->bHWc", a_h, y, a_w))
+  x = jax.lax.conv_general_dilated(jnp.concatenate(branches, -1), params["linear_fuse"]["kernel"],
+                                   (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x = (x - stats["bn"]["mean"]) / jnp.sqrt(stats["bn"]["var"] + 1e-5)
+  x = jnp.maximum(x * params["bn"]["scale"] + params["bn"]["bias"], 0.0)
+  return x @ params["linear_pred"]["kernel"][0, 0] + params["linear_pred"]["bias"]
+
+
+@pytest.mark.parametrize("size", [(16, 32), (17, 23)])
+def test_head_equals_concatenate_then_fuse(size):
+  """The head fuses per stage before upsampling: same function as concat + 1x1 conv."""
+  shapes = [size]
+  for _ in range(3):
+    shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
+  features = [jax.random.normal(jax.random.key(i), (2, *hw, c))
+              for i, (hw, c) in enumerate(zip(shapes, (8, 16, 24, 32)))]
+  head = SegFormerHead(num_classes=5, width=16)
+  variables = jax.jit(head.init)(jax.random.key(0), features)
+  # Same parameter tree as the nn.Conv / nn.Dense formulation.
+  shapes_tree = jax.tree.map(lambda p: p.shape, variables["params"])
+  assert shapes_tree["linear_fuse"] == {"kernel": (1, 1, 64, 16)}
+  assert shapes_tree["linear_pred"] == {"kernel": (1, 1, 16, 5), "bias": (5,)}
+  assert shapes_tree["linear_c3"] == {"kernel": (24, 16), "bias": (16,)}
+  variables = jax.tree.map(
+      lambda p: p + 0.1 * jax.random.uniform(jax.random.key(7), p.shape), variables)
+  out = jax.jit(head.apply)(variables, features)
+  expected = _reference_head(variables["params"], variables["batch_stats"], features, 5)
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_input_is_named():
