@@ -123,6 +123,20 @@ def test_depthwise_forms_agree():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 7, 12), (1, 1, 1, 3), (2, 2, 5, 4), (1, 16, 32, 8)])
+def test_shifted_depthwise_custom_gradient_equals_convolution_gradient(shape):
+  """The hand-written VJP of the shifted form = autodiff of the grouped convolution."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  g = jax.random.normal(jax.random.key(2), shape)
+  conv, shifted = DepthwiseConv3x3(impl="conv"), DepthwiseConv3x3(impl="shifted")
+  params = jax.tree.map(lambda p: p + 0.3, conv.init(jax.random.key(1), x))
+  out_c, vjp_c = jax.vjp(conv.apply, params, x)
+  out_s, vjp_s = jax.vjp(jax.jit(shifted.apply), params, x)
+  np.testing.assert_allclose(out_s, out_c, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(vjp_s(g)), jax.tree.leaves(vjp_c(g))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("size", [(16, 16), (13, 11)])
 def test_patch_conv_equals_strided_convolution(size):
   x = jax.random.normal(jax.random.key(0), (2, *size, 6))
