@@ -154,10 +154,10 @@ def check_variables(variables: dict, expected: Any, what: str, description: str)
     return {jax.tree_util.keystr(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
   got, want = flat(variables), flat(expected)
-  problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
+  problems = [f"shape of {k}: {got[k]}, expected {want[k]}"
+              for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  problems += [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
   problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(want))]
-  problems += [f"shape of {k}: {got[k]}, expected {want[k]}"
-               for k in sorted(set(got) & set(want)) if got[k] != want[k]]
   if problems:
     shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)"
                                        if len(problems) > 8 else "")
