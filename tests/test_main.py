@@ -24,8 +24,9 @@ def test_info_writes_sizes(tmp_path):
   assert info["teacher"]["params"] == 27_361_235
   assert info["student"]["params"] == 3_719_027
   assert info["input_size"] == [128, 256]
-  # FLOPs scale with pixels; at 128x256 (1/16 of 512x1024) B2 is ~17 GFLOPs.
-  assert 10 < info["teacher"]["gflops"] < 25
+  # FLOPs scale with pixels; at 128x256 (1/16 of 512x1024) B2 is ~6 GFLOPs (the head
+  # fuses each stage before upsampling: the same function with ~1/3 of the FLOPs).
+  assert 4 < info["teacher"]["gflops"] < 25
   assert info["student"]["gflops"] < info["teacher"]["gflops"] / 5
   assert "SegFormer-B2" in result.stdout
   # The configured method's training-time wrapper: the 19-class B0 + CSF + PEA
