@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from transkd_jax.models import SegFormer, VARIANTS
-from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv
+from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv, softmax_attention
 from transkd_jax.models.head import SegFormerHead
 from transkd_jax.models.resize import (bilinear_matrix, nearest_indices, resize_bilinear,
                                       resize_nearest)
@@ -146,6 +146,20 @@ def test_patch_conv_equals_strided_convolution(size):
       x, params["params"]["kernel"], (4, 4), "VALID",
       dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["params"]["bias"]
   np.testing.assert_allclose(module.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,context,heads", [(37, 5, 1), (16, 16, 2), (9, 128, 5)])
+def test_softmax_attention_and_its_gradient_equal_dot_product_attention(tokens, context, heads):
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (2, tokens, heads, 8)) * 2
+  k = jax.random.normal(keys[1], (2, context, heads, 8))
+  v = jax.random.normal(keys[2], (2, context, heads, 8))
+  g = jax.random.normal(keys[3], (2, tokens, heads, 8))
+  out, vjp = jax.vjp(jax.jit(softmax_attention), q, k, v)
+  ref, vjp_ref = jax.vjp(jax.nn.dot_product_attention, q, k, v)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_resize_rules_follow_pytorch_by_hand():
