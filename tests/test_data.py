@@ -10,8 +10,12 @@ from PIL import Image
 from transkd_jax import data
 from transkd_jax.data import generated, transforms
 from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN, CITYSCAPES_NAMES
-from transkd_jax.data.sources import CityscapesSource
+from transkd_jax.data.sources import make_source
 from transkd_jax.errors import UserError
+
+
+def CityscapesSource(root, split):
+  return make_source(ml_collections.ConfigDict({"name": "cityscapes", "root": root}), split)
 
 
 def _config(root, **data_overrides):
@@ -159,3 +163,46 @@ def test_iterator_with_worker_processes_resumes(gen_root):
   resumed = data.make_train_iterator(config)
   resumed.set_state(state)
   np.testing.assert_array_equal(next(resumed)["image"], expected["image"])
+
+
+def test_acdc_conditions_and_layout(tmp_path):
+  for condition in ("fog", "night"):
+    for i in range(2):
+      stem = f"GOPR0{i}_frame_00000{i}"
+      _write(str(tmp_path / f"rgb_anon/{condition}/val/GOPR0{i}/{stem}_rgb_anon.png"),
+             np.zeros((4, 8, 3), np.uint8))
+      _write(str(tmp_path / f"gt/{condition}/val/GOPR0{i}/{stem}_gt_labelIds.png"),
+             np.full((4, 8), 26, np.uint8))  # car
+  cfg = ml_collections.ConfigDict({"name": "acdc", "root": str(tmp_path), "conditions": "fog"})
+  fog = make_source(cfg, "val")
+  assert len(fog) == 2 and (fog[0]["label"] == 13).all()
+  cfg.conditions = "fog,night"
+  assert len(make_source(cfg, "val")) == 4
+  cfg.conditions = "all"  # rain and snow are missing: named
+  with pytest.raises(UserError, match="no split 'val' for condition 'rain'"):
+    make_source(cfg, "val")
+  cfg.conditions = "haze"
+  with pytest.raises(UserError, match="unknown ACDC condition.*haze"):
+    make_source(cfg, "val")
+
+
+def test_voc_lists_palette_labels_and_errors(tmp_path):
+  for d in ("ImageSets/Segmentation", "JPEGImages", "SegmentationClass"):
+    os.makedirs(tmp_path / d)
+  (tmp_path / "ImageSets/Segmentation/val.txt").write_text("2007_000032\n2007_000033\n")
+  for name, cls in (("2007_000032", 1), ("2007_000033", 15)):
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / f"JPEGImages/{name}.jpg")
+    label = np.full((6, 6), cls, np.uint8)
+    label[0] = 255  # object borders: ignored
+    palette_png = Image.fromarray(label, mode="P")
+    palette_png.putpalette(data.PALETTES["voc"].ravel().tolist())
+    palette_png.save(tmp_path / f"SegmentationClass/{name}.png")
+  cfg = ml_collections.ConfigDict({"name": "voc", "root": str(tmp_path)})
+  source = make_source(cfg, "val")
+  assert len(source) == 2 and source[1]["label"][1, 0] == 15 and source[1]["label"][0, 0] == 255
+  with pytest.raises(UserError, match="no split 'train_aug'.*train_aug.txt is missing"):
+    make_source(cfg, "train_aug")
+  bad = np.full((6, 6), 30, np.uint8)
+  Image.fromarray(bad).save(tmp_path / "SegmentationClass/2007_000032.png")
+  with pytest.raises(UserError, match=r"2007_000032.png holds values \[30\]"):
+    make_source(cfg, "val")[0]

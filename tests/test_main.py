@@ -64,3 +64,12 @@ def test_missing_workdir_is_named(tmp_path):
   result = _main(CITYSCAPES)
   assert result.returncode == 2
   assert "--workdir" in result.stderr
+
+
+@pytest.mark.parametrize("name,classes", [("cityscapes", 19), ("acdc", 19), ("voc", 21),
+                                          ("synthetic", 19)])
+def test_every_config_loads(tmp_path, name, classes):
+  result = _main(f"--config={REPO / 'configs' / (name + '.py')}", f"--workdir={tmp_path}",
+                 "--mode=info", "--config.image_size=(64, 64)")
+  assert result.returncode == 0, result.stderr
+  assert f"{classes} classes" in result.stdout

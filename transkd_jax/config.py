@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every = STEPS_PER_EPOCH      # validate once per epoch, as the public code
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3              # latest N, plus the best by validation mIoU
+  config.train_split = "train"
   config.eval_split = "val"
   config.eval_protocol = "standard"        # or "reference" (the public code's, 1/4 labels)
   config.mesh_shape = (-1, 1)              # (data, model); -1 takes the remaining devices

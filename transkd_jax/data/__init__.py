@@ -5,7 +5,7 @@
     for batch in data.make_eval_iterator(config, "val"): ...
 
 ``config.data`` keys (``default_data_config()`` lists them with defaults):
-``name`` (cityscapes | generated), ``root``, ``protocol`` (reference),
+``name`` (cityscapes | acdc | voc | generated), ``root``, ``conditions`` (ACDC), ``protocol`` (reference),
 ``eval_label_resolution`` (quarter | full), ``num_workers``, ``skip_bad_files``,
 and for ``generated``: ``num_train``, ``num_val``, ``generated_size``,
 ``generated_seed``.
@@ -21,8 +21,9 @@ from transkd_jax.data.sources import make_source
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
   """Every ``config.data`` key with its default (the generated dataset)."""
   config = ml_collections.ConfigDict({
-      "name": "generated",          # cityscapes | generated
+      "name": "generated",          # cityscapes | acdc | voc | generated
       "root": "",                   # dataset root; for generated: where it is written
+      "conditions": "all",          # ACDC: "all" or a comma list of fog, night, rain, snow
       "protocol": "reference",      # train transforms: the public code's
       "eval_label_resolution": "quarter",  # or "full" (the dataset's own resolution)
       "num_workers": 0,             # grain worker processes (0: in-process)

@@ -57,7 +57,7 @@ def make_train_iterator(config, process_index=None, process_count=None):
   """An endless iterator of host-local batches {"image", "label"} with get/set_state."""
   index, count = _process(process_index, process_count)
   local = _local_batch(config, count)
-  source = make_source(config.data, "train")
+  source = make_source(config.data, config.get("train_split", "train"))
   ds = grain.MapDataset.source(source)[index::count]
   if len(ds) < local:
     raise UserError(f"process {index} holds {len(ds)} training examples, fewer than its "

@@ -7,6 +7,12 @@ which is what ``grain.MapDataset.source`` needs.
 - ``cityscapes``: ``ROOT/leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
   ``ROOT/gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` when present, else
   ``*_gtFine_labelIds.png`` mapped with cityscapesScripts' label table.
+- ``acdc``: ``ROOT/rgb_anon/<condition>/<split>/<seq>/*_rgb_anon.png`` with
+  ``ROOT/gt/<condition>/<split>/<seq>/*_gt_labelTrainIds.png`` (or labelIds);
+  ``config.data.conditions``: "all" or a comma list of fog, night, rain, snow.
+- ``voc``: Pascal VOC 2012 with SBD's augmented labels: ``JPEGImages/*.jpg``,
+  ``SegmentationClassAug/*.png`` (else ``SegmentationClass/``), split lists in
+  ``ImageSets/Segmentation/<split>.txt``; 21 classes, 255 ignored.
 - ``generated``: the street-scene generator's tree (written on first use under
   ``config.data.root``, default ``~/.cache/transkd_jax/generated-...``), read
   through the Cityscapes source.
@@ -48,75 +54,154 @@ def read_label(path: str) -> np.ndarray:
   return label
 
 
-class CityscapesSource:
-  """Cityscapes (fine annotations) in its official layout."""
+class PairedSource:
+  """Image/label file pairs -> examples; the label mapping decides the train ids.
 
-  def __init__(self, root: str, split: str, skip_bad_files: bool = False):
-    self.root, self.split, self.skip_bad_files = root, split, skip_bad_files
-    if not root or not os.path.isdir(root):
-      raise UserError(f"config.data.root={root!r} is not a directory; expected the Cityscapes "
-                      f"layout {CITYSCAPES_LAYOUT}")
-    image_dir = os.path.join(root, "leftImg8bit", split)
-    if not os.path.isdir(image_dir):
-      raise UserError(f"no split {split!r} under {root}: {image_dir} is missing; expected "
-                      f"{CITYSCAPES_LAYOUT}")
-    images = sorted(glob.glob(os.path.join(image_dir, "*", "*_leftImg8bit.png")))
-    if not images:
-      raise UserError(f"{image_dir} holds no */*_leftImg8bit.png; expected {CITYSCAPES_LAYOUT}")
-    self.items = []
-    for image in images:
-      rel = os.path.relpath(image, image_dir)
-      stem = rel[:-len("_leftImg8bit.png")]
-      base = os.path.join(root, "gtFine", split, stem)
-      train_ids, label_ids = base + "_gtFine_labelTrainIds.png", base + "_gtFine_labelIds.png"
-      if os.path.exists(train_ids):
-        self.items.append((image, train_ids, True, stem))
-      elif os.path.exists(label_ids):
-        self.items.append((image, label_ids, False, stem))
-      else:
-        raise UserError(f"image {image} has no label: expected {label_ids} (or {train_ids})")
-    self._check_orphan_labels(images)
+  ``items``: (image path, label path, mapping, name) where mapping is
+  "train_ids" (values are classes or 255), "cityscapes_ids" (label ids mapped
+  with cityscapesScripts' table) or "classes" (values < num_classes or 255).
+  """
+
+  def __init__(self, items, num_classes: int, skip_bad_files: bool = False):
+    self.items, self.num_classes, self.skip_bad_files = items, num_classes, skip_bad_files
     self.bad_files = 0
-
-  def _check_orphan_labels(self, images):
-    label_dir = os.path.join(self.root, "gtFine", self.split)
-    have = {os.path.relpath(p, os.path.join(self.root, "leftImg8bit", self.split))
-            [:-len("_leftImg8bit.png")] for p in images}
-    for label in glob.glob(os.path.join(label_dir, "*", "*_gtFine_labelIds.png")):
-      stem = os.path.relpath(label, label_dir)[:-len("_gtFine_labelIds.png")]
-      if stem not in have:
-        raise UserError(f"label {label} has no image: expected "
-                        f"{os.path.join(self.root, 'leftImg8bit', self.split, stem)}"
-                        "_leftImg8bit.png")
 
   def __len__(self):
     return len(self.items)
 
   def __getitem__(self, index):
-    image_path, label_path, is_train_ids, stem = self.items[index]
+    image_path, label_path, mapping, name = self.items[index]
     try:
       image = read_image(image_path)
       label = read_label(label_path)
     except UserError as e:
       if not self.skip_bad_files:
         raise
-      warnings.warn(f"skipping: {e}")
       self.bad_files += 1
+      warnings.warn(f"skipping ({self.bad_files} skipped so far): {e}")
       return self[(index + 1) % len(self)]
     if image.shape[:2] != label.shape:
       raise UserError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
                       f"{label_path} is {label.shape[1]}x{label.shape[0]}")
-    if is_train_ids:
-      bad = (label >= 19) & (label != IGNORE)
-      if bad.any():
-        raise UserError(f"label {label_path} holds train ids {sorted(set(label[bad].tolist()))[:5]}"
-                        "; expected 0-18 or 255")
-    else:
+    if mapping == "cityscapes_ids":
       if label.max() > 33:
         raise UserError(f"label {label_path} holds label ids up to {int(label.max())}; expected "
                         "Cityscapes label ids 0-33 (or use *_labelTrainIds.png)")
       label = CITYSCAPES_ID_TO_TRAIN[label]
-    return {"image": image, "label": label.astype(np.uint8), "name": os.path.basename(stem)}
+    else:
+      bad = (label >= self.num_classes) & (label != IGNORE)
+      if bad.any():
+        raise UserError(f"label {label_path} holds values {sorted(set(label[bad].tolist()))[:5]}; "
+                        f"expected classes 0-{self.num_classes - 1} or {IGNORE}")
+    return {"image": image, "label": label.astype(np.uint8), "name": name}
+
+
+def _need_dir(path, what, layout):
+  if not path or not os.path.isdir(path):
+    raise UserError(f"{what}: {path!r} is not a directory; expected the layout {layout}")
+
+
+def cityscapes_items(root: str, split: str):
+  """(image, label, mapping, name) for Cityscapes' fine annotations."""
+  _need_dir(root, "config.data.root", CITYSCAPES_LAYOUT)
+  image_dir = os.path.join(root, "leftImg8bit", split)
+  if not os.path.isdir(image_dir):
+    raise UserError(f"no split {split!r} under {root}: {image_dir} is missing; expected "
+                    f"{CITYSCAPES_LAYOUT}")
+  images = sorted(glob.glob(os.path.join(image_dir, "*", "*_leftImg8bit.png")))
+  if not images:
+    raise UserError(f"{image_dir} holds no */*_leftImg8bit.png; expected {CITYSCAPES_LAYOUT}")
+  label_dir = os.path.join(root, "gtFine", split)
+  return _pair(images, image_dir, "_leftImg8bit.png", label_dir,
+               [("_gtFine_labelTrainIds.png", "train_ids"), ("_gtFine_labelIds.png",
+                                                               "cityscapes_ids")])
+
+
+def _pair(images, image_dir, image_suffix, label_dir, label_kinds):
+  """Matches every image with its label (first existing kind); names what is missing."""
+  items, stems = [], set()
+  for image in images:
+    stem = os.path.relpath(image, image_dir)[:-len(image_suffix)]
+    stems.add(stem)
+    for suffix, mapping in label_kinds:
+      label = os.path.join(label_dir, stem + suffix)
+      if os.path.exists(label):
+        items.append((image, label, mapping, os.path.basename(stem)))
+        break
+    else:
+      expected = os.path.join(label_dir, stem + label_kinds[-1][0])
+      raise UserError(f"image {image} has no label: expected {expected} (or "
+                      f"{' / '.join(s for s, _ in label_kinds[:-1])})")
+  for suffix, _ in label_kinds:
+    for label in glob.glob(os.path.join(label_dir, "**", "*" + suffix), recursive=True):
+      stem = os.path.relpath(label, label_dir)[:-len(suffix)]
+      if stem not in stems:
+        raise UserError(f"label {label} has no image: expected "
+                        f"{os.path.join(image_dir, stem + image_suffix)}")
+  return items
+
+
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+ACDC_LAYOUT = ("ROOT/rgb_anon/<condition>/<split>/<sequence>/<name>_rgb_anon.png and "
+               "ROOT/gt/<condition>/<split>/<sequence>/<name>_gt_labelTrainIds.png "
+               "(or _gt_labelIds.png)")
+
+
+def acdc_items(root: str, split: str, conditions="all"):
+  """(image, label, mapping, name) for ACDC, over the selected weather conditions."""
+  _need_dir(root, "config.data.root", ACDC_LAYOUT)
+  if conditions in ("all", "", None):
+    conditions = ACDC_CONDITIONS
+  elif isinstance(conditions, str):
+    conditions = tuple(c.strip() for c in conditions.split(","))
+  unknown = set(conditions) - set(ACDC_CONDITIONS)
+  if unknown:
+    raise UserError(f"config.data.conditions: unknown ACDC condition(s) {sorted(unknown)}; "
+                    f"expected some of {', '.join(ACDC_CONDITIONS)} or 'all'")
+  items = []
+  for condition in conditions:
+    image_dir = os.path.join(root, "rgb_anon", condition, split)
+    if not os.path.isdir(image_dir):
+      raise UserError(f"no split {split!r} for condition {condition!r}: {image_dir} is "
+                      f"missing; expected {ACDC_LAYOUT}")
+    images = sorted(glob.glob(os.path.join(image_dir, "*", "*_rgb_anon.png")))
+    items += _pair(images, image_dir, "_rgb_anon.png", os.path.join(root, "gt", condition, split),
+                   [("_gt_labelTrainIds.png", "train_ids"), ("_gt_labelIds.png",
+                                                             "cityscapes_ids")])
+  if not items:
+    raise UserError(f"no ACDC images for split {split!r} under {root}; expected {ACDC_LAYOUT}")
+  return items
+
+
+VOC_LAYOUT = ("ROOT/JPEGImages/<name>.jpg, ROOT/SegmentationClassAug/<name>.png (or "
+              "SegmentationClass/), ROOT/ImageSets/Segmentation/<split>.txt "
+              "(e.g. train_aug.txt, train.txt, val.txt)")
+
+
+def voc_items(root: str, split: str):
+  """(image, label, mapping, name) for Pascal VOC 2012 (+ SBD's SegmentationClassAug)."""
+  _need_dir(root, "config.data.root", VOC_LAYOUT)
+  listing = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+  if not os.path.exists(listing):
+    raise UserError(f"no split {split!r}: {listing} is missing; expected {VOC_LAYOUT}")
+  with open(listing) as f:
+    names = [line.split()[0] for line in f if line.strip()]
+  label_dirs = [d for d in ("SegmentationClassAug", "SegmentationClass")
+                if os.path.isdir(os.path.join(root, d))]
+  if not label_dirs:
+    raise UserError(f"{root} has neither SegmentationClassAug/ nor SegmentationClass/; "
+                    f"expected {VOC_LAYOUT}")
+  items = []
+  for name in names:
+    image = os.path.join(root, "JPEGImages", name + ".jpg")
+    labels = [os.path.join(root, d, name + ".png") for d in label_dirs]
+    label = next((p for p in labels if os.path.exists(p)), None)
+    if not os.path.exists(image):
+      raise UserError(f"{listing} lists {name!r} but {image} is missing")
+    if label is None:
+      raise UserError(f"image {image} has no label: expected {labels[0]}")
+    items.append((image, label, "classes", name))
+  return items
 
 
 def generated_root(data_config) -> str:
@@ -132,8 +217,13 @@ def make_source(data_config, split: str):
   """The random-access source of ``config.data`` for ``split``."""
   name = data_config.get("name", "generated")
   skip = bool(data_config.get("skip_bad_files", False))
+  root = os.path.expanduser(data_config.get("root", "") or "")
   if name == "cityscapes":
-    return CityscapesSource(os.path.expanduser(data_config.root), split, skip)
+    return PairedSource(cityscapes_items(root, split), 19, skip)
+  if name == "acdc":
+    return PairedSource(acdc_items(root, split, data_config.get("conditions", "all")), 19, skip)
+  if name == "voc":
+    return PairedSource(voc_items(root, split), 21, skip)
   if name == "generated":
     root = generated_root(data_config)
     try:
@@ -141,6 +231,6 @@ def make_source(data_config, split: str):
                               tuple(data_config.generated_size), data_config.generated_seed)
     except ValueError as e:
       raise UserError(str(e)) from None
-    return CityscapesSource(root, split, skip)
+    return PairedSource(cityscapes_items(root, split), 19, skip)
   raise UserError(f"config.data.name={name!r} is not available yet; expected one of "
-                  "cityscapes, generated (acdc, nyuv2, voc and tfds are on the way)")
+                  "cityscapes, acdc, voc, generated (nyuv2 and tfds are on the way)")

@@ -1,0 +1,31 @@
+"""ACDC (adverse conditions: fog, night, rain, snow), Cityscapes' 19 classes.
+
+    python -m transkd_jax.main --config=configs/acdc.py --workdir=/runs/acdc_transkd \\
+        --config.data.root=/data/acdc --config.teacher.checkpoint=/ckpt/acdc_b2
+
+The public code's ACDC setting: as Cityscapes (B2 -> B0, TransKD-Base, 512x1024,
+ENet-style class weights), over all four conditions (``--config.data.conditions=fog,night``
+selects some). ACDC has 1600 training images: 800 steps per epoch at batch 2.
+"""
+
+from transkd_jax.config import base_config
+
+CITYSCAPES_CLASS_WEIGHTS = (
+    2.5959737, 6.741505, 3.5353868, 9.866315, 9.690922, 9.369371, 10.289124, 9.953209,
+    4.3098087, 9.490392, 7.674411, 9.396925, 10.347794, 6.3928986, 10.226673, 10.241072,
+    10.28059, 10.396977, 10.05567)
+STEPS_PER_EPOCH = 800
+
+
+def get_config():
+  config = base_config()
+  config.num_classes = 19
+  config.image_size = (512, 1024)
+  config.class_weights = CITYSCAPES_CLASS_WEIGHTS
+  config.total_steps = 1000 * STEPS_PER_EPOCH
+  config.optimizer.decay_steps = 1500 * STEPS_PER_EPOCH
+  config.eval_every = STEPS_PER_EPOCH
+  config.data.name = "acdc"
+  config.data.root = ""          # --config.data.root=/path/to/acdc
+  config.data.conditions = "all"
+  return config
