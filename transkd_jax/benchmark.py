@@ -1,17 +1,28 @@
 """Benchmarks: print one JSON line per measurement (never part of the tests).
 
     python -m transkd_jax.benchmark model [--size=256x512] [--batch=2] [--dtype=float32]
-        [--dwconv=auto,shifted,conv] [--repeats=5]
+        [--dwconv=auto,shifted,conv] [--repeats=5] [--profile=N]
 
 ``model`` times, for each depthwise-convolution form, the teacher's encoder
 forward (SegFormer-B2, the features-only call TransKD uses) and the student's
 forward + backward (SegFormer-B0, cross-entropy on its logits). Each number is
 the median of ``repeats`` calls after a compile-and-warm-up call.
+
+``--profile=N`` also traces three student steps with ``jax.profiler`` and
+prints the N most expensive places in the model: the executed XLA ops' times
+(per step), grouped by the flax module path and operation that produced them
+(from the compiled HLO's metadata), split into forward and backward. This is
+how PERFORMANCE.md's fact 3 was tracked down on XLA:CPU.
 """
 
 import argparse
+import collections
+import glob
+import gzip
 import json
+import re
 import statistics
+import tempfile
 import time
 
 import jax
@@ -31,7 +42,74 @@ def _time(fn, *args, repeats):
   return statistics.median(times)
 
 
-def bench_model(size, batch, dtype, impls, repeats):
+def _op_names(hlo_text):
+  """Instruction name -> op_name metadata, from compiled HLO text.
+
+  A fusion without metadata of its own (XLA:CPU's library fusions) takes
+  that of the dot / convolution / reduce inside it, else of its root, else
+  that of its first operand that has one.
+  """
+  names, calls, operands = {}, {}, {}
+  computation_ops = collections.defaultdict(list)
+  computation = None
+  for line in hlo_text.splitlines():
+    header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header and not line.startswith(" "):
+      computation = header.group(1)
+      continue
+    match = re.match(r"\s*(ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)", line)
+    if not match:
+      continue
+    op = re.search(r'op_name="([^"]*)"', line)
+    op = op.group(1) if op else ""
+    names[match.group(2)] = op
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    if called:
+      calls[match.group(2)] = called.group(1)
+      args = re.search(r"fusion\(([^)]*)\)", line)
+      operands[match.group(2)] = re.findall(r"%([\w.\-]+)", args.group(1)) if args else []
+    if op:
+      key = 0 if match.group(3) in ("dot", "convolution", "reduce") else (1 if match.group(1) else 2)
+      computation_ops[computation].append((key, op))
+  for name, called in calls.items():
+    if not names[name] and computation_ops.get(called):
+      names[name] = min(computation_ops[called], key=lambda t: t[0])[1]
+  for name in calls:  # still nothing (e.g. a dot traced without metadata): its inputs'
+    if not names[name]:
+      names[name] = next((names[o] for o in operands.get(name, []) if names.get(o)), "")
+  return names
+
+
+def profile_ops(fn, args, top, steps=3):
+  """Rows {"pass", "where", "ms"}: per-step op time grouped by module path and op."""
+  compiled = fn.lower(*args).compile()
+  names = _op_names(compiled.as_text())
+  jax.block_until_ready(compiled(*args))
+  with tempfile.TemporaryDirectory() as logdir:
+    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+    for _ in range(steps):
+      jax.block_until_ready(compiled(*args))
+    jax.profiler.stop_trace()
+    trace_file = glob.glob(f"{logdir}/**/*.trace.json.gz", recursive=True)[0]
+    with gzip.open(trace_file) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  totals = collections.Counter()
+  for event in events:
+    if event.get("ph") != "X" or event.get("name") not in names:
+      continue
+    op = names[event["name"]]
+    backward = "transpose(" in op
+    op = re.sub(r"jit\([^)]*\)/|transpose\(|jvp\(|\)|SegFormer\.encode/|SegFormer/", "", op)
+    op = re.sub(r"block(\d)_\d+", r"block\1_*", op) or f"({event['name'].rsplit('.', 1)[0]})"
+    totals[("bwd" if backward else "fwd", op)] += event["dur"] / 1000 / steps
+  grand = sum(totals.values())
+  rows = [{"pass": p, "where": w, "ms": round(t, 2), "share": round(t / grand, 4)}
+          for (p, w), t in totals.most_common(top)]
+  return rows, grand
+
+
+def bench_model(size, batch, dtype, impls, repeats, profile=0):
   images = jnp.asarray(np.random.RandomState(0).rand(batch, *size, 3), jnp.float32)
   labels = jnp.zeros((batch, size[0] // 4, size[1] // 4), jnp.int32)
   for impl in impls:
@@ -59,6 +137,12 @@ def bench_model(size, batch, dtype, impls, repeats):
                       "device": jax.devices()[0].device_kind, "size": list(size),
                       "batch": batch, "dtype": jnp.dtype(dtype).name, "dwconv": impl,
                       **{k: round(v, 5) for k, v in rows.items()}}), flush=True)
+    if profile:
+      ops, total = profile_ops(grad, (s_vars["params"], state, images, labels), profile)
+      print(json.dumps({"bench": "profile", "model": "student_b0_fwd_bwd", "dwconv": impl,
+                        "op_time_ms_per_step": round(total, 2)}), flush=True)
+      for row in ops:
+        print(json.dumps(row), flush=True)
 
 
 def main(argv=None):
@@ -69,9 +153,12 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--dwconv", default="auto,shifted,conv")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="also print the N most expensive ops of the student step")
   args = parser.parse_args(argv)
   size = tuple(int(s) for s in args.size.lower().split("x"))
-  bench_model(size, args.batch, getattr(jnp, args.dtype), args.dwconv.split(","), args.repeats)
+  bench_model(size, args.batch, getattr(jnp, args.dtype), args.dwconv.split(","), args.repeats,
+              args.profile)
 
 
 if __name__ == "__main__":
