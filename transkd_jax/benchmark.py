@@ -1,5 +1,11 @@
 """Benchmarks: print one JSON line per measurement (never part of the tests).
 
+    python -m transkd_jax.benchmark step --config=configs/cityscapes.py [--config.x=y] [--steps=5]
+    python -m transkd_jax.benchmark data --config=configs/cityscapes.py [--workers=0,1,2]
+
+``step`` times the configured method's jitted train step (bench_step.py);
+``data`` the training input pipeline at Cityscapes size (bench_data.py).
+
     python -m transkd_jax.benchmark model [--size=256x512] [--batch=2] [--dtype=float32]
         [--dwconv=auto,shifted,conv] [--repeats=5] [--profile=N]
 
@@ -145,9 +151,38 @@ def bench_model(size, batch, dtype, impls, repeats, profile=0):
         print(json.dumps(row), flush=True)
 
 
+def _config_benchmark(what, rest):
+  """``step`` / ``data``: absl flags with an ml_collections config file."""
+  import pathlib
+  import sys
+  from absl import app, flags
+  from ml_collections import config_flags
+  default = pathlib.Path(__file__).resolve().parent.parent / "configs" / "cityscapes.py"
+  config = config_flags.DEFINE_config_file(
+      "config", str(default) if default.exists() else None, "Config file (configs/*.py).")
+  steps = flags.DEFINE_integer("steps", 5, "step: timed steps after warm-up.")
+  workers = flags.DEFINE_string("workers", "0,1,2", "data: grain worker counts to time.")
+
+  def run(argv):
+    del argv
+    if what == "step":
+      from transkd_jax.bench_step import main_step
+      main_step(config.value, steps.value)
+    else:
+      from transkd_jax.bench_data import main_data
+      for count in workers.value.split(","):
+        main_data(config.value, int(count))
+
+  app.run(run, argv=[sys.argv[0], *rest])
+
+
 def main(argv=None):
+  import sys
+  argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] in ("step", "data"):
+    return _config_benchmark(argv[0], argv[1:])
   parser = argparse.ArgumentParser(prog="python -m transkd_jax.benchmark")
-  parser.add_argument("what", choices=["model"])
+  parser.add_argument("what", choices=["model", "step", "data"])
   parser.add_argument("--size", default="256x512", help="HxW")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
