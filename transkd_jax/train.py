@@ -189,10 +189,13 @@ def train(config, workdir: str) -> dict:
 
   models = build_models(config)  # the teacher is checked before anything compiles
   settings = loss_settings(models.method, config.distill)
-  mesh = sharding.make_mesh(tuple(config.mesh_shape))
-  check_batch_size(config, mesh)
   total_steps = int(config.total_steps)
-  optimizer, schedule = make_optimizer(config.optimizer, total_steps)
+  try:
+    mesh = sharding.make_mesh(tuple(config.mesh_shape))
+    optimizer, schedule = make_optimizer(config.optimizer, total_steps)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  check_batch_size(config, mesh)
   size = tuple(config.image_size)
 
   train_iter = data.make_train_iterator(config)
