@@ -9,11 +9,8 @@ selects some). ACDC has 1600 training images: 800 steps per epoch at batch 2.
 """
 
 from transkd_jax.config import base_config
+from transkd_jax.data.classes import CITYSCAPES_CLASS_WEIGHTS
 
-CITYSCAPES_CLASS_WEIGHTS = (
-    2.5959737, 6.741505, 3.5353868, 9.866315, 9.690922, 9.369371, 10.289124, 9.953209,
-    4.3098087, 9.490392, 7.674411, 9.396925, 10.347794, 6.3928986, 10.226673, 10.241072,
-    10.28059, 10.396977, 10.05567)
 STEPS_PER_EPOCH = 800
 
 

@@ -17,12 +17,7 @@ trained one with ``python -m transkd_jax.convert``.
 """
 
 from transkd_jax.config import base_config
-
-# The public code's ENet-style class weights for the 19 Cityscapes train ids.
-CITYSCAPES_CLASS_WEIGHTS = (
-    2.5959737, 6.741505, 3.5353868, 9.866315, 9.690922, 9.369371, 10.289124, 9.953209,
-    4.3098087, 9.490392, 7.674411, 9.396925, 10.347794, 6.3928986, 10.226673, 10.241072,
-    10.28059, 10.396977, 10.05567)
+from transkd_jax.data.classes import CITYSCAPES_CLASS_WEIGHTS
 
 
 def get_config():

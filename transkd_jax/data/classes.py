@@ -27,6 +27,13 @@ CITYSCAPES_ID_TO_TRAIN = _cityscapes_lut()
 # train ids -> labelIds (for the generator and the submission format).
 CITYSCAPES_TRAIN_TO_ID = np.array([l.id for l in _TRAIN], np.uint8)
 
+# The public TransKD code's ENet-style cross-entropy weights for the 19 Cityscapes train ids
+# (it uses them for Cityscapes and ACDC).
+CITYSCAPES_CLASS_WEIGHTS = (
+    2.5959737, 6.741505, 3.5353868, 9.866315, 9.690922, 9.369371, 10.289124, 9.953209,
+    4.3098087, 9.490392, 7.674411, 9.396925, 10.347794, 6.3928986, 10.226673, 10.241072,
+    10.28059, 10.396977, 10.05567)
+
 VOC_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
              "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
              "pottedplant", "sheep", "sofa", "train", "tvmonitor")
