@@ -3,8 +3,9 @@
 Training: the source is split across processes (process i reads examples
 i, i + P, ...), shuffled with ``config.seed`` and reshuffled every epoch,
 augmented with a per-example random stream (deterministic by position), and
-batched to the process's share of ``config.batch_size``. The iterator is a
-``grain.DatasetIterator``: ``get_state``/``set_state`` (and Orbax through
+batched to the process's share of ``config.batch_size``. Batches also carry
+``skipped`` per example: bad files passed over (``config.data.skip_bad_files``).
+The iterator is a ``grain.DatasetIterator``: ``get_state``/``set_state`` (and Orbax through
 ``grain.checkpoint``) resume it exactly. ``config.data.num_workers`` > 0 runs
 the transforms in worker processes (they need absl flags parsed: run under
 ``absl.app``, or call ``absl.flags.FLAGS.mark_as_parsed()`` first).
@@ -69,8 +70,11 @@ def make_train_iterator(config, process_index=None, process_count=None):
 
 
 def _strip(fn):
+  """Applies ``fn`` to image + label; keeps the example's count of skipped bad files."""
   def apply(example, rng):
-    return fn({"image": example["image"], "label": example["label"]}, rng)
+    out = fn({"image": example["image"], "label": example["label"]}, rng)
+    out["skipped"] = np.int32(example.get("skipped", 0))
+    return out
   return apply
 
 
@@ -89,6 +93,7 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
     example = shard[min(i, len(shard) - 1)] if len(shard) else source[0]
     out = transforms.reference_eval(example, size, resolution)
     out["valid"] = np.bool_(i < len(shard))
+    out["skipped"] = np.int32(example.get("skipped", 0) if i < len(shard) else 0)
     return out
 
   ds = grain.MapDataset.range(padded).map(load).batch(local, drop_remainder=True)

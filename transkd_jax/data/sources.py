@@ -54,46 +54,70 @@ def read_label(path: str) -> np.ndarray:
   return label
 
 
+def to_train_ids(label: np.ndarray, mapping: str, num_classes: int, where: str) -> np.ndarray:
+  """Label values -> train ids (255 ignored); ``where`` names the file in errors.
+
+  ``mapping``: "train_ids" / "classes" (values are classes or 255),
+  "cityscapes_ids" (Cityscapes label ids 0-33, mapped with cityscapesScripts'
+  table) or "nyu40" (0 unlabelled -> 255, 1..40 -> 0..39, as the public code's
+  ``label - 1``).
+  """
+  if mapping == "cityscapes_ids":
+    if label.max() > 33:
+      raise UserError(f"label {where} holds label ids up to {int(label.max())}; expected "
+                      "Cityscapes label ids 0-33 (or use *_labelTrainIds.png)")
+    return CITYSCAPES_ID_TO_TRAIN[label]
+  if mapping == "nyu40":
+    if label.max() > num_classes:
+      bad = sorted(set(label[label > num_classes].tolist()))[:5]
+      raise UserError(f"label {where} holds values {bad}; expected 0 (unlabelled) or the "
+                      f"40-class ids 1-{num_classes}")
+    return (label.astype(np.int32) - 1).astype(np.uint8)  # 0 wraps to 255
+  if mapping not in ("train_ids", "classes"):
+    raise ValueError(f"unknown label mapping {mapping!r}")
+  bad = (label >= num_classes) & (label != IGNORE)
+  if bad.any():
+    raise UserError(f"label {where} holds values {sorted(set(label[bad].tolist()))[:5]}; "
+                    f"expected classes 0-{num_classes - 1} or {IGNORE}")
+  return label
+
+
 class PairedSource:
   """Image/label file pairs -> examples; the label mapping decides the train ids.
 
-  ``items``: (image path, label path, mapping, name) where mapping is
-  "train_ids" (values are classes or 255), "cityscapes_ids" (label ids mapped
-  with cityscapesScripts' table) or "classes" (values < num_classes or 255).
+  ``items``: (image path, label path, mapping, name), mapping as in
+  ``to_train_ids``. With ``skip_bad_files`` an undecodable pair is skipped with
+  a warning (the next pair is returned instead) and every example carries
+  ``skipped``: how many bad files were passed over to produce it, so the
+  training loop can report a total even when workers do the reading.
   """
 
   def __init__(self, items, num_classes: int, skip_bad_files: bool = False):
     self.items, self.num_classes, self.skip_bad_files = items, num_classes, skip_bad_files
-    self.bad_files = 0
 
   def __len__(self):
     return len(self.items)
 
   def __getitem__(self, index):
-    image_path, label_path, mapping, name = self.items[index]
-    try:
-      image = read_image(image_path)
-      label = read_label(label_path)
-    except UserError as e:
-      if not self.skip_bad_files:
-        raise
-      self.bad_files += 1
-      warnings.warn(f"skipping ({self.bad_files} skipped so far): {e}")
-      return self[(index + 1) % len(self)]
+    for skipped in range(len(self.items)):
+      image_path, label_path, mapping, name = self.items[(index + skipped) % len(self.items)]
+      try:
+        image = read_image(image_path)
+        label = read_label(label_path)
+        break
+      except UserError as e:
+        if not self.skip_bad_files:
+          raise
+        warnings.warn(f"skipping a bad file (config.data.skip_bad_files=True): {e}")
+    else:
+      raise UserError(f"every one of the {len(self.items)} files of this split failed to "
+                      "decode (config.data.skip_bad_files=True skipped them all)")
     if image.shape[:2] != label.shape:
       raise UserError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
                       f"{label_path} is {label.shape[1]}x{label.shape[0]}")
-    if mapping == "cityscapes_ids":
-      if label.max() > 33:
-        raise UserError(f"label {label_path} holds label ids up to {int(label.max())}; expected "
-                        "Cityscapes label ids 0-33 (or use *_labelTrainIds.png)")
-      label = CITYSCAPES_ID_TO_TRAIN[label]
-    else:
-      bad = (label >= self.num_classes) & (label != IGNORE)
-      if bad.any():
-        raise UserError(f"label {label_path} holds values {sorted(set(label[bad].tolist()))[:5]}; "
-                        f"expected classes 0-{self.num_classes - 1} or {IGNORE}")
-    return {"image": image, "label": label.astype(np.uint8), "name": name}
+    label = to_train_ids(label, mapping, self.num_classes, label_path)
+    return {"image": image, "label": label.astype(np.uint8), "name": name,
+            "skipped": np.int32(skipped)}
 
 
 def _need_dir(path, what, layout):
