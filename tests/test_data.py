@@ -206,3 +206,50 @@ def test_voc_lists_palette_labels_and_errors(tmp_path):
   Image.fromarray(bad).save(tmp_path / "SegmentationClass/2007_000032.png")
   with pytest.raises(UserError, match=r"2007_000032.png holds values \[30\]"):
     make_source(cfg, "val")[0]
+
+
+def test_nyuv2_layout_shifts_labels_and_names_errors(tmp_path):
+  for d in ("images", "labels40"):
+    os.makedirs(tmp_path / d)
+  (tmp_path / "test.txt").write_text("0002\n0001\n")
+  label = np.arange(48, dtype=np.uint8).reshape(6, 8) % 41  # 0 (unlabelled) .. 40
+  for name in ("0001", "0002"):
+    Image.fromarray(np.full((6, 8, 3), 7, np.uint8)).save(tmp_path / f"images/{name}.jpg")
+    Image.fromarray(label).save(tmp_path / f"labels40/{name}.png")
+  cfg = ml_collections.ConfigDict({"name": "nyuv2", "root": str(tmp_path)})
+  source = make_source(cfg, "test")
+  example = source[0]
+  assert len(source) == 2 and example["name"] == "0001"
+  expected = np.where(label == 0, 255, label.astype(np.int32) - 1)
+  np.testing.assert_array_equal(example["label"], expected)
+  assert len(data.CLASS_NAMES["nyuv2"]) == 40 and data.PALETTES["nyuv2"].shape == (40, 3)
+  with pytest.raises(UserError, match="no split 'train'.*train.txt is missing"):
+    make_source(cfg, "train")
+  Image.fromarray(np.full((6, 8), 41, np.uint8)).save(tmp_path / "labels40/0002.png")
+  with pytest.raises(UserError, match=r"0002.png holds values \[41\]"):
+    source[1]
+  os.remove(tmp_path / "images/0001.jpg")
+  with pytest.raises(UserError, match="lists '0001' but .*0001.jpg is missing"):
+    make_source(cfg, "test")
+
+
+def test_skip_bad_files_counts_what_it_skipped(gen_root, tmp_path):
+  import shutil
+  root = tmp_path / "tree"
+  shutil.copytree(gen_root, root)
+  images = sorted((root / "leftImg8bit" / "val").glob("*/*.png"))
+  images[1].write_bytes(b"not a png")
+  strict = CityscapesSource(str(root), "val")
+  with pytest.raises(UserError, match=f"cannot decode image .*{images[1].name}"):
+    strict[1]
+  cfg = ml_collections.ConfigDict({"name": "cityscapes", "root": str(root),
+                                   "skip_bad_files": True})
+  source = make_source(cfg, "val")
+  with pytest.warns(UserWarning, match="skipping a bad file"):
+    example = source[1]
+  assert example["skipped"] == 1 and example["name"] == strict[2]["name"]
+  assert source[0]["skipped"] == 0
+  config = _config(root, name="cityscapes", skip_bad_files=True)
+  with pytest.warns(UserWarning):
+    batches = list(data.make_eval_iterator(config, "val"))
+  assert sum(int(b["skipped"].sum()) for b in batches) == 1

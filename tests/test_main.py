@@ -66,7 +66,7 @@ def test_missing_workdir_is_named(tmp_path):
   assert "--workdir" in result.stderr
 
 
-@pytest.mark.parametrize("name,classes", [("cityscapes", 19), ("acdc", 19), ("voc", 21),
+@pytest.mark.parametrize("name,classes", [("cityscapes", 19), ("acdc", 19), ("voc", 21), ("nyuv2", 40),
                                           ("synthetic", 19)])
 def test_every_config_loads(tmp_path, name, classes):
   result = _main(f"--config={REPO / 'configs' / (name + '.py')}", f"--workdir={tmp_path}",

@@ -170,17 +170,18 @@ def run_validation(config, mesh, eval_step, state) -> dict:
   from transkd_jax import data
   variables = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
   cm = np.zeros((config.num_classes, config.num_classes), np.int64)
-  ce, pixels, images = 0.0, 0, 0
+  ce, pixels, images, skipped = 0.0, 0, 0, 0
   for batch in data.make_eval_iterator(config, split=config.get("eval_split", "val")):
     local = {k: batch[k] for k in ("image", "label", "valid") if k in batch}
     images += int(np.sum(local["valid"])) if "valid" in local else len(local["image"])
+    skipped += int(np.sum(batch.get("skipped", 0)))
     b_cm, b_ce, b_px = eval_step(variables, sharding.global_batch(local, mesh))
     cm += np.asarray(b_cm)
     ce += float(b_ce)
     pixels += int(b_px)
   scores = evaluate.miou_from_confusion(cm, config.get("eval_protocol", "standard"))
   return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
-          "loss": ce / max(pixels, 1), "images": images}
+          "loss": ce / max(pixels, 1), "images": images, "skipped_bad_files": skipped}
 
 
 def train(config, workdir: str) -> dict:
@@ -231,6 +232,7 @@ def train(config, workdir: str) -> dict:
   summary = {"start_step": start, "status": "done"}
   window, window_start = [], time.perf_counter()
   last_val = None
+  skipped = 0  # bad files passed over by this process (config.data.skip_bad_files)
   from tqdm import tqdm
   bar = tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0,
              unit="step", dynamic_ncols=True, mininterval=1.0)
@@ -238,6 +240,7 @@ def train(config, workdir: str) -> dict:
     step = start
     while step < total_steps:
       batch = next(train_iter)
+      skipped += int(np.sum(batch.get("skipped", 0)))
       batch = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
       state, metrics = step_fn(state, teacher_vars, batch)
       step += 1
@@ -280,7 +283,11 @@ def train(config, workdir: str) -> dict:
   bar.close()
   checkpoints.close()
   writer.close()
-  summary.update(step=int(step), checkpoint_dir=checkpoints.directory)
+  summary.update(step=int(step), checkpoint_dir=checkpoints.directory, skipped_bad_files=skipped)
+  if skipped:
+    print(f"process {jax.process_index()} skipped {skipped} reads of unreadable training files "
+          "(a bad file counts once per epoch; config.data.skip_bad_files=True; the warnings "
+          "above name them)", flush=True)
   if last_val:
     summary["val"] = last_val
   return summary

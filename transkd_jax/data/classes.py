@@ -54,7 +54,18 @@ def _voc_palette(n=21):
 
 VOC_PALETTE = _voc_palette()
 
+# NYUv2's 40 classes (Gupta et al. 2013), train ids 0-39 = label values 1-40.
+NYUV2_NAMES = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
+    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")
+# The bit-interleaved colour map (as VOC's) indexed by the raw 1-40 label value, as NYUv2
+# toolkits colour the labels40 PNGs (the public code indexes it by train id, painting walls black).
+NYUV2_PALETTE = _voc_palette(41)[1:]
+
 CLASS_NAMES = {"cityscapes": CITYSCAPES_NAMES, "acdc": CITYSCAPES_NAMES,
-               "generated": CITYSCAPES_NAMES, "voc": VOC_NAMES}
+               "generated": CITYSCAPES_NAMES, "voc": VOC_NAMES, "nyuv2": NYUV2_NAMES}
 PALETTES = {"cityscapes": CITYSCAPES_PALETTE, "acdc": CITYSCAPES_PALETTE,
-            "generated": CITYSCAPES_PALETTE, "voc": VOC_PALETTE}
+            "generated": CITYSCAPES_PALETTE, "voc": VOC_PALETTE, "nyuv2": NYUV2_PALETTE}

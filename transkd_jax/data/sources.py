@@ -13,6 +13,9 @@ which is what ``grain.MapDataset.source`` needs.
 - ``voc``: Pascal VOC 2012 with SBD's augmented labels: ``JPEGImages/*.jpg``,
   ``SegmentationClassAug/*.png`` (else ``SegmentationClass/``), split lists in
   ``ImageSets/Segmentation/<split>.txt``; 21 classes, 255 ignored.
+- ``nyuv2``: NYUv2 with 40 classes as the public TransKD code reads it:
+  ``images/<name>.jpg``, ``labels40/<name>.png`` (0 unlabelled -> 255, 1-40 ->
+  0-39), split lists ``<split>.txt`` (train.txt 795, test.txt 654 names).
 - ``generated``: the street-scene generator's tree (written on first use under
   ``config.data.root``, default ``~/.cache/transkd_jax/generated-...``), read
   through the Cityscapes source.
@@ -228,6 +231,37 @@ def voc_items(root: str, split: str):
   return items
 
 
+NYUV2_LAYOUT = ("ROOT/images/<name>.jpg (or .png), ROOT/labels40/<name>.png (0 unlabelled, "
+                "1-40 the 40 classes), ROOT/<split>.txt listing one <name> per line "
+                "(train.txt, test.txt)")
+
+
+def nyuv2_items(root: str, split: str):
+  """(image, label, mapping, name) for NYUv2 with 40 classes, the public TransKD layout."""
+  _need_dir(root, "config.data.root", NYUV2_LAYOUT)
+  listing = os.path.join(root, f"{split}.txt")
+  if not os.path.exists(listing):
+    raise UserError(f"no split {split!r}: {listing} is missing; expected {NYUV2_LAYOUT}")
+  label_dir = os.path.join(root, "labels40")
+  if not os.path.isdir(label_dir):
+    raise UserError(f"{label_dir} is missing; expected {NYUV2_LAYOUT}")
+  with open(listing) as f:
+    names = [line.strip() for line in f if line.strip()]
+  items = []
+  for name in sorted(names):
+    images = [os.path.join(root, "images", name + ext) for ext in (".jpg", ".png")]
+    image = next((p for p in images if os.path.exists(p)), None)
+    label = os.path.join(label_dir, name + ".png")
+    if image is None:
+      raise UserError(f"{listing} lists {name!r} but {images[0]} is missing")
+    if not os.path.exists(label):
+      raise UserError(f"image {image} has no label: expected {label}")
+    items.append((image, label, "nyu40", name))
+  if not items:
+    raise UserError(f"{listing} lists no images; expected {NYUV2_LAYOUT}")
+  return items
+
+
 def generated_root(data_config) -> str:
   if data_config.get("root"):
     return os.path.expanduser(data_config.root)
@@ -248,6 +282,8 @@ def make_source(data_config, split: str):
     return PairedSource(acdc_items(root, split, data_config.get("conditions", "all")), 19, skip)
   if name == "voc":
     return PairedSource(voc_items(root, split), 21, skip)
+  if name == "nyuv2":
+    return PairedSource(nyuv2_items(root, split), 40, skip)
   if name == "generated":
     root = generated_root(data_config)
     try:
@@ -257,4 +293,4 @@ def make_source(data_config, split: str):
       raise UserError(str(e)) from None
     return PairedSource(cityscapes_items(root, split), 19, skip)
   raise UserError(f"config.data.name={name!r} is not available yet; expected one of "
-                  "cityscapes, acdc, voc, generated (nyuv2 and tfds are on the way)")
+                  "cityscapes, acdc, nyuv2, voc, generated (tfds is on the way)")
