@@ -5,10 +5,19 @@
     for batch in data.make_eval_iterator(config, "val"): ...
 
 ``config.data`` keys (``default_data_config()`` lists them with defaults):
-``name`` (cityscapes | acdc | voc | generated), ``root``, ``conditions`` (ACDC), ``protocol`` (reference),
-``eval_label_resolution`` (quarter | full), ``num_workers``, ``skip_bad_files``,
-and for ``generated``: ``num_train``, ``num_val``, ``generated_size``,
-``generated_seed``.
+``name`` (cityscapes | acdc | voc | generated), ``root``, ``conditions`` (ACDC),
+``protocol`` (reference | mmseg: the transforms of train and eval alike),
+``eval_label_resolution`` (quarter | full; reference protocol), ``num_workers``,
+``skip_bad_files``, for ``mmseg``: ``mmseg_scale``, ``mmseg_ratio_range``,
+``mmseg_cat_max_ratio``, and for ``generated``: ``num_train``, ``num_val``,
+``generated_size``, ``generated_seed``.
+
+Protocols (``transforms`` has the details): ``reference``, the public TransKD
+code's (resize to ``config.image_size``, flip, -2..2 px shift, [0, 1] images,
+1/4-resolution labels); ``mmseg``, SegFormer's Cityscapes config in
+mmsegmentation (random rescale, ``config.image_size`` crop with
+cat_max_ratio, flip, photometric distortion, ImageNet mean/std, full-resolution
+labels; eval: rescaled to fit ``mmseg_scale``, labels at the dataset's size).
 """
 
 import ml_collections
@@ -24,8 +33,12 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
       "name": "generated",          # cityscapes | acdc | voc | generated
       "root": "",                   # dataset root; for generated: where it is written
       "conditions": "all",          # ACDC: "all" or a comma list of fog, night, rain, snow
-      "protocol": "reference",      # train transforms: the public code's
-      "eval_label_resolution": "quarter",  # or "full" (the dataset's own resolution)
+      "protocol": "reference",      # train + eval transforms: "reference" (the public code's)
+                                    # or "mmseg" (SegFormer's mmsegmentation config)
+      "eval_label_resolution": "quarter",  # reference protocol: or "full" (dataset's own size)
+      "mmseg_scale": (1024, 2048),  # mmseg: (height, width) base scale; aspect ratio kept
+      "mmseg_ratio_range": (0.5, 2.0),  # mmseg train: scale times a uniform ratio in this range
+      "mmseg_cat_max_ratio": 0.75,  # mmseg train: redraw crops where one class covers >= this
       "num_workers": 0,             # grain worker processes (0: in-process)
       "skip_bad_files": False,      # undecodable files: error (False) or skip with a warning
       "num_train": 200,             # generated dataset: images per split

@@ -15,7 +15,6 @@ process (the same number of batches everywhere) with a boolean ``valid`` per
 example, so sharded evaluation never drops or double-counts an image.
 """
 
-import functools
 import math
 
 import grain
@@ -40,11 +39,8 @@ def _local_batch(config, process_count):
 
 
 def _train_transform(config):
-  protocol = config.data.get("protocol", "reference")
-  if protocol != "reference":
-    raise UserError(f"config.data.protocol={protocol!r} is not available yet; expected "
-                    "'reference'")
-  return functools.partial(transforms.reference_train, size=tuple(config.image_size))
+  """fn(example, rng) of ``config.data.protocol`` (reference | mmseg)."""
+  return transforms.train_transform(config)
 
 
 def _with_workers(ds: grain.IterDataset, config):
@@ -86,12 +82,11 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
   shard = grain.MapDataset.source(source)[index::count]
   per_process = math.ceil(len(source) / count)
   padded = max(math.ceil(per_process / local), 1) * local
-  size = tuple(config.image_size)
-  resolution = config.data.get("eval_label_resolution", "quarter")
+  transform = transforms.eval_transform(config)  # the protocol the model trained under
 
   def load(i):
     example = shard[min(i, len(shard) - 1)] if len(shard) else source[0]
-    out = transforms.reference_eval(example, size, resolution)
+    out = transform(example)
     out["valid"] = np.bool_(i < len(shard))
     out["skipped"] = np.int32(example.get("skipped", 0) if i < len(shard) else 0)
     return out
