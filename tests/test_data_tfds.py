@@ -220,3 +220,15 @@ def test_pickles_and_feeds_grain(data_dir):
   np.testing.assert_array_equal(again["label"], first["label"])
   from_grain = grain.MapDataset.source(source)[0]
   np.testing.assert_array_equal(from_grain["label"], first["label"])
+
+
+def test_make_source_and_the_eval_iterator_read_tfds(data_dir):
+  from transkd_jax import data
+  from transkd_jax.data.sources import make_source
+  cfg = data.default_data_config(name="tfds", root=data_dir, tfds_name="tkd_images",
+                                 tfds_name_key="file_name")
+  assert len(make_source(cfg, "train")) == 3
+  config = ml_collections.ConfigDict({"batch_size": 1, "seed": 0, "image_size": (32, 32),
+                                      "data": cfg})
+  batches = list(data.make_eval_iterator(config, "validation"))
+  assert sum(int(b["valid"].sum()) for b in batches) == 2

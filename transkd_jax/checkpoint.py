@@ -110,12 +110,13 @@ class RunCheckpoints:
     self.manager.close()
 
 
-def restore_model_variables(path: str, what: str) -> dict:
+def restore_model_variables(path: str, what: str, with_source: bool = False):
   """{"params", "batch_stats"} of a SegFormer from an Orbax directory.
 
   ``path`` is either a directory ``transkd_jax.convert`` wrote, or a training
   run's workdir (its best checkpoint, else its latest; the run's student, i.e.
   a teacher run's model). ``what`` names the config key, for error messages.
+  ``with_source=True`` returns (variables, a line naming the checkpoint read).
   """
   if not path:
     raise UserError(f"{what} is not set")
@@ -131,11 +132,14 @@ def restore_model_variables(path: str, what: str) -> dict:
       step = run.latest_step() if step is None else step
       if step is None:
         raise UserError(f"{what}={path!r}: the run's {CHECKPOINT_DIR}/ holds no checkpoint")
+      how = "best by " + run.best_metric if step == run.best_step() else "latest"
       state = run.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore()))["state"]
       run.close()
-      return {"params": state["params"]["student"],
-              "batch_stats": state["batch_stats"]["student"]}
+      variables = {"params": state["params"]["student"],
+                   "batch_stats": state["batch_stats"]["student"]}
+      source = f"{os.path.join(run_dir, str(step))} (step {step}, {how})"
+      return (variables, source) if with_source else variables
     tree = ocp.StandardCheckpointer().restore(path)
   except UserError:
     raise
@@ -145,7 +149,8 @@ def restore_model_variables(path: str, what: str) -> dict:
   if not isinstance(tree, dict) or "params" not in tree:
     raise UserError(f"{what}={path!r} holds no 'params' (expected the pytree "
                     "{'params', 'batch_stats'} that transkd_jax.convert writes)")
-  return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+  variables = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+  return (variables, path) if with_source else variables
 
 
 def check_variables(variables: dict, expected: Any, what: str, description: str):

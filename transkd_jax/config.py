@@ -73,5 +73,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh_shape = (-1, 1)              # (data, model); -1 takes the remaining devices
   config.sharding = "replicate"            # or "fsdp": large arrays split along "model"
 
+  # --mode=eval and --mode=predict (transkd_jax/evaluate.py, transkd_jax/predict.py).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.checkpoint = ""   # a run's workdir or an Orbax dir; empty: --workdir's best
+  config.eval.variant = ""      # the SegFormer to load; empty: the run's trained model
+  config.predict = ml_collections.ConfigDict()
+  config.predict.input = ""     # an image file, a directory (searched recursively) or a glob
+  config.predict.output_dir = ""  # empty: WORKDIR/predictions
+  config.predict.resize = True  # True: the model sees config.image_size; False: native size
+  config.predict.cityscapes_format = False  # also write <name>_labelIds.png for the server
+  config.predict.overlay_alpha = 0.5  # weight of the colour map in the overlay
+
   config.data = default_data_config()  # keys: transkd_jax/data/__init__.py
   return config

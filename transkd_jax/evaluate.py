@@ -1,4 +1,15 @@
-"""Segmentation metrics: a confusion matrix accumulated on device, then mIoU.
+"""Evaluation: a confusion matrix accumulated on device, mIoU, and ``--mode=eval``.
+
+    python -m transkd_jax.main --config=configs/cityscapes.py --workdir=DIR --mode=eval \
+        [--config.eval.checkpoint=CKPT] [--config.eval_protocol=reference]
+
+Weights come from ``config.eval.checkpoint`` (a training workdir, or an Orbax
+directory such as ``transkd_jax.convert`` writes), else from the workdir's best
+checkpoint (by validation mIoU; its latest when none was scored). The model is
+the run's trained SegFormer (the student; the teacher's variant for
+``--config.method=teacher``), or ``config.eval.variant`` when set. Results are
+printed as a per-class table and written to ``DIR/eval_results.json``.
+Validation during training runs the same ``make_eval_step`` / ``evaluate_split``.
 
 Two protocols, named next to every number:
 
@@ -9,13 +20,19 @@ Two protocols, named next to every number:
   predictions at the logits' resolution; an absent class counts as IoU 0.
 """
 
+import json
+import math
+import os
 from typing import Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transkd_jax.distill.losses import IGNORE_LABEL
+from transkd_jax import sharding
+from transkd_jax.distill.losses import IGNORE_LABEL, cross_entropy
+from transkd_jax.errors import UserError
+from transkd_jax.models import SegFormer
 from transkd_jax.models.resize import resize_bilinear, resize_nearest
 
 
@@ -71,3 +88,127 @@ def miou_from_confusion(cm: np.ndarray, protocol: str = "standard") -> Dict[str,
   return {"miou": float(np.mean(iou[present])) if present.any() else 0.0,
           "per_class": iou, "pixel_acc": float(tp.sum() / max(cm.sum(), 1.0)),
           "protocol": protocol}
+
+
+def check_protocol(protocol: str):
+  if protocol not in PROTOCOLS:
+    raise UserError(f"config.eval_protocol={protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+
+
+def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh):
+  """eval_step(variables, batch) -> (confusion matrix, CE sum, labelled pixels), replicated.
+
+  ``batch``: "image", "label" and optionally "valid" (padding examples count
+  nothing). The CE is over labels at the logits' resolution.
+  """
+  def step(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False)["logits"]
+    valid = batch.get("valid")
+    labels = batch["label"]
+    pred, compared = predictions_for(logits, labels, protocol)
+    cm = confusion_matrix(pred, compared, num_classes, valid)
+    small = labels
+    if labels.shape[1:3] != logits.shape[1:3]:
+      small = resize_nearest(labels, logits.shape[1:3])
+    if valid is not None:
+      small = jnp.where(valid[:, None, None], small, IGNORE_LABEL)
+    pixels = jnp.sum(small != IGNORE_LABEL)
+    ce = cross_entropy(logits, small) * pixels
+    return cm, ce, pixels
+
+  return jax.jit(step, out_shardings=sharding.replicated(mesh))
+
+
+def evaluate_split(config, mesh, eval_step, variables, split: str) -> dict:
+  """Runs ``eval_step`` over ``split``; scores + "loss", "num_images", "confusion"."""
+  from transkd_jax import data
+  cm = np.zeros((config.num_classes, config.num_classes), np.int64)
+  ce, pixels, images, skipped = 0.0, 0, 0, 0
+  for batch in data.make_eval_iterator(config, split=split):
+    local = {k: batch[k] for k in ("image", "label", "valid")}
+    images += int(np.sum(local["valid"]))
+    skipped += int(np.sum(batch.get("skipped", 0)))
+    b_cm, b_ce, b_px = eval_step(variables, sharding.global_batch(local, mesh))
+    cm += np.asarray(b_cm)
+    ce += float(b_ce)
+    pixels += int(b_px)
+  scores = miou_from_confusion(cm, config.get("eval_protocol", "standard"))
+  return {**scores, "loss": ce / max(pixels, 1), "num_images": images,
+          "skipped_bad_files": skipped, "confusion": cm}
+
+
+def trained_variant(config):
+  """The SegFormer variant a run trains (or ``config.eval.variant`` when set)."""
+  chosen = config.eval.variant if "eval" in config else ""
+  if chosen:
+    return chosen
+  return config.teacher.variant if config.method == "teacher" else config.student.variant
+
+
+def load_model(config, workdir: str):
+  """(SegFormer, variables, where the weights came from) for eval and predict."""
+  from transkd_jax import checkpoint as ckpt_lib
+  path = config.eval.checkpoint if "eval" in config else ""
+  what = "config.eval.checkpoint"
+  if not path:
+    path, what = workdir, "--workdir"
+    if not os.path.isdir(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)):
+      raise UserError(f"--workdir={workdir} holds no {ckpt_lib.CHECKPOINT_DIR}/: train there "
+                      "first, or set config.eval.checkpoint to a run's workdir or a converted "
+                      "checkpoint")
+  variant = trained_variant(config)
+  model = SegFormer(variant, config.num_classes, dtype=jnp.dtype(config.dtype))
+  variables, source = ckpt_lib.restore_model_variables(path, what, with_source=True)
+  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  ckpt_lib.check_variables(
+      variables, {"params": expected["params"], "batch_stats": expected["batch_stats"]},
+      f"{what}={path}", f"SegFormer-{str(variant).upper()} with {config.num_classes} classes "
+      "(config.student.variant, or config.eval.variant, and config.num_classes)")
+  return model, jax.tree.map(jnp.asarray, variables), source
+
+
+def results_json(scores: dict, names) -> dict:
+  """The eval_results.json fields; an IoU that is not defined (absent class) is null."""
+  per_class = {name: (None if math.isnan(v) else float(v))
+               for name, v in zip(names, scores["per_class"])}
+  return {"protocol": scores["protocol"], "miou": float(scores["miou"]), "per_class": per_class,
+          "pixel_acc": float(scores["pixel_acc"]), "num_images": int(scores["num_images"])}
+
+
+def format_table(results: dict) -> str:
+  """A per-class IoU table, the protocol named beside the mean."""
+  width = max(len(n) for n in results["per_class"]) + 2
+  lines = [f"{'class':{width}s} IoU"]
+  for name, iou in results["per_class"].items():
+    lines.append(f"{name:{width}s} {'  n/a' if iou is None else f'{100 * iou:5.2f}'}")
+  lines.append(f"{'mIoU':{width}s} {100 * results['miou']:5.2f}  ({results['protocol']} protocol, "
+               f"{results['num_images']} images)")
+  lines.append(f"{'pixel acc':{width}s} {100 * results['pixel_acc']:5.2f}")
+  return "\n".join(lines)
+
+
+def run_eval(config, workdir: str) -> dict:
+  """``--mode=eval``: scores the configured weights on ``config.eval_split``."""
+  from transkd_jax.data.classes import class_names
+  protocol = config.get("eval_protocol", "standard")
+  check_protocol(protocol)
+  model, variables, source = load_model(config, workdir)
+  try:
+    mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  split = config.get("eval_split", "val")
+  print(f"evaluating {source} on {config.data.name} {split} ({protocol} protocol)", flush=True)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  scores = evaluate_split(config, mesh, make_eval_step(model, config.num_classes, protocol, mesh),
+                          variables, split)
+  results = results_json(scores, class_names(config.data, config.num_classes))
+  results.update(checkpoint=source, split=split, dataset=config.data.name,
+                 variant=str(trained_variant(config)), image_size=list(config.image_size))
+  print(format_table(results), flush=True)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "eval_results.json")
+    with open(path, "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {path}", flush=True)
+  return results

@@ -2,10 +2,16 @@
 
     python -m transkd_jax.main --config=configs/cityscapes.py --workdir=DIR --mode=info
 
-``--config.key=value`` overrides any config value. Modes: ``train`` (train,
-or resume the run in the workdir), ``info`` (sizes of the configured teacher,
-student and training-time wrapper). Evaluation and prediction arrive with their
-issue.
+``--config.key=value`` overrides any config value. Modes:
+
+- ``train``: train, or resume the run in the workdir (transkd_jax/train.py);
+- ``eval``: mIoU, per-class IoU and pixel accuracy of the run's best checkpoint
+  (or ``config.eval.checkpoint``) on ``config.eval_split``, written to
+  ``WORKDIR/eval_results.json`` (transkd_jax/evaluate.py);
+- ``predict``: label / colour / overlay PNGs for ``config.predict.input``
+  (transkd_jax/predict.py);
+- ``info``: parameters and GFLOPs of the teacher, student and training-time
+  model, written to ``WORKDIR/info.json``.
 """
 
 import json
@@ -43,7 +49,7 @@ try:  # the default config is loaded, and overridden from sys.argv, right here
 except (KeyError, AttributeError) as e:
   _bad_override(e)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
-_MODE = flags.DEFINE_enum("mode", "info", ["info", "train"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "info", ["info", "train", "eval", "predict"], "What to run.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for multi-process runs started by "
     "hand (TPU pods and SLURM are detected automatically).")
@@ -158,6 +164,12 @@ def main(argv):
       run_info(config, _WORKDIR.value)
     elif _MODE.value == "train":
       run_train(config, _WORKDIR.value)
+    elif _MODE.value == "eval":
+      from transkd_jax.evaluate import run_eval
+      run_eval(config, _WORKDIR.value)
+    elif _MODE.value == "predict":
+      from transkd_jax.predict import run_predict
+      run_predict(config, _WORKDIR.value)
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)

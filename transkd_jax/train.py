@@ -33,9 +33,8 @@ from transkd_jax.errors import UserError
 from transkd_jax.logs import MetricWriter
 from transkd_jax.models import SegFormer
 from transkd_jax.optim import make_optimizer
-from transkd_jax.train_step import (TrainState, init_state, jit_train_step, labels_at,
+from transkd_jax.train_step import (TrainState, init_state, jit_train_step,
                                     make_train_step, state_shardings)
-from transkd_jax.distill.losses import cross_entropy
 
 
 class TrainingDiverged(UserError):
@@ -142,46 +141,12 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_eval_step(config, mesh):
-  """eval_step(student_variables, batch) -> (confusion matrix, CE sum, labelled pixels)."""
-  student = SegFormer(config.student.variant if config.method != "teacher"
-                      else config.teacher.variant, config.num_classes,
-                      dtype=_dtype(config.dtype))
-
-  protocol = config.get("eval_protocol", "standard")
-
-  def step(variables, batch):
-    logits = student.apply(variables, batch["image"], train=False)["logits"]
-    valid = batch.get("valid")
-    labels = batch["label"]
-    pred, compared = evaluate.predictions_for(logits, labels, protocol)
-    cm = evaluate.confusion_matrix(pred, compared, config.num_classes, valid)
-    small = labels_at(labels, logits.shape[1:3])
-    if valid is not None:
-      small = jnp.where(valid[:, None, None], small, 255)
-    pixels = jnp.sum(small != 255)
-    ce = cross_entropy(logits, small) * pixels
-    return cm, ce, pixels
-
-  return jax.jit(step, out_shardings=sharding.replicated(mesh))
-
-
 def run_validation(config, mesh, eval_step, state) -> dict:
-  from transkd_jax import data
   variables = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
-  cm = np.zeros((config.num_classes, config.num_classes), np.int64)
-  ce, pixels, images, skipped = 0.0, 0, 0, 0
-  for batch in data.make_eval_iterator(config, split=config.get("eval_split", "val")):
-    local = {k: batch[k] for k in ("image", "label", "valid") if k in batch}
-    images += int(np.sum(local["valid"])) if "valid" in local else len(local["image"])
-    skipped += int(np.sum(batch.get("skipped", 0)))
-    b_cm, b_ce, b_px = eval_step(variables, sharding.global_batch(local, mesh))
-    cm += np.asarray(b_cm)
-    ce += float(b_ce)
-    pixels += int(b_px)
-  scores = evaluate.miou_from_confusion(cm, config.get("eval_protocol", "standard"))
-  return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
-          "loss": ce / max(pixels, 1), "images": images, "skipped_bad_files": skipped}
+  scores = evaluate.evaluate_split(config, mesh, eval_step, variables,
+                                   config.get("eval_split", "val"))
+  return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "loss": scores["loss"],
+          "images": scores["num_images"], "skipped_bad_files": scores["skipped_bad_files"]}
 
 
 def train(config, workdir: str) -> dict:
@@ -225,7 +190,11 @@ def train(config, workdir: str) -> dict:
       make_train_step(models.model, models.teacher, models.method, settings, optimizer,
                       schedule, config.seed, config.get("class_weights") or None),
       mesh, shardings, teacher_sharding)
-  eval_step = make_eval_step(config, mesh)
+  protocol = config.get("eval_protocol", "standard")
+  evaluate.check_protocol(protocol)
+  eval_step = evaluate.make_eval_step(
+      SegFormer(evaluate.trained_variant(config), config.num_classes, dtype=_dtype(config.dtype)),
+      config.num_classes, protocol, mesh)
 
   writer = MetricWriter(workdir)
   start = int(state.step)

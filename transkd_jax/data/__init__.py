@@ -5,9 +5,10 @@
     for batch in data.make_eval_iterator(config, "val"): ...
 
 ``config.data`` keys (``default_data_config()`` lists them with defaults):
-``name`` (cityscapes | acdc | voc | generated), ``root``, ``conditions`` (ACDC),
+``name`` (cityscapes | acdc | nyuv2 | voc | tfds | generated), ``root``, ``conditions`` (ACDC),
 ``protocol`` (reference | mmseg: the transforms of train and eval alike),
-``eval_label_resolution`` (quarter | full; reference protocol), ``num_workers``,
+``eval_label_resolution`` (quarter | full; reference protocol; empty follows
+``config.eval_protocol``), ``num_workers``, the ``tfds_*`` keys of ``tfds``,
 ``skip_bad_files``, for ``mmseg``: ``mmseg_scale``, ``mmseg_ratio_range``,
 ``mmseg_cat_max_ratio``, and for ``generated``: ``num_train``, ``num_val``,
 ``generated_size``, ``generated_seed``.
@@ -30,17 +31,24 @@ from transkd_jax.data.sources import make_source
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
   """Every ``config.data`` key with its default (the generated dataset)."""
   config = ml_collections.ConfigDict({
-      "name": "generated",          # cityscapes | acdc | voc | generated
+      "name": "generated",          # cityscapes | acdc | nyuv2 | voc | tfds | generated
       "root": "",                   # dataset root; for generated: where it is written
       "conditions": "all",          # ACDC: "all" or a comma list of fog, night, rain, snow
       "protocol": "reference",      # train + eval transforms: "reference" (the public code's)
                                     # or "mmseg" (SegFormer's mmsegmentation config)
-      "eval_label_resolution": "quarter",  # reference protocol: or "full" (dataset's own size)
+      "eval_label_resolution": "",  # reference protocol: "quarter" | "full" (dataset's own
+                                    # size); empty: full for eval_protocol standard, else quarter
       "mmseg_scale": (1024, 2048),  # mmseg: (height, width) base scale; aspect ratio kept
       "mmseg_ratio_range": (0.5, 2.0),  # mmseg train: scale times a uniform ratio in this range
       "mmseg_cat_max_ratio": 0.75,  # mmseg train: redraw crops where one class covers >= this
       "num_workers": 0,             # grain worker processes (0: in-process)
       "skip_bad_files": False,      # undecodable files: error (False) or skip with a warning
+      "tfds_name": "",              # tfds: name[/config][:version] (data/tfds_source.py)
+      "tfds_image_key": "image",
+      "tfds_label_key": "segmentation_mask",
+      "tfds_name_key": "",          # tfds: a feature naming each example ("": split_index)
+      "tfds_label_mapping": "train_ids",  # tfds: train_ids | cityscapes_ids | nyu40
+      "tfds_num_classes": 19,
       "num_train": 200,             # generated dataset: images per split
       "num_val": 50,
       "generated_size": (256, 512),  # (height, width) of generated images

@@ -69,3 +69,26 @@ CLASS_NAMES = {"cityscapes": CITYSCAPES_NAMES, "acdc": CITYSCAPES_NAMES,
                "generated": CITYSCAPES_NAMES, "voc": VOC_NAMES, "nyuv2": NYUV2_NAMES}
 PALETTES = {"cityscapes": CITYSCAPES_PALETTE, "acdc": CITYSCAPES_PALETTE,
             "generated": CITYSCAPES_PALETTE, "voc": VOC_PALETTE, "nyuv2": NYUV2_PALETTE}
+
+
+def _dataset_key(data_config) -> str:
+  name = data_config.get("name", "generated")
+  if name == "tfds" and data_config.get("tfds_label_mapping") == "cityscapes_ids":
+    return "cityscapes"
+  return name
+
+
+def class_names(data_config, num_classes: int):
+  """The dataset's class names, or ``class_0``.. when it has no table of that size."""
+  names = CLASS_NAMES.get(_dataset_key(data_config))
+  if names is not None and len(names) == num_classes:
+    return names
+  return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def palette(data_config, num_classes: int) -> np.ndarray:
+  """num_classes x 3 uint8 colours: the dataset's palette, else the VOC-style bit map."""
+  colours = PALETTES.get(_dataset_key(data_config))
+  if colours is not None and len(colours) == num_classes:
+    return colours
+  return _voc_palette(num_classes + 1)[1:]

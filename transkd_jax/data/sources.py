@@ -16,6 +16,8 @@ which is what ``grain.MapDataset.source`` needs.
 - ``nyuv2``: NYUv2 with 40 classes as the public TransKD code reads it:
   ``images/<name>.jpg``, ``labels40/<name>.png`` (0 unlabelled -> 255, 1-40 ->
   0-39), split lists ``<split>.txt`` (train.txt 795, test.txt 654 names).
+- ``tfds``: any prepared TFDS dataset, read with ``tfds.data_source``
+  (``tfds_source.py`` lists its ``config.data.tfds_*`` keys).
 - ``generated``: the street-scene generator's tree (written on first use under
   ``config.data.root``, default ``~/.cache/transkd_jax/generated-...``), read
   through the Cityscapes source.
@@ -292,5 +294,8 @@ def make_source(data_config, split: str):
     except ValueError as e:
       raise UserError(str(e)) from None
     return PairedSource(cityscapes_items(root, split), 19, skip)
-  raise UserError(f"config.data.name={name!r} is not available yet; expected one of "
-                  "cityscapes, acdc, nyuv2, voc, generated (tfds is on the way)")
+  if name == "tfds":
+    from transkd_jax.data.tfds_source import tfds_source
+    return tfds_source(data_config, split)
+  raise UserError(f"config.data.name={name!r} is not known; expected one of "
+                  "cityscapes, acdc, nyuv2, voc, tfds, generated")

@@ -383,4 +383,27 @@ def eval_transform(config):
   if protocol_of(config) == "mmseg":
     return functools.partial(mmseg_eval, scale=_mmseg_settings(config)["scale"])
   return functools.partial(reference_eval, size=tuple(config.image_size),
-                           label_resolution=config.data.get("eval_label_resolution", "quarter"))
+                           label_resolution=eval_label_resolution(config))
+
+
+def eval_label_resolution(config) -> str:
+  """``config.data.eval_label_resolution``, or when empty the one ``config.eval_protocol``
+  scores at: "full" for ``standard``, "quarter" for ``reference``."""
+  chosen = config.data.get("eval_label_resolution", "")
+  if chosen:
+    return chosen
+  return "quarter" if config.get("eval_protocol", "standard") == "reference" else "full"
+
+
+def eval_image(image: np.ndarray, config, size=None) -> np.ndarray:
+  """The image the model sees at evaluation under ``config.data.protocol``.
+
+  ``size`` (h, w) overrides the protocol's resize (``None``: the protocol's
+  own: ``config.image_size`` for reference, fit to ``mmseg_scale`` for mmseg).
+  """
+  if protocol_of(config) == "mmseg":
+    if size is None:
+      size = rescale_size(image.shape, _mmseg_settings(config)["scale"])
+    return normalize(resize_window(image, size))
+  size = tuple(config.image_size) if size is None else size
+  return resize_image(image, size).astype(np.float32) / 255.0

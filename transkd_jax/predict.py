@@ -1,0 +1,170 @@
+"""``--mode=predict``: label, colour and overlay PNGs for images of any size.
+
+    python -m transkd_jax.main --config=configs/cityscapes.py --workdir=DIR --mode=predict \\
+        --config.predict.input='/data/cityscapes/leftImg8bit/val' \\
+        [--config.eval.checkpoint=CKPT] [--config.predict.cityscapes_format=True]
+
+``config.predict.input`` is an image file, a directory (searched recursively
+for .png/.jpg/.jpeg/.bmp/.tif/.tiff/.webp) or a glob. Weights come from the
+same place as ``--mode=eval``'s (``transkd_jax/evaluate.py: load_model``).
+
+For every image ``<dir>/<name>.<ext>`` (``_leftImg8bit`` / ``_rgb_anon``
+dropped from the name) it writes, under ``config.predict.output_dir``
+(default ``WORKDIR/predictions``) and keeping the input's sub-directories:
+
+- ``<name>_trainIds.png``: class ids (train ids; 255 never appears), 8-bit grey;
+- ``<name>_color.png``: the dataset's palette (Cityscapes', VOC's, NYUv2's);
+- ``<name>_overlay.png``: the colours blended over the image
+  (``config.predict.overlay_alpha``);
+- with ``config.predict.cityscapes_format=True``, also
+  ``cityscapes/<name>_labelIds.png``: Cityscapes label ids, the files
+  cityscapesScripts' ``evalPixelLevelSemanticLabeling`` (point
+  ``CITYSCAPES_RESULTS`` at ``.../predictions/cityscapes``) and the benchmark
+  server read.
+
+All outputs are at the input's full resolution. ``config.predict.resize=True``
+(default) shows the model the image as evaluation does (``config.data.protocol``:
+resized to ``config.image_size``, or fit to ``mmseg_scale`` and normalised)
+and resizes the logits back (bilinear); ``False`` runs at the native
+resolution, padded to a multiple of 32 and cropped back.
+Consecutive images of one size are batched (``config.batch_size``).
+"""
+
+import glob
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from transkd_jax.data import transforms
+from transkd_jax.data.classes import (CITYSCAPES_NAMES, CITYSCAPES_TRAIN_TO_ID, class_names,
+                                      palette)
+from transkd_jax.data.sources import read_image
+from transkd_jax.errors import UserError
+from transkd_jax.evaluate import load_model, predictions_at
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_NAME_SUFFIXES = ("_leftImg8bit", "_rgb_anon")
+
+
+def list_inputs(pattern: str):
+  """[(path, output stem relative to the output dir)] for a file, directory or glob."""
+  if not pattern:
+    raise UserError("config.predict.input is empty: set it to an image file, a directory or a "
+                    "glob, e.g. --config.predict.input='/data/images/*.png'")
+  pattern = os.path.expanduser(pattern)
+  if os.path.isdir(pattern):
+    paths = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
+    base = pattern
+  else:
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    base = None
+  if not paths:
+    what = "holds no images" if base else "matches no files"
+    raise UserError(f"config.predict.input={pattern!r} {what} (looked for "
+                    f"{', '.join(IMAGE_EXTENSIONS)})")
+  out = []
+  for path in paths:
+    rel = os.path.relpath(path, base) if base else os.path.basename(path)
+    stem = os.path.splitext(rel)[0]
+    for suffix in _NAME_SUFFIXES:
+      if stem.endswith(suffix):
+        stem = stem[:-len(suffix)]
+    out.append((path, stem))
+  return out
+
+
+def model_input(image: np.ndarray, config) -> np.ndarray:
+  """The float image the model sees (resized, or at its size padded to a multiple of 32)."""
+  if config.predict.resize:
+    return transforms.eval_image(image, config)
+  h, w = image.shape[:2]
+  out = transforms.eval_image(image, config, (h, w))
+  padded = np.zeros((-(-h // 32) * 32, -(-w // 32) * 32, 3), out.dtype)
+  padded[:h, :w] = out
+  return padded
+
+
+def make_predict_fn(model, resize: bool):
+  """predict(variables, images, (h, w)) -> class ids at (h, w), jitted per output size."""
+  def predict(variables, images, size):
+    logits = model.apply(variables, images, train=False)["logits"]
+    if resize:
+      return predictions_at(logits, size)
+    full = (images.shape[1], images.shape[2])
+    return predictions_at(logits, full)[:, :size[0], :size[1]]
+  return jax.jit(predict, static_argnums=2)
+
+
+def colorize(ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+  return colours[ids]
+
+
+def overlay(image: np.ndarray, colour: np.ndarray, alpha: float) -> np.ndarray:
+  blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colour.astype(np.float32)
+  return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+
+def write_outputs(out_dir: str, stem: str, image: np.ndarray, ids: np.ndarray, colours,
+                  alpha: float, cityscapes_format: bool):
+  """Writes the PNGs of one image; returns their paths."""
+  base = os.path.join(out_dir, stem)
+  os.makedirs(os.path.dirname(base), exist_ok=True)
+  colour = colorize(ids, colours)
+  paths = [base + "_trainIds.png", base + "_color.png", base + "_overlay.png"]
+  Image.fromarray(ids.astype(np.uint8)).save(paths[0])
+  Image.fromarray(colour).save(paths[1])
+  Image.fromarray(overlay(image, colour, alpha)).save(paths[2])
+  if cityscapes_format:
+    path = os.path.join(out_dir, "cityscapes", stem + "_labelIds.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(CITYSCAPES_TRAIN_TO_ID[ids]).save(path)
+    paths.append(path)
+  return paths
+
+
+def run_predict(config, workdir: str) -> dict:
+  """``--mode=predict``: writes the PNGs; returns {"images", "output_dir", "imgs_per_s"}."""
+  inputs = list_inputs(config.predict.input)
+  names = class_names(config.data, config.num_classes)
+  if config.predict.cityscapes_format and tuple(names) != CITYSCAPES_NAMES:
+    raise UserError(f"config.predict.cityscapes_format=True needs Cityscapes' 19 classes; "
+                    f"config.data.name={config.data.name!r} with config.num_classes="
+                    f"{config.num_classes} has other classes")
+  model, variables, source = load_model(config, workdir)
+  out_dir = os.path.expanduser(config.predict.output_dir or os.path.join(workdir, "predictions"))
+  colours = palette(config.data, config.num_classes)
+  predict = make_predict_fn(model, bool(config.predict.resize))
+  writer = jax.process_index() == 0
+  print(f"predicting {len(inputs)} images with {source} -> {out_dir}", flush=True)
+  from tqdm import tqdm
+  bar = tqdm(total=len(inputs), unit="img", disable=not writer, dynamic_ncols=True)
+  start = time.perf_counter()
+  pending = []  # (stem, image) of one size
+
+  def flush():
+    size = pending[0][1].shape[:2]
+    batch = np.stack([model_input(image, config) for _, image in pending])
+    ids = np.asarray(predict(variables, jnp.asarray(batch), size))
+    for (stem, image), pred in zip(pending, ids):
+      if writer:
+        write_outputs(out_dir, stem, image, pred, colours, float(config.predict.overlay_alpha),
+                      bool(config.predict.cityscapes_format))
+    bar.update(len(pending))
+    pending.clear()
+
+  for path, stem in inputs:
+    image = read_image(path)
+    if pending and (pending[0][1].shape != image.shape or len(pending) == config.batch_size):
+      flush()
+    pending.append((stem, image))
+  flush()
+  bar.close()
+  elapsed = time.perf_counter() - start
+  print(f"wrote predictions of {len(inputs)} images to {out_dir} ({len(inputs) / elapsed:.2f} "
+        "img/s)", flush=True)
+  return {"images": len(inputs), "output_dir": out_dir, "imgs_per_s": len(inputs) / elapsed}
