@@ -228,7 +228,17 @@ def test_make_source_and_the_eval_iterator_read_tfds(data_dir):
   cfg = data.default_data_config(name="tfds", root=data_dir, tfds_name="tkd_images",
                                  tfds_name_key="file_name")
   assert len(make_source(cfg, "train")) == 3
-  config = ml_collections.ConfigDict({"batch_size": 1, "seed": 0, "image_size": (32, 32),
+  config = ml_collections.ConfigDict({"batch_size": 2, "seed": 0, "image_size": (32, 32),
                                       "data": cfg})
-  batches = list(data.make_eval_iterator(config, "validation"))
-  assert sum(int(b["valid"].sum()) for b in batches) == 2
+  # The split's labels differ in size: the default pads to the first one's, too small here.
+  with pytest.raises(UserError, match=r"validation-1 is 4x4 .* larger than the 3x5 .*"
+                                      "eval_label_pad"):
+    list(data.make_eval_iterator(config, "validation"))
+  config.data.eval_label_pad = (4, 5)  # padded with 255, true sizes kept
+  (batch,) = list(data.make_eval_iterator(config, "validation"))
+  assert batch["valid"].all() and batch["image"].shape == (2, 32, 32, 3)
+  sizes = {tuple(s) for s in batch["label_size"]}
+  assert sizes == {tuple(_source(data_dir, "validation", tfds_name="tkd_images")[i]["label"]
+                         .shape) for i in range(2)} and len(sizes) == 2
+  for label, (h, w) in zip(batch["label"], batch["label_size"]):
+    assert (label[h:] == 255).all() and (label[:, w:] == 255).all()

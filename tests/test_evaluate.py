@@ -48,3 +48,19 @@ def test_protocols_compare_at_different_resolutions():
   pred, lab = evaluate.predictions_for(logits, labels, "reference")
   assert pred.shape == lab.shape == (1, 2, 2)
   assert bool(jnp.all(pred == 1))
+
+
+def test_per_example_sizes_match_plain_resizes_on_padded_labels():
+  from transkd_jax.models.resize import resize_nearest
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 8, 12, 5)), jnp.float32)
+  sizes = jnp.asarray([[30, 45], [32, 48]], jnp.int32)
+  pred = np.asarray(evaluate.predictions_at_sizes(logits, (32, 48), sizes))
+  for i, (h, w) in enumerate(np.asarray(sizes)):
+    expected = np.asarray(evaluate.predictions_at(logits[i:i + 1], (int(h), int(w))))[0]
+    np.testing.assert_array_equal(pred[i, :h, :w], expected)
+  labels = jnp.asarray(rng.integers(0, 5, (2, 32, 48)), jnp.int32)
+  small = np.asarray(evaluate.labels_at_sizes(labels, (8, 12), sizes))
+  for i, (h, w) in enumerate(np.asarray(sizes)):
+    expected = np.asarray(resize_nearest(labels[i:i + 1, :h, :w], (8, 12)))[0]
+    np.testing.assert_array_equal(small[i], expected)

@@ -56,14 +56,41 @@ def predictions_at(logits, size):
   return jnp.argmax(resize_bilinear(logits.astype(jnp.float32), size), axis=-1)
 
 
-def predictions_for(logits, labels, protocol: str):
+def predictions_at_sizes(logits, shape, sizes):
+  """Class ids (B, *shape): example i's logits resized bilinearly to ``sizes[i]`` (h, w),
+  placed top-left (the rest of ``shape`` is padding, labelled ignore).
+
+  The same sampling as ``predictions_at`` (half-pixel centres, edges clamped),
+  with per-example sizes that may be traced (one compile for all sizes).
+  """
+  def one(example_logits, size):
+    scale = size.astype(jnp.float32) / jnp.array(example_logits.shape[:2], jnp.float32)
+    return jax.image.scale_and_translate(
+        example_logits, tuple(shape) + example_logits.shape[-1:], (0, 1), scale,
+        jnp.zeros(2, jnp.float32), "linear", antialias=False)
+  return jnp.argmax(jax.vmap(one)(logits.astype(jnp.float32), sizes), axis=-1)
+
+
+def labels_at_sizes(labels, shape, sizes):
+  """Padded labels to ``shape`` by PyTorch's nearest rule on each true ``sizes[i]``."""
+  def one(label, size):
+    ys = jnp.floor(jnp.arange(shape[0]) * size[0] / shape[0]).astype(jnp.int32)
+    xs = jnp.floor(jnp.arange(shape[1]) * size[1] / shape[1]).astype(jnp.int32)
+    return label[ys[:, None], xs[None, :]]
+  return jax.vmap(one)(labels, sizes)
+
+
+def predictions_for(logits, labels, protocol: str, label_sizes=None):
   """(predictions, labels) compared under ``protocol``.
 
-  ``standard``: logits resized to the labels' size. ``reference``: labels
-  brought to the logits' size with PyTorch's nearest rule (a no-op when the
-  pipeline already gives 1/4-resolution labels).
+  ``standard``: logits resized to the labels' size (to each example's
+  ``label_sizes`` when labels are padded). ``reference``: labels brought to the
+  logits' size with PyTorch's nearest rule (a no-op when the pipeline already
+  gives 1/4-resolution labels).
   """
   if protocol == "standard":
+    if label_sizes is not None:
+      return predictions_at_sizes(logits, labels.shape[1:3], label_sizes), labels
     return predictions_at(logits, labels.shape[1:3]), labels
   return jnp.argmax(logits, axis=-1), resize_nearest(labels, logits.shape[1:3])
 
@@ -105,10 +132,12 @@ def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh):
     logits = model.apply(variables, batch["image"], train=False)["logits"]
     valid = batch.get("valid")
     labels = batch["label"]
-    pred, compared = predictions_for(logits, labels, protocol)
+    pred, compared = predictions_for(logits, labels, protocol, batch.get("label_size"))
     cm = confusion_matrix(pred, compared, num_classes, valid)
     small = labels
-    if labels.shape[1:3] != logits.shape[1:3]:
+    if batch.get("label_size") is not None:
+      small = labels_at_sizes(labels, logits.shape[1:3], batch["label_size"])
+    elif labels.shape[1:3] != logits.shape[1:3]:
       small = resize_nearest(labels, logits.shape[1:3])
     if valid is not None:
       small = jnp.where(valid[:, None, None], small, IGNORE_LABEL)
@@ -125,7 +154,7 @@ def evaluate_split(config, mesh, eval_step, variables, split: str) -> dict:
   cm = np.zeros((config.num_classes, config.num_classes), np.int64)
   ce, pixels, images, skipped = 0.0, 0, 0, 0
   for batch in data.make_eval_iterator(config, split=split):
-    local = {k: batch[k] for k in ("image", "label", "valid")}
+    local = {k: batch[k] for k in ("image", "label", "valid", "label_size") if k in batch}
     images += int(np.sum(local["valid"]))
     skipped += int(np.sum(batch.get("skipped", 0)))
     b_cm, b_ce, b_px = eval_step(variables, sharding.global_batch(local, mesh))

@@ -38,6 +38,8 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
                                     # or "mmseg" (SegFormer's mmsegmentation config)
       "eval_label_resolution": "",  # reference protocol: "quarter" | "full" (dataset's own
                                     # size); empty: full for eval_protocol standard, else quarter
+      "eval_label_pad": (0, 0),     # standard protocol: pad full-size labels to (h, w) when
+                                    # a split's sizes differ (VOC); (0, 0): the first label's
       "mmseg_scale": (1024, 2048),  # mmseg: (height, width) base scale; aspect ratio kept
       "mmseg_ratio_range": (0.5, 2.0),  # mmseg train: scale times a uniform ratio in this range
       "mmseg_cat_max_ratio": 0.75,  # mmseg train: redraw crops where one class covers >= this

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from transkd_jax.data import transforms
+from transkd_jax.data.classes import IGNORE
 from transkd_jax.data.sources import make_source
 from transkd_jax.errors import UserError
 
@@ -75,7 +76,13 @@ def _strip(fn):
 
 
 def make_eval_iterator(config, split: str = "val", process_index=None, process_count=None):
-  """One pass over ``split``: batches {"image", "label", "valid"}, padded to whole batches."""
+  """One pass over ``split``: batches {"image", "label", "valid"}, padded to whole batches.
+
+  Full-resolution labels (the ``standard`` protocol) of differing sizes, as
+  VOC's, are padded with 255 to one size (``config.data.eval_label_pad``, or
+  the split's first label's size) and come with ``label_size`` (true h, w),
+  which the evaluation step resizes each example's logits to.
+  """
   index, count = _process(process_index, process_count)
   local = _local_batch(config, count)
   source = make_source(config.data, split)
@@ -83,13 +90,45 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
   per_process = math.ceil(len(source) / count)
   padded = max(math.ceil(per_process / local), 1) * local
   transform = transforms.eval_transform(config)  # the protocol the model trained under
+  pad = _label_pad(config, source, transform)
+  image_shape = transform(source[0])["image"].shape if pad is not None else None
 
   def load(i):
     example = shard[min(i, len(shard) - 1)] if len(shard) else source[0]
     out = transform(example)
+    if local > 1 and image_shape is not None and out["image"].shape != image_shape:
+      raise UserError(f"evaluation images differ in size after the {config.data.protocol} "
+                      f"transform ({example.get('name', i)}: {out['image'].shape[:2]}, first: "
+                      f"{image_shape[:2]}); batches need one size: evaluate with "
+                      "--config.batch_size=1 (one compile per size) or the reference protocol")
+    if pad is not None:
+      out = _pad_label(out, pad, example.get("name", i))
     out["valid"] = np.bool_(i < len(shard))
     out["skipped"] = np.int32(example.get("skipped", 0) if i < len(shard) else 0)
     return out
 
   ds = grain.MapDataset.range(padded).map(load).batch(local, drop_remainder=True)
   return iter(_with_workers(ds.to_iter_dataset(), config))
+
+
+def _label_pad(config, source, transform):
+  """(h, w) full-resolution labels are padded to, or None (labels at a fixed size)."""
+  if config.get("eval_protocol", "standard") != "standard" or (
+      transforms.protocol_of(config) == "reference" and
+      transforms.eval_label_resolution(config) == "quarter"):
+    return None
+  chosen = tuple(config.data.get("eval_label_pad", ()) or ())
+  if chosen and any(chosen):
+    return chosen
+  return transform(source[0])["label"].shape
+
+
+def _pad_label(out, pad, name):
+  h, w = out["label"].shape
+  if h > pad[0] or w > pad[1]:
+    raise UserError(f"the label of {name} is {h}x{w} (height x width), larger than the "
+                    f"{pad[0]}x{pad[1]} evaluation labels are padded to: set "
+                    "--config.data.eval_label_pad='(H, W)' to the largest label size of the split")
+  out["label"] = transforms.pad_to(out["label"], pad, IGNORE)
+  out["label_size"] = np.array([h, w], np.int32)
+  return out
