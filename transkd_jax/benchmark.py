@@ -3,8 +3,11 @@
     python -m transkd_jax.benchmark step --config=configs/cityscapes.py [--config.x=y] [--steps=5]
     python -m transkd_jax.benchmark data --config=configs/cityscapes.py [--workers=0,1,2]
 
+    python -m transkd_jax.benchmark eval --config=configs/cityscapes.py [--steps=5]
+
 ``step`` times the configured method's jitted train step (bench_step.py);
-``data`` the training input pipeline at Cityscapes size (bench_data.py).
+``data`` the training input pipeline at Cityscapes size (bench_data.py);
+``eval`` the evaluation step of the student, both protocols (bench_eval.py).
 
     python -m transkd_jax.benchmark model [--size=256x512] [--batch=2] [--dtype=float32]
         [--dwconv=auto,shifted,conv] [--repeats=5] [--profile=N]
@@ -160,7 +163,7 @@ def _config_benchmark(what, rest):
   default = pathlib.Path(__file__).resolve().parent.parent / "configs" / "cityscapes.py"
   config = config_flags.DEFINE_config_file(
       "config", str(default) if default.exists() else None, "Config file (configs/*.py).")
-  steps = flags.DEFINE_integer("steps", 5, "step: timed steps after warm-up.")
+  steps = flags.DEFINE_integer("steps", 5, "step, eval: timed steps after warm-up.")
   workers = flags.DEFINE_string("workers", "0,1,2", "data: grain worker counts to time.")
 
   def run(argv):
@@ -168,6 +171,9 @@ def _config_benchmark(what, rest):
     if what == "step":
       from transkd_jax.bench_step import main_step
       main_step(config.value, steps.value)
+    elif what == "eval":
+      from transkd_jax.bench_eval import main_eval
+      main_eval(config.value, steps.value)
     else:
       from transkd_jax.bench_data import main_data
       for count in workers.value.split(","):
@@ -179,10 +185,10 @@ def _config_benchmark(what, rest):
 def main(argv=None):
   import sys
   argv = sys.argv[1:] if argv is None else argv
-  if argv and argv[0] in ("step", "data"):
+  if argv and argv[0] in ("step", "data", "eval"):
     return _config_benchmark(argv[0], argv[1:])
   parser = argparse.ArgumentParser(prog="python -m transkd_jax.benchmark")
-  parser.add_argument("what", choices=["model", "step", "data"])
+  parser.add_argument("what", choices=["model", "step", "data", "eval"])
   parser.add_argument("--size", default="256x512", help="HxW")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
