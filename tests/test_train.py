@@ -117,3 +117,29 @@ def test_model_variables_from_converted_dir_and_errors(tmp_path):
   with pytest.raises(UserError, match=r"shape of \['params'\]\['w'\]: \(2, 3\), expected \(3, 3\)"):
     ckpt_lib.check_variables(variables, {"params": {"w": np.zeros((3, 3))}, "batch_stats": {}},
                              "config.teacher.checkpoint", "SegFormer-B2")
+
+
+def test_full_resolution_labels_get_upsampled_logits_in_the_ce():
+  """mmseg protocol: the CE compares logits upsampled bilinearly to full-size labels."""
+  from transkd_jax.distill import Distiller, loss_settings
+  from transkd_jax.distill.losses import cross_entropy
+  from transkd_jax.models.resize import resize_bilinear
+  from transkd_jax.train_step import init_state, make_train_step
+  from transkd_jax.models import MiTVariant
+  tiny = MiTVariant((8, 16, 24, 32), (1, 1, 1, 1), (1, 1, 1, 1), 16)
+  model = Distiller("student", tiny, tiny, num_classes=5)
+  tx, schedule = make_optimizer(ml_collections.ConfigDict({"lr": 1e-3}), 10)
+  state = jax.jit(lambda: init_state(model, tx, (64, 64), seed=0))()
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.uniform(size=(2, 64, 64, 3)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 5, (2, 64, 64)), jnp.int32)}
+  step = jax.jit(make_train_step(model, None, "student", loss_settings("student", None), tx,
+                                 schedule, seed=0))
+  _, metrics = step(state, None, batch)
+  out, _ = jax.jit(lambda images: model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats}, images, train=True,
+      rngs={"dropout": jax.random.fold_in(jax.random.key(0), 0)},
+      mutable=["batch_stats"]))(batch["image"])
+  assert out["logits"].shape[1:3] == (16, 16)
+  expected = cross_entropy(resize_bilinear(out["logits"], (64, 64)), batch["label"])
+  np.testing.assert_allclose(metrics["ce"], expected, rtol=1e-5)

@@ -17,7 +17,7 @@ import optax
 from transkd_jax import sharding
 from transkd_jax.distill import Distiller, get_method, objective
 from transkd_jax.models import SegFormer
-from transkd_jax.models.resize import resize_nearest
+from transkd_jax.models.resize import resize_bilinear
 
 
 @flax.struct.dataclass
@@ -49,11 +49,16 @@ def state_shardings(abstract_state: TrainState, mesh, rule: str):
   return sharding.tree_shardings(abstract_state, mesh, rule)
 
 
-def labels_at(labels, size):
-  """Labels at the logits' resolution: PyTorch's nearest rule, if not already there."""
-  if labels.shape[1:3] == tuple(size):
-    return labels
-  return resize_nearest(labels, size)
+def logits_for_ce(logits, labels):
+  """Logits at the labels' resolution for the cross-entropy.
+
+  The reference protocol gives labels at the logits' 1/4 resolution (no-op);
+  the mmseg protocol gives full-resolution labels, and, as mmseg, the logits
+  are upsampled bilinearly (align_corners=False) to them.
+  """
+  if labels.shape[1:3] == logits.shape[1:3]:
+    return logits
+  return resize_bilinear(logits, labels.shape[1:3])
 
 
 def make_train_step(model: Distiller, teacher: Optional[SegFormer], method_name: str,
@@ -76,8 +81,9 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method_name:
     def loss_fn(params):
       out, updated = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                  train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-      labels = labels_at(batch["label"], out["logits"].shape[1:3])
-      total, terms = objective(method_name, settings, out, teacher_out, labels, class_weights)
+      labels = batch["label"]
+      total, terms = objective(method_name, settings, out, teacher_out, labels, class_weights,
+                               ce_logits=logits_for_ce(out["logits"], labels))
       return total, (terms, updated["batch_stats"])
 
     (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

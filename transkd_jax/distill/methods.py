@@ -229,7 +229,7 @@ def _check_outputs(method_name: str, student_out: Mapping, teacher_out: Mapping)
 
 def objective(method_name: str, settings: Mapping[str, Any], student_out: Mapping,
               teacher_out: Optional[Mapping], labels,
-              class_weights: Optional[Sequence[float]] = None):
+              class_weights: Optional[Sequence[float]] = None, ce_logits=None):
   """The training loss: (total, {term: value}) with every term already weighted.
 
   ``student_out`` is ``Distiller``'s output; ``teacher_out`` the teacher's
@@ -237,10 +237,13 @@ def objective(method_name: str, settings: Mapping[str, Any], student_out: Mappin
   put under ``stop_gradient`` here so no gradient ever reaches the teacher.
   ``settings`` comes from ``loss_settings``. Terms: "ce" always; "hcl",
   "fitnet" or "cwd" for the feature loss; "pea" for the embedding path; "kd"
-  for logit KD. ``total`` is their sum.
+  for logit KD. ``total`` is their sum. ``ce_logits`` (default: the student's
+  logits) are what the cross-entropy compares with ``labels``, e.g. logits
+  upsampled to full-resolution labels.
   """
   method = get_method(method_name)
-  terms = {"ce": losses.cross_entropy(student_out["logits"], labels, class_weights)}
+  ce_logits = student_out["logits"] if ce_logits is None else ce_logits
+  terms = {"ce": losses.cross_entropy(ce_logits, labels, class_weights)}
   if method.teacher_call is not None:
     if teacher_out is None:
       raise ValueError(f"method {method_name!r} needs the teacher's outputs")
