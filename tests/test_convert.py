@@ -1,7 +1,6 @@
 """Weight import: parity with HuggingFace transformers' SegFormer, .pth variants, errors."""
 
 import json
-import os
 
 import jax
 import numpy as np

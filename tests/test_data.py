@@ -135,9 +135,18 @@ def test_train_iterator_shuffles_per_epoch_resumes_and_shards(gen_root):
   first = np.stack([b["image"][:, 0, 0, 0] for b in batches[:5]])
   second = np.stack([b["image"][:, 0, 0, 0] for b in batches[5:10]])
   assert not np.array_equal(first, second)
-  # Each of two processes gets half the global batch.
+  # Each of two processes reads its half of every global batch: together they see
+  # exactly the single-process batches, and their states (batches read) agree.
   halves = [data.make_train_iterator(config, process_index=i, process_count=2) for i in (0, 1)]
-  assert next(halves[0])["image"].shape[0] == next(halves[1])["image"].shape[0] == 1
+  for alone in batches[:7]:
+    parts = [next(h) for h in halves]
+    assert parts[0]["image"].shape[0] == parts[1]["image"].shape[0] == 1
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), alone[key])
+  assert halves[0].get_state() == halves[1].get_state()
+  one = data.make_train_iterator(config)
+  one.set_state(halves[0].get_state())  # a 2-process state resumes a 1-process run
+  np.testing.assert_array_equal(next(one)["image"], batches[7]["image"])
 
 
 def test_eval_iterator_pads_with_a_valid_mask(gen_root):

@@ -1,12 +1,7 @@
 """Training end to end on generated data: every method learns, runs resume exactly
 after SIGKILL, SIGTERM saves, and a bad teacher fails before compiling."""
 
-import json
-import os
-import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -15,14 +10,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from transkd_jax import data
 from transkd_jax.distill import METHODS
 from transkd_jax.logs import read_metrics
 from transkd_jax.models import SegFormer
 from transkd_jax.train import train
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SYNTHETIC = f"--config={REPO / 'configs' / 'synthetic.py'}"
+from runs import REPO, SYNTHETIC, env as _env, final_params as _final_params, main as _main
+from runs import overrides as _overrides, wait_for as _wait_for
 
 
 @pytest.fixture(scope="module")
@@ -33,41 +27,6 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("xla_cache"))
-
-
-def _overrides(data_root, **extra):
-  values = {"image_size": "(64,128)", "batch_size": 2, "data.root": data_root,
-            "data.num_train": 8, "data.num_val": 4, "data.generated_size": "(64,128)",
-            "log_every": 1, "eval_every": 0, "optimizer.warmup_steps": 0, **extra}
-  return [f"--config.{k}={v}" for k, v in values.items()]
-
-
-def _env(cache):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return env
-
-
-def _main(args, env, **kw):
-  return subprocess.Popen([sys.executable, "-m", "transkd_jax.main", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _final_params(workdir, step):
-  path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
-  return ocp.StandardCheckpointer().restore(path)["params"]
-
-
-def _wait_for(predicate, proc, timeout=300):
-  start = time.time()
-  while not predicate():
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended early: {proc.stdout.read()[-3000:]}")
-    if time.time() - start > timeout:
-      proc.kill()
-      raise AssertionError("timed out")
-    time.sleep(0.2)
 
 
 def test_sigkill_then_restart_ends_bit_equal(tmp_path, data_root, compile_cache):

@@ -1,8 +1,11 @@
 """Orbax checkpoints of a run: train state, data-iterator state and config.
 
 ``WORKDIR/checkpoints/<step>/`` holds three items: ``state`` (the train state
-as a plain pytree), ``data`` (every process's grain iterator state) and
-``config`` (JSON). Saves are asynchronous and atomic (Orbax writes to a
+as a plain pytree), ``data`` (every process's grain iterator state, one
+``process_<i>-of-<n>.json`` each) and ``config`` (JSON). Every process's
+iterator state is the same (the number of global batches read; see
+transkd_jax/data/pipeline.py), so a run resumed on another number of processes
+takes process 0's. Saves are asynchronous and atomic (Orbax writes to a
 temporary directory and renames it when complete), so a crash never leaves a
 half-written checkpoint that looks finished. Kept: the last
 ``config.keep_checkpoints`` and the best by validation metric.
@@ -11,6 +14,8 @@ Restoring walks back from the newest step: a checkpoint that cannot be read is
 skipped with a warning naming it, and the previous one is used.
 """
 
+import dataclasses
+import glob
 import json
 import os
 from typing import Any, Optional
@@ -24,6 +29,36 @@ from orbax.checkpoint import checkpoint_managers as policies
 from transkd_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class DataStateHandler(grain.checkpoint.CheckpointHandler):
+  """grain's iterator handler; restores on another process count from process 0's file."""
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    own = os.path.join(str(directory), f"process_{jax.process_index()}-of-"
+                       f"{jax.process_count()}.json")
+    if os.path.exists(own):
+      return super().restore(directory, item=item)
+    written = glob.glob(os.path.join(str(directory), "process_0-of-*.json"))
+    if not written:
+      raise ValueError(f"{directory} holds no data-iterator state (process_*-of-*.json)")
+    with open(written[0]) as f:
+      item.set_state(json.load(f))
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
 
 
 def _metric_fn(name):
@@ -52,7 +87,7 @@ class RunCheckpoints:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
+                       "data": DataStateHandler(),
                        "config": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: dict, data_iterator, config, metrics: Optional[dict] = None,
@@ -60,7 +95,7 @@ class RunCheckpoints:
     items = {"state": ocp.args.StandardSave(state),
              "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort()))}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data"] = DataSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
                              force=force)
 
@@ -91,7 +126,7 @@ class RunCheckpoints:
       try:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+          items["data"] = DataRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], step
       except Exception as e:  # a damaged or incompatible checkpoint: try the previous one
@@ -133,14 +168,13 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
       if step is None:
         raise UserError(f"{what}={path!r}: the run's {CHECKPOINT_DIR}/ holds no checkpoint")
       how = "best by " + run.best_metric if step == run.best_step() else "latest"
-      state = run.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore()))["state"]
       run.close()
+      state = restore_pytree(os.path.join(run_dir, str(step), "state"))
       variables = {"params": state["params"]["student"],
                    "batch_stats": state["batch_stats"]["student"]}
       source = f"{os.path.join(run_dir, str(step))} (step {step}, {how})"
       return (variables, source) if with_source else variables
-    tree = ocp.StandardCheckpointer().restore(path)
+    tree = restore_pytree(path)
   except UserError:
     raise
   except Exception as e:
@@ -151,6 +185,19 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
                     "{'params', 'batch_stats'} that transkd_jax.convert writes)")
   variables = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
   return (variables, path) if with_source else variables
+
+
+def restore_pytree(path: str):
+  """A pytree saved with Orbax's standard handler, onto this process's first device.
+
+  Works whatever the topology that wrote it (e.g. a teacher trained on 8
+  devices or 2 processes, read by a 1-device evaluation).
+  """
+  checkpointer = ocp.StandardCheckpointer()
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                        checkpointer.metadata(path).item_metadata)
+  return checkpointer.restore(path, target)
 
 
 def check_variables(variables: dict, expected: Any, what: str, description: str):

@@ -5,12 +5,22 @@
 - Automatic: on TPU pods and under SLURM with more than one task, JAX finds
   the cluster from the environment.
 - Otherwise one process; nothing is initialised.
+
+After start-up every process runs the same program: each reads its part of
+every global batch (transkd_jax/data/pipeline.py), the step's collectives
+cross processes (gloo on CPU, NCCL on GPU, ICI on TPU), only process 0 writes
+logs, TensorBoard files and predictions, and Orbax writes checkpoints from all
+of them together. A process that dies stops sending heartbeats; after
+``heartbeat_timeout`` seconds the others stop with an error instead of waiting
+in a collective forever.
 """
 
 import os
 from typing import Optional
 
 import jax
+
+DEFAULT_HEARTBEAT_TIMEOUT = 100  # seconds; JAX's default
 
 
 def _cluster_detected() -> bool:
@@ -21,8 +31,11 @@ def _cluster_detected() -> bool:
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None) -> bool:
+               process_id: Optional[int] = None,
+               heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT) -> bool:
   """Initialises JAX's multi-process runtime when needed; True if it did."""
+  if heartbeat_timeout < 1:
+    raise ValueError(f"--heartbeat_timeout={heartbeat_timeout} must be at least 1 second")
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -33,10 +46,39 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                        f"{num_processes})")
     if num_processes == 1:
       return False
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    _start(coordinator_address, num_processes=num_processes, process_id=process_id,
+           heartbeat_timeout_seconds=heartbeat_timeout)
     return True
   if _cluster_detected():
-    jax.distributed.initialize()
+    _start(heartbeat_timeout_seconds=heartbeat_timeout)
     return True
   return False
+
+
+BARRIER_TIMEOUT = 1800  # seconds: processes may differ by a whole compile or data set-up
+
+
+def barrier(name: str, timeout: int = BARRIER_TIMEOUT):
+  """Waits until every process reaches ``name`` (no-op with one process).
+
+  Goes through the coordination service, which waits ``timeout`` seconds;
+  gloo's first collective gives up after 30 s, so every process passes a
+  barrier before the first collective (checkpoint set-up, the first step).
+  """
+  if jax.process_count() > 1:
+    import orbax.checkpoint as ocp
+    ocp.multihost.get_barrier_sync_fn()(key=f"transkd_jax:{name}", timeout_ms=timeout * 1000)
+
+
+def _start(*args, **kwargs):
+  # CPU processes exchange collectives through gloo (JAX's default; set so that a
+  # changed default cannot silently leave CPU runs without cross-process collectives).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Orbax's own barriers through the coordination service too (they wait; gloo does not).
+  from absl import flags
+  if "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+  jax.distributed.initialize(*args, **kwargs)
+  print(f"process {jax.process_index()} of {jax.process_count()}: "
+        f"{jax.local_device_count()} local of {jax.device_count()} devices "
+        f"({jax.devices()[0].platform})", flush=True)

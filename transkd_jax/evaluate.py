@@ -123,7 +123,9 @@ def check_protocol(protocol: str):
 
 
 def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh):
-  """eval_step(variables, batch) -> (confusion matrix, CE sum, labelled pixels), replicated.
+  """eval_step(variables, batch) -> (confusion matrix, CE sum, labelled pixels, images).
+
+  Every output is summed over the global batch (all processes) and replicated.
 
   ``batch``: "image", "label" and optionally "valid" (padding examples count
   nothing). The CE is over labels at the logits' resolution.
@@ -143,7 +145,8 @@ def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh):
       small = jnp.where(valid[:, None, None], small, IGNORE_LABEL)
     pixels = jnp.sum(small != IGNORE_LABEL)
     ce = cross_entropy(logits, small) * pixels
-    return cm, ce, pixels
+    images = labels.shape[0] if valid is None else jnp.sum(valid)
+    return cm, ce, pixels, images
 
   return jax.jit(step, out_shardings=sharding.replicated(mesh))
 
@@ -155,12 +158,12 @@ def evaluate_split(config, mesh, eval_step, variables, split: str) -> dict:
   ce, pixels, images, skipped = 0.0, 0, 0, 0
   for batch in data.make_eval_iterator(config, split=split):
     local = {k: batch[k] for k in ("image", "label", "valid", "label_size") if k in batch}
-    images += int(np.sum(local["valid"]))
-    skipped += int(np.sum(batch.get("skipped", 0)))
-    b_cm, b_ce, b_px = eval_step(variables, sharding.global_batch(local, mesh))
+    skipped += int(np.sum(batch.get("skipped", 0)))  # this process's
+    b_cm, b_ce, b_px, b_images = eval_step(variables, sharding.global_batch(local, mesh))
     cm += np.asarray(b_cm)
     ce += float(b_ce)
     pixels += int(b_px)
+    images += int(b_images)
   scores = miou_from_confusion(cm, config.get("eval_protocol", "standard"))
   return {**scores, "loss": ce / max(pixels, 1), "num_images": images,
           "skipped_bad_files": skipped, "confusion": cm}

@@ -55,6 +55,9 @@ _COORDINATOR = flags.DEFINE_string(
     "hand (TPU pods and SLURM are detected automatically).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Multi-process runs: seconds after which a process that sent no "
+    "heartbeat counts as dead and the others stop with an error.")
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -121,9 +124,11 @@ def run_info(config, workdir: str) -> dict:
         f"{row['params']:,} parameters, {row['gflops']:.2f} GFLOPs")
   print(f"  ({FLOPS_NOTE})")
   path = os.path.join(workdir, "info.json")
-  with open(path, "w") as f:
-    json.dump(info, f, indent=2)
-  print(f"wrote {path}")
+  import jax
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(info, f, indent=2)
+    print(f"wrote {path}")
   return info
 
 
@@ -156,9 +161,13 @@ def main(argv):
     validate_config(config)
     from transkd_jax import distributed
     try:
-      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             _HEARTBEAT.value)
     except ValueError as e:
       raise UserError(str(e)) from None
+    import jax
+    if jax.process_index() != 0:  # one console: process 0 prints; errors (stderr) from all
+      sys.stdout = open(os.devnull, "w")
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if _MODE.value == "info":
       run_info(config, _WORKDIR.value)

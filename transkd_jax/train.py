@@ -24,10 +24,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from transkd_jax import checkpoint as ckpt_lib
-from transkd_jax import evaluate, sharding
+from transkd_jax import distributed, evaluate, sharding
 from transkd_jax.distill import Distiller, check_pairing, get_method, loss_settings
 from transkd_jax.errors import UserError
 from transkd_jax.logs import MetricWriter
@@ -153,6 +152,7 @@ def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
   from transkd_jax import data
 
+  chief = jax.process_index() == 0  # the one process that prints and writes logs
   models = build_models(config)  # the teacher is checked before anything compiles
   settings = loss_settings(models.method, config.distill)
   total_steps = int(config.total_steps)
@@ -177,8 +177,9 @@ def train(config, workdir: str) -> dict:
   restored, restored_step = checkpoints.restore(abstract_dict, train_iter)
   if restored is not None:
     state = TrainState(**restored)
-    print(f"resumed from {checkpoints.directory}/{restored_step} (step {int(state.step)})",
-          flush=True)
+    if chief:
+      print(f"resumed from {checkpoints.directory}/{restored_step} (step {int(state.step)})",
+            flush=True)
   else:
     state = jax.jit(init, out_shardings=shardings)()
   teacher_vars = models.teacher_variables
@@ -203,8 +204,9 @@ def train(config, workdir: str) -> dict:
   last_val = None
   skipped = 0  # bad files passed over by this process (config.data.skip_bad_files)
   from tqdm import tqdm
-  bar = tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0,
+  bar = tqdm(total=total_steps, initial=start, disable=not chief,
              unit="step", dynamic_ncols=True, mininterval=1.0)
+  distributed.barrier("train:loop")  # gloo's first collective waits only 30 s for the others
   with _Preemption() as preemption:
     step = start
     while step < total_steps:
@@ -236,9 +238,10 @@ def train(config, workdir: str) -> dict:
       if config.eval_every and (step % config.eval_every == 0 or step == total_steps):
         val = run_validation(config, mesh, eval_step, state)
         writer.write(step, "val", val)
-        bar.write(f"step {step}: val mIoU {val['miou']:.4f} "
-                  f"({config.get('eval_protocol', 'standard')} protocol), "
-                  f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}")
+        if chief:
+          bar.write(f"step {step}: val mIoU {val['miou']:.4f} "
+                    f"({config.get('eval_protocol', 'standard')} protocol), "
+                    f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}")
         last_val = val
       save_now = (val is not None or step == total_steps or preemption.requested or
                   (config.checkpoint_every and step % config.checkpoint_every == 0))
@@ -247,7 +250,8 @@ def train(config, workdir: str) -> dict:
                          metrics={"val_miou": val["miou"]} if val else None, force=True)
       if preemption.requested:
         summary["status"] = "preempted"
-        bar.write(f"SIGTERM: saved step {step} to {checkpoints.directory}; exiting")
+        if chief:
+          bar.write(f"SIGTERM: saved step {step} to {checkpoints.directory}; exiting")
         break
   bar.close()
   checkpoints.close()

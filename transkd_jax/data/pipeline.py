@@ -1,12 +1,16 @@
 """grain pipelines: per-process shards, per-epoch shuffles, batches, iterator state.
 
-Training: the source is split across processes (process i reads examples
-i, i + P, ...), shuffled with ``config.seed`` and reshuffled every epoch,
-augmented with a per-example random stream (deterministic by position), and
-batched to the process's share of ``config.batch_size``. Batches also carry
+Training: one global stream of examples, shuffled with ``config.seed`` and
+reshuffled every epoch, augmented with a per-example random stream
+(deterministic by position in the stream), cut into global batches of
+``config.batch_size``; process i of P reads and transforms only the i-th of
+the P equal parts of each global batch. The global batches are therefore the
+same for any number of processes: a run on 2 hosts sees the data a run on 1
+host sees, and a checkpoint resumes on another process count. Batches also carry
 ``skipped`` per example: bad files passed over (``config.data.skip_bad_files``).
 The iterator is a ``grain.DatasetIterator``: ``get_state``/``set_state`` (and Orbax through
-``grain.checkpoint``) resume it exactly. ``config.data.num_workers`` > 0 runs
+``transkd_jax.checkpoint``) resume it exactly; its state (the number of global
+batches read) is the same on every process. ``config.data.num_workers`` > 0 runs
 the transforms in worker processes (they need absl flags parsed: run under
 ``absl.app``, or call ``absl.flags.FLAGS.mark_as_parsed()`` first).
 
@@ -56,13 +60,15 @@ def make_train_iterator(config, process_index=None, process_count=None):
   index, count = _process(process_index, process_count)
   local = _local_batch(config, count)
   source = make_source(config.data, config.get("train_split", "train"))
-  ds = grain.MapDataset.source(source)[index::count]
-  if len(ds) < local:
-    raise UserError(f"process {index} holds {len(ds)} training examples, fewer than its "
-                    f"batch of {local}")
+  ds = grain.MapDataset.source(source)
+  if len(ds) < config.batch_size:
+    raise UserError(f"the {config.get('train_split', 'train')} split holds {len(ds)} examples, "
+                    f"fewer than config.batch_size={config.batch_size}")
   ds = ds.shuffle(seed=config.seed).repeat(None)
   ds = ds.random_map(_strip(_train_transform(config)), seed=config.seed)
-  ds = ds.batch(local, drop_remainder=True)
+  # Blocks of `local` consecutive examples; block b belongs to process b % count,
+  # so this process's n-th batch is its part of global batch n.
+  ds = ds.batch(local, drop_remainder=True)[index::count]
   return iter(_with_workers(ds.to_iter_dataset(), config))
 
 

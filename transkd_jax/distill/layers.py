@@ -2,7 +2,6 @@
 
 from typing import Any
 
-import jax.numpy as jnp
 from flax import linen as nn
 
 from transkd_jax.models import initializers as init

@@ -8,7 +8,7 @@ block1_0, attn.q / attn.kv / attn.sr, mlp.fc1 / dwconv / fc2, norm1 ...) so
 that ``transkd_jax.convert`` is a plain rename.
 """
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp

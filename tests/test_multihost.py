@@ -1,0 +1,107 @@
+"""Several processes on 127.0.0.1 (CPU devices, gloo): the multi-host code path.
+
+2 processes x 2 devices train to the parameters of 1 process x 4 devices; a
+checkpoint they write resumes in 1 process; a process that dies makes the
+other stop with an error instead of hanging.
+"""
+
+import pathlib
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from runs import REPO, SYNTHETIC, env, final_params, main, overrides, wait_for
+from transkd_jax.logs import read_metrics
+
+LAUNCH = REPO / "launch" / "local_multiprocess.sh"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("generated") / "tree")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _args(data_root, workdir, **extra):
+  # Batch 4 over 4 devices; the schedule's length is fixed so runs of 2 and 4 steps
+  # agree. AdamW's eps 1.0 keeps updates proportional to gradients (with 1e-8 a
+  # gradient that is float noise around 0 becomes a +-lr step in either run), and a
+  # large rate makes a wrong batch visible in the parameters.
+  optimizer = {"optimizer.decay_steps": 4, "optimizer.eps": 1.0, "optimizer.lr": 0.05}
+  return ["--mode=train", SYNTHETIC, f"--workdir={workdir}",
+          *overrides(data_root, batch_size=4, **optimizer, **extra)]
+
+
+def _run(cmd, environment):
+  proc = subprocess.run(cmd, cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-4000:]
+  return proc.stdout
+
+
+def _assert_close(a, b):
+  for path, x in jax.tree_util.tree_flatten_with_path(a)[0]:
+    y = b
+    for key in path:
+      y = y[key.key]
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def _losses(workdir):
+  return [r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"]
+
+
+def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, data_root,
+                                                                    cache):
+  one = env(cache, devices=4)
+  # 1 process x 4 devices, 4 steps, a checkpoint at 2.
+  _run(["python", "-m", "transkd_jax.main",
+        *_args(data_root, tmp_path / "one", total_steps=4, checkpoint_every=2)], one)
+  # 2 processes x 2 devices, 2 steps, validating at the end.
+  out = _run(["bash", str(LAUNCH), "2",
+              *_args(data_root, tmp_path / "two", total_steps=2, eval_every=2)],
+             dict(env(cache), DEVICES_PER_PROCESS="2"))
+  assert "process 1 of 2: 2 local of 4 devices" in out
+  done = [line for line in out.splitlines() if "done: step 2" in line]
+  assert len(done) == 1 and done[0].startswith("[process 0]")  # one console
+  assert "on 4 images" in done[0]  # validation counted both processes' images
+  _assert_close(final_params(tmp_path / "two", 2), final_params(tmp_path / "one", 2))
+  # Only process 0 wrote the metrics (one row per step): the same losses, the same batches.
+  np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one")[:2], rtol=1e-5)
+  # The 2-process checkpoint (model and data position) resumes in 1 process.
+  out = _run(["python", "-m", "transkd_jax.main",
+              *_args(data_root, tmp_path / "two", total_steps=4, eval_every=2)], one)
+  assert "resumed from" in out
+  np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
+  _assert_close(final_params(tmp_path / "two", 4), final_params(tmp_path / "one", 4))
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, cache):
+  port = 23000 + victim * 7 + (int(time.time()) % 500) * 10
+  common = [*_args(data_root, tmp_path, total_steps=100000, checkpoint_every=100000),
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+            "--heartbeat_timeout=5"]
+  procs = [main([*common, f"--process_id={i}"], env(cache, devices=2)) for i in (0, 1)]
+  try:
+    wait_for(lambda: any(r["step"] >= 1 for r in read_metrics(str(tmp_path))), procs[0], 600)
+    procs[victim].send_signal(signal.SIGKILL)
+    survivor = procs[1 - victim]
+    start = time.time()
+    out, _ = survivor.communicate(timeout=120)
+    assert survivor.returncode != 0, out[-2000:]
+    assert time.time() - start < 60
+    assert "another task died" in out or "unhealthy" in out or "heartbeat" in out, out[-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
