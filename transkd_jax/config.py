@@ -9,6 +9,7 @@ overrides any key.
 import ml_collections
 
 from transkd_jax.data import default_data_config
+from transkd_jax.errors import UserError
 
 STEPS_PER_EPOCH = 1488  # Cityscapes: 2975 training images, batch 2
 
@@ -85,4 +86,44 @@ def base_config() -> ml_collections.ConfigDict:
   config.predict.overlay_alpha = 0.5  # weight of the colour map in the overlay
 
   config.data = default_data_config()  # keys: transkd_jax/data/__init__.py
+
+  # python -m transkd_jax.recipe (transkd_jax/recipe.py): the paper's table on one dataset.
+  config.recipe = ml_collections.ConfigDict()
+  config.recipe.methods = ("student", "transkd_base", "transkd_gl", "transkd_ea", "kd", "cwd",
+                           "reviewkd", "fitnet")  # each trains the student for total_steps
+  config.recipe.teacher_steps = 0  # the teacher's training steps; 0: config.total_steps
   return config
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate_config(config):
+  """Checks the keys every mode needs; raises UserError naming the key."""
+  from transkd_jax.models.variants import get_variant
+  for role in ("teacher", "student"):
+    try:
+      get_variant(config[role].variant)
+    except (KeyError, AttributeError) as e:
+      raise UserError(f"config.{role}.variant is missing ({e})") from None
+    except ValueError as e:
+      raise UserError(f"config.{role}.variant: {e}") from None
+  if not isinstance(config.num_classes, int) or config.num_classes < 1:
+    raise UserError(f"config.num_classes must be a positive integer, got {config.num_classes!r}")
+  size = tuple(config.image_size)
+  if len(size) != 2 or not all(isinstance(s, int) and s >= 32 for s in size):
+    raise UserError(f"config.image_size must be (height, width), each >= 32; got {size!r}")
+  if config.dtype not in _DTYPES:
+    raise UserError(f"config.dtype must be one of {_DTYPES}, got {config.dtype!r}")
+  from transkd_jax.distill import loss_settings
+  try:
+    if config.method != "teacher":
+      loss_settings(config.method, config.get("distill"))
+  except ValueError as e:
+    raise UserError(f"config.method / config.distill: {e}") from None
+  weights = config.get("class_weights") or ()
+  if weights and (len(weights) != config.num_classes or
+                  not all(isinstance(w, (int, float)) for w in weights)):
+    raise UserError(f"config.class_weights has {len(weights)} entries ({tuple(weights)[:3]}...); "
+                    f"expected {config.num_classes} numbers (config.num_classes), or () for "
+                    "unweighted cross-entropy")

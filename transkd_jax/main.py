@@ -22,6 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from transkd_jax.config import validate_config
 from transkd_jax.errors import UserError
 
 _REPO_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "cityscapes.py"
@@ -58,40 +59,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout", 100, "Multi-process runs: seconds after which a process that sent no "
     "heartbeat counts as dead and the others stop with an error.")
-
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def validate_config(config):
-  """Checks the keys every mode needs; raises UserError naming the key."""
-  from transkd_jax.models.variants import get_variant
-  for role in ("teacher", "student"):
-    try:
-      get_variant(config[role].variant)
-    except (KeyError, AttributeError) as e:
-      raise UserError(f"config.{role}.variant is missing ({e})") from None
-    except ValueError as e:
-      raise UserError(f"config.{role}.variant: {e}") from None
-  if not isinstance(config.num_classes, int) or config.num_classes < 1:
-    raise UserError(f"config.num_classes must be a positive integer, got {config.num_classes!r}")
-  size = tuple(config.image_size)
-  if len(size) != 2 or not all(isinstance(s, int) and s >= 32 for s in size):
-    raise UserError(f"config.image_size must be (height, width), each >= 32; got {size!r}")
-  if config.dtype not in _DTYPES:
-    raise UserError(f"config.dtype must be one of {_DTYPES}, got {config.dtype!r}")
-  from transkd_jax.distill import loss_settings
-  try:
-    if config.method != "teacher":
-      loss_settings(config.method, config.get("distill"))
-  except ValueError as e:
-    raise UserError(f"config.method / config.distill: {e}") from None
-  weights = config.get("class_weights") or ()
-  if weights and (len(weights) != config.num_classes or
-                  not all(isinstance(w, (int, float)) for w in weights)):
-    raise UserError(f"config.class_weights has {len(weights)} entries ({tuple(weights)[:3]}...); "
-                    f"expected {config.num_classes} numbers (config.num_classes), or () for "
-                    "unweighted cross-entropy")
-
 
 def run_info(config, workdir: str) -> dict:
   """Prints and writes DIR/info.json: params and GFLOPs of teacher and student."""

@@ -1,0 +1,241 @@
+"""The paper's table in miniature: a teacher, the student alone, and the student
+distilled by every method, with one budget and one seed; one command.
+
+    python -m transkd_jax.recipe --config=configs/synthetic.py --workdir=DIR
+
+1. ``DIR/teacher``: trains SegFormer-``config.teacher.variant`` for
+   ``config.recipe.teacher_steps`` (``--config.method=teacher``), unless
+   ``config.teacher.checkpoint`` names a teacher already trained or converted.
+2. ``DIR/<method>`` for each of ``config.recipe.methods``: trains the student
+   for ``config.total_steps`` with the same seed, distilling from that teacher.
+3. Evaluates each run's best checkpoint (``--mode=eval``: validation mIoU) and
+   writes ``DIR/results.md`` (method, params, GFLOPs, mIoU with its protocol,
+   train time), ``DIR/results.json`` and ``DIR/results.png`` (mIoU bars).
+
+Every run is an ordinary workdir (resume it, evaluate it, predict with it on
+its own). A run is finished when its ``eval_results.json`` exists; invoking the
+recipe again skips finished runs and resumes unfinished ones from their last
+checkpoint. ``--config.x=y`` overrides apply to every run.
+"""
+
+import copy
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from transkd_jax.config import validate_config
+from transkd_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py); --config.key=value overrides.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding one workdir per run.")
+
+RUN_FILE = "recipe_run.json"  # per run: training time, steps, status
+
+
+def run_configs(config) -> dict:
+  """{run name: config} of the recipe, the teacher first (None when given)."""
+  from transkd_jax.distill import get_method
+  runs = {}
+  if not config.teacher.get("checkpoint"):
+    teacher = copy.deepcopy(config)
+    with teacher.unlocked():
+      teacher.method = "teacher"
+      teacher.total_steps = int(config.recipe.teacher_steps or config.total_steps)
+    runs["teacher"] = teacher
+  for method in config.recipe.methods:
+    try:
+      get_method(method)
+    except ValueError as e:
+      raise UserError(f"config.recipe.methods: {e}") from None
+    run = copy.deepcopy(config)
+    with run.unlocked():
+      run.method = method
+    runs[method] = run
+  return runs
+
+
+def _read_json(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_one(name: str, config, workdir: str) -> dict:
+  """Trains (or resumes) and evaluates one run; a finished run is only read."""
+  from transkd_jax.evaluate import run_eval
+  from transkd_jax.train import train
+  results = _read_json(os.path.join(workdir, "eval_results.json"))
+  record = _read_json(os.path.join(workdir, RUN_FILE)) or {"train_time_s": 0.0}
+  if results is not None and record.get("status") == "done":
+    print(f"[{name}] finished earlier: mIoU {100 * results['miou']:.2f} "
+          f"({results['protocol']} protocol); skipped", flush=True)
+    return {**record, "eval": results}
+  print(f"[{name}] training {config.total_steps} steps (method {config.method}) in {workdir}",
+        flush=True)
+  start = time.perf_counter()
+  summary = train(config, workdir)
+  record["train_time_s"] += time.perf_counter() - start
+  record.update(status=summary["status"], steps=summary["step"])
+  _write_json(os.path.join(workdir, RUN_FILE), record)
+  if summary["status"] != "done":
+    raise UserError(f"[{name}] stopped at step {summary['step']} ({summary['status']}); run "
+                    "the recipe again to resume it")
+  results = run_eval(config, workdir)
+  return {**record, "eval": results}
+
+
+def _write_json(path, value):
+  import jax
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(value, f, indent=2)
+
+
+def model_rows(config, teacher_source: str) -> dict:
+  """Params and GFLOPs of the deployed teacher and student at config.image_size."""
+  import jax.numpy as jnp
+  from transkd_jax.info import model_info
+  from transkd_jax.models import SegFormer
+  size = tuple(config.image_size)
+  rows = {}
+  for role in ("teacher", "student"):
+    variant = config[role].variant
+    rows[role] = {"model": f"SegFormer-{str(variant).upper()}",
+                  **model_info(SegFormer(variant, config.num_classes, dtype=jnp.float32), size)}
+  rows["teacher"]["source"] = teacher_source
+  return rows
+
+
+def results_table(config, runs: dict, models: dict) -> str:
+  """The markdown table of DIR/results.md."""
+  protocol = next(iter(runs.values()))["eval"]["protocol"]
+  baseline = runs.get("student")
+  header = ("| method | model | params | GFLOPs | mIoU (%) | vs student | train time |\n"
+            "|---|---|---|---|---|---|---|")
+  lines = [header]
+  for name, run in runs.items():
+    role = "teacher" if name == "teacher" else "student"
+    miou = 100 * run["eval"]["miou"]
+    delta = ("" if baseline is None or role == "teacher" or name == "student"
+             else f"{miou - 100 * baseline['eval']['miou']:+.2f}")
+    time_s = run.get("train_time_s")
+    lines.append(f"| {name} | {models[role]['model']} | {models[role]['params'] / 1e6:.2f} M | "
+                 f"{models[role]['gflops']:.2f} | {miou:.2f} | {delta} | "
+                 f"{'given' if time_s is None else f'{time_s / 60:.1f} min'} |")
+  size = "x".join(str(s) for s in config.image_size)
+  notes = [
+      f"mIoU: `{protocol}` protocol, {config.data.name} `{config.get('eval_split', 'val')}` "
+      f"split ({runs[next(iter(runs))]['eval']['num_images']} images), each run's best "
+      "checkpoint by validation mIoU.",
+      f"Students: {config.total_steps} steps each, batch {config.batch_size}, {size} inputs, "
+      f"seed {config.seed}; the teacher: {models['teacher']['source']}.",
+      "Params and GFLOPs (XLA's count: about 2 x multiply-adds, one image at "
+      f"{size}) are the deployed model's; training-time modules are dropped after training.",
+  ]
+  return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def bar_chart(path: str, runs: dict, protocol: str):
+  """DIR/results.png: one bar of mIoU per run (PIL only; no plotting library needed)."""
+  from PIL import Image, ImageDraw
+  names = list(runs)
+  values = [100 * runs[n]["eval"]["miou"] for n in names]
+  width, height, left, bottom, top = 120 + 90 * len(names), 420, 60, 60, 40
+  image = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(image)
+  top_value = max(max(values), 1e-6) * 1.15
+  scale = (height - bottom - top) / top_value
+  draw.text((left, 10), f"mIoU (%), {protocol} protocol", fill="black")
+  draw.line((left, height - bottom, width - 20, height - bottom), fill="black")
+  for i, (name, value) in enumerate(zip(names, values)):
+    x0 = left + 20 + 90 * i
+    y0 = height - bottom - value * scale
+    colour = (120, 120, 120) if name == "teacher" else (
+        (200, 90, 60) if name == "student" else (60, 110, 190))
+    draw.rectangle((x0, y0, x0 + 60, height - bottom), fill=colour)
+    draw.text((x0 + 8, y0 - 14), f"{value:.1f}", fill="black")
+    draw.text((x0, height - bottom + 8), name[:12], fill="black")
+  image.save(path)
+
+
+def run_recipe(config, workdir: str) -> dict:
+  """Runs (or resumes) every run of the recipe and writes the results; returns them."""
+  os.makedirs(workdir, exist_ok=True)
+  configs = run_configs(config)
+  teacher_source = config.teacher.get("checkpoint") or os.path.join(workdir, "teacher")
+  runs = {}
+  wall = time.perf_counter()
+  for name, run_config in configs.items():
+    run_dir = os.path.join(workdir, name)
+    if name != "teacher":
+      with run_config.unlocked():
+        run_config.teacher.checkpoint = teacher_source
+    runs[name] = run_one(name, run_config, run_dir)
+  if "teacher" not in runs:  # a given teacher: evaluate it for its row
+    runs = {"teacher": _given_teacher(config, workdir), **runs}
+  if "teacher" in configs:
+    source = f"trained by this recipe for {configs['teacher'].total_steps} steps"
+  else:
+    source = f"given ({config.teacher.checkpoint})"
+  models = model_rows(config, source)
+  protocol = runs["teacher"]["eval"]["protocol"]
+  table = results_table(config, runs, models)
+  if _is_chief():
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(table)
+    bar_chart(os.path.join(workdir, "results.png"), runs, protocol)
+  _write_json(os.path.join(workdir, "results.json"),
+              {"runs": runs, "models": models, "wall_time_s": time.perf_counter() - wall})
+  print("\n" + table, flush=True)
+  print(f"wrote {os.path.join(workdir, 'results.md')}, results.json and results.png", flush=True)
+  return {"runs": runs, "models": models}
+
+
+def _is_chief():
+  import jax
+  return jax.process_index() == 0
+
+
+def _given_teacher(config, workdir: str) -> dict:
+  """Evaluates config.teacher.checkpoint (once) for the table's teacher row."""
+  from transkd_jax.evaluate import run_eval
+  run_dir = os.path.join(workdir, "teacher_given")
+  os.makedirs(run_dir, exist_ok=True)
+  results = _read_json(os.path.join(run_dir, "eval_results.json"))
+  if results is None:
+    teacher = copy.deepcopy(config)
+    with teacher.unlocked():
+      teacher.method = "teacher"
+      teacher.eval.checkpoint = config.teacher.checkpoint
+    results = run_eval(teacher, run_dir)
+  return {"train_time_s": None, "eval": results}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  try:
+    if config is None:
+      raise UserError("no config: pass --config=configs/<name>.py")
+    if not _WORKDIR.value:
+      raise UserError("--workdir is required (a directory; each run gets a folder in it)")
+    validate_config(config)
+    run_recipe(config, _WORKDIR.value)
+  except UserError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
