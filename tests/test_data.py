@@ -99,6 +99,28 @@ def test_bad_layouts_are_named(tmp_path):
     CityscapesSource(str(tmp_path), "train")[0]
 
 
+def test_two_writers_of_one_generated_tree_both_succeed(tmp_path, monkeypatch):
+  """Processes that generate the same tree at once (a multi-process run): the one
+  that finishes second keeps the first one's tree and carries on."""
+  root = str(tmp_path / "tree")
+  original = generated.generate_scene
+  calls = []
+
+  def racing(seed, index, size):
+    if not calls:  # while this writer is busy, another one finishes
+      calls.append(index)
+      monkeypatch.setattr(generated, "generate_scene", original)
+      generated.write_dataset(root, 2, 1, (32, 64), seed=0)
+      monkeypatch.setattr(generated, "generate_scene", racing)
+    return original(seed, index, size)
+
+  monkeypatch.setattr(generated, "generate_scene", racing)
+  assert generated.write_dataset(root, 2, 1, (32, 64), seed=0) == root
+  assert calls and len(make_source(ml_collections.ConfigDict(
+      {"name": "cityscapes", "root": root}), "train")) == 2
+  assert [p for p in os.listdir(tmp_path) if p.startswith(".generating")] == []
+
+
 def test_shift_pads_and_quarter_follows_pytorch_rule():
   x = np.arange(12, dtype=np.int32).reshape(3, 4)
   np.testing.assert_array_equal(transforms.shift(x, 1, -2, 255),

@@ -6,10 +6,11 @@ would run, whose arguments must reach transkd_jax.main unchanged.
 """
 
 import os
-import pathlib
 import shlex
 import subprocess
 
+import nbclient
+import nbformat
 import pytest
 
 from runs import REPO, overrides
@@ -19,8 +20,6 @@ TPU_POD = LAUNCH / "tpu_pod.sh"
 
 
 def test_notebook_trains_plots_and_predicts(tmp_path):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
   nb = nbformat.read(LAUNCH / "colab_tpu.ipynb", as_version=4)
   params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
   assert len(params) == 1, "one cell tagged 'parameters'"
@@ -53,8 +52,6 @@ def test_notebook_trains_plots_and_predicts(tmp_path):
 
 def test_notebook_without_matplotlib_and_a_failing_command(tmp_path):
   """The plot cell without matplotlib prints and goes on; a failing command fails its cell."""
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
   nb = nbformat.read(LAUNCH / "colab_tpu.ipynb", as_version=4)
   setup = next(c for c in nb.cells if "def run(" in c.source)
   plot = next(c for c in nb.cells if "read_metrics" in c.source)

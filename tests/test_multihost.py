@@ -2,10 +2,10 @@
 
 2 processes x 2 devices train to the parameters of 1 process x 4 devices; a
 checkpoint they write resumes in 1 process; a process that dies makes the
-other stop with an error instead of hanging.
+other stop with an error instead of hanging; SIGTERM to one process makes
+both save the same step and exit cleanly.
 """
 
-import pathlib
 import signal
 import subprocess
 import time
@@ -84,15 +84,20 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, d
   _assert_close(final_params(tmp_path / "two", 4), final_params(tmp_path / "one", 4))
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, cache):
-  port = 23000 + victim * 7 + (int(time.time()) % 500) * 10
+def _two_processes(tmp_path, data_root, cache, port_offset):
+  port = 23000 + port_offset * 7 + (int(time.time()) % 500) * 10
   common = [*_args(data_root, tmp_path, total_steps=100000, checkpoint_every=100000),
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
             "--heartbeat_timeout=5"]
   procs = [main([*common, f"--process_id={i}"], env(cache, devices=2)) for i in (0, 1)]
+  wait_for(lambda: any(r["step"] >= 1 for r in read_metrics(str(tmp_path))), procs[0], 600)
+  return procs
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, cache):
+  procs = _two_processes(tmp_path, data_root, cache, victim)
   try:
-    wait_for(lambda: any(r["step"] >= 1 for r in read_metrics(str(tmp_path))), procs[0], 600)
     procs[victim].send_signal(signal.SIGKILL)
     survivor = procs[1 - victim]
     start = time.time()
@@ -100,6 +105,48 @@ def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, cache):
     assert survivor.returncode != 0, out[-2000:]
     assert time.time() - start < 60
     assert "another task died" in out or "unhealthy" in out or "heartbeat" in out, out[-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+
+
+def test_an_error_in_one_process_stops_both(tmp_path, data_root, cache):
+  """Process 1 alone meets a bad data root: it exits at once, naming it, and process 0
+  (waiting for it at a barrier) stops with an error instead of waiting forever."""
+  bad_root = tmp_path / "not_a_dataset"
+  bad_root.mkdir()
+  (bad_root / "something.txt").write_text("x")
+  port = 24000 + (int(time.time()) % 500) * 10
+  common = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+            "--heartbeat_timeout=5"]
+  procs = [main([*_args(root, tmp_path / "run", total_steps=3), *common, f"--process_id={i}"],
+                env(cache, devices=2))
+           for i, root in ((0, data_root), (1, str(bad_root)))]
+  try:
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert procs[1].returncode != 0 and "not_a_dataset" in outs[1], outs[1][-2000:]
+    assert procs[0].returncode != 0, outs[0][-2000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+
+
+def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path, data_root, cache):
+  procs = _two_processes(tmp_path, data_root, cache, 2)
+  try:
+    procs[1].send_signal(signal.SIGTERM)  # preemption notice to one host only
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and f"preempted: step {steps[0]}" in outs[0]
+    # Both processes' data-iterator states are in that one checkpoint.
+    data = (tmp_path / "checkpoints" / str(steps[0]) / "data").iterdir()
+    assert sorted(q.name for q in data if q.suffix == ".json") == [
+        "process_0-of-2.json", "process_1-of-2.json"]
   finally:
     for p in procs:
       if p.poll() is None:

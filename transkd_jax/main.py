@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -149,7 +150,30 @@ def main(argv):
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
+  except Exception:
+    if not _multi_process():
+      raise
+    traceback.print_exc()
+    _exit(1)
+
+
+def _multi_process() -> bool:
+  return "jax" in sys.modules and sys.modules["jax"].process_count() > 1
+
+
+def _exit(code: int):
+  """Exits; in a multi-process run at once, without JAX's shutdown barrier.
+
+  A process that fails alone would otherwise wait in that barrier while the
+  others wait for it in theirs; exiting at once stops its heartbeats, and
+  the others stop with an error after --heartbeat_timeout seconds.
+  """
+  if _multi_process():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -119,21 +119,36 @@ def check_batch_size(config, mesh):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after every step."""
+  """SIGTERM (preemption) -> save after a step and stop.
+
+  One process: a handler sets a flag the loop reads after every step. Several:
+  JAX's preemption service owns SIGTERM and agrees on a step every process
+  reaches (``reached_preemption_sync_point``), so all of them save that same
+  step together, whichever received the signal and when.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler
-      self._previous = None
+    if not self._multi:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: no handler
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after ``step``; call once per step, on every process."""
+    if self._multi:
+      from jax.experimental import multihost_utils
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -243,12 +258,13 @@ def train(config, workdir: str) -> dict:
                     f"({config.get('eval_protocol', 'standard')} protocol), "
                     f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}")
         last_val = val
-      save_now = (val is not None or step == total_steps or preemption.requested or
+      preempted = preemption.reached(step)
+      save_now = (val is not None or step == total_steps or preempted or
                   (config.checkpoint_every and step % config.checkpoint_every == 0))
       if save_now:
         checkpoints.save(step, state.as_dict(), train_iter, config,
                          metrics={"val_miou": val["miou"]} if val else None, force=True)
-      if preemption.requested:
+      if preempted:
         summary["status"] = "preempted"
         if chief:
           bar.write(f"SIGTERM: saved step {step} to {checkpoints.directory}; exiting")

@@ -303,9 +303,9 @@ def write_dataset(root: str, num_train: int, num_val: int, size=(256, 512), seed
         Image.fromarray(label).save(lab_path, compress_level=1)
     with open(os.path.join(tmp, _MARKER), "w") as f:
       json.dump(settings, f)
-    if os.path.exists(root):
-      os.rmdir(root)  # empty (checked above)
     try:
+      if os.path.exists(root):
+        os.rmdir(root)  # empty (checked above), unless another writer just filled it
       os.rename(tmp, root)
     except OSError:  # another process finished first
       if not os.path.exists(marker):
