@@ -19,3 +19,18 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  """A generated-dataset root shared by a test module's runs (written on first use)."""
+  return str(tmp_path_factory.mktemp("generated") / "tree")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """A persistent XLA compilation cache shared by a test module's subprocess runs."""
+  return str(tmp_path_factory.mktemp("xla_cache"))

@@ -12,6 +12,23 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SYNTHETIC = f"--config={REPO / 'configs' / 'synthetic.py'}"
 
 
+def synthetic_config():
+  """configs/synthetic.py's ConfigDict, loaded as main loads a config file."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("synthetic", REPO / "configs" / "synthetic.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def stop(procs):
+  """Kills and reaps whatever is still running of ``procs``."""
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+    p.wait()
+
+
 def overrides(data_root, **extra):
   """--config.* flags for a tiny B0 run on generated 64x128 scenes."""
   values = {"image_size": "(64,128)", "batch_size": 2, "data.root": data_root,

@@ -14,20 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from runs import REPO, SYNTHETIC, env, final_params, main, overrides, wait_for
+from runs import REPO, SYNTHETIC, env, final_params, main, overrides, stop, wait_for
 from transkd_jax.logs import read_metrics
 
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("generated") / "tree")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
 
 
 def _args(data_root, workdir, **extra):
@@ -60,15 +50,15 @@ def _losses(workdir):
 
 
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, data_root,
-                                                                    cache):
-  one = env(cache, devices=4)
+                                                                    compile_cache):
+  one = env(compile_cache, devices=4)
   # 1 process x 4 devices, 4 steps, a checkpoint at 2.
   _run(["python", "-m", "transkd_jax.main",
         *_args(data_root, tmp_path / "one", total_steps=4, checkpoint_every=2)], one)
   # 2 processes x 2 devices, 2 steps, validating at the end.
   out = _run(["bash", str(LAUNCH), "2",
               *_args(data_root, tmp_path / "two", total_steps=2, eval_every=2)],
-             dict(env(cache), DEVICES_PER_PROCESS="2"))
+             dict(env(compile_cache), DEVICES_PER_PROCESS="2"))
   assert "process 1 of 2: 2 local of 4 devices" in out
   done = [line for line in out.splitlines() if "done: step 2" in line]
   assert len(done) == 1 and done[0].startswith("[process 0]")  # one console
@@ -84,19 +74,19 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, d
   _assert_close(final_params(tmp_path / "two", 4), final_params(tmp_path / "one", 4))
 
 
-def _two_processes(tmp_path, data_root, cache, port_offset):
+def _two_processes(tmp_path, data_root, compile_cache, port_offset):
   port = 23000 + port_offset * 7 + (int(time.time()) % 500) * 10
   common = [*_args(data_root, tmp_path, total_steps=100000, checkpoint_every=100000),
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
             "--heartbeat_timeout=5"]
-  procs = [main([*common, f"--process_id={i}"], env(cache, devices=2)) for i in (0, 1)]
+  procs = [main([*common, f"--process_id={i}"], env(compile_cache, devices=2)) for i in (0, 1)]
   wait_for(lambda: any(r["step"] >= 1 for r in read_metrics(str(tmp_path))), procs[0], 600)
   return procs
 
 
 @pytest.mark.parametrize("victim", [1, 0])
-def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, cache):
-  procs = _two_processes(tmp_path, data_root, cache, victim)
+def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, compile_cache):
+  procs = _two_processes(tmp_path, data_root, compile_cache, victim)
   try:
     procs[victim].send_signal(signal.SIGKILL)
     survivor = procs[1 - victim]
@@ -106,13 +96,10 @@ def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, cache):
     assert time.time() - start < 60
     assert "another task died" in out or "unhealthy" in out or "heartbeat" in out, out[-3000:]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
+    stop(procs)
 
 
-def test_an_error_in_one_process_stops_both(tmp_path, data_root, cache):
+def test_an_error_in_one_process_stops_both(tmp_path, data_root, compile_cache):
   """Process 1 alone meets a bad data root: it exits at once, naming it, and process 0
   (waiting for it at a barrier) stops with an error instead of waiting forever."""
   bad_root = tmp_path / "not_a_dataset"
@@ -122,21 +109,18 @@ def test_an_error_in_one_process_stops_both(tmp_path, data_root, cache):
   common = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
             "--heartbeat_timeout=5"]
   procs = [main([*_args(root, tmp_path / "run", total_steps=3), *common, f"--process_id={i}"],
-                env(cache, devices=2))
+                env(compile_cache, devices=2))
            for i, root in ((0, data_root), (1, str(bad_root)))]
   try:
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert procs[1].returncode != 0 and "not_a_dataset" in outs[1], outs[1][-2000:]
     assert procs[0].returncode != 0, outs[0][-2000:]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
+    stop(procs)
 
 
-def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path, data_root, cache):
-  procs = _two_processes(tmp_path, data_root, cache, 2)
+def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path, data_root, compile_cache):
+  procs = _two_processes(tmp_path, data_root, compile_cache, 2)
   try:
     procs[1].send_signal(signal.SIGTERM)  # preemption notice to one host only
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -148,7 +132,4 @@ def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path, data_root, c
     assert sorted(q.name for q in data if q.suffix == ".json") == [
         "process_0-of-2.json", "process_1-of-2.json"]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
+    stop(procs)

@@ -7,17 +7,13 @@ import json
 import pytest
 from PIL import Image
 
-from runs import REPO
+from runs import synthetic_config
 from transkd_jax import recipe
 from transkd_jax.errors import UserError
 
 
 def _config(tmp_path, methods=("transkd_base",)):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("synthetic", REPO / "configs" / "synthetic.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = synthetic_config()
   config.image_size = (64, 128)
   config.total_steps = 2
   config.recipe.teacher_steps = 2

@@ -15,18 +15,8 @@ from transkd_jax.logs import read_metrics
 from transkd_jax.models import SegFormer
 from transkd_jax.train import train
 
-from runs import REPO, SYNTHETIC, env as _env, final_params as _final_params, main as _main
-from runs import overrides as _overrides, wait_for as _wait_for
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("generated") / "tree")
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
+from runs import SYNTHETIC, env as _env, final_params as _final_params, main as _main
+from runs import overrides as _overrides, synthetic_config, wait_for as _wait_for
 
 
 def test_sigkill_then_restart_ends_bit_equal(tmp_path, data_root, compile_cache):
@@ -101,11 +91,7 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_few_steps_on_generated_data_lower_the_loss(method, tmp_path, data_root, teacher_dir):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("synthetic", REPO / "configs" / "synthetic.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = synthetic_config()
   config.image_size = (64, 128)
   config.batch_size = 2
   config.total_steps = 6
