@@ -23,6 +23,7 @@ from typing import Any, Optional
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -193,11 +194,11 @@ def restore_pytree(path: str):
   Works whatever the topology that wrote it (e.g. a teacher trained on 8
   devices or 2 processes, read by a 1-device evaluation).
   """
-  checkpointer = ocp.StandardCheckpointer()
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                        checkpointer.metadata(path).item_metadata)
-  return checkpointer.restore(path, target)
+                        metadata)
+  return ocp.StandardCheckpointer().restore(path, target)
 
 
 def check_variables(variables: dict, expected: Any, what: str, description: str):
