@@ -94,7 +94,11 @@ def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, compile_c
     out, _ = survivor.communicate(timeout=120)
     assert survivor.returncode != 0, out[-2000:]
     assert time.time() - start < 60
-    assert "another task died" in out or "unhealthy" in out or "heartbeat" in out, out[-3000:]
+    # Either the step's collective loses its peer, or the coordination service misses
+    # the dead process's heartbeats; both name what happened.
+    causes = ("Connection reset by peer", "Connection closed by peer", "another task died",
+              "unhealthy", "heartbeat")
+    assert any(c in out for c in causes), out[-3000:]
   finally:
     stop(procs)
 

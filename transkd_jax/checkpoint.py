@@ -23,8 +23,8 @@ from typing import Any, Optional
 import grain
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from transkd_jax.errors import UserError

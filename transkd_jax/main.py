@@ -154,7 +154,10 @@ def main(argv):
   except Exception:
     if not _multi_process():
       raise
+    import jax
     traceback.print_exc()
+    print(f"error: process {jax.process_index()} of {jax.process_count()} failed (above); "
+          "when another process died first, its output names the cause", file=sys.stderr)
     _exit(1)
 
 
