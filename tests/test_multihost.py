@@ -84,7 +84,7 @@ def _two_processes(tmp_path, data_root, compile_cache, port_offset):
   return procs
 
 
-@pytest.mark.parametrize("victim", [1, 0])
+@pytest.mark.parametrize("victim", [0])  # the coordinator: the worse case (1 passes too)
 def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, compile_cache):
   procs = _two_processes(tmp_path, data_root, compile_cache, victim)
   try:
