@@ -34,3 +34,18 @@ def data_root(tmp_path_factory):
 def compile_cache(tmp_path_factory):
   """A persistent XLA compilation cache shared by a test module's subprocess runs."""
   return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """A random B0 teacher (19 classes; small, to keep compiles short), saved as convert does."""
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from transkd_jax.models import SegFormer
+  path = tmp_path_factory.mktemp("teacher") / "b0"
+  model = SegFormer("b0", 19)
+  variables = jax.jit(model.init)(jax.random.key(5), jnp.zeros((1, 64, 128, 3)))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, {"params": variables["params"],
+                             "batch_stats": variables["batch_stats"]})
+  return str(path)

@@ -74,9 +74,9 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, d
   _assert_close(final_params(tmp_path / "two", 4), final_params(tmp_path / "one", 4))
 
 
-def _two_processes(tmp_path, data_root, compile_cache, port_offset):
+def _two_processes(tmp_path, data_root, compile_cache, port_offset, **extra):
   port = 23000 + port_offset * 7 + (int(time.time()) % 500) * 10
-  common = [*_args(data_root, tmp_path, total_steps=100000, checkpoint_every=100000),
+  common = [*_args(data_root, tmp_path, total_steps=100000, checkpoint_every=100000, **extra),
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
             "--heartbeat_timeout=5"]
   procs = [main([*common, f"--process_id={i}"], env(compile_cache, devices=2)) for i in (0, 1)]
@@ -123,8 +123,11 @@ def test_an_error_in_one_process_stops_both(tmp_path, data_root, compile_cache):
     stop(procs)
 
 
-def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path, data_root, compile_cache):
-  procs = _two_processes(tmp_path, data_root, compile_cache, 2)
+def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path, data_root, compile_cache,
+                                                          teacher_dir):
+  # Distilling, so the teacher's weights are also placed across the processes.
+  procs = _two_processes(tmp_path, data_root, compile_cache, 2, method="transkd_base",
+                         **{"teacher.variant": "b0", "teacher.checkpoint": teacher_dir})
   try:
     procs[1].send_signal(signal.SIGTERM)  # preemption notice to one host only
     outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -77,18 +77,6 @@ def test_missing_or_mismatched_teacher_fails_before_compiling(tmp_path, data_roo
   assert "shape of" in out and time.time() - start < 60
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  """A random B0 teacher (19 classes; small, to keep compiles short), saved as convert does."""
-  path = tmp_path_factory.mktemp("teacher") / "b0"
-  model = SegFormer("b0", 19)
-  variables = jax.jit(model.init)(jax.random.key(5), jnp.zeros((1, 64, 128, 3)))
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, {"params": variables["params"],
-                             "batch_stats": variables["batch_stats"]})
-  return str(path)
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_few_steps_on_generated_data_lower_the_loss(method, tmp_path, data_root, teacher_dir):
   config = synthetic_config()

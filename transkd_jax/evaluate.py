@@ -196,7 +196,7 @@ def load_model(config, workdir: str):
       variables, {"params": expected["params"], "batch_stats": expected["batch_stats"]},
       f"{what}={path}", f"SegFormer-{str(variant).upper()} with {config.num_classes} classes "
       "(config.student.variant, or config.eval.variant, and config.num_classes)")
-  return model, jax.tree.map(jnp.asarray, variables), source
+  return model, jax.tree.map(np.asarray, variables), source
 
 
 def results_json(scores: dict, names) -> dict:
@@ -231,7 +231,7 @@ def run_eval(config, workdir: str) -> dict:
     raise UserError(str(e)) from None
   split = config.get("eval_split", "val")
   print(f"evaluating {source} on {config.data.name} {split} ({protocol} protocol)", flush=True)
-  variables = jax.device_put(variables, sharding.replicated(mesh))
+  variables = sharding.put_global(variables, sharding.replicated(mesh))
   scores = evaluate_split(config, mesh, make_eval_step(model, config.num_classes, protocol, mesh),
                           variables, split)
   results = results_json(scores, class_names(config.data, config.num_classes))

@@ -136,6 +136,7 @@ def run_predict(config, workdir: str) -> dict:
                     f"config.data.name={config.data.name!r} with config.num_classes="
                     f"{config.num_classes} has other classes")
   model, variables, source = load_model(config, workdir)
+  variables = jax.device_put(variables)  # once, not with every batch (each process its own)
   out_dir = os.path.expanduser(config.predict.output_dir or os.path.join(workdir, "predictions"))
   colours = palette(config.data, config.num_classes)
   predict = make_predict_fn(model, bool(config.predict.resize))

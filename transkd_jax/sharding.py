@@ -78,6 +78,21 @@ def tree_shardings(tree, mesh: Mesh, rule: str = "replicate"):
   return jax.tree.map(lambda x: NamedSharding(mesh, spec_of(tuple(x.shape), mesh)), tree)
 
 
+def put_global(tree, shardings):
+  """Host values that every process holds alike -> global jax.Arrays laid out by ``shardings``.
+
+  ``shardings`` is one sharding for every leaf or a tree of them. Each process
+  places only its own devices' shards, so this works across processes, where
+  ``jax.device_put`` of a single-device array would need cross-host transfers.
+  """
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: put(x, shardings), tree)
+  return jax.tree.map(put, tree, shardings)
+
+
 def global_batch(local_batch, mesh: Mesh):
   """Host-local numpy batch -> global jax.Arrays split along ``data``.
 

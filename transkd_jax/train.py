@@ -107,7 +107,7 @@ def _restore_segformer(path, what, variant, config):
       variables, {"params": expected["params"], "batch_stats": expected["batch_stats"]}, what,
       f"SegFormer-{str(variant).upper()} with {config.num_classes} classes "
       "(config.teacher.variant / config.student.variant / config.num_classes)")
-  return jax.tree.map(jnp.asarray, variables)
+  return jax.tree.map(np.asarray, variables)  # host arrays: placed on the mesh by the caller
 
 
 def check_batch_size(config, mesh):
@@ -201,7 +201,7 @@ def train(config, workdir: str) -> dict:
   teacher_sharding = None
   if teacher_vars is not None:
     teacher_sharding = sharding.tree_shardings(teacher_vars, mesh, config.sharding)
-    teacher_vars = jax.device_put(teacher_vars, teacher_sharding)
+    teacher_vars = sharding.put_global(teacher_vars, teacher_sharding)
   step_fn = jit_train_step(
       make_train_step(models.model, models.teacher, models.method, settings, optimizer,
                       schedule, config.seed, config.get("class_weights") or None),
