@@ -4,7 +4,7 @@
         --config.data.root=/data/cityscapes --config.teacher.checkpoint=/ckpt/segformer_b2
     python -m transkd_jax.main --config=configs/cityscapes.py --workdir=/tmp/cs --mode=info
 
-Values follow ../shared/REFERENCE.md (the public code's settings): 19 classes
+Values follow the public TransKD code's settings (docs/transkd.md): 19 classes
 (ignore label 255), images resized to 512 x 1024, no normalisation, flip and
 +-2 px shift; TransKD-Base with HCL weight 1.0 and PEA weights (0.1, 0.1, 0.5,
 1.0); ENet-style class weights; AdamW lr 6e-5, batch 2, 1000 epochs of 1488

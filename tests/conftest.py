@@ -49,3 +49,24 @@ def teacher_dir(tmp_path_factory):
     checkpointer.save(path, {"params": variables["params"],
                              "batch_stats": variables["batch_stats"]})
   return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  """A generated 64x128 tree and a B0 'converted' checkpoint whose head predicts several
+  classes (eval and predict tests)."""
+  from transkd_jax import convert
+  from transkd_jax.data import generated
+  import jax.numpy as jnp
+  from transkd_jax.models import SegFormer
+  base = tmp_path_factory.mktemp("evalpred")
+  root = str(base / "tree")
+  generated.write_dataset(root, 4, 3, (64, 128), seed=0)
+  model = SegFormer("b0", 19)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 128, 3)))
+  # A random head predicts one class everywhere; a larger classifier spreads the argmax.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 30 if "linear_pred" in jax.tree_util.keystr(p) else x, variables)
+  ckpt = str(base / "ckpt")
+  convert.save(jax.device_get(variables), ckpt, {"arch": "mit_b0", "num_classes": 19})
+  return {"root": root, "ckpt": ckpt, "model": model, "variables": variables}

@@ -6,19 +6,48 @@ import subprocess
 import sys
 import time
 
+import ml_collections
+
 from transkd_jax.checkpoint import restore_pytree
+from transkd_jax.models import MiTVariant
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SYNTHETIC = f"--config={REPO / 'configs' / 'synthetic.py'}"
 
+# Tiny MiT rows: the same four-stage geometry, a fraction of the widths.
+TINY_STUDENT = MiTVariant((8, 16, 24, 32), (1, 1, 1, 1), (1, 1, 1, 2), 32)
+TINY_TEACHER = MiTVariant((16, 32, 48, 64), (1, 1, 1, 1), (1, 2, 2, 4), 32)
 
-def synthetic_config():
-  """configs/synthetic.py's ConfigDict, loaded as main loads a config file."""
+
+def load_config(path):
+  """A config file's ConfigDict, loaded as main loads it."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location("synthetic", REPO / "configs" / "synthetic.py")
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def synthetic_config():
+  return load_config(REPO / "configs" / "synthetic.py")
+
+
+def set_variant(config, role, variant):
+  """``config.<role>.variant = variant``, also across str / MiTVariant (a type-safe field)."""
+  config[role] = ml_collections.ConfigDict({**config[role].to_dict(), "variant": variant})
+
+
+def tiny_config(data_root="", **overrides):
+  """configs/synthetic.py with tiny MiT rows, 64x128 generated scenes and a short run."""
+  config = synthetic_config()
+  set_variant(config, "student", TINY_STUDENT)
+  set_variant(config, "teacher", TINY_TEACHER)
+  config.update(image_size=(64, 128), batch_size=2, total_steps=6, log_every=1, eval_every=0,
+                checkpoint_every=0)
+  config.optimizer.warmup_steps = 0
+  config.data.update(root=str(data_root), num_train=8, num_val=4, generated_size=(64, 128))
+  config.update(overrides)
+  return config
 
 
 def stop(procs):
@@ -67,3 +96,17 @@ def wait_for(predicate, proc, timeout=300):
       proc.kill()
       raise AssertionError("timed out")
     time.sleep(0.2)
+
+
+def served_config(served, **predict):
+  """A config that evaluates / predicts with the ``served`` fixture's checkpoint."""
+  from transkd_jax.config import base_config
+  config = base_config()
+  config.image_size = (64, 128)
+  config.batch_size = 2
+  config.method = "student"
+  config.eval.checkpoint = served["ckpt"]
+  config.data.update({"root": served["root"], "num_train": 4, "num_val": 3,
+                      "generated_size": (64, 128)})
+  config.predict.update(predict)
+  return config

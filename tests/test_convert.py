@@ -98,6 +98,7 @@ def test_cli_writes_restorable_orbax_checkpoint(tmp_path, capsys):
   assert set(tree) == {"params", "batch_stats"}
   meta = json.loads((out / convert.META_FILE).read_text())
   assert meta["arch"] == "mit_b0" and meta["num_classes"] == 19
+  assert meta["source_format"] == "huggingface" and meta["normalization"] == "imagenet"
   images = np.random.RandomState(1).rand(1, 64, 64, 3).astype(np.float32)
   ours = _ours(tree, "b0", 19, images)
   theirs = _hf_forward(hf, images)
@@ -110,16 +111,8 @@ def test_cli_writes_restorable_orbax_checkpoint(tmp_path, capsys):
 
 
 def _public_state_dict(tree):
-  """The public PyTorch code's state dict for a Flax tree (inverse of the converter)."""
-  state = {}
-  for path, value in convert._flatten(tree):
-    value = np.asarray(value)
-    if value.ndim == 2:
-      value = value.T
-    elif value.ndim == 4:
-      value = value.transpose(3, 2, 0, 1)
-    state[convert.torch_name(path)] = torch.from_numpy(np.ascontiguousarray(value))
-  return state
+  """The public PyTorch code's state dict for a Flax tree (the exporter's inverse mapping)."""
+  return {k: torch.from_numpy(v) for k, v in convert.to_public_state_dict(tree).items()}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +130,31 @@ def test_public_names_are_the_reference_ones(b0_tree):
                "block1.0.mlp.dwconv.dwconv.weight", "norm1.weight", "linear_c4.proj.weight",
                "linear_fuse.conv.weight", "linear_fuse.bn.running_mean", "linear_pred.weight"]:
     assert name in names
-  assert len(names) == len(jax.tree.leaves(b0_tree))
+  assert "linear_fuse.bn.num_batches_tracked" in names  # as PyTorch's BatchNorm keeps it
+  assert len(names) == len(jax.tree.leaves(b0_tree)) + 1
+
+
+def test_public_and_huggingface_names_are_inverse(tmp_path, b0_tree):
+  """public -> HF gives exactly save_pretrained's file names, and back gives the public ones."""
+  public = convert.to_public_state_dict(b0_tree)
+  hf = convert.public_to_hf(public)
+  model = _hf_model(convert.get_variant("b0"), num_labels=20)
+  model.save_pretrained(tmp_path / "hf")
+  from safetensors import safe_open
+  with safe_open(str(tmp_path / "hf" / "model.safetensors"), "np") as f:
+    assert set(hf) == set(f.keys())
+    for name in hf:
+      assert list(hf[name].shape) == list(f.get_slice(name).get_shape()), name
+  back = convert._hf_to_public(hf)
+  assert set(back) == set(public)
+  for name, value in public.items():
+    np.testing.assert_array_equal(back[name], value)
+  assert convert.source_format(hf) == ("huggingface", "imagenet")
+  assert convert.source_format({f"module.student.{k}": v for k, v in public.items()}) == (
+      "transkd", "unit")
+  assert convert.source_format(public) == ("public", "unit")
+  assert convert.source_format({k: v for k, v in public.items()
+                                if k.startswith(("patch", "block", "norm"))})[1] == "imagenet"
 
 
 def test_transkd_wrapper_checkpoint(tmp_path, b0_tree):

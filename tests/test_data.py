@@ -2,12 +2,12 @@
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from transkd_jax import data
+from transkd_jax.config import base_config
 from transkd_jax.data import generated, transforms
 from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN, CITYSCAPES_NAMES
 from transkd_jax.data.sources import make_source
@@ -15,14 +15,15 @@ from transkd_jax.errors import UserError
 
 
 def CityscapesSource(root, split):
-  return make_source(ml_collections.ConfigDict({"name": "cityscapes", "root": root}), split)
+  return make_source(data.default_data_config(name="cityscapes", root=root), split)
 
 
 def _config(root, **data_overrides):
-  return ml_collections.ConfigDict({
-      "batch_size": 2, "seed": 3, "image_size": (64, 128),
-      "data": data.default_data_config(root=str(root), num_train=10, num_val=5,
-                                       generated_size=(64, 128), **data_overrides)})
+  config = base_config()
+  config.update(batch_size=2, seed=3, image_size=(64, 128))
+  config.data.update(root=str(root), num_train=10, num_val=5, generated_size=(64, 128))
+  config.data.update(data_overrides)
+  return config
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,7 @@ def test_two_writers_of_one_generated_tree_both_succeed(tmp_path, monkeypatch):
 
   monkeypatch.setattr(generated, "generate_scene", racing)
   assert generated.write_dataset(root, 2, 1, (32, 64), seed=0) == root
-  assert calls and len(make_source(ml_collections.ConfigDict(
-      {"name": "cityscapes", "root": root}), "train")) == 2
+  assert calls and len(CityscapesSource(root, "train")) == 2
   assert [p for p in os.listdir(tmp_path) if p.startswith(".generating")] == []
 
 
@@ -204,7 +204,7 @@ def test_acdc_conditions_and_layout(tmp_path):
              np.zeros((4, 8, 3), np.uint8))
       _write(str(tmp_path / f"gt/{condition}/val/GOPR0{i}/{stem}_gt_labelIds.png"),
              np.full((4, 8), 26, np.uint8))  # car
-  cfg = ml_collections.ConfigDict({"name": "acdc", "root": str(tmp_path), "conditions": "fog"})
+  cfg = data.default_data_config(name="acdc", root=str(tmp_path), conditions="fog")
   fog = make_source(cfg, "val")
   assert len(fog) == 2 and (fog[0]["label"] == 13).all()
   cfg.conditions = "fog,night"
@@ -228,7 +228,7 @@ def test_voc_lists_palette_labels_and_errors(tmp_path):
     palette_png = Image.fromarray(label, mode="P")
     palette_png.putpalette(data.PALETTES["voc"].ravel().tolist())
     palette_png.save(tmp_path / f"SegmentationClass/{name}.png")
-  cfg = ml_collections.ConfigDict({"name": "voc", "root": str(tmp_path)})
+  cfg = data.default_data_config(name="voc", root=str(tmp_path))
   source = make_source(cfg, "val")
   assert len(source) == 2 and source[1]["label"][1, 0] == 15 and source[1]["label"][0, 0] == 255
   with pytest.raises(UserError, match="no split 'train_aug'.*train_aug.txt is missing"):
@@ -247,7 +247,7 @@ def test_nyuv2_layout_shifts_labels_and_names_errors(tmp_path):
   for name in ("0001", "0002"):
     Image.fromarray(np.full((6, 8, 3), 7, np.uint8)).save(tmp_path / f"images/{name}.jpg")
     Image.fromarray(label).save(tmp_path / f"labels40/{name}.png")
-  cfg = ml_collections.ConfigDict({"name": "nyuv2", "root": str(tmp_path)})
+  cfg = data.default_data_config(name="nyuv2", root=str(tmp_path))
   source = make_source(cfg, "test")
   example = source[0]
   assert len(source) == 2 and example["name"] == "0001"
@@ -273,8 +273,7 @@ def test_skip_bad_files_counts_what_it_skipped(gen_root, tmp_path):
   strict = CityscapesSource(str(root), "val")
   with pytest.raises(UserError, match=f"cannot decode image .*{images[1].name}"):
     strict[1]
-  cfg = ml_collections.ConfigDict({"name": "cityscapes", "root": str(root),
-                                   "skip_bad_files": True})
+  cfg = data.default_data_config(name="cityscapes", root=str(root), skip_bad_files=True)
   source = make_source(cfg, "val")
   with pytest.warns(UserWarning, match="skipping a bad file"):
     example = source[1]

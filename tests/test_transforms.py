@@ -1,20 +1,21 @@
-"""Transforms of the mmseg protocol, and the protocol selection."""
+"""The mmseg transforms, and choosing the transforms."""
 
-import ml_collections
 import numpy as np
 import pytest
 
 from transkd_jax import data
+from transkd_jax.config import base_config
 from transkd_jax.data import generated, transforms
 from transkd_jax.errors import UserError
 
 
 def _config(root, **data_overrides):
-  overrides = {"protocol": "mmseg", "mmseg_scale": (64, 128), **data_overrides}
-  return ml_collections.ConfigDict({
-      "batch_size": 2, "seed": 3, "image_size": (32, 64),
-      "data": data.default_data_config(root=str(root), num_train=4, num_val=3,
-                                       generated_size=(64, 128), **overrides)})
+  config = base_config()
+  config.update(batch_size=2, seed=3, image_size=(32, 64))
+  config.data.update(transforms="mmseg", mmseg_scale=(64, 128), root=str(root), num_train=4,
+                     num_val=3, generated_size=(64, 128))
+  config.data.update(data_overrides)
+  return config
 
 
 def _example(shape=(64, 128), seed=0):
@@ -135,16 +136,17 @@ def test_same_seed_same_output():
   assert not np.array_equal(a["image"], c["image"])
 
 
-def test_protocol_selection_and_errors(gen_root):
-  config = _config(gen_root, protocol="segformer")
+def test_transforms_selection_and_errors(gen_root):
+  config = _config(gen_root, transforms="segformer")
   for make in (transforms.train_transform, transforms.eval_transform):
-    with pytest.raises(UserError, match="config.data.protocol='segformer'.*'reference' or 'mmseg'"):
+    with pytest.raises(UserError, match="config.data.transforms='segformer'.*'reference' or "
+                                        "'mmseg'"):
       make(config)
-  with pytest.raises(UserError, match="config.data.protocol"):
+  with pytest.raises(UserError, match="config.data.transforms"):
     data.make_train_iterator(config)
   with pytest.raises(UserError, match="config.data.mmseg_ratio_range"):
     transforms.train_transform(_config(gen_root, mmseg_ratio_range=(2.0, 0.5)))
-  ref = _config(gen_root, protocol="reference")
+  ref = _config(gen_root, transforms="reference")
   out = transforms.train_transform(ref)(_example(), np.random.default_rng(0))
   assert out["label"].shape == (8, 16) and out["image"].max() <= 1.0  # unchanged reference
 

@@ -108,14 +108,7 @@ class RunCheckpoints:
 
   def best_step(self) -> Optional[int]:
     """The step with the best ``best_metric`` among saved ones (None if none scored)."""
-    scored = []
-    for step in self.steps():
-      metrics = self.manager.metrics(step)
-      if metrics and self.best_metric in metrics:
-        scored.append((float(metrics[self.best_metric]), step))
-    if not scored:
-      return None
-    return (max if self.best_mode == "max" else min)(scored)[1]
+    return self.manager.best_step()
 
   def restore(self, abstract_state, data_iterator=None):
     """(state, step) from the newest readable checkpoint, or (None, None) if none.
@@ -146,12 +139,28 @@ class RunCheckpoints:
     self.manager.close()
 
 
+ROLES = ("student", "teacher")  # where a train state keeps the SegFormer it trains
+
+
+def trained_role(params) -> str:
+  """The key of a train state's params that holds the trained SegFormer."""
+  found = [r for r in ROLES if r in params]
+  if len(found) != 1:
+    raise UserError(f"a train state should hold exactly one of {ROLES}; it holds "
+                    f"{sorted(params)}")
+  return found[0]
+
+
+def has_checkpoints(workdir: str) -> bool:
+  return os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
+
+
 def restore_model_variables(path: str, what: str, with_source: bool = False):
   """{"params", "batch_stats"} of a SegFormer from an Orbax directory.
 
   ``path`` is either a directory ``transkd_jax.convert`` wrote, or a training
-  run's workdir (its best checkpoint, else its latest; the run's student, i.e.
-  a teacher run's model). ``what`` names the config key, for error messages.
+  run's workdir (its best checkpoint, else its latest; the model the run
+  trained: its student, or a teacher run's teacher). ``what`` names the config key, for error messages.
   ``with_source=True`` returns (variables, a line naming the checkpoint read).
   """
   if not path:
@@ -162,7 +171,7 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
                     "written by transkd_jax.convert, or a training run's workdir)")
   run_dir = os.path.join(path, CHECKPOINT_DIR)
   try:
-    if os.path.isdir(run_dir):
+    if has_checkpoints(path):
       run = RunCheckpoints(path, async_save=False)
       step = run.best_step()
       step = run.latest_step() if step is None else step
@@ -171,8 +180,8 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
       how = "best by " + run.best_metric if step == run.best_step() else "latest"
       run.close()
       state = restore_pytree(os.path.join(run_dir, str(step), "state"))
-      variables = {"params": state["params"]["student"],
-                   "batch_stats": state["batch_stats"]["student"]}
+      role = trained_role(state["params"])
+      variables = {"params": state["params"][role], "batch_stats": state["batch_stats"][role]}
       source = f"{os.path.join(run_dir, str(step))} (step {step}, {how})"
       return (variables, source) if with_source else variables
     tree = restore_pytree(path)

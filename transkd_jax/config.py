@@ -1,6 +1,6 @@
 """Every config key, with its default: what dataset configs (configs/*.py) start from.
 
-Defaults are the public TransKD code's settings for Cityscapes (REFERENCE.md).
+Defaults are the public TransKD code's settings for Cityscapes (docs/transkd.md).
 A config file calls ``base_config()`` and sets what differs for its dataset;
 ``python -m transkd_jax.main --config=configs/<name>.py --config.key=value``
 overrides any key.
@@ -29,10 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.student.init = ""         # empty: from scratch, as in TransKD
 
   config.dtype = "float32"          # compute dtype of the models; "bfloat16" on GPU/TPU
-  config.teacher_dtype = "float32"  # the frozen teacher's compute dtype
+  config.teacher_dtype = "float32"  # the frozen teacher's compute dtype ("": config.dtype)
 
-  # Distillation: student | transkd_base | transkd_gl | transkd_ea | kd | cwd |
-  # reviewkd | fitnet (transkd_jax/distill/methods.py), or teacher (train the teacher).
+  # What to train (transkd_jax/distill/methods.py): student | transkd_base | transkd_gl |
+  # transkd_ea | kd | cwd | reviewkd | fitnet, or teacher (the teacher alone).
   config.method = "transkd_base"
   config.class_weights = ()  # cross-entropy class weights (one per class); () for plain CE
   config.distill = ml_collections.ConfigDict()
@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3              # latest N, plus the best by validation mIoU
   config.train_split = "train"
   config.eval_split = "val"
-  config.eval_protocol = "standard"        # or "reference" (the public code's, 1/4 labels)
+  config.eval_protocol = "standard"        # mIoU: or "reference" (the public code's, 1/4 labels)
   config.mesh_shape = (-1, 1)              # (data, model); -1 takes the remaining devices
   config.sharding = "replicate"            # or "fsdp": large arrays split along "model"
 
@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.data = default_data_config()  # keys: transkd_jax/data/__init__.py
 
-  # python -m transkd_jax.recipe (transkd_jax/recipe.py): the paper's table on one dataset.
+  # --mode=recipe (transkd_jax/recipe.py): the paper's table on one dataset.
   config.recipe = ml_collections.ConfigDict()
   config.recipe.methods = ("student", "transkd_base", "transkd_gl", "transkd_ea", "kd", "cwd",
                            "reviewkd", "fitnet")  # each trains the student for total_steps
@@ -96,34 +96,91 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+EVAL_PROTOCOLS = ("standard", "reference")
+TRANSFORMS = ("reference", "mmseg")
+DATASETS = ("cityscapes", "acdc", "nyuv2", "voc", "tfds", "generated")
+
+
+def _keys(tree, prefix=""):
+  out = set()
+  for key, value in tree.items():
+    out.add(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out |= _keys(value, f"{prefix}{key}.")
+  return out
+
+
+def _check(ok: bool, key: str, expected: str, value):
+  if not ok:
+    raise UserError(f"config.{key} must be {expected}, got {value!r}")
+
+
+def _positive_int(config, key, allow_zero=False):
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  ok = isinstance(value, int) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value >= 1)
+  _check(ok, key, "a non-negative integer" if allow_zero else "a positive integer", value)
 
 
 def validate_config(config):
-  """Checks the keys every mode needs; raises UserError naming the key."""
+  """Checks every key once, before anything is built; raises UserError naming the key.
+
+  After this, code reads keys as attributes: every key ``base_config()``
+  defines is present (a config file that does not start from it is named
+  with the keys it lacks).
+  """
+  from transkd_jax.distill import get_method, loss_settings
   from transkd_jax.models.variants import get_variant
+  missing = sorted(_keys(base_config()) - _keys(config))
+  if missing:
+    raise UserError(f"the config lacks {', '.join('config.' + k for k in missing[:8])}"
+                    f"{' ...' if len(missing) > 8 else ''}: config files start from "
+                    "transkd_jax.config.base_config() (see configs/cityscapes.py)")
   for role in ("teacher", "student"):
     try:
       get_variant(config[role].variant)
-    except (KeyError, AttributeError) as e:
-      raise UserError(f"config.{role}.variant is missing ({e})") from None
     except ValueError as e:
       raise UserError(f"config.{role}.variant: {e}") from None
-  if not isinstance(config.num_classes, int) or config.num_classes < 1:
-    raise UserError(f"config.num_classes must be a positive integer, got {config.num_classes!r}")
+  _positive_int(config, "num_classes")
   size = tuple(config.image_size)
-  if len(size) != 2 or not all(isinstance(s, int) and s >= 32 for s in size):
-    raise UserError(f"config.image_size must be (height, width), each >= 32; got {size!r}")
-  if config.dtype not in _DTYPES:
-    raise UserError(f"config.dtype must be one of {_DTYPES}, got {config.dtype!r}")
-  from transkd_jax.distill import loss_settings
+  _check(len(size) == 2 and all(isinstance(s, int) and s >= 32 for s in size), "image_size",
+         "(height, width), each an integer >= 32", size)
+  _check(config.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", config.dtype)
+  _check(config.teacher_dtype in _DTYPES + ("",), "teacher_dtype",
+         f"one of {_DTYPES} (or empty: config.dtype)", config.teacher_dtype)
   try:
-    if config.method != "teacher":
-      loss_settings(config.method, config.get("distill"))
+    loss_settings(get_method(config.method), config.distill)
+    for name in config.recipe.methods:
+      get_method(name)
   except ValueError as e:
-    raise UserError(f"config.method / config.distill: {e}") from None
-  weights = config.get("class_weights") or ()
+    raise UserError(f"config.method / config.distill / config.recipe.methods: {e}") from None
+  weights = tuple(config.class_weights)
   if weights and (len(weights) != config.num_classes or
                   not all(isinstance(w, (int, float)) for w in weights)):
-    raise UserError(f"config.class_weights has {len(weights)} entries ({tuple(weights)[:3]}...); "
+    raise UserError(f"config.class_weights has {len(weights)} entries ({weights[:3]}...); "
                     f"expected {config.num_classes} numbers (config.num_classes), or () for "
                     "unweighted cross-entropy")
+  for key in ("batch_size", "total_steps", "log_every", "keep_checkpoints"):
+    _positive_int(config, key)
+  for key in ("eval_every", "checkpoint_every", "optimizer.warmup_steps",
+              "optimizer.decay_steps", "recipe.teacher_steps", "data.num_workers"):
+    _positive_int(config, key, allow_zero=True)
+  if config.optimizer.warmup_steps >= config.total_steps:
+    raise UserError(f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must be "
+                    f"below config.total_steps ({config.total_steps})")
+  _check(config.eval_protocol in EVAL_PROTOCOLS, "eval_protocol", f"one of {EVAL_PROTOCOLS}",
+         config.eval_protocol)
+  from transkd_jax.sharding import RULES
+  _check(config.sharding in RULES, "sharding", f"one of {tuple(RULES)}", config.sharding)
+  shape = tuple(config.mesh_shape)
+  _check(len(shape) == 2 and shape.count(-1) <= 1 and all(
+      isinstance(s, int) and (s >= 1 or s == -1) for s in shape), "mesh_shape",
+      "(data, model): positive integers, at most one -1", shape)
+  _check(config.data.name in DATASETS, "data.name", f"one of {DATASETS}", config.data.name)
+  _check(config.data.transforms in TRANSFORMS, "data.transforms", f"one of {TRANSFORMS}",
+         config.data.transforms)
+  _check(config.data.eval_label_resolution in ("", "quarter", "full"),
+         "data.eval_label_resolution", "'quarter', 'full' or '' (follows eval_protocol)",
+         config.data.eval_label_resolution)

@@ -14,12 +14,15 @@ Reads
 
 Writes ``DIR`` with ``orbax.checkpoint.StandardCheckpointer``: the plain pytree
 ``{"params": ..., "batch_stats": ...}`` of ``transkd_jax.models.SegFormer``,
-plus ``DIR/transkd_convert.json`` saying what it holds. Names are first brought
-to the public PyTorch code's names (``block1.0.attn.kv.weight`` ...), then
-mapped onto the Flax tree, whose names follow the same code.
+plus ``DIR/transkd_convert.json`` saying what it holds (arch, classes, source,
+its layout and the input normalisation that layout's code uses). Names are
+first brought to the public PyTorch code's names (``block1.0.attn.kv.weight``
+...), then mapped onto the Flax tree, whose names follow the same code.
+``transkd_jax.export`` goes the other way with the same name tables.
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -27,6 +30,7 @@ import sys
 from typing import Dict, Tuple
 
 import numpy as np
+from flax import traverse_util
 
 from transkd_jax.errors import UserError
 from transkd_jax.models.variants import get_variant
@@ -108,40 +112,70 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------
-# Names: everything -> the public PyTorch code's names
+# Names: everything <-> the public PyTorch code's names
 # --------------------------------------------------------------------------
 
-# HuggingFace transformers' names -> the public code's names. Two schemes: the
-# file names save_pretrained writes (encoder.block.i.j...), and the names
-# transformers 5 uses in memory, which a torch.save(model.state_dict()) holds
-# (stages.i.blocks.j...). k and v are kept apart here and merged into kv after.
-_HF_RULES = [
-    (r"^stages\.(\d)\.patch_embeddings\.proj\.", lambda m: f"patch_embed{_n(m)}.proj."),
-    (r"^stages\.(\d)\.patch_embeddings\.layer_norm\.", lambda m: f"patch_embed{_n(m)}.norm."),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.", lambda m: f"block{_n(m)}.{m.group(2)}."),
-    (r"^stages\.(\d)\.layer_norm\.", lambda m: f"norm{_n(m)}."),
-    (r"^decode_head\.linear_projections\.(\d)\.proj\.", lambda m: f"linear_c{_n(m)}.proj."),
-    (r"^encoder\.patch_embeddings\.(\d)\.proj\.", lambda m: f"patch_embed{_n(m)}.proj."),
-    (r"^encoder\.patch_embeddings\.(\d)\.layer_norm\.", lambda m: f"patch_embed{_n(m)}.norm."),
-    (r"^encoder\.block\.(\d)\.(\d+)\.", lambda m: f"block{_n(m)}.{m.group(2)}."),
-    (r"^encoder\.layer_norm\.(\d)\.", lambda m: f"norm{_n(m)}."),
-    (r"^decode_head\.linear_c\.(\d)\.proj\.", lambda m: f"linear_c{_n(m)}.proj."),
-    (r"^decode_head\.linear_fuse\.", lambda m: "linear_fuse.conv."),
-    (r"^decode_head\.batch_norm\.", lambda m: "linear_fuse.bn."),
-    (r"^decode_head\.classifier\.", lambda m: "linear_pred."),
+# HuggingFace transformers' names <-> the public code's names, as (HF, public)
+# pairs; in a prefix, {i} is a stage 0-3 (the public code counts {s} = 1-4) and
+# {j} a block. Two HF schemes: the names save_pretrained writes (FILE: read and
+# written), and the names transformers 5 uses in memory, which a
+# torch.save(model.state_dict()) holds (MEMORY: read only). The public code's
+# kv layer is k and v apart in HF: see _hf_to_public / public_to_hf.
+_HF_FILE_PREFIXES = [
+    ("encoder.patch_embeddings.{i}.proj.", "patch_embed{s}.proj."),
+    ("encoder.patch_embeddings.{i}.layer_norm.", "patch_embed{s}.norm."),
+    ("encoder.block.{i}.{j}.", "block{s}.{j}."),
+    ("encoder.layer_norm.{i}.", "norm{s}."),
+    ("decode_head.linear_c.{i}.proj.", "linear_c{s}.proj."),
+    ("decode_head.linear_fuse.", "linear_fuse.conv."),
+    ("decode_head.batch_norm.", "linear_fuse.bn."),
+    ("decode_head.classifier.", "linear_pred."),
 ]
-_HF_BLOCK_RULES = [
+_HF_MEMORY_PREFIXES = [
+    ("stages.{i}.patch_embeddings.proj.", "patch_embed{s}.proj."),
+    ("stages.{i}.patch_embeddings.layer_norm.", "patch_embed{s}.norm."),
+    ("stages.{i}.blocks.{j}.", "block{s}.{j}."),
+    ("stages.{i}.layer_norm.", "norm{s}."),
+    ("decode_head.linear_projections.{i}.proj.", "linear_c{s}.proj."),
+]
+# Inside a block (names after the block prefix).
+_HF_FILE_BLOCK = [
     (".layer_norm_1.", ".norm1."), (".layer_norm_2.", ".norm2."),
     (".attention.self.query.", ".attn.q."), (".attention.self.key.", ".attn.k."),
     (".attention.self.value.", ".attn.v."), (".attention.self.sr.", ".attn.sr."),
     (".attention.self.layer_norm.", ".attn.norm."), (".attention.output.dense.", ".attn.proj."),
     (".mlp.dense1.", ".mlp.fc1."), (".mlp.dense2.", ".mlp.fc2."),
+]
+_HF_MEMORY_BLOCK = [
     (".layernorm_before.", ".norm1."), (".layernorm_after.", ".norm2."),
     (".attention.q_proj.", ".attn.q."), (".attention.k_proj.", ".attn.k."),
     (".attention.v_proj.", ".attn.v."), (".attention.o_proj.", ".attn.proj."),
     (".attention.sequence_reduction.sequence_reduction.", ".attn.sr."),
     (".attention.sequence_reduction.layer_norm.", ".attn.norm."),
 ]
+# The HF model's top-level module of everything but the decode head.
+_HF_ENCODER_PREFIX = "segformer."
+
+
+@functools.lru_cache(maxsize=None)
+def _prefix_regex(template: str):
+  pattern = re.escape(template)
+  for field, group in (("i", r"(?P<i>\d)"), ("s", r"(?P<s>\d)"), ("j", r"(?P<j>\d+)")):
+    pattern = pattern.replace(re.escape("{" + field + "}"), group)
+  return re.compile(pattern)
+
+
+def _rename_prefix(name: str, pairs, forward: bool):
+  """``name`` with the first matching prefix renamed (HF -> public if ``forward``), or None."""
+  for hf, public in pairs:
+    source, target = (hf, public) if forward else (public, hf)
+    match = _prefix_regex(source).match(name)
+    if match:
+      fields = match.groupdict()
+      stage = int(fields["i"]) if "i" in fields else int(fields.get("s", 1)) - 1
+      return target.format(i=stage, s=stage + 1, j=fields.get("j")) + name[match.end():]
+  return None
+
 
 # Tensors that are known and deliberately not imported.
 _IGNORED = [
@@ -152,13 +186,29 @@ _IGNORED = [
 ]
 
 
-def _n(match) -> int:
-  return int(match.group(1)) + 1
-
-
 def _is_hf(names) -> bool:
   return any(n.startswith(("segformer.", "encoder.patch_embeddings.", "encoder.block.",
                             "stages.")) for n in names)
+
+
+def source_format(state) -> Tuple[str, str]:
+  """(layout, normalization) of a checkpoint's names.
+
+  layout: "transkd" (the distillation wrapper, ``student.``), "huggingface",
+  "mmseg" (``backbone.`` / ``decode_head.``) or "public" (the public code's
+  plain names). normalization: the input scaling the source code feeds its
+  models, a guess from the layout: "unit" ([0, 1] pixels) for TransKD's code,
+  "imagenet" (mean/std) for HuggingFace, mmseg and bare ImageNet encoders.
+  """
+  names = [re.sub(r"^(module\.)+", "", k) for k in state]
+  if any(n.startswith("student.") for n in names):
+    return "transkd", "unit"
+  if _is_hf(names):
+    return "huggingface", "imagenet"
+  if any(n.startswith(("backbone.", "decode_head.")) for n in names):
+    return "mmseg", "imagenet"
+  has_head = any(n.startswith("linear_pred.") for n in names)
+  return "public", "unit" if has_head else "imagenet"
 
 
 def canonical_names(state: Dict[str, np.ndarray]):
@@ -190,13 +240,10 @@ def canonical_names(state: Dict[str, np.ndarray]):
 def _hf_to_public(state):
   out = {}
   for name, value in state.items():
-    name = re.sub(r"^segformer\.", "", name)
-    for pattern, repl in _HF_RULES:
-      name, count = re.subn(pattern, repl, name)
-      if count:
-        break
+    name = name[len(_HF_ENCODER_PREFIX):] if name.startswith(_HF_ENCODER_PREFIX) else name
+    name = _rename_prefix(name, _HF_MEMORY_PREFIXES + _HF_FILE_PREFIXES, forward=True) or name
     if name.startswith("block"):
-      for old, new in _HF_BLOCK_RULES:
+      for old, new in _HF_FILE_BLOCK + _HF_MEMORY_BLOCK:
         name = name.replace(old, new)
     out[name] = value
   # One kv layer, k first, as in the public code.
@@ -205,6 +252,33 @@ def _hf_to_public(state):
     if v_name in out:
       out[k_name.replace(".attn.k.", ".attn.kv.")] = np.concatenate(
           [out.pop(k_name), out.pop(v_name)], axis=0)
+  return out
+
+
+def public_to_hf(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Public names -> the names HF's save_pretrained writes (kv split into key and value).
+
+  The inverse of ``_hf_to_public`` on what SegFormer has; raises ValueError on a
+  name it cannot place.
+  """
+  out = {}
+  for name, value in state.items():
+    if ".attn.kv." in name:
+      k, v = np.split(value, 2, axis=0)
+      pieces = [(name.replace(".attn.kv.", ".attn.k."), k),
+                (name.replace(".attn.kv.", ".attn.v."), v)]
+    else:
+      pieces = [(name, value)]
+    for piece, array in pieces:
+      if piece.startswith("block"):
+        for hf, public in _HF_FILE_BLOCK:
+          piece = piece.replace(public, hf)
+      renamed = _rename_prefix(piece, _HF_FILE_PREFIXES, forward=False)
+      if renamed is None:
+        raise ValueError(f"{name}: no HuggingFace SegFormer name for it")
+      if not renamed.startswith("decode_head."):
+        renamed = _HF_ENCODER_PREFIX + renamed
+      out[renamed] = array
   return out
 
 
@@ -246,18 +320,28 @@ def to_flax_layout(array: np.ndarray, ndim: int) -> np.ndarray:
   return array
 
 
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      yield from _flatten(value, prefix + (key,))
-  else:
-    yield prefix, tree
+def to_torch_layout(array: np.ndarray) -> np.ndarray:
+  """Flax (in, out) / (kh, kw, in, out) -> PyTorch (out, in[, kh, kw]): to_flax_layout's inverse."""
+  if array.ndim == 2:
+    return array.T
+  if array.ndim == 4:
+    return array.transpose(3, 2, 0, 1)
+  return array
 
 
-def _set(tree, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
+def to_public_state_dict(variables) -> Dict[str, np.ndarray]:
+  """{"params", "batch_stats"} of a SegFormer -> {public name: float32 array, PyTorch layout}.
+
+  Each BatchNorm also gets the ``num_batches_tracked`` counter PyTorch keeps
+  (0: the Flax model does not count), which ``convert`` ignores again.
+  """
+  out = {}
+  for path, value in traverse_util.flatten_dict(variables).items():
+    name = torch_name(path)
+    out[name] = np.array(to_torch_layout(np.asarray(value, np.float32)), order="C")
+    if name.endswith(".running_mean"):
+      out[name[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  return out
 
 
 def guess_variant(names: Dict[str, np.ndarray]) -> str:
@@ -283,7 +367,7 @@ def expected_shapes(spec, num_classes: int):
   from transkd_jax.models import SegFormer
   model = SegFormer(spec, num_classes)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes)}
+  return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(shapes).items()}
 
 
 def fresh_head(spec, num_classes: int, seed: int):
@@ -337,11 +421,12 @@ def convert(state: Dict[str, np.ndarray], arch: str, num_classes=None, seed: int
         f"is freshly initialised with seed {seed}")
     head_init = fresh_head(spec, num_classes, seed)
 
-  tree, missing, mismatched = {}, [], []
+  flat, missing, mismatched = {}, [], []
+  head_flat = traverse_util.flatten_dict(head_init) if head_init is not None else {}
   used = set()
   for path, shape in expected.items():
     if path[1] == "head" and head_init is not None:
-      _set(tree, path, _get(head_init, (path[0],) + path[2:]))
+      flat[path] = head_flat[(path[0],) + path[2:]]
       continue
     name = torch_name(path)
     if name not in names:
@@ -353,7 +438,7 @@ def convert(state: Dict[str, np.ndarray], arch: str, num_classes=None, seed: int
       mismatched.append(f"{name}: checkpoint {tuple(names[name].shape)} -> "
                         f"{value.shape}, {arch} needs {shape}")
       continue
-    _set(tree, path, value)
+    flat[path] = value
   unexpected = sorted(set(names) - used)
   if missing or unexpected or mismatched:
     lines = [f"the checkpoint does not fit SegFormer {arch} with {num_classes} classes; "
@@ -367,14 +452,9 @@ def convert(state: Dict[str, np.ndarray], arch: str, num_classes=None, seed: int
         lines.append(f"{title} ({len(items)}):")
         lines += [f"  {item}" for item in items]
     raise UserError("\n".join(lines))
+  tree = traverse_util.unflatten_dict(flat)
   tree.setdefault("batch_stats", {})
   return tree, num_classes
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 def save(tree, output: str, meta: dict, overwrite: bool = False):
@@ -407,8 +487,10 @@ def main(argv=None):
   try:
     state = read_state_dict(args.input)
     tree, num_classes = convert(state, args.arch, args.num_classes, args.seed)
+    layout, normalization = source_format(state)
     meta = {"arch": f"mit_{args.arch.lower().removeprefix('mit_')}",
-            "num_classes": num_classes, "source": os.path.abspath(args.input)}
+            "num_classes": num_classes, "source": os.path.abspath(args.input),
+            "source_format": layout, "normalization": normalization}
     save(tree, args.output, meta, args.overwrite)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

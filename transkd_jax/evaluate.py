@@ -31,7 +31,6 @@ import numpy as np
 
 from transkd_jax import sharding
 from transkd_jax.distill.losses import IGNORE_LABEL, cross_entropy
-from transkd_jax.errors import UserError
 from transkd_jax.models import SegFormer
 from transkd_jax.models.resize import resize_bilinear, resize_nearest
 
@@ -117,11 +116,6 @@ def miou_from_confusion(cm: np.ndarray, protocol: str = "standard") -> Dict[str,
           "protocol": protocol}
 
 
-def check_protocol(protocol: str):
-  if protocol not in PROTOCOLS:
-    raise UserError(f"config.eval_protocol={protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-
-
 def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh):
   """eval_step(variables, batch) -> (confusion matrix, CE sum, labelled pixels, images).
 
@@ -164,39 +158,9 @@ def evaluate_split(config, mesh, eval_step, variables, split: str) -> dict:
     ce += float(b_ce)
     pixels += int(b_px)
     images += int(b_images)
-  scores = miou_from_confusion(cm, config.get("eval_protocol", "standard"))
+  scores = miou_from_confusion(cm, config.eval_protocol)
   return {**scores, "loss": ce / max(pixels, 1), "num_images": images,
           "skipped_bad_files": skipped, "confusion": cm}
-
-
-def trained_variant(config):
-  """The SegFormer variant a run trains (or ``config.eval.variant`` when set)."""
-  chosen = config.eval.variant if "eval" in config else ""
-  if chosen:
-    return chosen
-  return config.teacher.variant if config.method == "teacher" else config.student.variant
-
-
-def load_model(config, workdir: str):
-  """(SegFormer, variables, where the weights came from) for eval and predict."""
-  from transkd_jax import checkpoint as ckpt_lib
-  path = config.eval.checkpoint if "eval" in config else ""
-  what = "config.eval.checkpoint"
-  if not path:
-    path, what = workdir, "--workdir"
-    if not os.path.isdir(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)):
-      raise UserError(f"--workdir={workdir} holds no {ckpt_lib.CHECKPOINT_DIR}/: train there "
-                      "first, or set config.eval.checkpoint to a run's workdir or a converted "
-                      "checkpoint")
-  variant = trained_variant(config)
-  model = SegFormer(variant, config.num_classes, dtype=jnp.dtype(config.dtype))
-  variables, source = ckpt_lib.restore_model_variables(path, what, with_source=True)
-  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  ckpt_lib.check_variables(
-      variables, {"params": expected["params"], "batch_stats": expected["batch_stats"]},
-      f"{what}={path}", f"SegFormer-{str(variant).upper()} with {config.num_classes} classes "
-      "(config.student.variant, or config.eval.variant, and config.num_classes)")
-  return model, jax.tree.map(np.asarray, variables), source
 
 
 def results_json(scores: dict, names) -> dict:
@@ -221,22 +185,18 @@ def format_table(results: dict) -> str:
 
 def run_eval(config, workdir: str) -> dict:
   """``--mode=eval``: scores the configured weights on ``config.eval_split``."""
+  from transkd_jax import build
   from transkd_jax.data.classes import class_names
-  protocol = config.get("eval_protocol", "standard")
-  check_protocol(protocol)
-  model, variables, source = load_model(config, workdir)
-  try:
-    mesh = sharding.make_mesh(tuple(config.mesh_shape))
-  except ValueError as e:
-    raise UserError(str(e)) from None
-  split = config.get("eval_split", "val")
-  print(f"evaluating {source} on {config.data.name} {split} ({protocol} protocol)", flush=True)
-  variables = sharding.put_global(variables, sharding.replicated(mesh))
-  scores = evaluate_split(config, mesh, make_eval_step(model, config.num_classes, protocol, mesh),
+  protocol, split = config.eval_protocol, config.eval_split
+  served = build.serving(config, workdir)
+  print(f"evaluating {served.source} on {config.data.name} {split} ({protocol} protocol)",
+        flush=True)
+  variables = sharding.put_global(served.variables, sharding.replicated(served.mesh))
+  scores = evaluate_split(config, served.mesh, build.make_eval_step(config, served.mesh),
                           variables, split)
   results = results_json(scores, class_names(config.data, config.num_classes))
-  results.update(checkpoint=source, split=split, dataset=config.data.name,
-                 variant=str(trained_variant(config)), image_size=list(config.image_size))
+  results.update(checkpoint=served.source, split=split, dataset=config.data.name,
+                 variant=str(served.variant), image_size=list(config.image_size))
   print(format_table(results), flush=True)
   if jax.process_index() == 0:
     path = os.path.join(workdir, "eval_results.json")

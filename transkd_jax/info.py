@@ -1,6 +1,8 @@
-"""Model sizes without running anything: parameters and XLA-counted GFLOPs."""
+"""Model sizes without running anything: parameters and XLA-counted GFLOPs; ``--mode=info``."""
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,3 +30,33 @@ def model_info(model: SegFormer, image_size, method=None) -> dict:
   cost = forward.lower(variables, images).cost_analysis()
   flops = float(cost["flops"]) if cost and "flops" in cost else float("nan")
   return {"params": count_params(variables["params"]), "gflops": round(flops / 1e9, 3)}
+
+
+def run_info(config, workdir: str) -> dict:
+  """``--mode=info``: prints and writes WORKDIR/info.json (params and GFLOPs of the models)."""
+  from transkd_jax import build
+  size = tuple(config.image_size)
+  info = {}
+  for role in ("teacher", "student"):
+    model = SegFormer(config[role].variant, config.num_classes, dtype=jnp.dtype(config.dtype))
+    info[role] = {"variant": config[role].variant, **model_info(model, size)}
+  method = build.method_of(config)
+  info["distiller"] = {"method": method.name, "description": method.description,
+                       **model_info(build.distiller(config), size)}
+  info["input_size"] = list(size)
+  info["note"] = FLOPS_NOTE
+  print(f"input {size[0]}x{size[1]}, {config.num_classes} classes")
+  for role in ("teacher", "student"):
+    row = info[role]
+    print(f"  {role:8s} SegFormer-{row['variant'].upper()}: {row['params']:,} parameters, "
+          f"{row['gflops']:.2f} GFLOPs")
+  row = info["distiller"]
+  print(f"  training-time model ({row['method']}: {row['description']}): "
+        f"{row['params']:,} parameters, {row['gflops']:.2f} GFLOPs")
+  print(f"  ({FLOPS_NOTE})")
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "info.json")
+    with open(path, "w") as f:
+      json.dump(info, f, indent=2)
+    print(f"wrote {path}")
+  return info

@@ -1,20 +1,25 @@
 """The transkd-jax entry point.
 
-    python -m transkd_jax.main --config=configs/cityscapes.py --workdir=DIR --mode=info
+    python -m transkd_jax.main --config=configs/cityscapes.py --workdir=DIR [--mode=MODE]
 
 ``--config.key=value`` overrides any config value. Modes:
 
-- ``train``: train, or resume the run in the workdir (transkd_jax/train.py);
+- ``train`` (the default): train, or resume the run in the workdir
+  (transkd_jax/train.py);
 - ``eval``: mIoU, per-class IoU and pixel accuracy of the run's best checkpoint
   (or ``config.eval.checkpoint``) on ``config.eval_split``, written to
   ``WORKDIR/eval_results.json`` (transkd_jax/evaluate.py);
 - ``predict``: label / colour / overlay PNGs for ``config.predict.input``
   (transkd_jax/predict.py);
 - ``info``: parameters and GFLOPs of the teacher, student and training-time
-  model, written to ``WORKDIR/info.json``.
+  model, written to ``WORKDIR/info.json`` (transkd_jax/info.py);
+- ``recipe``: a teacher, then the student by each of ``config.recipe.methods``,
+  evaluated, and their table in ``WORKDIR/results.md`` (transkd_jax/recipe.py).
+
+Every mode starts the same way: the config is validated once, then
+``jax.distributed`` joins the processes of a multi-process run.
 """
 
-import json
 import os
 import pathlib
 import sys
@@ -27,7 +32,6 @@ from transkd_jax.config import validate_config
 from transkd_jax.errors import UserError
 
 _REPO_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "cityscapes.py"
-
 
 
 def _bad_override(error):
@@ -51,7 +55,8 @@ try:  # the default config is loaded, and overridden from sys.argv, right here
 except (KeyError, AttributeError) as e:
   _bad_override(e)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
-_MODE = flags.DEFINE_enum("mode", "info", ["info", "train", "eval", "predict"], "What to run.")
+MODES = ("train", "eval", "predict", "info", "recipe")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run (default: train).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for multi-process runs started by "
     "hand (TPU pods and SLURM are detected automatically).")
@@ -61,58 +66,33 @@ _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout", 100, "Multi-process runs: seconds after which a process that sent no "
     "heartbeat counts as dead and the others stop with an error.")
 
-def run_info(config, workdir: str) -> dict:
-  """Prints and writes DIR/info.json: params and GFLOPs of teacher and student."""
-  import jax.numpy as jnp
-  from transkd_jax.info import FLOPS_NOTE, model_info
-  from transkd_jax.models import SegFormer
-
-  size = tuple(config.image_size)
-  info = {}
-  for role in ("teacher", "student"):
-    model = SegFormer(config[role].variant, config.num_classes, dtype=getattr(jnp, config.dtype))
-    info[role] = {"variant": config[role].variant, **model_info(model, size)}
-  from transkd_jax.distill import build_distiller, get_method
-  if config.method != "teacher":
-    distiller = build_distiller(config)
-    info["distiller"] = {"method": config.method,
-                         "description": get_method(config.method).description,
-                         **model_info(distiller, size)}
-  info["input_size"] = list(size)
-  info["note"] = FLOPS_NOTE
-  print(f"input {size[0]}x{size[1]}, {config.num_classes} classes")
-  for role in ("teacher", "student"):
-    row = info[role]
-    print(f"  {role:8s} SegFormer-{row['variant'].upper()}: {row['params']:,} parameters, "
-          f"{row['gflops']:.2f} GFLOPs")
-  row = info.get("distiller", {"method": "teacher", "description": "the teacher alone",
-                                "params": info["teacher"]["params"],
-                                "gflops": info["teacher"]["gflops"]})
-  print(f"  training-time model ({row['method']}: {row['description']}): "
-        f"{row['params']:,} parameters, {row['gflops']:.2f} GFLOPs")
-  print(f"  ({FLOPS_NOTE})")
-  path = os.path.join(workdir, "info.json")
-  import jax
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(info, f, indent=2)
-    print(f"wrote {path}")
-  return info
-
 
 def run_train(config, workdir: str) -> dict:
   from transkd_jax.train import train
-  for key in ("batch_size", "total_steps", "log_every"):
-    if not isinstance(config.get(key), int) or config.get(key) < 1:
-      raise UserError(f"config.{key} must be a positive integer, got {config.get(key)!r}")
   summary = train(config, workdir)
   line = f"{summary['status']}: step {summary['step']}, checkpoints in {summary['checkpoint_dir']}"
   if "val" in summary:
-    line += (f"; val mIoU {summary['val']['miou']:.4f} "
-             f"({config.get('eval_protocol', 'standard')} protocol) on "
+    line += (f"; val mIoU {summary['val']['miou']:.4f} ({config.eval_protocol} protocol) on "
              f"{summary['val']['images']} images")
   print(line, flush=True)
   return summary
+
+
+def _mode_runner(mode: str):
+  """The function ``--mode`` runs: fn(config, workdir)."""
+  if mode == "train":
+    return run_train
+  if mode == "info":
+    from transkd_jax.info import run_info
+    return run_info
+  if mode == "eval":
+    from transkd_jax.evaluate import run_eval
+    return run_eval
+  if mode == "predict":
+    from transkd_jax.predict import run_predict
+    return run_predict
+  from transkd_jax.recipe import run_recipe
+  return run_recipe
 
 
 def main(argv):
@@ -137,16 +117,7 @@ def main(argv):
     if jax.process_index() != 0:  # one console: process 0 prints; errors (stderr) from all
       sys.stdout = open(os.devnull, "w")
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    if _MODE.value == "info":
-      run_info(config, _WORKDIR.value)
-    elif _MODE.value == "train":
-      run_train(config, _WORKDIR.value)
-    elif _MODE.value == "eval":
-      from transkd_jax.evaluate import run_eval
-      run_eval(config, _WORKDIR.value)
-    elif _MODE.value == "predict":
-      from transkd_jax.predict import run_predict
-      run_predict(config, _WORKDIR.value)
+    _mode_runner(_MODE.value)(config, _WORKDIR.value)
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
@@ -179,10 +150,17 @@ def _exit(code: int):
   sys.exit(code)
 
 
-if __name__ == "__main__":
+def run(default_mode: str = None):
+  """Runs main under absl; ``default_mode`` replaces ``--mode``'s default (old entry points)."""
+  if default_mode:
+    flags.FLAGS.set_default("mode", default_mode)
   try:
     app.run(main)
   except (KeyError, AttributeError) as e:
     if flags.FLAGS.is_parsed():
       raise  # a bug in main, not a bad override
     _bad_override(e)
+
+
+if __name__ == "__main__":
+  run()

@@ -15,12 +15,12 @@ import optax
 
 def make_schedule(opt, total_steps: int):
   total_steps = max(int(total_steps), 1)
-  warmup = int(opt.get("warmup_steps", 0))
+  warmup = int(opt.warmup_steps)
   if warmup >= total_steps:
     raise ValueError(f"config.optimizer.warmup_steps ({warmup}) must be below "
                      f"config.total_steps ({total_steps})")
-  horizon = int(opt.get("decay_steps", 0) or 0) or total_steps
-  decay = optax.polynomial_schedule(opt.lr, opt.get("end_lr", 0.0), opt.get("decay_power", 1.0),
+  horizon = int(opt.decay_steps) or total_steps
+  decay = optax.polynomial_schedule(opt.lr, opt.end_lr, opt.decay_power,
                                     transition_steps=max(horizon - warmup, 1))
   if not warmup:
     return decay
@@ -34,11 +34,10 @@ def _decay_mask(params):
 def make_optimizer(opt, total_steps: int):
   """(optax transformation, learning-rate schedule) from ``config.optimizer``."""
   schedule = make_schedule(opt, total_steps)
-  mask = _decay_mask if opt.get("no_decay_norms_biases", False) else None
-  tx = optax.adamw(schedule, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999),
-                   eps=opt.get("eps", 1e-8), weight_decay=opt.get("weight_decay", 0.01),
+  mask = _decay_mask if opt.no_decay_norms_biases else None
+  tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                    mask=mask)
-  clip = float(opt.get("grad_clip_norm", 0.0) or 0.0)
+  clip = float(opt.grad_clip_norm)
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return tx, schedule

@@ -6,7 +6,7 @@
 
 ``config.predict.input`` is an image file, a directory (searched recursively
 for .png/.jpg/.jpeg/.bmp/.tif/.tiff/.webp) or a glob. Weights come from the
-same place as ``--mode=eval``'s (``transkd_jax/evaluate.py: load_model``).
+same place as ``--mode=eval``'s (``transkd_jax/build.py: serving``).
 
 For every image ``<dir>/<name>.<ext>`` (``_leftImg8bit`` / ``_rgb_anon``
 dropped from the name) it writes, under ``config.predict.output_dir``
@@ -23,7 +23,7 @@ dropped from the name) it writes, under ``config.predict.output_dir``
   server read.
 
 All outputs are at the input's full resolution. ``config.predict.resize=True``
-(default) shows the model the image as evaluation does (``config.data.protocol``:
+(default) shows the model the image as evaluation does (``config.data.transforms``:
 resized to ``config.image_size``, or fit to ``mmseg_scale`` and normalised)
 and resizes the logits back (bilinear); ``False`` runs at the native
 resolution, padded to a multiple of 32 and cropped back.
@@ -44,7 +44,7 @@ from transkd_jax.data.classes import (CITYSCAPES_NAMES, CITYSCAPES_TRAIN_TO_ID, 
                                       palette)
 from transkd_jax.data.sources import read_image
 from transkd_jax.errors import UserError
-from transkd_jax.evaluate import load_model, predictions_at
+from transkd_jax.evaluate import predictions_at
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _NAME_SUFFIXES = ("_leftImg8bit", "_rgb_anon")
@@ -135,8 +135,10 @@ def run_predict(config, workdir: str) -> dict:
     raise UserError(f"config.predict.cityscapes_format=True needs Cityscapes' 19 classes; "
                     f"config.data.name={config.data.name!r} with config.num_classes="
                     f"{config.num_classes} has other classes")
-  model, variables, source = load_model(config, workdir)
-  variables = jax.device_put(variables)  # once, not with every batch (each process its own)
+  from transkd_jax import build
+  served = build.serving(config, workdir)
+  model, source = served.model, served.source
+  variables = jax.device_put(served.variables)  # once, not per batch (each process its own)
   out_dir = os.path.expanduser(config.predict.output_dir or os.path.join(workdir, "predictions"))
   colours = palette(config.data, config.num_classes)
   predict = make_predict_fn(model, bool(config.predict.resize))

@@ -1,7 +1,7 @@
 """The paper's table in miniature: a teacher, the student alone, and the student
 distilled by every method, with one budget and one seed; one command.
 
-    python -m transkd_jax.recipe --config=configs/synthetic.py --workdir=DIR
+    python -m transkd_jax.main --mode=recipe --config=configs/synthetic.py --workdir=DIR
 
 1. ``DIR/teacher``: trains SegFormer-``config.teacher.variant`` for
    ``config.recipe.teacher_steps`` (``--config.method=teacher``), unless
@@ -21,28 +21,19 @@ checkpoint. ``--config.x=y`` overrides apply to every run.
 import copy
 import json
 import os
-import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from transkd_jax.config import validate_config
+from transkd_jax.distill import get_method
 from transkd_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/*.py); --config.key=value overrides.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding one workdir per run.")
-
 RUN_FILE = "recipe_run.json"  # per run: training time, steps, status
+BASELINE = "student"  # the run every other student run is compared with
 
 
 def run_configs(config) -> dict:
   """{run name: config} of the recipe, the teacher first (None when given)."""
-  from transkd_jax.distill import get_method
   runs = {}
-  if not config.teacher.get("checkpoint"):
+  if not config.teacher.checkpoint:
     teacher = copy.deepcopy(config)
     with teacher.unlocked():
       teacher.method = "teacher"
@@ -116,22 +107,23 @@ def model_rows(config, teacher_source: str) -> dict:
 def results_table(config, runs: dict, models: dict) -> str:
   """The markdown table of DIR/results.md."""
   protocol = next(iter(runs.values()))["eval"]["protocol"]
-  baseline = runs.get("student")
-  header = ("| method | model | params | GFLOPs | mIoU (%) | vs student | train time |\n"
-            "|---|---|---|---|---|---|---|")
+  baseline = runs.get(BASELINE)
+  header = ("| method | model | params | GFLOPs | mIoU (%) | vs student | steps | train time |\n"
+            "|---|---|---|---|---|---|---|---|")
   lines = [header]
   for name, run in runs.items():
-    role = "teacher" if name == "teacher" else "student"
+    role = get_method(name).trains
     miou = 100 * run["eval"]["miou"]
-    delta = ("" if baseline is None or role == "teacher" or name == "student"
-             else f"{miou - 100 * baseline['eval']['miou']:+.2f}")
+    compared = baseline is not None and name != BASELINE and role == get_method(BASELINE).trains
+    delta = f"{miou - 100 * baseline['eval']['miou']:+.2f}" if compared else ""
     time_s = run.get("train_time_s")
     lines.append(f"| {name} | {models[role]['model']} | {models[role]['params'] / 1e6:.2f} M | "
                  f"{models[role]['gflops']:.2f} | {miou:.2f} | {delta} | "
+                 f"{run.get('steps') or ''} | "
                  f"{'given' if time_s is None else f'{time_s / 60:.1f} min'} |")
   size = "x".join(str(s) for s in config.image_size)
   notes = [
-      f"mIoU: `{protocol}` protocol, {config.data.name} `{config.get('eval_split', 'val')}` "
+      f"mIoU: `{protocol}` protocol, {config.data.name} `{config.eval_split}` "
       f"split ({runs[next(iter(runs))]['eval']['num_images']} images), each run's best "
       "checkpoint by validation mIoU.",
       f"Students: {config.total_steps} steps each, batch {config.batch_size}, {size} inputs, "
@@ -157,8 +149,8 @@ def bar_chart(path: str, runs: dict, protocol: str):
   for i, (name, value) in enumerate(zip(names, values)):
     x0 = left + 20 + 90 * i
     y0 = height - bottom - value * scale
-    colour = (120, 120, 120) if name == "teacher" else (
-        (200, 90, 60) if name == "student" else (60, 110, 190))
+    colour = (120, 120, 120) if get_method(name).trains != get_method(BASELINE).trains else (
+        (200, 90, 60) if name == BASELINE else (60, 110, 190))
     draw.rectangle((x0, y0, x0 + 60, height - bottom), fill=colour)
     draw.text((x0 + 8, y0 - 14), f"{value:.1f}", fill="black")
     draw.text((x0, height - bottom + 8), name[:12], fill="black")
@@ -169,12 +161,12 @@ def run_recipe(config, workdir: str) -> dict:
   """Runs (or resumes) every run of the recipe and writes the results; returns them."""
   os.makedirs(workdir, exist_ok=True)
   configs = run_configs(config)
-  teacher_source = config.teacher.get("checkpoint") or os.path.join(workdir, "teacher")
+  teacher_source = config.teacher.checkpoint or os.path.join(workdir, "teacher")
   runs = {}
   wall = time.perf_counter()
   for name, run_config in configs.items():
     run_dir = os.path.join(workdir, name)
-    if name != "teacher":
+    if get_method(run_config.method).teacher_call:
       with run_config.unlocked():
         run_config.teacher.checkpoint = teacher_source
     runs[name] = run_one(name, run_config, run_dir)
@@ -218,24 +210,6 @@ def _given_teacher(config, workdir: str) -> dict:
   return {"train_time_s": None, "eval": results}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-    logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  try:
-    if config is None:
-      raise UserError("no config: pass --config=configs/<name>.py")
-    if not _WORKDIR.value:
-      raise UserError("--workdir is required (a directory; each run gets a folder in it)")
-    validate_config(config)
-    run_recipe(config, _WORKDIR.value)
-  except UserError as e:
-    logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
-if __name__ == "__main__":
-  app.run(main)
+if __name__ == "__main__":  # the older spelling of --mode=recipe
+  from transkd_jax import main as entry
+  entry.run(default_mode="recipe")

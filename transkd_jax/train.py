@@ -2,10 +2,10 @@
 
     python -m transkd_jax.main --config=configs/synthetic.py --workdir=/tmp/run --mode=train
 
-1. Build the models: the student + the method's modules (``Distiller``) and,
-   when the method distils, the frozen teacher from ``config.teacher.checkpoint``
-   (checked against the configured architecture before anything compiles).
-2. Build the mesh, the optimiser and the data iterator.
+1. Build the run (``build.training``): the trained model + the method's
+   modules (``Distiller``), the frozen teacher from ``config.teacher.checkpoint``
+   when the method distils (checked before anything compiles), the mesh, the
+   optimiser and the jitted steps; then the data iterator.
 3. Restore the newest readable checkpoint in the workdir, or initialise.
 4. Loop: jitted sharded step; every ``log_every`` steps, averaged metrics to
    the console, ``metrics.jsonl`` and TensorBoard; every ``eval_every``
@@ -15,107 +15,22 @@
    checkpoint.
 """
 
-import dataclasses
 import math
 import signal
 import time
-from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from transkd_jax import build, distributed, evaluate, sharding
 from transkd_jax import checkpoint as ckpt_lib
-from transkd_jax import distributed, evaluate, sharding
-from transkd_jax.distill import Distiller, check_pairing, get_method, loss_settings
 from transkd_jax.errors import UserError
 from transkd_jax.logs import MetricWriter
-from transkd_jax.models import SegFormer
-from transkd_jax.optim import make_optimizer
-from transkd_jax.train_step import (TrainState, init_state, jit_train_step,
-                                    make_train_step, state_shardings)
+from transkd_jax.train_step import TrainState
 
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class Models:
-  """What one run trains and distils from."""
-  model: Distiller                      # student (+ modules), trained
-  method: str                           # the distillation method the objective uses
-  teacher: Optional[SegFormer] = None   # frozen; None when the method needs none
-  teacher_variables: Optional[dict] = None
-  initial_student: Optional[dict] = None
-
-
-def _dtype(name):
-  return jnp.dtype(name)
-
-
-def build_models(config, restore: bool = True) -> Models:
-  """The models of ``config``; the teacher is restored and checked here, before compiling.
-
-  ``config.method == "teacher"`` trains a SegFormer of ``config.teacher.variant``
-  (from ``config.teacher.init``, e.g. a converted ImageNet MiT, when set).
-  ``restore=False`` (benchmarks) reads no checkpoint: the caller initialises.
-  """
-  size = tuple(config.image_size)
-  dtype = _dtype(config.dtype)
-  common = dict(num_classes=config.num_classes, dtype=dtype,
-                fusion_channels=int(config.distill.get("fusion_channels", 64)),
-                gl_heads=int(config.distill.get("gl_heads", 8)),
-                gl_residual=bool(config.distill.get("gl_residual", False)),
-                gl_mix_init=tuple(config.distill.get("gl_mix_init", (1.0, 1.0))))
-  if config.method == "teacher":
-    variant = config.teacher.variant
-    model = Distiller("student", variant, variant, **common)
-    init = _restore_segformer(config.teacher.get("init") if restore else "",
-                              "config.teacher.init", variant, config)
-    return Models(model, "student", initial_student=init)
-  method = get_method(config.method)
-  model = Distiller(config.method, config.student.variant, config.teacher.variant, **common)
-  init = _restore_segformer(config.student.get("init") if restore else "",
-                            "config.student.init", config.student.variant, config)
-  if method.teacher_call is None:
-    return Models(model, config.method, initial_student=init)
-  teacher = SegFormer(config.teacher.variant, config.num_classes,
-                      dtype=_dtype(config.get("teacher_dtype") or config.dtype))
-  if not restore:
-    return Models(model, config.method, teacher, None, init)
-  if not config.teacher.get("checkpoint"):
-    raise UserError(f"method {config.method!r} distils from a teacher: set "
-                    "config.teacher.checkpoint to an Orbax directory (transkd_jax.convert's "
-                    "output, or the workdir of a --config.method=teacher run)")
-  variables = _restore_segformer(config.teacher.checkpoint, "config.teacher.checkpoint",
-                                 config.teacher.variant, config)
-  try:
-    check_pairing(model, teacher, size)
-  except ValueError as e:
-    raise UserError(f"teacher and student do not pair: {e}") from None
-  return Models(model, config.method, teacher, variables, init)
-
-
-def _restore_segformer(path, what, variant, config):
-  if not path:
-    return None
-  variables = ckpt_lib.restore_model_variables(path, what)
-  model = SegFormer(variant, config.num_classes)
-  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  ckpt_lib.check_variables(
-      variables, {"params": expected["params"], "batch_stats": expected["batch_stats"]}, what,
-      f"SegFormer-{str(variant).upper()} with {config.num_classes} classes "
-      "(config.teacher.variant / config.student.variant / config.num_classes)")
-  return jax.tree.map(np.asarray, variables)  # host arrays: placed on the mesh by the caller
-
-
-def check_batch_size(config, mesh):
-  data_devices = mesh.shape["data"]
-  if config.batch_size % data_devices or config.batch_size % jax.process_count():
-    raise UserError(f"config.batch_size={config.batch_size} must divide evenly over the "
-                    f"{data_devices} devices of the mesh's data axis and "
-                    f"{jax.process_count()} processes")
 
 
 class _Preemption:
@@ -155,10 +70,10 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def run_validation(config, mesh, eval_step, state) -> dict:
-  variables = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
-  scores = evaluate.evaluate_split(config, mesh, eval_step, variables,
-                                   config.get("eval_split", "val"))
+def run_validation(run: build.Training, state) -> dict:
+  config = run.config
+  scores = evaluate.evaluate_split(config, run.mesh, run.eval_step, run.deployed(state),
+                                   config.eval_split)
   return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "loss": scores["loss"],
           "images": scores["num_images"], "skipped_bad_files": scores["skipped_bad_files"]}
 
@@ -168,49 +83,20 @@ def train(config, workdir: str) -> dict:
   from transkd_jax import data
 
   chief = jax.process_index() == 0  # the one process that prints and writes logs
-  models = build_models(config)  # the teacher is checked before anything compiles
-  settings = loss_settings(models.method, config.distill)
-  total_steps = int(config.total_steps)
-  try:
-    mesh = sharding.make_mesh(tuple(config.mesh_shape))
-    optimizer, schedule = make_optimizer(config.optimizer, total_steps)
-  except ValueError as e:
-    raise UserError(str(e)) from None
-  check_batch_size(config, mesh)
-  size = tuple(config.image_size)
-
+  run = build.training(config)  # the teacher is checked before anything compiles
+  total_steps = config.total_steps
   train_iter = data.make_train_iterator(config)
-  init = lambda: init_state(models.model, optimizer, size, config.seed,  # noqa: E731
-                            models.initial_student)
-  abstract = jax.eval_shape(init)
-  shardings = state_shardings(abstract, mesh, config.sharding)
   checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                         best_metric="val_miou", best_mode="max")
-  abstract_dict = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract.as_dict(), shardings.as_dict())
-  restored, restored_step = checkpoints.restore(abstract_dict, train_iter)
+  restored, restored_step = checkpoints.restore(run.abstract_state.as_dict(), train_iter)
   if restored is not None:
     state = TrainState(**restored)
     if chief:
       print(f"resumed from {checkpoints.directory}/{restored_step} (step {int(state.step)})",
             flush=True)
   else:
-    state = jax.jit(init, out_shardings=shardings)()
-  teacher_vars = models.teacher_variables
-  teacher_sharding = None
-  if teacher_vars is not None:
-    teacher_sharding = sharding.tree_shardings(teacher_vars, mesh, config.sharding)
-    teacher_vars = sharding.put_global(teacher_vars, teacher_sharding)
-  step_fn = jit_train_step(
-      make_train_step(models.model, models.teacher, models.method, settings, optimizer,
-                      schedule, config.seed, config.get("class_weights") or None),
-      mesh, shardings, teacher_sharding)
-  protocol = config.get("eval_protocol", "standard")
-  evaluate.check_protocol(protocol)
-  eval_step = evaluate.make_eval_step(
-      SegFormer(evaluate.trained_variant(config), config.num_classes, dtype=_dtype(config.dtype)),
-      config.num_classes, protocol, mesh)
+    state = run.new_state()
+  step_fn, teacher_vars, mesh = run.train_step, run.teacher_variables, run.mesh
 
   writer = MetricWriter(workdir)
   start = int(state.step)
@@ -251,11 +137,11 @@ def train(config, workdir: str) -> dict:
         window, window_start = [], time.perf_counter()
       val = None
       if config.eval_every and (step % config.eval_every == 0 or step == total_steps):
-        val = run_validation(config, mesh, eval_step, state)
+        val = run_validation(run, state)
         writer.write(step, "val", val)
         if chief:
           bar.write(f"step {step}: val mIoU {val['miou']:.4f} "
-                    f"({config.get('eval_protocol', 'standard')} protocol), "
+                    f"({config.eval_protocol} protocol), "
                     f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}")
         last_val = val
       preempted = preemption.reached(step)

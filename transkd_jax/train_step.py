@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from transkd_jax import sharding
-from transkd_jax.distill import Distiller, get_method, objective
+from transkd_jax.distill import Distiller, Method, objective
 from transkd_jax.models import SegFormer
 from transkd_jax.models.resize import resize_bilinear
 
@@ -34,19 +34,16 @@ class TrainState:
 
 
 def init_state(model: Distiller, optimizer, image_shape, seed: int,
-               initial_student: Optional[dict] = None) -> TrainState:
-  """A fresh state (parameters from ``seed``; optionally the student's replaced)."""
+               initial_model: Optional[dict] = None) -> TrainState:
+  """A fresh state (parameters from ``seed``; optionally the trained SegFormer's replaced)."""
   variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape, 3), jnp.float32))
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  if initial_student is not None:
-    params = {**params, "student": initial_student["params"]}
-    batch_stats = {**batch_stats, "student": initial_student["batch_stats"]}
+  if initial_model is not None:  # e.g. converted ImageNet weights for the trained SegFormer
+    role = model.method.trains
+    params = {**params, role: initial_model["params"]}
+    batch_stats = {**batch_stats, role: initial_model["batch_stats"]}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=optimizer.init(params))
-
-
-def state_shardings(abstract_state: TrainState, mesh, rule: str):
-  return sharding.tree_shardings(abstract_state, mesh, rule)
 
 
 def logits_for_ce(logits, labels):
@@ -61,11 +58,11 @@ def logits_for_ce(logits, labels):
   return resize_bilinear(logits, labels.shape[1:3])
 
 
-def make_train_step(model: Distiller, teacher: Optional[SegFormer], method_name: str,
+def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Method,
                     settings: Dict[str, Any], optimizer, schedule, seed: int,
                     class_weights=None) -> Callable:
   """step(state, teacher_variables, batch) -> (state, metrics); not yet jitted."""
-  teacher_call = get_method(method_name).teacher_call
+  teacher_call = method.teacher_call
   class_weights = None if not class_weights else tuple(float(w) for w in class_weights)
   base_key = jax.random.key(seed)
 
@@ -82,7 +79,7 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method_name:
       out, updated = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                  train=True, rngs={"dropout": key}, mutable=["batch_stats"])
       labels = batch["label"]
-      total, terms = objective(method_name, settings, out, teacher_out, labels, class_weights,
+      total, terms = objective(method, settings, out, teacher_out, labels, class_weights,
                                ce_logits=logits_for_ce(out["logits"], labels))
       return total, (terms, updated["batch_stats"])
 

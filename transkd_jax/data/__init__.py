@@ -6,14 +6,14 @@
 
 ``config.data`` keys (``default_data_config()`` lists them with defaults):
 ``name`` (cityscapes | acdc | nyuv2 | voc | tfds | generated), ``root``, ``conditions`` (ACDC),
-``protocol`` (reference | mmseg: the transforms of train and eval alike),
+``transforms`` (reference | mmseg: of train and eval alike),
 ``eval_label_resolution`` (quarter | full; reference protocol; empty follows
 ``config.eval_protocol``), ``num_workers``, the ``tfds_*`` keys of ``tfds``,
 ``skip_bad_files``, for ``mmseg``: ``mmseg_scale``, ``mmseg_ratio_range``,
 ``mmseg_cat_max_ratio``, and for ``generated``: ``num_train``, ``num_val``,
 ``generated_size``, ``generated_seed``.
 
-Protocols (``transforms`` has the details): ``reference``, the public TransKD
+Transforms (``transforms.py`` has the details): ``reference``, the public TransKD
 code's (resize to ``config.image_size``, flip, -2..2 px shift, [0, 1] images,
 1/4-resolution labels); ``mmseg``, SegFormer's Cityscapes config in
 mmsegmentation (random rescale, ``config.image_size`` crop with
@@ -34,7 +34,7 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
       "name": "generated",          # cityscapes | acdc | nyuv2 | voc | tfds | generated
       "root": "",                   # dataset root; for generated: where it is written
       "conditions": "all",          # ACDC: "all" or a comma list of fog, night, rain, snow
-      "protocol": "reference",      # train + eval transforms: "reference" (the public code's)
+      "transforms": "reference",    # train + eval transforms: "reference" (the public code's)
                                     # or "mmseg" (SegFormer's mmsegmentation config)
       "eval_label_resolution": "",  # reference protocol: "quarter" | "full" (dataset's own
                                     # size); empty: full for eval_protocol standard, else quarter
@@ -50,7 +50,7 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
       "tfds_label_key": "segmentation_mask",
       "tfds_name_key": "",          # tfds: a feature naming each example ("": split_index)
       "tfds_label_mapping": "train_ids",  # tfds: train_ids | cityscapes_ids | nyu40
-      "tfds_num_classes": 19,
+      "tfds_num_classes": 0,        # tfds: 0 is the mapping's own (19; 40 for nyu40)
       "num_train": 200,             # generated dataset: images per split
       "num_val": 50,
       "generated_size": (256, 512),  # (height, width) of generated images

@@ -72,8 +72,8 @@ PALETTES = {"cityscapes": CITYSCAPES_PALETTE, "acdc": CITYSCAPES_PALETTE,
 
 
 def _dataset_key(data_config) -> str:
-  name = data_config.get("name", "generated")
-  if name == "tfds" and data_config.get("tfds_label_mapping") == "cityscapes_ids":
+  name = data_config.name
+  if name == "tfds" and data_config.tfds_label_mapping == "cityscapes_ids":
     return "cityscapes"
   return name
 

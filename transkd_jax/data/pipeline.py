@@ -44,12 +44,12 @@ def _local_batch(config, process_count):
 
 
 def _train_transform(config):
-  """fn(example, rng) of ``config.data.protocol`` (reference | mmseg)."""
+  """fn(example, rng) of ``config.data.transforms`` (reference | mmseg)."""
   return transforms.train_transform(config)
 
 
 def _with_workers(ds: grain.IterDataset, config):
-  workers = int(config.data.get("num_workers", 0))
+  workers = config.data.num_workers
   if workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return ds
@@ -59,10 +59,10 @@ def make_train_iterator(config, process_index=None, process_count=None):
   """An endless iterator of host-local batches {"image", "label"} with get/set_state."""
   index, count = _process(process_index, process_count)
   local = _local_batch(config, count)
-  source = make_source(config.data, config.get("train_split", "train"))
+  source = make_source(config.data, config.train_split)
   ds = grain.MapDataset.source(source)
   if len(ds) < config.batch_size:
-    raise UserError(f"the {config.get('train_split', 'train')} split holds {len(ds)} examples, "
+    raise UserError(f"the {config.train_split} split holds {len(ds)} examples, "
                     f"fewer than config.batch_size={config.batch_size}")
   ds = ds.shuffle(seed=config.seed).repeat(None)
   ds = ds.random_map(_strip(_train_transform(config)), seed=config.seed)
@@ -103,7 +103,7 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
     example = shard[min(i, len(shard) - 1)] if len(shard) else source[0]
     out = transform(example)
     if local > 1 and image_shape is not None and out["image"].shape != image_shape:
-      raise UserError(f"evaluation images differ in size after the {config.data.protocol} "
+      raise UserError(f"evaluation images differ in size after the {config.data.transforms} "
                       f"transform ({example.get('name', i)}: {out['image'].shape[:2]}, first: "
                       f"{image_shape[:2]}); batches need one size: evaluate with "
                       "--config.batch_size=1 (one compile per size) or the reference protocol")
@@ -119,11 +119,11 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
 
 def _label_pad(config, source, transform):
   """(h, w) full-resolution labels are padded to, or None (labels at a fixed size)."""
-  if config.get("eval_protocol", "standard") != "standard" or (
-      transforms.protocol_of(config) == "reference" and
+  if config.eval_protocol != "standard" or (
+      transforms.transforms_of(config) == "reference" and
       transforms.eval_label_resolution(config) == "quarter"):
     return None
-  chosen = tuple(config.data.get("eval_label_pad", ()) or ())
+  chosen = tuple(config.data.eval_label_pad)
   if chosen and any(chosen):
     return chosen
   return transform(source[0])["label"].shape

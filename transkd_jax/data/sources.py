@@ -265,7 +265,7 @@ def nyuv2_items(root: str, split: str):
 
 
 def generated_root(data_config) -> str:
-  if data_config.get("root"):
+  if data_config.root:
     return os.path.expanduser(data_config.root)
   h, w = data_config.generated_size
   return os.path.expanduser(
@@ -275,13 +275,13 @@ def generated_root(data_config) -> str:
 
 def make_source(data_config, split: str):
   """The random-access source of ``config.data`` for ``split``."""
-  name = data_config.get("name", "generated")
-  skip = bool(data_config.get("skip_bad_files", False))
-  root = os.path.expanduser(data_config.get("root", "") or "")
+  name = data_config.name
+  skip = bool(data_config.skip_bad_files)
+  root = os.path.expanduser(data_config.root)
   if name == "cityscapes":
     return PairedSource(cityscapes_items(root, split), 19, skip)
   if name == "acdc":
-    return PairedSource(acdc_items(root, split, data_config.get("conditions", "all")), 19, skip)
+    return PairedSource(acdc_items(root, split, data_config.conditions), 19, skip)
   if name == "voc":
     return PairedSource(voc_items(root, split), 21, skip)
   if name == "nyuv2":

@@ -24,7 +24,7 @@ Examples are the same as ``sources.PairedSource``'s:
   ``sources.to_train_ids``: "train_ids" (classes or 255), "cityscapes_ids"
   (Cityscapes label ids 0-33, as TFDS's own cityscapes stores them) or "nyu40"
   (0 unlabelled -> 255, 1..40 -> 0..39).
-- ``tfds_num_classes`` (19; 40 with "nyu40"): the number of classes.
+- ``tfds_num_classes`` (0: the mapping's own, 19, or 40 with "nyu40"): the number of classes.
 
 TFDS's Cityscapes (prepared from the manual download), for example::
 
@@ -182,17 +182,15 @@ class TfdsSource:
 
 def tfds_source(data_config, split: str):
   """The ``TfdsSource`` of ``config.data`` (name "tfds") for ``split``."""
-  name = data_config.get("tfds_name", "") or ""
+  name = data_config.tfds_name
   if not name:
     raise UserError("config.data.tfds_name is empty; expected a prepared TFDS dataset "
                     "name[/config][:version], e.g. cityscapes/semantic_segmentation")
-  mapping = data_config.get("tfds_label_mapping", "train_ids") or "train_ids"
+  mapping = data_config.tfds_label_mapping
   if mapping not in MAPPINGS:
     raise UserError(f"config.data.tfds_label_mapping={mapping!r}; expected one of "
                     f"{', '.join(MAPPINGS)}")
-  num_classes = int(data_config.get("tfds_num_classes", 40 if mapping == "nyu40" else 19))
+  num_classes = int(data_config.tfds_num_classes) or (40 if mapping == "nyu40" else 19)
   return TfdsSource(
-      name, os.path.expanduser(data_config.get("root", "") or ""), split,
-      data_config.get("tfds_image_key", "image") or "image",
-      data_config.get("tfds_label_key", "segmentation_mask") or "segmentation_mask",
-      data_config.get("tfds_name_key", "") or "", mapping, num_classes)
+      name, os.path.expanduser(data_config.root), split, data_config.tfds_image_key,
+      data_config.tfds_label_key, data_config.tfds_name_key, mapping, num_classes)

@@ -335,13 +335,13 @@ def mmseg_eval(example, scale=(1024, 2048)):
   return {"image": normalize(image), "label": example["label"].astype(np.int32)}
 
 
-# --- protocol selection ---------------------------------------------------------------------
+# --- choosing the transforms ---------------------------------------------------------------------
 
-PROTOCOLS = ("reference", "mmseg")
+TRANSFORMS = ("reference", "mmseg")
 
 
-def _pair(config, key, default, increasing=False):
-  value = config.data.get(key, default)
+def _pair(config, key, increasing=False):
+  value = config.data[key]
   try:
     a, b = (float(v) for v in value)
   except (TypeError, ValueError):
@@ -353,34 +353,35 @@ def _pair(config, key, default, increasing=False):
 
 
 def _mmseg_settings(config):
-  scale = tuple(int(v) for v in _pair(config, "mmseg_scale", (1024, 2048)))
-  cat_max_ratio = float(config.data.get("mmseg_cat_max_ratio", 0.75))
+  scale = tuple(int(v) for v in _pair(config, "mmseg_scale"))
+  cat_max_ratio = float(config.data.mmseg_cat_max_ratio)
   if not cat_max_ratio > 0:
     raise UserError(f"config.data.mmseg_cat_max_ratio={cat_max_ratio!r} must be > 0 "
                     "(>= 1 turns the test off)")
-  ratio_range = _pair(config, "mmseg_ratio_range", (0.5, 2.0), increasing=True)
+  ratio_range = _pair(config, "mmseg_ratio_range", increasing=True)
   return {"scale": scale, "ratio_range": ratio_range, "cat_max_ratio": cat_max_ratio}
 
 
-def protocol_of(config) -> str:
-  protocol = config.data.get("protocol", "reference")
-  if protocol not in PROTOCOLS:
-    raise UserError(f"config.data.protocol={protocol!r} is not known; expected 'reference' "
+def transforms_of(config) -> str:
+  """``config.data.transforms``: "reference" (the public code's) or "mmseg"."""
+  name = config.data.transforms
+  if name not in TRANSFORMS:
+    raise UserError(f"config.data.transforms={name!r} is not known; expected 'reference' "
                     "or 'mmseg'")
-  return protocol
+  return name
 
 
 def train_transform(config):
-  """fn(example, rng) for ``config.data.protocol``, cropping/resizing to config.image_size."""
+  """fn(example, rng) for ``config.data.transforms``, cropping/resizing to config.image_size."""
   size = tuple(config.image_size)
-  if protocol_of(config) == "mmseg":
+  if transforms_of(config) == "mmseg":
     return functools.partial(mmseg_train, crop_size=size, **_mmseg_settings(config))
   return functools.partial(reference_train, size=size)
 
 
 def eval_transform(config):
-  """fn(example) for ``config.data.protocol`` (the model sees what it trained on)."""
-  if protocol_of(config) == "mmseg":
+  """fn(example) for ``config.data.transforms`` (the model sees what it trained on)."""
+  if transforms_of(config) == "mmseg":
     return functools.partial(mmseg_eval, scale=_mmseg_settings(config)["scale"])
   return functools.partial(reference_eval, size=tuple(config.image_size),
                            label_resolution=eval_label_resolution(config))
@@ -389,19 +390,19 @@ def eval_transform(config):
 def eval_label_resolution(config) -> str:
   """``config.data.eval_label_resolution``, or when empty the one ``config.eval_protocol``
   scores at: "full" for ``standard``, "quarter" for ``reference``."""
-  chosen = config.data.get("eval_label_resolution", "")
+  chosen = config.data.eval_label_resolution
   if chosen:
     return chosen
-  return "quarter" if config.get("eval_protocol", "standard") == "reference" else "full"
+  return "quarter" if config.eval_protocol == "reference" else "full"
 
 
 def eval_image(image: np.ndarray, config, size=None) -> np.ndarray:
-  """The image the model sees at evaluation under ``config.data.protocol``.
+  """The image the model sees at evaluation under ``config.data.transforms``.
 
   ``size`` (h, w) overrides the protocol's resize (``None``: the protocol's
   own: ``config.image_size`` for reference, fit to ``mmseg_scale`` for mmseg).
   """
-  if protocol_of(config) == "mmseg":
+  if transforms_of(config) == "mmseg":
     if size is None:
       size = rescale_size(image.shape, _mmseg_settings(config)["scale"])
     return normalize(resize_window(image, size))

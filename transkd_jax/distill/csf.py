@@ -2,7 +2,7 @@
 
 One unit per stage, run from the deepest stage to the shallowest; each unit
 fuses its stage with the deeper unit's width-64 map through selective-kernel
-channel attention (REFERENCE.md, "Cross Selective Fusion"). Its outputs are
+channel attention (docs/transkd.md#cross-selective-fusion-csf-and-hcl). Its outputs are
 compared with the teacher's stage maps by the hierarchical context loss.
 
 Batch of one: the public code switches to a branch without BatchNorm (its

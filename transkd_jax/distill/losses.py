@@ -1,7 +1,7 @@
 """Distillation and segmentation losses, as pure functions (NHWC, float32).
 
 Every function takes arrays and returns a scalar; none holds parameters. The
-formulas are REFERENCE.md's; where the public PyTorch code does something
+formulas are docs/transkd.md#losses; where the public PyTorch code does something
 particular (HCL's level weights, CWD's normalisation) the docstring says so.
 """
 
@@ -51,7 +51,7 @@ def hcl_stage(s, t, levels: Sequence[int] = (4, 2, 1)):
   Levels l >= the map's height are skipped. As in the public code (the code
   produced the published numbers), the weight halves at every level that is
   *used*: 1/2 for the first pooled level, 1/4 for the next, ... So for a map of
-  height > 4 the weights are w_4 = 0.5, w_2 = 0.25, w_1 = 0.125 (REFERENCE.md);
+  height > 4 the weights are w_4 = 0.5, w_2 = 0.25, w_1 = 0.125 (docs/transkd.md);
   for a map of height 3 or 4 they are w_2 = 0.5, w_1 = 0.25, and for height 2,
   w_1 = 0.5. The sum is divided by 1 + the weights used.
   """

@@ -1,18 +1,21 @@
 """The method table, the training-time wrapper, and the distillation objective.
 
-A method is a row of data: which adapter turns the student's stage maps into
-teacher-comparable maps (``fusion``), which loss compares them
-(``feature_loss``), which path aligns the patch embeddings (``embedding``), and
-whether the teacher's logits are distilled (``logit_kd``). ``Distiller`` holds
-the student and the method's adapters (their parameters live side by side
-under "student", "fusion", "pea", "gl_mixer", "assistant", "embed_fuse"), and
-``objective`` turns teacher and student outputs into named loss terms.
+A method is a row of data that holds its own parts: the ``adapter`` that turns
+the student's stage maps into teacher-comparable maps, whether and how the
+patch embeddings are aligned (PEA, with GL-Mixer or the Embedding Assistant),
+and the loss ``terms`` added to the cross-entropy. Each ``Term`` names the
+``config.distill`` keys it reads and the student and teacher outputs it
+compares. Adding a method is adding a row.
 
-The deployed model is ``params["student"]``: a plain SegFormer.
+``Distiller`` holds the trained SegFormer and the method's modules; their
+parameters live side by side under the trained model's role ("student", or
+"teacher" for a teacher run), "fusion", "pea", "gl_mixer", "assistant" and
+"embed_fuse". ``objective`` turns teacher and student outputs into named loss
+terms. The deployed model is ``params[method.trains]``: a plain SegFormer.
 """
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -31,36 +34,95 @@ Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
+class Term:
+  """One weighted loss term: ``fn(student_value, teacher_value, settings)``.
+
+  ``student`` is the Distiller output it reads ("adapted", "aligned" or
+  "logits"), ``teacher`` the teacher output it compares with ("features",
+  "embeddings" or "logits"), ``keys`` the ``config.distill`` keys it needs.
+  """
+  name: str
+  student: str
+  teacher: str
+  keys: Tuple[str, ...]
+  fn: Callable
+
+
+def _stage_targets(adapted, features):
+  """The teacher stage maps an adapter's outputs pair with (its last stages)."""
+  return features[-len(adapted):]
+
+
+HCL = Term("hcl", "adapted", "features", ("hcl_weight",),
+           lambda s, t, w: w["hcl_weight"] * losses.hcl(s, _stage_targets(s, t)))
+FITNET = Term("fitnet", "adapted", "features", ("fitnet_weights",),
+              lambda s, t, w: losses.weighted_mse(s, _stage_targets(s, t), w["fitnet_weights"]))
+CWD = Term("cwd", "adapted", "features", ("cwd_weight", "cwd_temperature"),
+           lambda s, t, w: w["cwd_weight"] * sum(
+               losses.cwd(a, b, w["cwd_temperature"]) for a, b in zip(s, _stage_targets(s, t))))
+PEA = Term("pea", "aligned", "embeddings", ("pea_weights",),
+           lambda s, t, w: losses.weighted_mse(s, t, w["pea_weights"]))
+LOGIT_KD = Term("kd", "logits", "logits", ("kd_weight", "kd_temperature"),
+                lambda s, t, w: w["kd_weight"] * losses.logit_kd(s, t, w["kd_temperature"]))
+
+
+def csf(channels, d: "Distiller", **kw):
+  return CrossSelectiveFusion(channels, d.fusion_channels, **kw)
+
+
+def abf(channels, d: "Distiller", **kw):
+  return ReviewFusion(channels, d.fusion_channels, **kw)
+
+
+def fitnet_adapters(channels, d: "Distiller", **kw):
+  return FitNetAdapters(channels, **kw)
+
+
+def cwd_adapter(channels, d: "Distiller", **kw):
+  return CWDAdapter(channels, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
-  fusion: Optional[str] = None        # "csf" | "abf" | "fitnet" | "cwd"
-  feature_loss: Optional[str] = None  # "hcl" | "fitnet" | "cwd"
-  embedding: Optional[str] = None     # "pea" | "gl" | "ea"
-  logit_kd: bool = False
-  description: str = ""
+  """One row of the method table."""
+  name: str
+  description: str
+  adapter: Optional[Callable[..., nn.Module]] = None  # (teacher channels, Distiller, **dtypes)
+  align_embeddings: bool = False   # PEA: one projection per stage to teacher width
+  gl_mixer: bool = False           # GL-Mixer on the stage-4 embedding before its projection
+  assistant: bool = False          # Embedding Assistant fused into the aligned embeddings
+  terms: Tuple[Term, ...] = ()     # added to the cross-entropy
+  trains: str = "student"          # the config section (role) of the model trained
 
   @property
   def teacher_call(self) -> Optional[str]:
     """What the teacher must compute: None, "encode" (no head) or "full"."""
-    if self.logit_kd:
+    if any(t.teacher == "logits" for t in self.terms):
       return "full"
-    if self.fusion or self.embedding:
-      return "encode"
-    return None
+    return "encode" if self.terms else None
+
+  @property
+  def setting_keys(self) -> Tuple[str, ...]:
+    return tuple(k for t in self.terms for k in t.keys)
 
 
-METHODS: Dict[str, Method] = {
-    "student": Method(description="the student alone, no distillation"),
-    "transkd_base": Method("csf", "hcl", "pea",
-                           description="TransKD-Base: CSF + HCL, PEA"),
-    "transkd_gl": Method("csf", "hcl", "gl",
-                         description="TransKD-GL: CSF + HCL, PEA with GL-Mixer on stage 4"),
-    "transkd_ea": Method("csf", "hcl", "ea",
-                         description="TransKD-EA: CSF + HCL, PEA with Embedding Assistant"),
-    "kd": Method(logit_kd=True, description="logit KD (Hinton), temperature T"),
-    "cwd": Method("cwd", "cwd", description="channel-wise distillation on stage 4"),
-    "reviewkd": Method("abf", "hcl", description="ReviewKD: ABF fusion + HCL"),
-    "fitnet": Method("fitnet", "fitnet", description="FitNet: 1x1 adapters + MSE"),
-}
+METHODS: Dict[str, Method] = {m.name: m for m in (
+    Method("student", "the student alone, no distillation"),
+    Method("teacher", "the teacher alone (config.teacher.variant, from config.teacher.init)",
+           trains="teacher"),
+    Method("transkd_base", "TransKD-Base: CSF + HCL, PEA", csf, align_embeddings=True,
+           terms=(HCL, PEA)),
+    Method("transkd_gl", "TransKD-GL: CSF + HCL, PEA with GL-Mixer on stage 4", csf,
+           align_embeddings=True, gl_mixer=True, terms=(HCL, PEA)),
+    Method("transkd_ea", "TransKD-EA: CSF + HCL, PEA with Embedding Assistant", csf,
+           align_embeddings=True, assistant=True, terms=(HCL, PEA)),
+    Method("kd", "logit KD (Hinton), temperature T (no public implementation)",
+           terms=(LOGIT_KD,)),
+    Method("cwd", "channel-wise distillation on stage 4", cwd_adapter, terms=(CWD,)),
+    Method("reviewkd", "ReviewKD: ABF fusion + HCL", abf, terms=(HCL,)),
+    Method("fitnet", "FitNet: 1x1 adapters + MSE (no public implementation)", fitnet_adapters,
+           terms=(FITNET,)),
+)}
 
 
 def get_method(name: str) -> Method:
@@ -70,34 +132,16 @@ def get_method(name: str) -> Method:
   return METHODS[name]
 
 
-# The config keys (under config.distill) each part of a method reads.
-_WEIGHT_KEYS = {
-    "hcl": ("hcl_weight",),
-    "fitnet": ("fitnet_weights",),
-    "cwd": ("cwd_weight", "cwd_temperature"),
-    "pea": ("pea_weights",),
-    "kd": ("kd_weight", "kd_temperature"),
-}
-
-
-def loss_settings(method_name: str, distill_config: Mapping) -> Dict[str, Any]:
-  """The loss weights the method needs, read from ``config.distill``.
+def loss_settings(method: Method, distill_config: Optional[Mapping]) -> Dict[str, Any]:
+  """The loss weights the method's terms read, from ``config.distill``.
 
   Raises ValueError naming ``config.distill.<key>`` when one is missing or
   malformed, so a bad config fails before anything is compiled.
   """
-  method = get_method(method_name)
-  needed = []
-  if method.feature_loss:
-    needed += _WEIGHT_KEYS[method.feature_loss]
-  if method.embedding:
-    needed += _WEIGHT_KEYS["pea"]
-  if method.logit_kd:
-    needed += _WEIGHT_KEYS["kd"]
   settings = {}
-  for key in needed:
+  for key in method.setting_keys:
     if distill_config is None or key not in distill_config:
-      raise ValueError(f"method {method_name!r} needs config.distill.{key}, which is missing")
+      raise ValueError(f"method {method.name!r} needs config.distill.{key}, which is missing")
     value = distill_config[key]
     if key.endswith("_weights"):
       value = tuple(float(v) for v in value)
@@ -111,42 +155,17 @@ def loss_settings(method_name: str, distill_config: Mapping) -> Dict[str, Any]:
   return settings
 
 
-def check_pairing(distiller: "Distiller", teacher: SegFormer, image_size: Sequence[int]):
-  """Checks, from shapes alone, that the method's outputs pair with the teacher's.
-
-  Runs nothing (``jax.eval_shape``); raises ValueError naming the stage whose
-  student-side map or embedding does not match the teacher's, so a bad pairing
-  fails before anything is compiled.
-  """
-  images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
-  key = jax.random.key(0)
-
-  def shapes(model, **kw):
-    def run(x):
-      variables = model.init(key, x, **kw)
-      return model.apply(variables, x, **kw)
-    return jax.eval_shape(run, images)
-
-  method = get_method(distiller.method)
-  if method.teacher_call is None:
-    return
-  student = shapes(distiller)
-  teacher = shapes(teacher) if method.teacher_call == "full" else shapes(
-      teacher, method="encode")
-  _check_outputs(distiller.method, student, teacher)
-
-
 class Distiller(nn.Module):
-  """The student plus the training-time modules of one method.
+  """The trained SegFormer plus the training-time modules of one method.
 
-  ``__call__(images, train)`` returns the student's outputs ("logits",
+  ``__call__(images, train)`` returns the SegFormer's outputs ("logits",
   "features", "embeddings") and the method's "adapted" stage maps (to compare
   with the teacher's stage maps) and "aligned" patch embeddings (to compare with
   the teacher's embeddings); either may be None.
   """
-  method: str
-  student_variant: Any = "b0"
-  teacher_variant: Any = "b2"
+  method: Method
+  variant: Any = "b0"            # the trained SegFormer's
+  teacher_variant: Any = "b2"    # gives the adapters' output widths
   num_classes: int = 19
   fusion_channels: int = 64
   gl_heads: int = 8
@@ -155,79 +174,75 @@ class Distiller(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def setup(self):
-    method = get_method(self.method)
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    method = self.method
     teacher = get_variant(self.teacher_variant).channels
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.student = SegFormer(self.student_variant, self.num_classes, **kw)
-    fusion = {
-        None: None,
-        "csf": lambda: CrossSelectiveFusion(teacher, self.fusion_channels, **kw),
-        "abf": lambda: ReviewFusion(teacher, self.fusion_channels, **kw),
-        "fitnet": lambda: FitNetAdapters(teacher, **kw),
-        "cwd": lambda: CWDAdapter(teacher, **kw),
-    }[method.fusion]
-    self.fusion = fusion() if fusion else None
-    if method.embedding:
-      self.pea = PatchEmbedAlignment(teacher, **kw)
-    if method.embedding == "gl":
-      self.gl_mixer = GLMixer(self.gl_heads, self.gl_residual, tuple(self.gl_mix_init), **kw)
-    if method.embedding == "ea":
-      self.assistant = EmbeddingAssistant(teacher, **kw)
-      self.embed_fuse = EmbeddingFuse(self.param_dtype)
-
-  def __call__(self, images, train: bool = False):
-    method = get_method(self.method)
-    out = dict(self.student(images, train))
-    out["adapted"] = self.fusion(out["features"], train) if self.fusion else None
+    out = dict(SegFormer(self.variant, self.num_classes, name=method.trains, **kw)(images, train))
+    out["adapted"] = (method.adapter(teacher, self, name="fusion", **kw)(out["features"], train)
+                      if method.adapter else None)
     out["aligned"] = None
-    if method.embedding:
+    if method.align_embeddings:
       embeddings = list(out["embeddings"])
-      if method.embedding == "gl":
-        embeddings[3] = self.gl_mixer(embeddings[3])
-      aligned = self.pea(embeddings)
-      if method.embedding == "ea":
-        aligned = self.embed_fuse(aligned, self.assistant(images, out["features"]))
+      if method.gl_mixer:
+        embeddings[3] = GLMixer(self.gl_heads, self.gl_residual, tuple(self.gl_mix_init),
+                                name="gl_mixer", **kw)(embeddings[3])
+      aligned = PatchEmbedAlignment(teacher, name="pea", **kw)(embeddings)
+      if method.assistant:
+        assistant = EmbeddingAssistant(teacher, name="assistant", **kw)(images, out["features"])
+        aligned = EmbeddingFuse(self.param_dtype, name="embed_fuse")(aligned, assistant)
       out["aligned"] = aligned
     return out
 
 
-def build_distiller(config) -> Distiller:
-  """The Distiller of ``config`` (method, teacher/student variants, classes, dtype)."""
-  get_method(config.method)
-  d = config.get("distill", {}) or {}
-  dtype = jnp.dtype(config.get("dtype", "float32"))
-  return Distiller(method=config.method, student_variant=config.student.variant,
-                   teacher_variant=config.teacher.variant, num_classes=config.num_classes,
-                   fusion_channels=int(d.get("fusion_channels", 64)),
-                   gl_heads=int(d.get("gl_heads", 8)),
-                   gl_residual=bool(d.get("gl_residual", False)),
-                   gl_mix_init=tuple(d.get("gl_mix_init", (1.0, 1.0))), dtype=dtype)
-
-
-def _check_pairs(what: str, student: Sequence, teacher: Sequence, first_stage: int = 1):
-  for stage, (s, t) in enumerate(zip(student, teacher), start=first_stage):
+def _check_pairs(what: str, student, teacher):
+  if not isinstance(student, (list, tuple)):
+    if student.shape != teacher.shape:
+      raise ValueError(f"{what}: student {tuple(student.shape)} and teacher "
+                       f"{tuple(teacher.shape)} do not pair")
+    return
+  teacher = teacher[-len(student):]
+  first = 5 - len(student)
+  for stage, (s, t) in enumerate(zip(student, teacher), start=first):
     if s.shape != t.shape:
       raise ValueError(f"{what}, stage {stage}: student {tuple(s.shape)} and teacher "
                        f"{tuple(t.shape)} do not pair")
 
 
-def _check_outputs(method_name: str, student_out: Mapping, teacher_out: Mapping):
-  """Raises ValueError naming the stage where student and teacher do not pair."""
-  method = get_method(method_name)
-  if method.feature_loss:
-    adapted = student_out["adapted"]
-    _check_pairs(f"{method_name}: feature maps", adapted,
-                 teacher_out["features"][-len(adapted):], first_stage=5 - len(adapted))
-  if method.embedding:
-    _check_pairs(f"{method_name}: patch embeddings", student_out["aligned"],
-                 teacher_out["embeddings"])
-  if method.logit_kd and student_out["logits"].shape != teacher_out["logits"].shape:
-    raise ValueError(f"{method_name}: student logits {tuple(student_out['logits'].shape)} and "
-                     f"teacher logits {tuple(teacher_out['logits'].shape)} do not pair")
+_WHAT = {"features": "feature maps", "embeddings": "patch embeddings", "logits": "logits"}
 
 
-def objective(method_name: str, settings: Mapping[str, Any], student_out: Mapping,
+def check_outputs(method: Method, student_out: Mapping, teacher_out: Mapping):
+  """Raises ValueError naming the term and stage where student and teacher do not pair."""
+  for term in method.terms:
+    _check_pairs(f"{method.name}: {_WHAT[term.teacher]}", student_out[term.student],
+                 teacher_out[term.teacher])
+
+
+def check_pairing(distiller: Distiller, teacher: SegFormer, image_size: Sequence[int]):
+  """Checks, from shapes alone, that the method's outputs pair with the teacher's.
+
+  Runs nothing (``jax.eval_shape``); raises ValueError naming the stage whose
+  student-side map or embedding does not match the teacher's, so a bad pairing
+  fails before anything is compiled.
+  """
+  method = distiller.method
+  if method.teacher_call is None:
+    return
+  images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+  key = jax.random.key(0)
+
+  def shapes(model, **kw):
+    def run(x):
+      return model.apply(model.init(key, x, **kw), x, **kw)
+    return jax.eval_shape(run, images)
+
+  encode = {"method": "encode"} if method.teacher_call == "encode" else {}
+  check_outputs(method, shapes(distiller), shapes(teacher, **encode))
+
+
+def objective(method: Method, settings: Mapping[str, Any], student_out: Mapping,
               teacher_out: Optional[Mapping], labels,
               class_weights: Optional[Sequence[float]] = None, ce_logits=None):
   """The training loss: (total, {term: value}) with every term already weighted.
@@ -235,36 +250,18 @@ def objective(method_name: str, settings: Mapping[str, Any], student_out: Mappin
   ``student_out`` is ``Distiller``'s output; ``teacher_out`` the teacher's
   (``SegFormer.encode`` or full output, per ``Method.teacher_call``), which is
   put under ``stop_gradient`` here so no gradient ever reaches the teacher.
-  ``settings`` comes from ``loss_settings``. Terms: "ce" always; "hcl",
-  "fitnet" or "cwd" for the feature loss; "pea" for the embedding path; "kd"
-  for logit KD. ``total`` is their sum. ``ce_logits`` (default: the student's
-  logits) are what the cross-entropy compares with ``labels``, e.g. logits
-  upsampled to full-resolution labels.
+  ``settings`` comes from ``loss_settings``. Terms: "ce" always, then the
+  method's. ``ce_logits`` (default: the student's logits) are what the
+  cross-entropy compares with ``labels``, e.g. logits upsampled to
+  full-resolution labels.
   """
-  method = get_method(method_name)
   ce_logits = student_out["logits"] if ce_logits is None else ce_logits
   terms = {"ce": losses.cross_entropy(ce_logits, labels, class_weights)}
-  if method.teacher_call is not None:
+  if method.terms:
     if teacher_out is None:
-      raise ValueError(f"method {method_name!r} needs the teacher's outputs")
+      raise ValueError(f"method {method.name!r} needs the teacher's outputs")
     teacher_out = jax.lax.stop_gradient(teacher_out)
-  _check_outputs(method_name, student_out, teacher_out)
-  if method.feature_loss:
-    adapted = student_out["adapted"]
-    targets = teacher_out["features"][-len(adapted):]
-    if method.feature_loss == "hcl":
-      terms["hcl"] = settings["hcl_weight"] * losses.hcl(adapted, targets)
-    elif method.feature_loss == "fitnet":
-      terms["fitnet"] = losses.weighted_mse(adapted, targets, settings["fitnet_weights"])
-    elif method.feature_loss == "cwd":
-      terms["cwd"] = settings["cwd_weight"] * sum(
-          losses.cwd(s, t, settings["cwd_temperature"]) for s, t in zip(adapted, targets))
-  if method.embedding:
-    aligned = student_out["aligned"]
-    terms["pea"] = losses.weighted_mse(aligned, teacher_out["embeddings"],
-                                       settings["pea_weights"])
-  if method.logit_kd:
-    terms["kd"] = settings["kd_weight"] * losses.logit_kd(
-        student_out["logits"], teacher_out["logits"], settings["kd_temperature"])
-  total = sum(terms.values())
-  return total, terms
+    check_outputs(method, student_out, teacher_out)
+  for term in method.terms:
+    terms[term.name] = term.fn(student_out[term.student], teacher_out[term.teacher], settings)
+  return sum(terms.values()), terms

@@ -1,7 +1,7 @@
 """Initialisers of the public PyTorch code, in Flax terms.
 
 They matter only for training from scratch (TransKD's student starts from
-random weights), but then they matter: see REFERENCE.md, "Initialisation".
+random weights), but then they matter: see docs/transkd.md#blocks-layernorm-epsilons-and-initialisation.
 """
 
 import math

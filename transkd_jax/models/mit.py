@@ -38,7 +38,7 @@ def depthwise_impl(impl: str) -> str:
   """Resolves "auto" to the faster form of the 3x3 depthwise conv per backend.
 
   XLA:CPU runs grouped convolutions ~12x slower than nine shifted
-  multiply-adds (PERFORMANCE.md); on GPU and TPU the native convolution is
+  multiply-adds (docs/performance.md); on GPU and TPU the native convolution is
   used. Both forms compute the same function.
   """
   if impl == "auto":

@@ -11,7 +11,7 @@ Training: ``model.apply(variables, images, train=True, rngs={"dropout": key},
 mutable=["batch_stats"])``. A teacher that only needs its stage maps and patch
 embeddings (every TransKD method but logit KD) calls
 ``model.apply(variables, images, method="encode")`` and skips the decode head,
-which is most of a B2's FLOPs (PERFORMANCE.md).
+which is most of a B2's FLOPs (docs/performance.md).
 """
 
 from typing import Any

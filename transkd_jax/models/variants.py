@@ -1,6 +1,6 @@
 """The Mix Transformer variant table (B0-B5), as data.
 
-Every number comes from SegFormer's MiT definitions (see ``REFERENCE.md``).
+Every number comes from SegFormer's MiT definitions (docs/transkd.md#variants-b0-b5).
 A variant is a row; nothing else in the code branches on the variant name.
 """
 

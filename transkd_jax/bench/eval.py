@@ -1,4 +1,4 @@
-"""The evaluation benchmark (``python -m transkd_jax.benchmark eval --config=...``).
+"""``benchmark eval``: the evaluation step, under both protocols.
 
 Times the jitted evaluation step that ``--mode=eval`` and validation run
 (``evaluate.make_eval_step``: forward, logits resized to the labels, confusion
@@ -9,7 +9,6 @@ matrix) on in-memory batches of the configured model (the student; see
 quarter under ``reference``. Prints one JSON line per protocol.
 """
 
-import json
 import statistics
 import time
 
@@ -17,16 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transkd_jax import evaluate, sharding
-from transkd_jax.models import SegFormer
+from transkd_jax import build, sharding
 
 
 def bench_eval(config, protocol: str, steps: int = 5) -> dict:
   h, w = tuple(config.image_size)
   batch = int(config.batch_size)
-  variant = evaluate.trained_variant(config)
-  model = SegFormer(variant, config.num_classes, dtype=jnp.dtype(config.dtype))
-  mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  model = build.deployed_model(config)
+  mesh = build.mesh_of(config)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, h, w, 3)))
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   label_size = (2 * h, 2 * w) if protocol == "standard" else (h // 4, w // 4)
@@ -35,7 +32,7 @@ def bench_eval(config, protocol: str, steps: int = 5) -> dict:
            "label": rng.integers(0, config.num_classes, (batch,) + label_size).astype(np.int32),
            "valid": np.ones(batch, bool)}
   inputs = sharding.global_batch(local, mesh)
-  step = evaluate.make_eval_step(model, config.num_classes, protocol, mesh)
+  step = build.make_eval_step(config, mesh, protocol)
   start = time.perf_counter()
   jax.block_until_ready(step(variables, inputs))
   compile_s = time.perf_counter() - start
@@ -45,13 +42,9 @@ def bench_eval(config, protocol: str, steps: int = 5) -> dict:
     jax.block_until_ready(step(variables, inputs))
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
-  return {"bench": "eval", "variant": str(variant), "protocol": protocol,
+  return {"bench": "eval", "variant": str(model.variant), "protocol": protocol,
           "imgs_per_s": round(batch / median, 3), "step_ms_median": round(1000 * median, 1),
           "compile_s": round(compile_s, 1), "height": h, "width": w,
           "label_size": list(label_size), "batch_size": batch, "dtype": config.dtype,
           "device": jax.devices()[0].device_kind}
 
-
-def main_eval(config, steps: int):
-  for protocol in ("standard", "reference"):
-    print(json.dumps(bench_eval(config, protocol, steps)), flush=True)

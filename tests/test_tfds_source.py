@@ -10,12 +10,13 @@ import io
 import pickle
 
 import grain
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from transkd_jax.config import base_config
+from transkd_jax.data import default_data_config
 from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN
 from transkd_jax.data.tfds_source import tfds_source
 from transkd_jax.errors import UserError
@@ -106,7 +107,7 @@ def data_dir(tmp_path_factory):
 
 
 def _source(root, split="train", **keys):
-  return tfds_source(ml_collections.ConfigDict({"name": "tfds", "root": root, **keys}), split)
+  return tfds_source(default_data_config(name="tfds", root=root, **keys), split)
 
 
 def _images(root, split="train", **keys):
@@ -228,8 +229,9 @@ def test_make_source_and_the_eval_iterator_read_tfds(data_dir):
   cfg = data.default_data_config(name="tfds", root=data_dir, tfds_name="tkd_images",
                                  tfds_name_key="file_name")
   assert len(make_source(cfg, "train")) == 3
-  config = ml_collections.ConfigDict({"batch_size": 2, "seed": 0, "image_size": (32, 32),
-                                      "data": cfg})
+  config = base_config()
+  config.update(batch_size=2, seed=0, image_size=(32, 32))
+  config.data = cfg
   # The split's labels differ in size: the default pads to the first one's, too small here.
   with pytest.raises(UserError, match=r"validation-1 is 4x4 .* larger than the 3x5 .*"
                                       "eval_label_pad"):

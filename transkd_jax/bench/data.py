@@ -1,4 +1,4 @@
-"""The input-pipeline benchmark (``python -m transkd_jax.benchmark data --config=...``).
+"""``benchmark data``: the training input pipeline.
 
 Decode + augment + batch throughput of the configured training pipeline. With
 the generated dataset (the default) the tree is written at Cityscapes size,
@@ -7,7 +7,6 @@ number stands for Cityscapes. Prints one JSON line: imgs_per_s, workers,
 per_worker, source size, image_size.
 """
 
-import json
 import os
 import tempfile
 import time
@@ -36,6 +35,3 @@ def bench_data(config, workers: int, batches: int = 20) -> dict:
           "imgs_per_s": round(rate, 2), "per_worker": round(rate / max(workers, 1), 2),
           "image_size": list(config.image_size), "batch_size": int(config.batch_size)}
 
-
-def main_data(config, workers: int):
-  print(json.dumps(bench_data(config, workers)), flush=True)

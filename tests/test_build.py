@@ -1,0 +1,79 @@
+"""The construction path: the method row and role resolved once, a teacher run that
+stores its teacher as "teacher", the teacher read and checked before anything compiles,
+and eval / predict weights from a run's workdir."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from transkd_jax import build
+from transkd_jax.distill import METHODS
+from transkd_jax.errors import UserError
+from transkd_jax.models import SegFormer
+from transkd_jax.train import train
+
+from runs import TINY_TEACHER, set_variant, tiny_config
+
+
+def test_a_distilling_run_holds_its_method_row_and_the_student(teacher_dir):
+  config = tiny_config(method="transkd_gl")
+  set_variant(config, "teacher", "b0")
+  config.teacher.checkpoint = teacher_dir
+  run = build.training(config)
+  assert run.method is METHODS["transkd_gl"] and run.model.method is run.method
+  assert set(run.abstract_state.params) == {"student", "fusion", "pea", "gl_mixer"}
+  # The teacher's weights are the checkpoint's, placed on the mesh.
+  placed = jax.tree.leaves(run.teacher_variables)
+  assert all(x.sharding.mesh == run.mesh for x in placed)
+
+
+def test_a_teacher_run_trains_and_serves_its_teacher(tmp_path, data_root):
+  config = tiny_config(data_root, method="teacher", total_steps=2)
+  run = build.training(config)
+  assert run.teacher is None and run.teacher_variables is None
+  assert set(run.abstract_state.params) == {"teacher"}
+  assert run.model.variant == TINY_TEACHER
+  summary = train(config, str(tmp_path))
+  assert summary["step"] == 2
+  config.eval.checkpoint = ""
+  served = build.serving(config, str(tmp_path))
+  assert served.variant == TINY_TEACHER and "step 2" in served.source
+  params = jax.eval_shape(SegFormer(TINY_TEACHER, 19).init, jax.random.key(0),
+                          jnp.zeros((1, 64, 64, 3)))["params"]
+  assert jax.tree.map(np.shape, served.variables["params"]) == jax.tree.map(np.shape, params)
+
+
+def test_a_missing_or_mismatched_teacher_is_named_before_compiling(tmp_path):
+  config = tiny_config(method="transkd_base")
+  with pytest.raises(UserError, match="method 'transkd_base' distils from a teacher: set "
+                                      "config.teacher.checkpoint"):
+    build.training(config)
+  config.teacher.checkpoint = str(tmp_path / "nope")
+  with pytest.raises(UserError, match="config.teacher.checkpoint=.*no such directory"):
+    build.training(config)
+  # A B0 checkpoint where the config says the teacher is the tiny row.
+  wrong = SegFormer("b0", 19)
+  variables = jax.eval_shape(wrong.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "b0", variables)
+  config.teacher.checkpoint = str(tmp_path / "b0")
+  with pytest.raises(UserError, match=r"config.teacher.checkpoint=.*b0 does not fit "
+                                      r"SegFormer-.* with 19 classes.*shape of"):
+    build.training(config)
+
+
+def test_a_student_from_converted_weights_starts_from_them(tmp_path):
+  model = SegFormer("b0", 19)
+  variables = jax.jit(model.init)(jax.random.key(9), jnp.zeros((1, 64, 64, 3)))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "init", {"params": variables["params"],
+                                          "batch_stats": variables["batch_stats"]})
+  config = tiny_config(method="student")
+  set_variant(config, "student", "b0")
+  config.student.init = str(tmp_path / "init")
+  state = build.training(config).new_state()
+  for a, b in zip(jax.tree.leaves(state.params["student"]), jax.tree.leaves(variables["params"])):
+    np.testing.assert_array_equal(a, b)

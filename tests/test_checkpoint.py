@@ -1,0 +1,67 @@
+"""Checkpoints: state and data iterator restored exactly, fallback past a damaged step,
+the best kept by metric, model weights read from converted directories, errors named."""
+
+import json
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from transkd_jax import checkpoint as ckpt_lib
+from transkd_jax.errors import UserError
+
+
+def _iterator():
+  ds = grain.MapDataset.range(100).shuffle(seed=3).map(lambda i: {"x": np.int64(i)}).batch(2)
+  return iter(ds)
+
+
+def test_checkpoints_restore_state_and_data_and_fall_back(tmp_path):
+  config = ml_collections.ConfigDict({"a": 1})
+  ckpts = ckpt_lib.RunCheckpoints(str(tmp_path), keep=2, async_save=True)
+  it = _iterator()
+  state = {"step": jnp.asarray(0), "w": jnp.zeros(3)}
+  seen = []
+  for step in range(1, 6):
+    seen.append(next(it)["x"].tolist())
+    state = {"step": jnp.asarray(step), "w": state["w"] + 1}
+    metrics = {"val_miou": 0.9} if step == 2 else ({"val_miou": 0.1} if step == 4 else None)
+    ckpts.save(step, state, it, config, metrics=metrics, force=True)
+  ckpts.close()
+  expected_next = next(it)["x"].tolist()
+  # Latest two (4, 5) and the best by val_miou (2) are kept.
+  ckpts = ckpt_lib.RunCheckpoints(str(tmp_path), keep=2)
+  assert ckpts.steps() == [2, 4, 5] and ckpts.best_step() == 2
+  abstract = jax.eval_shape(lambda: state)
+  fresh = _iterator()
+  restored, step = ckpts.restore(abstract, fresh)
+  assert step == 5 and float(restored["w"][0]) == 5.0
+  assert next(fresh)["x"].tolist() == expected_next  # the data stream resumes exactly
+  # A damaged latest checkpoint: restore falls back to the previous one, saying so.
+  for f in (tmp_path / "checkpoints" / "5" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  restored, step = ckpts.restore(abstract, _iterator())
+  assert step == 4 and float(restored["w"][0]) == 4.0
+  saved_config = json.loads((tmp_path / "checkpoints" / "4" / "config" / "metadata").read_text())
+  assert saved_config == {"a": 1}
+
+
+def test_model_variables_from_converted_dir_and_errors(tmp_path):
+  tree = {"params": {"w": np.ones((2, 3), np.float32)}, "batch_stats": {}}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "conv", tree)
+  variables = ckpt_lib.restore_model_variables(str(tmp_path / "conv"), "config.teacher.checkpoint")
+  np.testing.assert_array_equal(variables["params"]["w"], tree["params"]["w"])
+  with pytest.raises(UserError, match="config.teacher.checkpoint=.*no such directory"):
+    ckpt_lib.restore_model_variables(str(tmp_path / "nope"), "config.teacher.checkpoint")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(UserError, match="cannot be read as an Orbax checkpoint"):
+    ckpt_lib.restore_model_variables(str(tmp_path / "empty"), "config.teacher.checkpoint")
+  with pytest.raises(UserError, match=r"shape of \['params'\]\['w'\]: \(2, 3\), expected \(3, 3\)"):
+    ckpt_lib.check_variables(variables, {"params": {"w": np.zeros((3, 3))}, "batch_stats": {}},
+                             "config.teacher.checkpoint", "SegFormer-B2")

@@ -1,0 +1,50 @@
+"""Config validation: every problem named by its key, once, before anything is built."""
+
+import ml_collections
+import pytest
+
+from transkd_jax.config import base_config, validate_config
+from transkd_jax.errors import UserError
+
+from runs import REPO
+
+
+def test_every_config_file_validates():
+  from runs import load_config
+  for path in sorted((REPO / "configs").glob("*.py")):
+    validate_config(load_config(path))
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("method", "transkd", "unknown distillation method 'transkd'"),
+    ("batch_size", 0, "config.batch_size must be a positive integer"),
+    ("eval_every", -1, "config.eval_every must be a non-negative integer"),
+    ("eval_protocol", "mmseg", "config.eval_protocol must be one of"),
+    ("dtype", "float64", "config.dtype must be one of"),
+    ("sharding", "zero3", "config.sharding must be one of"),
+    ("mesh_shape", (-1, -1), "config.mesh_shape must be (data, model)"),
+    ("data.transforms", "segformer", "config.data.transforms must be one of"),
+    ("data.name", "kitti", "config.data.name must be one of"),
+    ("optimizer.warmup_steps", 10 ** 9, "config.optimizer.warmup_steps"),
+    ("recipe.methods", ("student", "nope"), "unknown distillation method 'nope'"),
+    ("distill.pea_weights", (0.1, 0.1), "config.distill.pea_weights needs 4 values"),
+])
+def test_a_bad_value_is_named(key, value, needle):
+  config = base_config()
+  *parents, last = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  with config.unlocked():
+    node[last] = value
+  with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    validate_config(config)
+
+
+def test_a_config_not_built_on_base_config_names_what_it_lacks():
+  config = base_config()
+  del config["eval"]
+  with pytest.raises(UserError, match="lacks config.eval.*base_config"):
+    validate_config(config)
+  with pytest.raises(UserError, match="lacks config.batch_size"):
+    validate_config(ml_collections.ConfigDict({"num_classes": 19}))

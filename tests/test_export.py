@@ -1,0 +1,172 @@
+"""Export: HuggingFace parity, exact round trips through convert, variant inference, errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from transkd_jax import convert, export
+from transkd_jax.data import transforms
+from transkd_jax.errors import UserError
+from transkd_jax.models import MiTVariant, SegFormer, get_variant
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e \".[test]\")")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed "
+                                   "(pip install -e \".[test]\")")
+
+# No row of the variant table: the heads (not the table's 1, 2, 5, 8) must be given.
+TINY = MiTVariant((8, 16, 24, 32), (1, 2, 1, 1), (1, 2, 3, 4), 16)
+TINY_HEADS = "--heads=1,2,3,4"
+CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(variables, directory): a perturbed random TINY with non-trivial batch_stats, saved as
+  convert saves it, its transkd_convert.json recording an ImageNet-normalised source."""
+  variables = jax.jit(SegFormer(TINY, CLASSES).init)(jax.random.key(0),
+                                                     jnp.zeros((1, 64, 64, 3)))
+  rng = np.random.RandomState(0)
+  flat = {}
+  for path, value in traverse_util.flatten_dict(jax.device_get(variables)).items():
+    value = np.asarray(value, np.float32)
+    if path[-1] == "mean":
+      value = 0.1 * rng.randn(*value.shape)
+    elif path[-1] == "var":
+      value = 0.5 + rng.rand(*value.shape)
+    else:  # no trivial zero biases or unit scales
+      value = value + 0.1 * rng.randn(*value.shape)
+    flat[path] = value.astype(np.float32)
+  variables = traverse_util.unflatten_dict(flat)
+  path = tmp_path_factory.mktemp("tiny") / "converted"
+  convert.save(variables, str(path), {"arch": "custom", "num_classes": CLASSES,
+                                      "normalization": "imagenet"})
+  return variables, path
+
+
+def _assert_same_tree(a, b):
+  a, b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  assert set(a) == set(b)
+  for key in a:
+    np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=str(key))
+
+
+def test_hf_export_matches_transformers(tmp_path, tiny, capsys):
+  variables, ckpt = tiny
+  out = tmp_path / "hf"
+  assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--output={out}",
+                      TINY_HEADS]) == 0
+  line = capsys.readouterr().out
+  assert line.count("\n") == 1 and "wrote" in line and "imagenet" in line
+
+  model, info = transformers.SegformerForSemanticSegmentation.from_pretrained(
+      str(out), output_loading_info=True)
+  assert not any(info.values()), info  # nothing missing, unexpected or mis-shaped
+  model.eval()
+  images = np.random.RandomState(1).rand(2, 64, 96, 3).astype(np.float32)
+  ours = np.asarray(jax.jit(SegFormer(TINY, CLASSES).apply)(variables, images)["logits"])
+  with torch.no_grad():
+    theirs = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).logits
+  theirs = theirs.numpy().transpose(0, 2, 3, 1)
+  assert ours.shape == theirs.shape == (2, 16, 24, CLASSES)
+  assert np.abs(ours - theirs).max() < 1e-4
+
+  config = model.config
+  assert config.num_attention_heads == [1, 2, 3, 4] and config.hidden_sizes == [8, 16, 24, 32]
+  assert config.id2label[0] == "class_0" and config.semantic_loss_ignore_index == 255
+  # auto: transkd_convert.json records an ImageNet-normalised source.
+  processor = transformers.SegformerImageProcessor.from_pretrained(str(out))
+  image = np.random.RandomState(2).randint(0, 256, (40, 60, 3)).astype(np.uint8)
+  pixels = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  np.testing.assert_allclose(pixels, (image - transforms.MEAN) / transforms.STD, atol=1e-5)
+  # The exported weights come back through convert exactly.
+  tree, classes = convert.convert(convert.read_state_dict(str(out)), TINY, log=lambda *_: None)
+  assert classes == CLASSES
+  _assert_same_tree(tree, variables)
+
+
+def test_pytorch_export_round_trips_through_convert(tmp_path, tiny):
+  variables, ckpt = tiny
+  out = tmp_path / "pt"
+  assert export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={out}",
+                      TINY_HEADS]) == 0
+  state = torch.load(out / "model.pth", weights_only=True)
+  for name in ("patch_embed1.proj.weight", "block1.0.attn.q.weight", "block1.0.attn.kv.weight",
+               "block1.0.attn.sr.weight", "block2.1.mlp.dwconv.dwconv.weight", "norm4.weight",
+               "linear_c4.proj.weight", "linear_fuse.conv.weight",
+               "linear_fuse.bn.running_mean", "linear_fuse.bn.num_batches_tracked",
+               "linear_pred.weight"):
+    assert name in state, name
+  assert tuple(state["block1.0.attn.kv.weight"].shape) == (16, 8)  # out x in
+  assert tuple(state["block1.0.attn.sr.weight"].shape) == (8, 8, 8, 8)
+  assert tuple(state["linear_pred.weight"].shape) == (CLASSES, 16, 1, 1)
+  tree, _ = convert.convert(convert.read_state_dict(str(out / "model.pth")), TINY,
+                            log=lambda *_: None)
+  _assert_same_tree(tree, variables)
+
+
+@pytest.mark.parametrize("name", ["b0", "b1", "b2", "b5"])
+def test_table_variants_are_recognised(name):
+  shapes = jax.eval_shape(SegFormer(name, 19).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  found, spec, classes = export.infer_variant(shapes)
+  assert (found, spec, classes) == (f"mit_{name}", get_variant(name), 19)
+
+
+def test_custom_variant_needs_heads(tiny):
+  variables, _ = tiny
+  with pytest.raises(UserError, match="--heads") as error:
+    export.infer_variant(variables)
+  assert "closest mit_b0" in str(error.value) and "channels (8, 16, 24, 32)" in str(error.value)
+  with pytest.raises(UserError, match="dividing"):
+    export.infer_variant(variables, (1, 2, 5, 8))  # 5 heads do not divide 24 channels
+
+
+def test_normalisation_from_a_run_config(tmp_path):
+  for step, data, size in ((3, {"transforms": "mmseg"}, [512, 512]),
+                           (9, {"protocol": "reference", "name": "cityscapes"}, [64, 128])):
+    (tmp_path / "checkpoints" / str(step) / "config").mkdir(parents=True)
+    (tmp_path / "checkpoints" / str(step) / "config" / "metadata").write_text(
+        json.dumps({"data": data, "image_size": size}))
+  # The step the weights came from decides; else the newest.
+  norm, _, size, data = export.input_settings(str(tmp_path), "auto",
+                                              f"{tmp_path}/checkpoints/3 (step 3, latest)")
+  assert (norm, size) == ("imagenet", None)  # mmseg: the processor does not resize
+  norm, _, size, data = export.input_settings(str(tmp_path), "auto", "")
+  assert (norm, size) == ("unit", (64, 128))
+  assert export.class_names(19, data)[0] == "road"
+  assert export.input_settings(str(tmp_path), "imagenet", "")[0] == "imagenet"
+  config = export.preprocessor_config("unit", (64, 128))
+  assert config["image_mean"] == [0, 0, 0] and config["image_std"] == [1, 1, 1]
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+  processor = transformers.SegformerImageProcessor.from_pretrained(str(tmp_path))
+  image = np.full((32, 48, 3), 51, np.uint8)
+  pixels = processor(images=image, return_tensors="np")["pixel_values"]
+  assert pixels.shape == (1, 3, 64, 128) and np.allclose(pixels, 0.2)  # [0, 1], resized
+
+
+def test_errors_name_the_flag(tmp_path, tiny, capsys):
+  _, ckpt = tiny
+  missing = tmp_path / "nowhere"
+  assert export.main([f"--checkpoint={missing}", "--format=hf", f"--output={tmp_path / 'o'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --checkpoint") and str(missing) in err
+  assert not (tmp_path / "o").exists()
+
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  assert export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={existing}",
+                      TINY_HEADS]) == 2
+  assert "--overwrite" in capsys.readouterr().err
+  assert export.main([f"--checkpoint={ckpt}", "--format=onnx", f"--output={tmp_path / 'x'}"]) == 2
+  assert "--format='onnx'" in capsys.readouterr().err
+  assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--output={tmp_path / 'x'}",
+                      "--normalization=zscore"]) == 2
+  assert "--normalization" in capsys.readouterr().err
+  assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--output={tmp_path / 'x'}"]) == 2
+  assert "--heads" in capsys.readouterr().err and not (tmp_path / "x").exists()
+  assert export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={existing}",
+                      TINY_HEADS, "--overwrite"]) == 0
+  assert (existing / "model.pth").exists()

@@ -1,0 +1,58 @@
+"""The benchmarks' command line: ``WHAT --config=FILE [--config.x=y] [flags]``."""
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from transkd_jax.config import validate_config
+from transkd_jax.errors import UserError
+
+WHAT = ("step", "data", "eval", "model")
+_DEFAULT = pathlib.Path(__file__).resolve().parents[2] / "configs" / "cityscapes.py"
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(_DEFAULT) if _DEFAULT.exists() else None,
+    "Config file (configs/*.py); override values with --config.key=value.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 5, "step, eval, model: timed calls after warm-up.")
+_WORKERS = flags.DEFINE_string("workers", "0,1,2", "data: grain worker counts to time.")
+_DWCONV = flags.DEFINE_string("dwconv", "auto,shifted,conv",
+                              "model: depthwise-convolution forms to time.")
+_PROFILE = flags.DEFINE_integer("profile", 0, "model: also print the N most expensive ops of "
+                                "the student step.")
+
+
+def _print(row):
+  print(json.dumps(row), flush=True)
+
+
+def _main(argv):
+  if len(argv) != 2 or argv[1] not in WHAT:
+    raise app.UsageError(f"usage: python -m transkd_jax.benchmark {{{'|'.join(WHAT)}}} "
+                         "--config=FILE [--config.key=value] [flags]")
+  what, config = argv[1], _CONFIG.value
+  try:
+    validate_config(config)
+    if what == "step":
+      from transkd_jax.bench.step import bench_step
+      _print(bench_step(config, steps=_STEPS.value))
+    elif what == "eval":
+      from transkd_jax.bench.eval import bench_eval
+      for protocol in ("standard", "reference"):
+        _print(bench_eval(config, protocol, _STEPS.value))
+    elif what == "data":
+      from transkd_jax.bench.data import bench_data
+      for count in _WORKERS.value.split(","):
+        _print(bench_data(config, int(count)))
+    else:
+      from transkd_jax.bench.model import bench_model
+      bench_model(config, _DWCONV.value.split(","), _STEPS.value, _PROFILE.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(_main)

@@ -1,0 +1,204 @@
+"""From a validated config to the objects a run uses: the one construction path.
+
+Training, evaluation, prediction, the benchmarks and the tests all build here:
+
+    method = build.method_of(config)          # the Method row; method.trains is the role
+    run = build.training(config)              # models, mesh, teacher weights, state, steps
+    served = build.serving(config, workdir)   # a SegFormer, its weights, the mesh, eval step
+
+``config`` has been through ``config.validate_config`` (main does that once),
+so keys are read as attributes here and nowhere gets a default again.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transkd_jax import checkpoint as ckpt_lib
+from transkd_jax import evaluate, sharding
+from transkd_jax.distill import Distiller, Method, check_pairing, get_method, loss_settings
+from transkd_jax.errors import UserError
+from transkd_jax.models import SegFormer
+from transkd_jax.optim import make_optimizer
+from transkd_jax.train_step import TrainState, init_state, jit_train_step, make_train_step
+
+
+def method_of(config) -> Method:
+  return get_method(config.method)
+
+
+def mesh_of(config, devices=None):
+  """The ("data", "model") mesh of ``config.mesh_shape`` over ``devices`` (default: all)."""
+  try:
+    return sharding.make_mesh(tuple(config.mesh_shape), devices)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def trained_variant(config):
+  """The SegFormer variant a run trains and deploys (``config.eval.variant`` when set)."""
+  return config.eval.variant or config[method_of(config).trains].variant
+
+
+def distiller(config) -> Distiller:
+  """The trained SegFormer of ``config`` plus its method's training-time modules."""
+  method = method_of(config)
+  d = config.distill
+  return Distiller(method, config[method.trains].variant, config.teacher.variant,
+                   num_classes=config.num_classes, fusion_channels=d.fusion_channels,
+                   gl_heads=d.gl_heads, gl_residual=d.gl_residual,
+                   gl_mix_init=tuple(d.gl_mix_init), dtype=jnp.dtype(config.dtype))
+
+
+def teacher_model(config) -> Optional[SegFormer]:
+  """The frozen teacher, or None when the method distils nothing."""
+  if method_of(config).teacher_call is None:
+    return None
+  return SegFormer(config.teacher.variant, config.num_classes,
+                   dtype=jnp.dtype(config.teacher_dtype or config.dtype))
+
+
+def read_segformer(path: str, what: str, variant, num_classes: int):
+  """(variables, source): a SegFormer's weights as host arrays, checked against its shape.
+
+  ``path`` is a ``transkd_jax.convert`` output or a run's workdir; ``what``
+  names the config key or flag it came from, for errors.
+  """
+  variables, source = ckpt_lib.restore_model_variables(path, what, with_source=True)
+  model = SegFormer(variant, num_classes)
+  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  ckpt_lib.check_variables(
+      variables, {"params": expected["params"], "batch_stats": expected["batch_stats"]},
+      f"{what}={path}", f"SegFormer-{str(variant).upper()} with {num_classes} classes "
+      "(config.teacher.variant / config.student.variant / config.eval.variant and "
+      "config.num_classes)")
+  return jax.tree.map(np.asarray, variables), source
+
+
+def deployed_model(config) -> SegFormer:
+  """The SegFormer a run trains and deploys (eval, predict, export)."""
+  return SegFormer(trained_variant(config), config.num_classes, dtype=jnp.dtype(config.dtype))
+
+
+def make_eval_step(config, mesh, protocol: Optional[str] = None):
+  """The jitted evaluation step of the run's deployed SegFormer (``config.eval_protocol``)."""
+  return evaluate.make_eval_step(deployed_model(config), config.num_classes,
+                                 protocol or config.eval_protocol, mesh)
+
+
+@dataclasses.dataclass
+class Training:
+  """Everything a training run (or a step benchmark) needs, built from one config."""
+  config: Any
+  method: Method
+  model: Distiller
+  teacher: Optional[SegFormer]
+  mesh: Any
+  optimizer: Any
+  schedule: Callable
+  init: Callable[[], TrainState]        # a fresh state (student init applied)
+  abstract_state: TrainState            # ShapeDtypeStructs carrying their shardings
+  state_shardings: Any
+  teacher_variables: Optional[dict]     # placed on the mesh
+  train_step: Callable                  # jitted: (state, teacher_variables, batch)
+  eval_step: Callable                   # jitted: (variables, batch)
+
+  def new_state(self) -> TrainState:
+    return jax.jit(self.init, out_shardings=self.state_shardings)()
+
+  def deployed(self, state: TrainState) -> dict:
+    """The trained SegFormer's variables out of a train state."""
+    role = self.method.trains
+    return {"params": state.params[role], "batch_stats": state.batch_stats[role]}
+
+
+def training(config, weights: bool = True, devices=None) -> Training:
+  """Builds the run of ``config``; the teacher is read and checked before anything compiles.
+
+  ``weights=False`` (benchmarks) reads no checkpoint: the teacher gets random
+  weights and the trained model starts from ``config.seed``. ``devices``
+  (default: all) are those the mesh spans.
+  """
+  method = method_of(config)
+  model = distiller(config)
+  teacher = teacher_model(config)
+  size = tuple(config.image_size)
+  role = config[method.trains]
+  initial = None
+  if weights and role.init:
+    initial, _ = read_segformer(role.init, f"config.{method.trains}.init", role.variant,
+                                config.num_classes)
+  teacher_host = None
+  if teacher is not None and weights:
+    if not config.teacher.checkpoint:
+      raise UserError(f"method {method.name!r} distils from a teacher: set "
+                      "config.teacher.checkpoint to an Orbax directory (transkd_jax.convert's "
+                      "output, or the workdir of a --config.method=teacher run)")
+    teacher_host, _ = read_segformer(config.teacher.checkpoint, "config.teacher.checkpoint",
+                                     config.teacher.variant, config.num_classes)
+    try:
+      check_pairing(model, teacher, size)
+    except ValueError as e:
+      raise UserError(f"teacher and student do not pair: {e}") from None
+
+  mesh = mesh_of(config, devices)
+  check_batch_size(config, mesh)
+  optimizer, schedule = make_optimizer(config.optimizer, config.total_steps)
+  init = lambda: init_state(model, optimizer, size, config.seed, initial)  # noqa: E731
+  abstract = jax.eval_shape(init)
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+  teacher_variables, teacher_shardings = None, None
+  if teacher is not None:
+    images = jnp.zeros((1, *size, 3), jnp.float32)
+    teacher_init = lambda: teacher.init(jax.random.key(config.seed + 1), images)  # noqa: E731
+    teacher_shardings = sharding.tree_shardings(jax.eval_shape(teacher_init), mesh,
+                                                config.sharding)
+    if teacher_host is not None:
+      teacher_variables = sharding.put_global(teacher_host, teacher_shardings)
+    else:
+      teacher_variables = jax.jit(teacher_init, out_shardings=teacher_shardings)()
+  step = make_train_step(model, teacher, method, loss_settings(method, config.distill),
+                         optimizer, schedule, config.seed, tuple(config.class_weights) or None)
+  return Training(
+      config=config, method=method, model=model, teacher=teacher, mesh=mesh,
+      optimizer=optimizer, schedule=schedule, init=init, abstract_state=abstract,
+      state_shardings=shardings, teacher_variables=teacher_variables,
+      train_step=jit_train_step(step, mesh, shardings, teacher_shardings),
+      eval_step=make_eval_step(config, mesh))
+
+
+def check_batch_size(config, mesh):
+  data_devices = mesh.shape["data"]
+  if config.batch_size % data_devices or config.batch_size % jax.process_count():
+    raise UserError(f"config.batch_size={config.batch_size} must divide evenly over the "
+                    f"{data_devices} devices of the mesh's data axis and "
+                    f"{jax.process_count()} processes")
+
+
+@dataclasses.dataclass
+class Serving:
+  """A trained SegFormer for eval and predict: model, weights, where they came from."""
+  model: SegFormer
+  variables: dict           # host arrays (numpy)
+  source: str
+  mesh: Any
+  variant: Any
+
+
+def serving(config, workdir: str) -> Serving:
+  """The weights of ``config.eval.checkpoint``, else of ``workdir``'s best checkpoint."""
+  path, what = config.eval.checkpoint, "config.eval.checkpoint"
+  if not path:
+    path, what = workdir, "--workdir"
+    if not ckpt_lib.has_checkpoints(workdir):
+      raise UserError(f"--workdir={workdir} holds no {ckpt_lib.CHECKPOINT_DIR}/: train there "
+                      "first, or set config.eval.checkpoint to a run's workdir or a converted "
+                      "checkpoint")
+  variant = trained_variant(config)
+  variables, source = read_segformer(path, what, variant, config.num_classes)
+  return Serving(deployed_model(config), variables, source, mesh_of(config), variant)

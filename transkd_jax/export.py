@@ -1,0 +1,378 @@
+"""Export a trained SegFormer for PyTorch users: HuggingFace transformers or the public layout.
+
+    python -m transkd_jax.export --checkpoint=WORKDIR_OR_DIR --format=hf --output=D \\
+        [--normalization=auto|unit|imagenet] [--heads=1,2,5,8] [--overwrite]
+    python -m transkd_jax.export --checkpoint=WORKDIR_OR_DIR --format=pytorch --output=D
+
+``--checkpoint`` is a training run's workdir (its best checkpoint, else its
+latest: the run's trained model) or a directory ``transkd_jax.convert`` wrote.
+The SegFormer variant is read off the parameter shapes and matched against
+``transkd_jax/models/variants.py``. Attention heads leave no trace in the
+shapes: a variant that is no row of the table needs ``--heads``.
+
+``--format=hf`` writes ``D/model.safetensors``, ``config.json`` and
+``preprocessor_config.json``, for
+``transformers.SegformerForSemanticSegmentation.from_pretrained(D)`` and
+``SegformerImageProcessor.from_pretrained(D)``. ``--format=pytorch`` writes
+``D/model.pth``, a state dict with the public TransKD / NVlabs SegFormer names
+(``block1.0.attn.kv.weight`` ...), which ``transkd_jax.convert`` reads back
+to the same variables.
+
+``--normalization`` is the input scaling the preprocessor config declares:
+``unit`` (pixels / 255, no mean/std: TransKD's reference transforms),
+``imagenet`` (ImageNet mean/std: official SegFormer weights, the ``mmseg``
+transforms). ``auto``: a run's saved config decides (``data.transforms``, or
+the older ``data.protocol``, ``mmseg`` -> imagenet, else unit); for a converted
+directory, what ``transkd_convert.json`` records, else unit. The processor
+resizes to the run's ``image_size`` under the reference transforms, and does
+not resize otherwise (mmseg's evaluation keeps the aspect ratio, which the
+processor cannot; Cityscapes' 1024 x 2048 needs no resize).
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from typing import Optional, Tuple
+
+import numpy as np
+from flax import traverse_util
+
+from transkd_jax import convert
+from transkd_jax.errors import UserError
+from transkd_jax.models.mit import EPS_BLOCK
+from transkd_jax.models.variants import PATCH_GEOMETRY, VARIANTS, MiTVariant
+
+FORMATS = ("hf", "pytorch")
+NORMALIZATIONS = ("auto", "unit", "imagenet")
+# SegformerImageProcessor's mean/std on [0, 1] pixels; ImageNet's is the mmseg transforms'
+# MEAN / STD (0-255 scale) over 255.
+IMAGE_STATS = {"unit": ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]),
+               "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+PIL_BILINEAR = 2  # the reference transforms resize with PIL's bilinear filter
+IGNORE_INDEX = 255
+
+
+# --------------------------------------------------------------------------
+# The variant, from shapes
+# --------------------------------------------------------------------------
+
+def _fields(spec: MiTVariant) -> dict:
+  return {"channels": spec.channels, "depths": spec.depths, "decoder width": spec.decoder_width,
+          "mlp ratio": spec.mlp_ratio, "sr ratios": spec.sr_ratios}
+
+
+def infer_variant(variables, heads: Optional[Tuple[int, ...]] = None):
+  """(table name or "", MiTVariant, num_classes) of SegFormer variables, from shapes only.
+
+  A row of the variant table gives the heads; a variant that is no row needs
+  ``heads``. Raises UserError naming what is missing or does not match.
+  """
+  flat = {path: tuple(np.shape(leaf))
+          for path, leaf in traverse_util.flatten_dict(variables.get("params", {})).items()}
+
+  def shape(*path):
+    if path not in flat:
+      raise UserError(f"--checkpoint holds no SegFormer parameter params/{'/'.join(path)} "
+                      "(expected the variables of transkd_jax.models.SegFormer)")
+    return flat[path]
+
+  channels = tuple(shape("encoder", f"patch_embed{s}", "proj", "kernel")[-1] for s in range(1, 5))
+  depths, sr_ratios, mlp_ratios = [], [], set()
+  for s in range(1, 5):
+    blocks = {int(m.group(1)) for path in flat if path[0] == "encoder" and len(path) > 1
+              for m in [re.fullmatch(rf"block{s}_(\d+)", path[1])] if m}
+    depths.append(len(blocks))
+    if blocks != set(range(len(blocks))):
+      raise UserError(f"--checkpoint: stage {s}'s blocks are not numbered 0..n-1: "
+                      f"{sorted(blocks)}")
+    sr = flat.get(("encoder", f"block{s}_0", "attn", "sr", "kernel"))
+    sr_ratios.append(sr[0] if sr else 1)
+    for j in blocks:
+      fc1 = shape("encoder", f"block{s}_{j}", "mlp", "fc1", "kernel")
+      mlp_ratios.add(fc1[1] / fc1[0])
+  if len(mlp_ratios) > 1 or not float(next(iter(mlp_ratios), 4)).is_integer():
+    raise UserError(f"--checkpoint: the Mix-FFN widths are not one integer multiple of the "
+                    f"channels (ratios {sorted(mlp_ratios)})")
+  mlp_ratio = int(next(iter(mlp_ratios), 4))
+  decoder_width = shape("head", "linear_fuse", "kernel")[-1]
+  num_classes = shape("head", "linear_pred", "kernel")[-1]
+  found = MiTVariant(channels, tuple(depths), (0, 0, 0, 0), decoder_width, mlp_ratio,
+                     tuple(sr_ratios))
+
+  name, row = next(((n, r) for n, r in VARIANTS.items() if _fields(r) == _fields(found)),
+                   ("", None))
+  if heads is None:
+    if row is None:
+      raise UserError(_no_row_message(found))
+    heads = row.heads
+  heads = tuple(int(h) for h in heads)
+  if len(heads) != 4 or any(h < 1 or c % h for h, c in zip(heads, channels)):
+    raise UserError(f"--heads={','.join(map(str, heads))}: expected 4 positive head counts, "
+                    f"each dividing its stage's channels {channels}")
+  if row is not None and row.heads != heads:
+    name, row = "", None  # the table's shapes with other heads: a custom variant
+  spec = row if row is not None else found._replace(heads=heads)
+  _check_shapes(variables, spec, num_classes, f"mit_{name}" if name else "the inferred variant")
+  return (f"mit_{name}" if name else ""), spec, num_classes
+
+
+def _no_row_message(found: MiTVariant) -> str:
+  mine = _fields(found)
+  differences = []
+  for name, row in VARIANTS.items():
+    theirs = _fields(row)
+    differences.append(([f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]],
+                        name))
+  closest, name = min(differences, key=lambda d: len(d[0]))
+  return (f"--checkpoint: its SegFormer (channels {found.channels}, depths {found.depths}, "
+          f"decoder width {found.decoder_width}) is no row of transkd_jax/models/variants.py; "
+          f"closest mit_{name} differs in {'; '.join(closest)}. Heads cannot be read off "
+          "the shapes: pass --heads=h1,h2,h3,h4 to export this custom variant")
+
+
+def _check_shapes(variables, spec, num_classes, what):
+  expected = convert.expected_shapes(spec, num_classes)
+  got = {path: tuple(np.shape(leaf))
+         for path, leaf in traverse_util.flatten_dict(variables).items()}
+  problems = [f"{'/'.join(p)}: {got[p]}, expected {expected[p]}"
+              for p in sorted(set(got) & set(expected)) if got[p] != expected[p]]
+  problems += [f"missing {'/'.join(p)}" for p in sorted(set(expected) - set(got))]
+  problems += [f"unexpected {'/'.join(p)}" for p in sorted(set(got) - set(expected))]
+  if problems:
+    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)"
+                                       if len(problems) > 8 else "")
+    raise UserError(f"--checkpoint does not fit {what} with {num_classes} classes: {shown}")
+
+
+# --------------------------------------------------------------------------
+# What the checkpoint says about its inputs
+# --------------------------------------------------------------------------
+
+def run_config(path: str, source: str = "") -> Optional[dict]:
+  """A run workdir's saved config (JSON): the restored step's, else the newest there is."""
+  directory = os.path.join(path, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True)
+  match = re.search(r"checkpoints/(\d+)", source)
+  if match:
+    steps.insert(0, int(match.group(1)))
+  for step in steps:
+    for file in sorted(glob.glob(os.path.join(directory, str(step), "config", "*"))):
+      try:
+        with open(file) as f:
+          config = json.load(f)
+      except (OSError, ValueError):
+        continue
+      if isinstance(config, dict):
+        return config
+  return None
+
+
+def input_settings(checkpoint: str, choice: str, source: str = ""):
+  """(normalization, why, image_size or None, data config or None) for ``--normalization``."""
+  path = os.path.abspath(os.path.expanduser(checkpoint))
+  config = run_config(path, source)
+  data = (config or {}).get("data") or {}
+  key = "transforms" if "transforms" in data else "protocol"  # protocol: the older name
+  transforms = data.get(key, "reference")
+  image_size = None
+  if config is not None and transforms != "mmseg" and len(config.get("image_size") or ()) == 2:
+    image_size = tuple(int(v) for v in config["image_size"])
+  if choice != "auto":
+    return choice, "--normalization", image_size, data or None
+  if config is not None:
+    normalization = "imagenet" if transforms == "mmseg" else "unit"
+    return normalization, f"the run's config.data.{key}={transforms!r}", image_size, data
+  meta_file = os.path.join(path, convert.META_FILE)
+  if os.path.exists(meta_file):
+    try:
+      with open(meta_file) as f:
+        recorded = json.load(f).get("normalization")
+    except (OSError, ValueError, AttributeError):
+      recorded = None
+    if recorded in IMAGE_STATS:
+      return recorded, convert.META_FILE, None, None
+  return "unit", "the default (TransKD's [0, 1] inputs)", None, None
+
+
+def class_names(num_classes: int, data_config=None):
+  """The dataset's names; without a dataset, the one table with that many classes; else class_i."""
+  import ml_collections
+  from transkd_jax.data import classes
+  if data_config:
+    try:
+      return tuple(classes.class_names(ml_collections.ConfigDict(dict(data_config)),
+                                       num_classes))
+    except (AttributeError, KeyError):  # a config without the dataset's keys
+      pass
+  tables = {names for names in classes.CLASS_NAMES.values() if len(names) == num_classes}
+  if len(tables) == 1:
+    return tables.pop()
+  return tuple(f"class_{i}" for i in range(num_classes))
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+def hf_config(spec: MiTVariant, num_classes: int, names, num_channels: int = 3) -> dict:
+  """transformers' SegformerConfig fields for ``spec`` (as config.json holds them)."""
+  return {
+      "architectures": ["SegformerForSemanticSegmentation"],
+      "model_type": "segformer",
+      "num_channels": num_channels,
+      "num_encoder_blocks": 4,
+      "depths": list(spec.depths),
+      "hidden_sizes": list(spec.channels),
+      "num_attention_heads": list(spec.heads),
+      "sr_ratios": list(spec.sr_ratios),
+      "mlp_ratios": [spec.mlp_ratio] * 4,
+      "patch_sizes": [kernel for kernel, _, _ in PATCH_GEOMETRY],
+      "strides": [stride for _, stride, _ in PATCH_GEOMETRY],
+      "decoder_hidden_size": spec.decoder_width,
+      "hidden_act": "gelu",  # exact (erf) GELU, as the Flax model
+      "layer_norm_eps": EPS_BLOCK,
+      "hidden_dropout_prob": 0.0,
+      "attention_probs_dropout_prob": 0.0,
+      "classifier_dropout_prob": spec.head_dropout,
+      "drop_path_rate": spec.drop_path_rate,
+      "initializer_range": 0.02,
+      "reshape_last_stage": True,
+      "semantic_loss_ignore_index": IGNORE_INDEX,
+      "num_labels": num_classes,
+      "id2label": {str(i): name for i, name in enumerate(names)},
+      "label2id": {name: i for i, name in enumerate(names)},
+  }
+
+
+def preprocessor_config(normalization: str, image_size=None) -> dict:
+  """SegformerImageProcessor settings: [0, 1] pixels, then ``normalization``'s mean/std."""
+  mean, std = IMAGE_STATS[normalization]
+  height, width = image_size or (512, 512)
+  return {
+      "image_processor_type": "SegformerImageProcessor",
+      "do_resize": image_size is not None,
+      "size": {"height": int(height), "width": int(width)},
+      "resample": PIL_BILINEAR,
+      "do_rescale": True,
+      "rescale_factor": 1 / 255,
+      "do_normalize": True,
+      "image_mean": mean,
+      "image_std": std,
+      "do_reduce_labels": False,
+  }
+
+
+def _write_json(path: str, obj):
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+
+
+def write_hf(public, spec, num_classes, output, normalization, image_size, names):
+  from safetensors.numpy import save_file
+  tensors = {k: np.array(v, order="C") for k, v in convert.public_to_hf(public).items()}
+  path = os.path.join(output, "model.safetensors")
+  save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+  os.replace(path + ".tmp", path)
+  in_channels = public["patch_embed1.proj.weight"].shape[1]
+  _write_json(os.path.join(output, "config.json"),
+              hf_config(spec, num_classes, names, in_channels))
+  _write_json(os.path.join(output, "preprocessor_config.json"),
+              preprocessor_config(normalization, image_size))
+
+
+def _torch():
+  try:
+    import torch
+  except ImportError:
+    raise UserError("--format=pytorch needs torch (pip install -e \".[torch]\"); "
+                    "--format=hf needs none") from None
+  return torch
+
+
+def write_pytorch(public, output):
+  torch = _torch()
+  path = os.path.join(output, "model.pth")
+  torch.save({k: torch.from_numpy(v) for k, v in public.items()}, path + ".tmp")
+  os.replace(path + ".tmp", path)
+
+
+def export(checkpoint: str, fmt: str, output: str, normalization: str = "auto",
+           heads=None, overwrite: bool = False) -> str:
+  """Writes ``output``; returns the line saying what was written."""
+  from transkd_jax.checkpoint import restore_model_variables
+  if fmt not in FORMATS:
+    raise UserError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
+  if fmt == "pytorch":
+    _torch()  # before anything is written
+  if normalization not in NORMALIZATIONS:
+    raise UserError(f"--normalization={normalization!r}: expected one of "
+                    f"{', '.join(NORMALIZATIONS)}")
+  output = os.path.abspath(os.path.expanduser(output))
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise UserError(f"--output {output} is a file; expected a directory to write")
+  if os.path.exists(output) and not overwrite:
+    raise UserError(f"--output {output} exists; choose a new directory or pass --overwrite")
+
+  variables, source = restore_model_variables(checkpoint, "--checkpoint", with_source=True)
+  name, spec, num_classes = infer_variant(variables, heads)
+  public = convert.to_public_state_dict(variables)
+  what = f"{name or 'custom MiT ' + str(spec.channels)}, {num_classes} classes"
+  os.makedirs(output, exist_ok=True)
+  if fmt == "pytorch":
+    write_pytorch(public, output)
+    return (f"wrote {os.path.join(output, 'model.pth')} (public SegFormer layout; {what}) "
+            f"from {source}")
+  norm, why, image_size, data = input_settings(checkpoint, normalization, source)
+  write_hf(public, spec, num_classes, output, norm, image_size, class_names(num_classes, data))
+  return (f"wrote {output} (HuggingFace SegFormer; {what}; {norm} normalisation from {why}) "
+          f"from {source}")
+
+
+def _parse_heads(text: str):
+  try:
+    heads = tuple(int(h) for h in text.split(","))
+  except ValueError:
+    heads = ()
+  if len(heads) != 4:
+    raise UserError(f"--heads={text!r}: expected four comma-separated integers, e.g. 1,2,5,8")
+  return heads
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog="python -m transkd_jax.export",
+      description="Export a SegFormer (a run's workdir or a transkd_jax.convert directory) as "
+                  "a HuggingFace transformers directory or a public-layout PyTorch state dict.")
+  parser.add_argument("--checkpoint", required=True,
+                      help="a training run's workdir or a directory transkd_jax.convert wrote")
+  parser.add_argument("--format", required=True, help="hf | pytorch")
+  parser.add_argument("--output", required=True, help="directory to write")
+  parser.add_argument("--normalization", default="auto",
+                      help="hf: the inputs the model expects: auto (from the checkpoint), "
+                           "unit ([0, 1] pixels) or imagenet (mean/std)")
+  parser.add_argument("--heads", default=None,
+                      help="attention heads per stage, e.g. 1,2,5,8; needed only for variants "
+                           "that are no row of transkd_jax/models/variants.py")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="write into an existing --output, replacing the files it writes")
+  args = parser.parse_args(argv)
+  try:
+    heads = _parse_heads(args.heads) if args.heads is not None else None
+    line = export(args.checkpoint, args.format, args.output, args.normalization, heads,
+                  args.overwrite)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(line)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
