@@ -73,3 +73,13 @@ def test_every_config_loads(tmp_path, name, classes):
                  "--mode=info", "--config.image_size=(64, 64)")
   assert result.returncode == 0, result.stderr
   assert f"{classes} classes" in result.stdout
+
+
+def test_recipe_is_a_mode_and_keeps_its_old_spelling(tmp_path):
+  """Both spellings start like main (validation, then jax.distributed) and name bad input."""
+  for command in (["-m", "transkd_jax.main", "--mode=recipe"], ["-m", "transkd_jax.recipe"]):
+    result = subprocess.run([sys.executable, *command, CITYSCAPES, f"--workdir={tmp_path}",
+                             "--config.recipe.methods=('student','nope')"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "unknown distillation method 'nope'" in result.stderr

@@ -3,7 +3,6 @@ TransKD-Base run (no --mode: training is the default) lowers its loss and leaves
 checkpoint; runs resume exactly after SIGKILL; SIGTERM saves."""
 
 import signal
-import time
 
 import jax
 import numpy as np

@@ -37,10 +37,12 @@ import re
 import sys
 from typing import Optional, Tuple
 
+import jax
 import numpy as np
 from flax import traverse_util
 
 from transkd_jax import convert
+from transkd_jax.checkpoint import check_variables
 from transkd_jax.errors import UserError
 from transkd_jax.models.mit import EPS_BLOCK
 from transkd_jax.models.variants import PATCH_GEOMETRY, VARIANTS, MiTVariant
@@ -134,17 +136,10 @@ def _no_row_message(found: MiTVariant) -> str:
 
 
 def _check_shapes(variables, spec, num_classes, what):
-  expected = convert.expected_shapes(spec, num_classes)
-  got = {path: tuple(np.shape(leaf))
-         for path, leaf in traverse_util.flatten_dict(variables).items()}
-  problems = [f"{'/'.join(p)}: {got[p]}, expected {expected[p]}"
-              for p in sorted(set(got) & set(expected)) if got[p] != expected[p]]
-  problems += [f"missing {'/'.join(p)}" for p in sorted(set(expected) - set(got))]
-  problems += [f"unexpected {'/'.join(p)}" for p in sorted(set(got) - set(expected))]
-  if problems:
-    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)"
-                                       if len(problems) > 8 else "")
-    raise UserError(f"--checkpoint does not fit {what} with {num_classes} classes: {shown}")
+  expected = {path: jax.ShapeDtypeStruct(shape, np.float32)
+              for path, shape in convert.expected_shapes(spec, num_classes).items()}
+  check_variables(variables, traverse_util.unflatten_dict(expected), "--checkpoint",
+                  f"{what} with {num_classes} classes")
 
 
 # --------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str):
-  """The rows of ``WORKDIR/metrics.jsonl`` (for tests and the recipe)."""
+  """The rows of ``WORKDIR/metrics.jsonl`` (e.g. to plot a loss curve in a notebook)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []

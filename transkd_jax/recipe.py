@@ -186,7 +186,8 @@ def run_recipe(config, workdir: str) -> dict:
   _write_json(os.path.join(workdir, "results.json"),
               {"runs": runs, "models": models, "wall_time_s": time.perf_counter() - wall})
   print("\n" + table, flush=True)
-  print(f"wrote {os.path.join(workdir, 'results.md')}, results.json and results.png", flush=True)
+  print(f"wrote {os.path.join(workdir, 'results.md')}, results.json and results.png "
+        f"({(time.perf_counter() - wall) / 60:.1f} min in all)", flush=True)
   return {"runs": runs, "models": models}
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "model")
 FSDP_MIN_SIZE = 2 ** 16  # arrays smaller than this stay replicated under "fsdp"
@@ -39,7 +39,10 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices=None) -> Mesh:
   if math.prod(shape) != len(devices):
     raise ValueError(f"config.mesh_shape {tuple(shape)} needs {math.prod(shape)} devices; "
                      f"there are {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  # jax.make_mesh orders the devices by the physical topology (ICI rings on TPU);
+  # Auto axes: the program's sharding is propagated, not part of the types.
+  return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                       devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

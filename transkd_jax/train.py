@@ -1,13 +1,13 @@
 """Training, as one story: config -> data -> step -> metrics -> checkpoint.
 
-    python -m transkd_jax.main --config=configs/synthetic.py --workdir=/tmp/run --mode=train
+    python -m transkd_jax.main --config=configs/synthetic.py --workdir=/tmp/run
 
 1. Build the run (``build.training``): the trained model + the method's
    modules (``Distiller``), the frozen teacher from ``config.teacher.checkpoint``
    when the method distils (checked before anything compiles), the mesh, the
    optimiser and the jitted steps; then the data iterator.
-3. Restore the newest readable checkpoint in the workdir, or initialise.
-4. Loop: jitted sharded step; every ``log_every`` steps, averaged metrics to
+2. Restore the newest readable checkpoint in the workdir, or initialise.
+3. Loop: jitted sharded step; every ``log_every`` steps, averaged metrics to
    the console, ``metrics.jsonl`` and TensorBoard; every ``eval_every``
    validation (loss, mIoU) and a checkpoint scored by it; every
    ``checkpoint_every`` a checkpoint. SIGTERM saves and stops cleanly; a

@@ -44,10 +44,6 @@ def dense(features: int, fan_in: int, name: str, dtype: Dtype, param_dtype: Dtyp
                   param_dtype=param_dtype, name=name)
 
 
-def stage_channels(maps) -> tuple:
-  return tuple(int(m.shape[-1]) for m in maps)
-
-
 def check_stage_count(name: str, values, expected: int = 4):
   if len(values) != expected:
     raise ValueError(f"{name} needs {expected} stages, got {len(values)}")

@@ -50,10 +50,10 @@ class SegFormerHead(nn.Module):
   (C_i x width) matmul at the stage's own resolution, and the four results
   are upsampled and summed. The same function up to float rounding (the
   bilinear weights of each output pixel sum to 1, so biases pass through).
-  The fusion conv was ~95% of the head's FLOPs: B0's head forward drops from
-  ~9.1 to ~0.7 GFLOP per 256x512 batch of 2 (its backward likewise), B2's
-  from ~160 to ~5 GFLOP per 512x1024 image, and the 4 x width
-  concatenation at 1/4 resolution is gone. Parameters are unchanged.
+  The fusion conv at 1/4 resolution is most of the textbook head's FLOPs;
+  this order runs it at each stage's own resolution, and the 4 x width
+  concatenation at 1/4 resolution is gone (docs/performance.md). Parameters
+  are unchanged.
   """
   num_classes: int
   width: int

@@ -37,7 +37,7 @@ def _layer_norm(eps, name, dtype, param_dtype):
 def depthwise_impl(impl: str) -> str:
   """Resolves "auto" to the faster form of the 3x3 depthwise conv per backend.
 
-  XLA:CPU runs grouped convolutions ~12x slower than nine shifted
+  XLA:CPU runs grouped convolutions far slower than nine shifted
   multiply-adds (docs/performance.md); on GPU and TPU the native convolution is
   used. Both forms compute the same function.
   """
@@ -66,15 +66,13 @@ def shifted_depthwise3x3(x, kernel):
 
   The gradient is written out (custom VJP) rather than left to autodiff,
   which on XLA:CPU saves the nine shifted copies of ``x`` as residuals
-  (9x the activation memory, ~2 ms each to write at stage 1 of a 256x512
-  batch) and transposes them back through nine padded adds:
+  (9x the activation memory) and transposes them back through nine padded adds:
 
   * d x = the same shifted sum over the output gradient with the kernel
     flipped (a correlation's adjoint is the convolution);
   * d kernel[i, j] = sum over pixels of x_pad[h + i, w + j] * g[h, w],
     all nine taps in one variadic reduction, i.e. one pass over ``x`` and
-    ``g``. (Nine separate ``jnp.sum`` calls each materialise a shifted copy
-    first on XLA:CPU, ~3x slower.)
+    ``g`` (nine separate sums would each materialise a shifted copy on XLA:CPU).
   """
   return _shifted_depthwise3x3(x, kernel)
 
@@ -167,9 +165,9 @@ def softmax_attention(q, k, v):
   The same function as ``jax.nn.dot_product_attention(q, k, v)``, with the
   textbook backward pass written out: with P the probabilities and O the
   output, dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d),
-  dK = dS^T Q / sqrt(d). On XLA:CPU this is ~1.5x faster forward + backward
-  than autodiff through ``jax.nn.dot_product_attention`` (which fuses the
-  softmax backward into one slow fusion).
+  dK = dS^T Q / sqrt(d). On XLA:CPU this is faster than autodiff through
+  ``jax.nn.dot_product_attention``, which fuses the softmax backward into one
+  slow fusion (docs/performance.md).
   """
   return _softmax_attention_fwd(q, k, v)[0]
 

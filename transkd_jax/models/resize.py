@@ -6,11 +6,10 @@ PyTorch would see slightly different maps. These functions follow PyTorch's
 rules. Both are separable: per axis, each output row is a fixed combination of
 at most two source rows (``bilinear_taps`` / ``nearest_indices``), computed by
 gathering the rows and blending them (a few FLOPs per element, unlike a dense
-interpolation matmul, which was 4-10x slower on XLA:CPU and would also
-inflate XLA's FLOP counts).
+interpolation matmul, which is slower on XLA:CPU and inflates XLA's FLOP counts).
 
 The gradient is the transposed (adjoint) interpolation. JAX would derive it
-as a scatter-add, which XLA:CPU runs ~15x slower than the forward pass; a
+as a scatter-add, which XLA:CPU runs far slower than the forward pass; a
 ``custom_vjp`` computes it instead as a gather too: every source row
 collects its (statically known, at most a few) output rows with their
 weights. Same function, same gradient (tests compare both with the dense
