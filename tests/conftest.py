@@ -23,6 +23,18 @@ flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402
 
+# The slowest test files first: with one file per xdist worker at a time, starting the long
+# ones early keeps both workers busy to the end (longest-processing-time-first).
+_SLOW_FIRST = ("test_distributed", "test_train", "test_distill", "test_train_step",
+               "test_recipe", "test_models", "test_bench", "test_build", "test_launch")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.stem
+    return _SLOW_FIRST.index(name) if name in _SLOW_FIRST else len(_SLOW_FIRST)
+  items.sort(key=rank)  # stable: each file's tests keep their order
+
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):

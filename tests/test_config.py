@@ -11,8 +11,13 @@ from runs import REPO
 
 def test_every_config_file_validates():
   from runs import load_config
+  classes = {}
   for path in sorted((REPO / "configs").glob("*.py")):
-    validate_config(load_config(path))
+    config = load_config(path)
+    validate_config(config)
+    classes[path.stem] = config.num_classes
+  assert classes == {"acdc": 19, "cityscapes": 19, "nyuv2": 40, "quickstart": 19,
+                     "synthetic": 19, "voc": 21}
 
 
 @pytest.mark.parametrize("key,value,needle", [

@@ -7,23 +7,15 @@ import json
 import pytest
 from PIL import Image
 
-from runs import synthetic_config
+from runs import tiny_config
 from transkd_jax import recipe
 from transkd_jax.errors import UserError
 
 
 def _config(tmp_path, methods=("transkd_base",)):
-  config = synthetic_config()
-  config.image_size = (64, 128)
-  config.total_steps = 2
+  config = tiny_config(tmp_path / "data", total_steps=2)
   config.recipe.teacher_steps = 2
   config.recipe.methods = methods
-  config.teacher.variant = "b0"  # small, to keep the compile short
-  config.eval_every = 0
-  config.log_every = 1
-  config.optimizer.warmup_steps = 0
-  config.data.update({"root": str(tmp_path / "data"), "num_train": 8, "num_val": 4,
-                      "generated_size": (64, 128)})
   return config
 
 
