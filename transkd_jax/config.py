@@ -167,9 +167,9 @@ def validate_config(config):
   for key in ("eval_every", "checkpoint_every", "optimizer.warmup_steps",
               "optimizer.decay_steps", "recipe.teacher_steps", "data.num_workers"):
     _positive_int(config, key, allow_zero=True)
-  if config.optimizer.warmup_steps >= config.total_steps:
-    raise UserError(f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must be "
-                    f"below config.total_steps ({config.total_steps})")
+  if config.optimizer.warmup_steps > config.total_steps:
+    raise UserError(f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must not "
+                    f"exceed config.total_steps ({config.total_steps})")
   _check(config.eval_protocol in EVAL_PROTOCOLS, "eval_protocol", f"one of {EVAL_PROTOCOLS}",
          config.eval_protocol)
   from transkd_jax.sharding import RULES

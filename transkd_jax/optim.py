@@ -16,8 +16,8 @@ import optax
 def make_schedule(opt, total_steps: int):
   total_steps = max(int(total_steps), 1)
   warmup = int(opt.warmup_steps)
-  if warmup >= total_steps:
-    raise ValueError(f"config.optimizer.warmup_steps ({warmup}) must be below "
+  if warmup > total_steps:
+    raise ValueError(f"config.optimizer.warmup_steps ({warmup}) must not exceed "
                      f"config.total_steps ({total_steps})")
   horizon = int(opt.decay_steps) or total_steps
   decay = optax.polynomial_schedule(opt.lr, opt.end_lr, opt.decay_power,
