@@ -6,7 +6,7 @@
 #
 #   TPU_NAME=NAME ZONE=ZONE launch/tpu_pod.sh <transkd_jax.main arguments>
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh --config=configs/cityscapes.py \
-#       --workdir=/mnt/shared/runs/b0 --mode=train --config.data.root=/mnt/shared/cityscapes
+#       --workdir=/mnt/nfs/runs/b0 --mode=train --config.data.root=/mnt/nfs/cityscapes
 #
 # Creates nothing: the slice must exist (gcloud compute tpus tpu-vm create ...). On each
 # worker it clones REPO_URL into ~/REMOTE_DIR (or pulls it), runs

@@ -89,7 +89,7 @@ def _tpu_pod(args, **env):
                         env=environment, cwd=REPO)
 
 
-ARGS = ["--config=configs/cityscapes.py", "--workdir=/shared/runs/my run", "--mode=train",
+ARGS = ["--config=configs/cityscapes.py", "--workdir=/nfs/runs/my run", "--mode=train",
         "--config.image_size=(512, 1024)", "--config.data.root=/data/it's $HOME; rm -rf ~",
         '--config.note="quoted"']
 
