@@ -2,7 +2,8 @@
 # transkd_jax.main on every worker of an existing Cloud TPU VM pod slice, from your
 # workstation: one process per worker, started by
 # `gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command=...`.
-# JAX finds the other workers itself (transkd_jax/distributed.py): no coordinator flags.
+# Each worker runs main with --distributed=on: JAX finds the other workers from the TPU VM
+# metadata server (transkd_jax/distributed.py); no coordinator flags.
 #
 #   TPU_NAME=NAME ZONE=ZONE launch/tpu_pod.sh <transkd_jax.main arguments>
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh --config=configs/cityscapes.py \
@@ -10,10 +11,11 @@
 #
 # Creates nothing: the slice must exist (gcloud compute tpus tpu-vm create ...). On each
 # worker it clones REPO_URL into ~/REMOTE_DIR (or pulls it), runs
-# `pip install -e . "jax[tpu]"` there, then `python3 -m transkd_jax.main <arguments>` from
+# `pip install -e ".[tpu]"` there (JAX with its matching libtpu, and gcsfs for gs://
+# workdirs), then `python3 -m transkd_jax.main --distributed=on <arguments>` from
 # the repository root, so relative configs/ paths work. --workdir, the data and any
-# checkpoint must be on storage every worker sees (NFS / Filestore, gcsfuse): all workers
-# write the checkpoints together. The run lasts as long as this ssh session: start it in
+# checkpoint must be on storage every worker sees (a gs:// bucket, NFS / Filestore): all
+# workers write the checkpoints together. The run lasts as long as this ssh session: start it in
 # tmux or screen. Running it again with the same --workdir resumes the run.
 #
 # Environment:
@@ -80,11 +82,11 @@ if [[ "$install" != 0 ]]; then
     clone="git clone --quiet $(q "$repo_url") $d"
   fi
   remote+="if [ -d $d/.git ]; then $update; else $clone; fi; "
-  remote+="cd $d; $remote_python -m pip install --quiet -e . 'jax[tpu]'; "
+  remote+="cd $d; $remote_python -m pip install --quiet -e '.[tpu]'; "
 else
   remote+="cd $(q "$remote_dir"); "
 fi
-main="exec $remote_python -m transkd_jax.main"  # REMOTE_PYTHON: shell words, unquoted
+main="exec $remote_python -m transkd_jax.main --distributed=on"  # REMOTE_PYTHON: shell words
 for arg in "$@"; do
   main+=" $(q "$arg")"
 done

@@ -27,10 +27,11 @@ def run(mesh_shape, rule, devices, steps=2):
   images = rng.uniform(size=(8, 64, 64, 3)).astype(np.float32)
   labels = rng.integers(0, 5, size=(8, 16, 16)).astype(np.int32)
   state = training.new_state()
+  teacher_variables = training.random_teacher()
   losses = []
   for _ in range(steps):
     batch = sharding.global_batch({"image": images, "label": labels}, training.mesh)
-    state, metrics = training.train_step(state, training.teacher_variables, batch)
+    state, metrics = training.train_step(state, teacher_variables, batch)
     losses.append(float(metrics["loss"]))
   kernel = state.params["student"]["encoder"]["block4_0"]["mlp"]["fc1"]["kernel"]
   return jax.device_get(state.params), losses, str(kernel.sharding.spec)

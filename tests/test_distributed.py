@@ -15,9 +15,44 @@ import numpy as np
 import pytest
 
 from runs import REPO, SYNTHETIC, env, final_params, main, overrides, stop, wait_for
+from transkd_jax import distributed
 from transkd_jax.logs import read_metrics
 
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
+
+
+_CLUSTER_VARIABLES = ("SLURM_NTASKS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                      "TPU_PROCESS_ADDRESSES")
+
+
+@pytest.mark.parametrize("mode,environment,expected", [
+    # A Cloud TPU VM slice (gcloud compute tpus tpu-vm create) lists no workers in the
+    # environment: tpu_pod.sh says --distributed=on and JAX asks the metadata server.
+    ("on", {}, {"heartbeat_timeout_seconds": 100}),
+    ("auto", {}, None),
+    ("auto", {"TPU_WORKER_HOSTNAMES": "t1-w-0,t1-w-1"}, {"heartbeat_timeout_seconds": 100}),
+    ("auto", {"TPU_WORKER_HOSTNAMES": "t1-w-0"}, None),  # a single-host slice
+    ("auto", {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}, {"heartbeat_timeout_seconds": 100}),
+    ("off", {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}, None),
+])
+def test_start_up_modes(monkeypatch, mode, environment, expected):
+  for name in _CLUSTER_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(distributed, "_start", lambda *a, **kw: calls.append((a, kw)))
+  started = distributed.initialize(mode=mode)
+  assert started == (expected is not None)
+  assert calls == ([] if expected is None else [((), expected)])
+
+
+def test_start_up_flags_that_contradict_are_named(monkeypatch):
+  monkeypatch.setattr(distributed, "_start", lambda *a, **kw: None)
+  with pytest.raises(ValueError, match="--distributed='sometimes' must be one of auto, on, off"):
+    distributed.initialize(mode="sometimes")
+  with pytest.raises(ValueError, match="--distributed=off contradicts --coordinator_address"):
+    distributed.initialize("127.0.0.1:1234", 2, 0, mode="off")
 
 
 def _args(data_root, workdir, **extra):

@@ -106,11 +106,11 @@ def test_tpu_pod_dry_run_prints_the_gcloud_command():
   assert {"--zone=us-central2-b", "--worker=all", "--project=my-proj"} <= set(words)
   (command,) = [w.removeprefix("--command=") for w in words if w.startswith("--command=")]
   assert "git clone --quiet --branch dev https://example.com/transkd-jax.git" in command
-  assert "pip install --quiet -e . 'jax[tpu]'" in command
+  assert "pip install --quiet -e '.[tpu]'" in command
   # The worker's shell (bash) splits the command back into main's exact arguments.
   remote = shlex.split(command)
   start = remote.index("transkd_jax.main") + 1
-  assert remote[start:] == ARGS
+  assert remote[start:] == ["--distributed=on", *ARGS]  # JAX asks the TPU VM metadata
 
 
 def test_tpu_pod_passes_arguments_through_a_shell_unchanged(tmp_path):
@@ -129,7 +129,7 @@ def test_tpu_pod_passes_arguments_through_a_shell_unchanged(tmp_path):
   out = tmp_path / "args.txt"
   subprocess.run(["bash", "-c", command], check=True,
                  env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", ARGS_OUT=str(out)))
-  assert out.read_text().splitlines() == ["-m", "transkd_jax.main", *ARGS]
+  assert out.read_text().splitlines() == ["-m", "transkd_jax.main", "--distributed=on", *ARGS]
 
 
 def test_tpu_pod_names_missing_settings():

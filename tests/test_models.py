@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from transkd_jax.models import SegFormer, VARIANTS
-from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv, softmax_attention
+from transkd_jax.models.kernels import softmax_attention
+from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv
 from transkd_jax.models.head import SegFormerHead
 from transkd_jax.models.resize import (bilinear_matrix, nearest_indices, resize_bilinear,
                                       resize_nearest)
@@ -115,8 +116,8 @@ def test_bfloat16_compute_keeps_float32_params():
 
 def test_depthwise_forms_agree():
   x = jax.random.normal(jax.random.key(0), (2, 9, 7, 12))
-  conv = DepthwiseConv3x3(impl="conv")
-  shifted = DepthwiseConv3x3(impl="shifted")
+  conv = DepthwiseConv3x3(kernels="native")
+  shifted = DepthwiseConv3x3(kernels="cpu")
   params = conv.init(jax.random.key(1), x)
   params = jax.tree.map(lambda p: p + 0.3, params)  # non-zero bias too
   np.testing.assert_allclose(shifted.apply(params, x), conv.apply(params, x),
@@ -128,7 +129,7 @@ def test_shifted_depthwise_custom_gradient_equals_convolution_gradient(shape):
   """The hand-written VJP of the shifted form = autodiff of the grouped convolution."""
   x = jax.random.normal(jax.random.key(0), shape)
   g = jax.random.normal(jax.random.key(2), shape)
-  conv, shifted = DepthwiseConv3x3(impl="conv"), DepthwiseConv3x3(impl="shifted")
+  conv, shifted = DepthwiseConv3x3(kernels="native"), DepthwiseConv3x3(kernels="cpu")
   params = jax.tree.map(lambda p: p + 0.3, conv.init(jax.random.key(1), x))
   out_c, vjp_c = jax.vjp(conv.apply, params, x)
   out_s, vjp_s = jax.vjp(jax.jit(shifted.apply), params, x)
@@ -176,17 +177,19 @@ def _nearest_matrix(in_size, out_size):
   return m
 
 
+@pytest.mark.parametrize("form", ["cpu", "native"])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("src,dst", [((4, 8), (16, 32)), ((8, 16), (64, 128)), ((5, 7), (17, 33)),
                                      ((9, 13), (4, 6)), ((6, 6), (6, 11))])
-def test_resize_and_its_gradient_equal_the_dense_matrices(mode, src, dst):
-  """Forward = A_h x A_w^T; the custom VJP (gathers) = A_h^T g A_w, the exact transpose."""
+def test_resize_and_its_gradient_equal_the_dense_matrices(mode, src, dst, form):
+  """Forward = A_h x A_w^T; the gradient = A_h^T g A_w, the exact transpose, in both kernel
+  forms (cpu: gathers and a custom VJP; native: matrix contractions, repeats, autodiff)."""
   resize, matrix = {"bilinear": (resize_bilinear, bilinear_matrix),
                     "nearest": (resize_nearest, _nearest_matrix)}[mode]
   x = jax.random.normal(jax.random.key(0), (2, *src, 3))
   g = jax.random.normal(jax.random.key(1), (2, *dst, 3))
   a_h, a_w = (matrix(i, o).astype(np.float64) for i, o in zip(src, dst))
-  out, vjp = jax.vjp(lambda t: jax.jit(resize, static_argnums=1)(t, dst), x)
+  out, vjp = jax.vjp(lambda t: jax.jit(resize, static_argnums=(1, 2))(t, dst, form), x)
   expected = np.einsum("Hh,bhwc,Ww->bHWc", a_h, np.asarray(x, np.float64), a_w)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   expected_grad = np.einsum("Hh,bHWc,Ww->bhwc", a_h, np.asarray(g, np.float64), a_w)
@@ -194,7 +197,7 @@ def test_resize_and_its_gradient_equal_the_dense_matrices(mode, src, dst):
   # Integer maps (labels) take the plain gather path, same indices.
   if mode == "nearest":
     labels = jnp.arange(src[0] * src[1]).reshape(1, *src)
-    np.testing.assert_array_equal(resize(labels, dst)[0],
+    np.testing.assert_array_equal(resize(labels, dst, form)[0],
                                   (a_h @ np.asarray(labels[0], np.float64) @ a_w.T))
 
 

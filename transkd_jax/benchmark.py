@@ -1,4 +1,4 @@
-"""``python -m transkd_jax.benchmark step|data|eval|model``: see transkd_jax/bench/."""
+"""``python -m transkd_jax.benchmark step|data|eval|model|compile``: see transkd_jax/bench/."""
 
 from transkd_jax.bench.cli import run
 

@@ -21,7 +21,7 @@ from transkd_jax import checkpoint as ckpt_lib
 from transkd_jax import evaluate, sharding
 from transkd_jax.distill import Distiller, Method, check_pairing, get_method, loss_settings
 from transkd_jax.errors import UserError
-from transkd_jax.models import SegFormer
+from transkd_jax.models import SegFormer, kernels as kernels_lib
 from transkd_jax.optim import make_optimizer
 from transkd_jax.train_step import TrainState, init_state, jit_train_step, make_train_step
 
@@ -38,26 +38,36 @@ def mesh_of(config, devices=None):
     raise UserError(str(e)) from None
 
 
+def kernels_of(config, mesh) -> str:
+  """The kernel form for the mesh's devices (``config.kernels``; "auto" follows the platform).
+
+  The devices the program is compiled for decide, not ``jax.default_backend()``:
+  a mesh of TPU devices from a topology description gets the native ops.
+  """
+  return kernels_lib.resolve(config.kernels, mesh.devices.flat[0].platform)
+
+
 def trained_variant(config):
   """The SegFormer variant a run trains and deploys (``config.eval.variant`` when set)."""
   return config.eval.variant or config[method_of(config).trains].variant
 
 
-def distiller(config) -> Distiller:
+def distiller(config, kernels: str = "native") -> Distiller:
   """The trained SegFormer of ``config`` plus its method's training-time modules."""
   method = method_of(config)
   d = config.distill
   return Distiller(method, config[method.trains].variant, config.teacher.variant,
                    num_classes=config.num_classes, fusion_channels=d.fusion_channels,
                    gl_heads=d.gl_heads, gl_residual=d.gl_residual,
-                   gl_mix_init=tuple(d.gl_mix_init), dtype=jnp.dtype(config.dtype))
+                   gl_mix_init=tuple(d.gl_mix_init), kernels=kernels,
+                   dtype=jnp.dtype(config.dtype))
 
 
-def teacher_model(config) -> Optional[SegFormer]:
+def teacher_model(config, kernels: str = "native") -> Optional[SegFormer]:
   """The frozen teacher, or None when the method distils nothing."""
   if method_of(config).teacher_call is None:
     return None
-  return SegFormer(config.teacher.variant, config.num_classes,
+  return SegFormer(config.teacher.variant, config.num_classes, kernels=kernels,
                    dtype=jnp.dtype(config.teacher_dtype or config.dtype))
 
 
@@ -78,15 +88,31 @@ def read_segformer(path: str, what: str, variant, num_classes: int):
   return jax.tree.map(np.asarray, variables), source
 
 
-def deployed_model(config) -> SegFormer:
+def deployed_model(config, kernels: str = "native") -> SegFormer:
   """The SegFormer a run trains and deploys (eval, predict, export)."""
-  return SegFormer(trained_variant(config), config.num_classes, dtype=jnp.dtype(config.dtype))
+  return SegFormer(trained_variant(config), config.num_classes, kernels=kernels,
+                   dtype=jnp.dtype(config.dtype))
 
 
 def make_eval_step(config, mesh, protocol: Optional[str] = None):
   """The jitted evaluation step of the run's deployed SegFormer (``config.eval_protocol``)."""
-  return evaluate.make_eval_step(deployed_model(config), config.num_classes,
-                                 protocol or config.eval_protocol, mesh)
+  return evaluate.make_eval_step(deployed_model(config, kernels_of(config, mesh)),
+                                 config.num_classes, protocol or config.eval_protocol, mesh)
+
+
+def batch_spec(config, mesh=None) -> dict:
+  """The train step's batch as ShapeDtypeStructs (split along ``data`` when ``mesh`` is given).
+
+  Images are float32 N x H x W x 3; labels int32 at a quarter of the input
+  under the reference transforms (the logits' resolution), at the input's
+  size under mmseg's.
+  """
+  height, width = config.image_size
+  label = (height // 4, width // 4) if config.data.transforms == "reference" else (height, width)
+  placed = {} if mesh is None else {"sharding": sharding.batch_sharding(mesh)}
+  return {"image": jax.ShapeDtypeStruct((config.batch_size, height, width, 3), jnp.float32,
+                                        **placed),
+          "label": jax.ShapeDtypeStruct((config.batch_size, *label), jnp.int32, **placed)}
 
 
 @dataclasses.dataclass
@@ -102,12 +128,22 @@ class Training:
   init: Callable[[], TrainState]        # a fresh state (student init applied)
   abstract_state: TrainState            # ShapeDtypeStructs carrying their shardings
   state_shardings: Any
-  teacher_variables: Optional[dict]     # placed on the mesh
+  teacher_variables: Optional[dict]     # the checkpoint's, placed on the mesh (weights=True)
+  abstract_teacher: Optional[dict]      # ShapeDtypeStructs carrying their shardings
+  teacher_init: Optional[Callable[[], dict]]
+  kernels: str                          # the resolved kernel form ("cpu" | "native")
   train_step: Callable                  # jitted: (state, teacher_variables, batch)
   eval_step: Callable                   # jitted: (variables, batch)
 
   def new_state(self) -> TrainState:
     return jax.jit(self.init, out_shardings=self.state_shardings)()
+
+  def random_teacher(self) -> Optional[dict]:
+    """Teacher variables from ``config.seed + 1`` on the mesh (benchmarks, tests)."""
+    if self.teacher_init is None:
+      return None
+    shardings = jax.tree.map(lambda x: x.sharding, self.abstract_teacher)
+    return jax.jit(self.teacher_init, out_shardings=shardings)()
 
   def deployed(self, state: TrainState) -> dict:
     """The trained SegFormer's variables out of a train state."""
@@ -118,13 +154,17 @@ class Training:
 def training(config, weights: bool = True, devices=None) -> Training:
   """Builds the run of ``config``; the teacher is read and checked before anything compiles.
 
-  ``weights=False`` (benchmarks) reads no checkpoint: the teacher gets random
-  weights and the trained model starts from ``config.seed``. ``devices``
-  (default: all) are those the mesh spans.
+  ``weights=False`` (benchmarks, compiles) reads no checkpoint and runs
+  nothing: ``teacher_variables`` is None (``random_teacher()`` makes some) and
+  the trained model starts from ``config.seed``. ``devices`` (default: all
+  of this process's run) are those the mesh spans; they may be a TPU
+  topology's devices, for compiling only (``bench/compile.py``).
   """
   method = method_of(config)
-  model = distiller(config)
-  teacher = teacher_model(config)
+  mesh = mesh_of(config, devices)
+  kernels = kernels_of(config, mesh)
+  model = distiller(config, kernels)
+  teacher = teacher_model(config, kernels)
   size = tuple(config.image_size)
   role = config[method.trains]
   initial = None
@@ -144,7 +184,6 @@ def training(config, weights: bool = True, devices=None) -> Training:
     except ValueError as e:
       raise UserError(f"teacher and student do not pair: {e}") from None
 
-  mesh = mesh_of(config, devices)
   check_batch_size(config, mesh)
   optimizer, schedule = make_optimizer(config.optimizer, config.total_steps)
   init = lambda: init_state(model, optimizer, size, config.seed, initial)  # noqa: E731
@@ -152,32 +191,36 @@ def training(config, weights: bool = True, devices=None) -> Training:
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
-  teacher_variables, teacher_shardings = None, None
+  teacher_variables, teacher_shardings, teacher_init, abstract_teacher = None, None, None, None
   if teacher is not None:
     images = jnp.zeros((1, *size, 3), jnp.float32)
     teacher_init = lambda: teacher.init(jax.random.key(config.seed + 1), images)  # noqa: E731
-    teacher_shardings = sharding.tree_shardings(jax.eval_shape(teacher_init), mesh,
-                                                config.sharding)
+    abstract_teacher = jax.eval_shape(teacher_init)
+    teacher_shardings = sharding.tree_shardings(abstract_teacher, mesh, config.sharding)
+    abstract_teacher = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_teacher,
+        teacher_shardings)
     if teacher_host is not None:
       teacher_variables = sharding.put_global(teacher_host, teacher_shardings)
-    else:
-      teacher_variables = jax.jit(teacher_init, out_shardings=teacher_shardings)()
   step = make_train_step(model, teacher, method, loss_settings(method, config.distill),
-                         optimizer, schedule, config.seed, tuple(config.class_weights) or None)
+                         optimizer, schedule, config.seed, tuple(config.class_weights) or None,
+                         mesh)
   return Training(
       config=config, method=method, model=model, teacher=teacher, mesh=mesh,
       optimizer=optimizer, schedule=schedule, init=init, abstract_state=abstract,
       state_shardings=shardings, teacher_variables=teacher_variables,
+      abstract_teacher=abstract_teacher, teacher_init=teacher_init, kernels=kernels,
       train_step=jit_train_step(step, mesh, shardings, teacher_shardings),
       eval_step=make_eval_step(config, mesh))
 
 
 def check_batch_size(config, mesh):
   data_devices = mesh.shape["data"]
-  if config.batch_size % data_devices or config.batch_size % jax.process_count():
+  processes = len({d.process_index for d in mesh.devices.flat})
+  if config.batch_size % data_devices or config.batch_size % processes:
     raise UserError(f"config.batch_size={config.batch_size} must divide evenly over the "
                     f"{data_devices} devices of the mesh's data axis and "
-                    f"{jax.process_count()} processes")
+                    f"{processes} processes")
 
 
 @dataclasses.dataclass
@@ -201,4 +244,6 @@ def serving(config, workdir: str) -> Serving:
                       "checkpoint")
   variant = trained_variant(config)
   variables, source = read_segformer(path, what, variant, config.num_classes)
-  return Serving(deployed_model(config), variables, source, mesh_of(config), variant)
+  mesh = mesh_of(config)
+  return Serving(deployed_model(config, kernels_of(config, mesh)), variables, source, mesh,
+                 variant)

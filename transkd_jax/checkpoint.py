@@ -15,9 +15,7 @@ skipped with a warning naming it, and the previous one is used.
 """
 
 import dataclasses
-import glob
 import json
-import os
 from typing import Any, Optional
 
 import grain
@@ -27,6 +25,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from transkd_jax import storage
 from transkd_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -37,15 +36,14 @@ class DataStateHandler(grain.checkpoint.CheckpointHandler):
 
   def restore(self, directory, item=None, args=None):
     item = item or args.item
-    own = os.path.join(str(directory), f"process_{jax.process_index()}-of-"
-                       f"{jax.process_count()}.json")
-    if os.path.exists(own):
+    directory = epath.Path(directory)
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
       return super().restore(directory, item=item)
-    written = glob.glob(os.path.join(str(directory), "process_0-of-*.json"))
+    written = sorted(directory.glob("process_0-of-*.json"))
     if not written:
       raise ValueError(f"{directory} holds no data-iterator state (process_*-of-*.json)")
-    with open(written[0]) as f:
-      item.set_state(json.load(f))
+    item.set_state(json.loads(written[0].read_text()))
     item.start_prefetch()
     return item
 
@@ -73,7 +71,7 @@ class RunCheckpoints:
                best_mode: str = "max", async_save: bool = True):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.directory = storage.join(workdir, CHECKPOINT_DIR)  # gs://... stays a URI
     self.best_metric = best_metric
     self.best_mode = best_mode
     policy = policies.AnyPreservationPolicy([
@@ -125,8 +123,8 @@ class RunCheckpoints:
         return restored["state"], step
       except Exception as e:  # a damaged or incompatible checkpoint: try the previous one
         logging.warning("checkpoint %s cannot be restored (%s: %s); trying the previous one",
-                        os.path.join(self.directory, str(step)), type(e).__name__, e)
-        print(f"warning: checkpoint {os.path.join(self.directory, str(step))} cannot be "
+                        storage.join(self.directory, str(step)), type(e).__name__, e)
+        print(f"warning: checkpoint {storage.join(self.directory, str(step))} cannot be "
               f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one",
               flush=True)
     return None, None
@@ -152,7 +150,7 @@ def trained_role(params) -> str:
 
 
 def has_checkpoints(workdir: str) -> bool:
-  return os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
+  return storage.isdir(storage.join(workdir, CHECKPOINT_DIR))
 
 
 def restore_model_variables(path: str, what: str, with_source: bool = False):
@@ -165,11 +163,11 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
   """
   if not path:
     raise UserError(f"{what} is not set")
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
+  path = storage.resolve(path)
+  if not storage.isdir(path):
     raise UserError(f"{what}={path!r}: no such directory (expected an Orbax checkpoint "
                     "written by transkd_jax.convert, or a training run's workdir)")
-  run_dir = os.path.join(path, CHECKPOINT_DIR)
+  run_dir = storage.join(path, CHECKPOINT_DIR)
   try:
     if has_checkpoints(path):
       run = RunCheckpoints(path, async_save=False)
@@ -179,10 +177,10 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
         raise UserError(f"{what}={path!r}: the run's {CHECKPOINT_DIR}/ holds no checkpoint")
       how = "best by " + run.best_metric if step == run.best_step() else "latest"
       run.close()
-      state = restore_pytree(os.path.join(run_dir, str(step), "state"))
+      state = restore_pytree(storage.join(run_dir, str(step), "state"))
       role = trained_role(state["params"])
       variables = {"params": state["params"][role], "batch_stats": state["batch_stats"][role]}
-      source = f"{os.path.join(run_dir, str(step))} (step {step}, {how})"
+      source = f"{storage.join(run_dir, str(step))} (step {step}, {how})"
       return (variables, source) if with_source else variables
     tree = restore_pytree(path)
   except UserError:

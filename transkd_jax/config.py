@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.dtype = "float32"          # compute dtype of the models; "bfloat16" on GPU/TPU
   config.teacher_dtype = "float32"  # the frozen teacher's compute dtype ("": config.dtype)
+  # Kernel forms (transkd_jax/models/kernels.py): "auto" follows the devices the program is
+  # compiled for (XLA:CPU forms on CPU, native ops on GPU/TPU); "cpu" / "native" force one.
+  config.kernels = "auto"
 
   # What to train (transkd_jax/distill/methods.py): student | transkd_base | transkd_gl |
   # transkd_ea | kd | cwd | reviewkd | fitnet, or teacher (the teacher alone).
@@ -148,6 +151,8 @@ def validate_config(config):
   _check(len(size) == 2 and all(isinstance(s, int) and s >= 32 for s in size), "image_size",
          "(height, width), each an integer >= 32", size)
   _check(config.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", config.dtype)
+  from transkd_jax.models.kernels import SETTINGS
+  _check(config.kernels in SETTINGS, "kernels", f"one of {SETTINGS}", config.kernels)
   _check(config.teacher_dtype in _DTYPES + ("",), "teacher_dtype",
          f"one of {_DTYPES} (or empty: config.dtype)", config.teacher_dtype)
   try:

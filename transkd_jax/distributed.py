@@ -2,9 +2,16 @@
 
 - Explicit: ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``
   (e.g. ``launch/local_multiprocess.sh``: N CPU processes on 127.0.0.1, gloo).
-- Automatic: on TPU pods and under SLURM with more than one task, JAX finds
-  the cluster from the environment.
-- Otherwise one process; nothing is initialised.
+- ``--distributed=on``: ``jax.distributed.initialize()`` with no arguments;
+  JAX finds the cluster itself: a Cloud TPU VM slice made with ``gcloud compute
+  tpus tpu-vm create`` (from the VM metadata server: ``launch/tpu_pod.sh``
+  passes this flag), GKE, SLURM, Open MPI.
+- ``--distributed=auto`` (the default): as ``on`` when the environment shows
+  several processes without asking a server: SLURM with more than one task,
+  or a TPU slice whose workers are listed in ``TPU_WORKER_HOSTNAMES`` /
+  ``TPU_PROCESS_ADDRESSES`` (GKE, or set by hand). A plain TPU VM slice sets
+  neither, which is why ``tpu_pod.sh`` says ``on``.
+- ``--distributed=off``, or nothing detected: one process; nothing is initialised.
 
 After start-up every process runs the same program: each reads its part of
 every global batch (transkd_jax/data/pipeline.py), the step's collectives
@@ -23,20 +30,31 @@ import jax
 DEFAULT_HEARTBEAT_TIMEOUT = 100  # seconds; JAX's default
 
 
+MODES = ("auto", "on", "off")
+
+
 def _cluster_detected() -> bool:
   if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ:
     return True
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  hosts = (os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
+           or "")
   return "," in hosts  # a TPU pod slice lists several workers
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None,
-               heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT) -> bool:
+               heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT, mode: str = "auto") -> bool:
   """Initialises JAX's multi-process runtime when needed; True if it did."""
   if heartbeat_timeout < 1:
     raise ValueError(f"--heartbeat_timeout={heartbeat_timeout} must be at least 1 second")
+  if mode not in MODES:
+    raise ValueError(f"--distributed={mode!r} must be one of {', '.join(MODES)}")
   explicit = (coordinator_address, num_processes, process_id)
+  if mode == "off":
+    if any(v is not None for v in explicit):
+      raise ValueError("--distributed=off contradicts --coordinator_address / "
+                       "--num_processes / --process_id")
+    return False
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       raise ValueError("--coordinator_address, --num_processes and --process_id go together; "
@@ -49,7 +67,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     _start(coordinator_address, num_processes=num_processes, process_id=process_id,
            heartbeat_timeout_seconds=heartbeat_timeout)
     return True
-  if _cluster_detected():
+  if mode == "on" or _cluster_detected():
     _start(heartbeat_timeout_seconds=heartbeat_timeout)
     return True
   return False

@@ -20,16 +20,14 @@ Two protocols, named next to every number:
   predictions at the logits' resolution; an absent class counts as IoU 0.
 """
 
-import json
 import math
-import os
 from typing import Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transkd_jax import sharding
+from transkd_jax import sharding, storage
 from transkd_jax.distill.losses import IGNORE_LABEL, cross_entropy
 from transkd_jax.models import SegFormer
 from transkd_jax.models.resize import resize_bilinear, resize_nearest
@@ -50,9 +48,9 @@ def confusion_matrix(pred, label, num_classes: int, valid=None):
   return counts[:-1].reshape(num_classes, num_classes)
 
 
-def predictions_at(logits, size):
+def predictions_at(logits, size, kernels: str = "native"):
   """Class ids at ``size`` (h, w): logits resized bilinearly (align_corners=False)."""
-  return jnp.argmax(resize_bilinear(logits.astype(jnp.float32), size), axis=-1)
+  return jnp.argmax(resize_bilinear(logits.astype(jnp.float32), size, kernels), axis=-1)
 
 
 def predictions_at_sizes(logits, shape, sizes):
@@ -79,7 +77,7 @@ def labels_at_sizes(labels, shape, sizes):
   return jax.vmap(one)(labels, sizes)
 
 
-def predictions_for(logits, labels, protocol: str, label_sizes=None):
+def predictions_for(logits, labels, protocol: str, label_sizes=None, kernels: str = "native"):
   """(predictions, labels) compared under ``protocol``.
 
   ``standard``: logits resized to the labels' size (to each example's
@@ -90,7 +88,7 @@ def predictions_for(logits, labels, protocol: str, label_sizes=None):
   if protocol == "standard":
     if label_sizes is not None:
       return predictions_at_sizes(logits, labels.shape[1:3], label_sizes), labels
-    return predictions_at(logits, labels.shape[1:3]), labels
+    return predictions_at(logits, labels.shape[1:3], kernels), labels
   return jnp.argmax(logits, axis=-1), resize_nearest(labels, logits.shape[1:3])
 
 
@@ -125,10 +123,13 @@ def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh):
   nothing). The CE is over labels at the logits' resolution.
   """
   def step(variables, batch):
+    # Whole variables on every device (split ones are gathered), activations split by batch.
+    variables = jax.lax.with_sharding_constraint(variables, sharding.replicated(mesh))
     logits = model.apply(variables, batch["image"], train=False)["logits"]
     valid = batch.get("valid")
     labels = batch["label"]
-    pred, compared = predictions_for(logits, labels, protocol, batch.get("label_size"))
+    pred, compared = predictions_for(logits, labels, protocol, batch.get("label_size"),
+                                     model.kernels)
     cm = confusion_matrix(pred, compared, num_classes, valid)
     small = labels
     if batch.get("label_size") is not None:
@@ -199,8 +200,7 @@ def run_eval(config, workdir: str) -> dict:
                  variant=str(served.variant), image_size=list(config.image_size))
   print(format_table(results), flush=True)
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "eval_results.json")
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2)
+    path = storage.join(workdir, "eval_results.json")
+    storage.write_json(path, results, indent=2)
     print(f"wrote {path}", flush=True)
   return results

@@ -1,12 +1,11 @@
 """Model sizes without running anything: parameters and XLA-counted GFLOPs; ``--mode=info``."""
 
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
+from transkd_jax import storage
 from transkd_jax.models import SegFormer
 
 FLOPS_NOTE = ("GFLOPs from XLA's cost analysis of one image's forward pass: FLOPs, i.e. "
@@ -55,8 +54,7 @@ def run_info(config, workdir: str) -> dict:
         f"{row['params']:,} parameters, {row['gflops']:.2f} GFLOPs")
   print(f"  ({FLOPS_NOTE})")
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "info.json")
-    with open(path, "w") as f:
-      json.dump(info, f, indent=2)
+    path = storage.join(workdir, "info.json")
+    storage.write_json(path, info, indent=2)
     print(f"wrote {path}")
   return info

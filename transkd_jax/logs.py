@@ -3,14 +3,17 @@
 Only process 0 writes. ``WORKDIR/metrics.jsonl`` gets one JSON object per
 logged step (``{"step": ..., "split": "train"|"val", name: value, ...}``);
 ``WORKDIR/tensorboard/`` gets the same scalars as event files (tensorboardX,
-which needs no TensorFlow), under "train/<name>" and "val/<name>".
+which needs no TensorFlow), under "train/<name>" and "val/<name>". A gs://
+workdir works too (transkd_jax/storage.py; TensorBoard there needs
+google-cloud-storage).
 """
 
 import json
-import os
 from typing import Dict
 
 import jax
+
+from transkd_jax import storage
 
 
 class MetricWriter:
@@ -20,17 +23,16 @@ class MetricWriter:
     self._tb = None
     self._file = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      storage.makedirs(workdir)
+      self._file = storage.LineFile(storage.join(workdir, "metrics.jsonl"))
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, scalars: Dict[str, float]):
     if not self.enabled:
       return
     row = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
     self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
     for name, value in scalars.items():
       self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
     self._tb.flush()
@@ -43,8 +45,7 @@ class MetricWriter:
 
 def read_metrics(workdir: str):
   """The rows of ``WORKDIR/metrics.jsonl`` (e.g. to plot a loss curve in a notebook)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

@@ -57,9 +57,13 @@ except (KeyError, AttributeError) as e:
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
 MODES = ("train", "eval", "predict", "info", "recipe")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run (default: train).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ("auto", "on", "off"), "Multi-process start-up: 'on' lets JAX find "
+    "the cluster (Cloud TPU VM slices, GKE, SLURM, MPI); 'auto' does so when the environment "
+    "lists several processes (SLURM, TPU_WORKER_HOSTNAMES); 'off': one process.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for multi-process runs started by "
-    "hand (TPU pods and SLURM are detected automatically).")
+    "hand (TPU slices and SLURM need no address: see --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _HEARTBEAT = flags.DEFINE_integer(
@@ -110,13 +114,14 @@ def main(argv):
     from transkd_jax import distributed
     try:
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                             _HEARTBEAT.value)
+                             _HEARTBEAT.value, _DISTRIBUTED.value)
     except ValueError as e:
       raise UserError(str(e)) from None
     import jax
     if jax.process_index() != 0:  # one console: process 0 prints; errors (stderr) from all
       sys.stdout = open(os.devnull, "w")
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    from transkd_jax import storage
+    storage.makedirs(_WORKDIR.value)  # a local directory or a gs:// URI
     _mode_runner(_MODE.value)(config, _WORKDIR.value)
   except UserError as e:
     logging.flush()

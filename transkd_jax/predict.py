@@ -94,9 +94,9 @@ def make_predict_fn(model, resize: bool):
   def predict(variables, images, size):
     logits = model.apply(variables, images, train=False)["logits"]
     if resize:
-      return predictions_at(logits, size)
+      return predictions_at(logits, size, model.kernels)
     full = (images.shape[1], images.shape[2])
-    return predictions_at(logits, full)[:, :size[0], :size[1]]
+    return predictions_at(logits, full, model.kernels)[:, :size[0], :size[1]]
   return jax.jit(predict, static_argnums=2)
 
 

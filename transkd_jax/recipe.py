@@ -19,10 +19,11 @@ checkpoint. ``--config.x=y`` overrides apply to every run.
 """
 
 import copy
-import json
-import os
 import time
 
+from etils import epath
+
+from transkd_jax import storage
 from transkd_jax.distill import get_method
 from transkd_jax.errors import UserError
 
@@ -52,18 +53,15 @@ def run_configs(config) -> dict:
 
 
 def _read_json(path):
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 def run_one(name: str, config, workdir: str) -> dict:
   """Trains (or resumes) and evaluates one run; a finished run is only read."""
   from transkd_jax.evaluate import run_eval
   from transkd_jax.train import train
-  results = _read_json(os.path.join(workdir, "eval_results.json"))
-  record = _read_json(os.path.join(workdir, RUN_FILE)) or {"train_time_s": 0.0}
+  results = _read_json(storage.join(workdir, "eval_results.json"))
+  record = _read_json(storage.join(workdir, RUN_FILE)) or {"train_time_s": 0.0}
   if results is not None and record.get("status") == "done":
     print(f"[{name}] finished earlier: mIoU {100 * results['miou']:.2f} "
           f"({results['protocol']} protocol); skipped", flush=True)
@@ -74,7 +72,7 @@ def run_one(name: str, config, workdir: str) -> dict:
   summary = train(config, workdir)
   record["train_time_s"] += time.perf_counter() - start
   record.update(status=summary["status"], steps=summary["step"])
-  _write_json(os.path.join(workdir, RUN_FILE), record)
+  _write_json(storage.join(workdir, RUN_FILE), record)
   if summary["status"] != "done":
     raise UserError(f"[{name}] stopped at step {summary['step']} ({summary['status']}); run "
                     "the recipe again to resume it")
@@ -85,8 +83,7 @@ def run_one(name: str, config, workdir: str) -> dict:
 def _write_json(path, value):
   import jax
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(value, f, indent=2)
+    storage.write_json(path, value, indent=2)
 
 
 def model_rows(config, teacher_source: str) -> dict:
@@ -154,18 +151,19 @@ def bar_chart(path: str, runs: dict, protocol: str):
     draw.rectangle((x0, y0, x0 + 60, height - bottom), fill=colour)
     draw.text((x0 + 8, y0 - 14), f"{value:.1f}", fill="black")
     draw.text((x0, height - bottom + 8), name[:12], fill="black")
-  image.save(path)
+  with epath.Path(path).open("wb") as f:  # a local file or a gs:// object
+    image.save(f, format="PNG")
 
 
 def run_recipe(config, workdir: str) -> dict:
   """Runs (or resumes) every run of the recipe and writes the results; returns them."""
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   configs = run_configs(config)
-  teacher_source = config.teacher.checkpoint or os.path.join(workdir, "teacher")
+  teacher_source = config.teacher.checkpoint or storage.join(workdir, "teacher")
   runs = {}
   wall = time.perf_counter()
   for name, run_config in configs.items():
-    run_dir = os.path.join(workdir, name)
+    run_dir = storage.join(workdir, name)
     if get_method(run_config.method).teacher_call:
       with run_config.unlocked():
         run_config.teacher.checkpoint = teacher_source
@@ -180,13 +178,12 @@ def run_recipe(config, workdir: str) -> dict:
   protocol = runs["teacher"]["eval"]["protocol"]
   table = results_table(config, runs, models)
   if _is_chief():
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(table)
-    bar_chart(os.path.join(workdir, "results.png"), runs, protocol)
-  _write_json(os.path.join(workdir, "results.json"),
+    storage.write_text(storage.join(workdir, "results.md"), table)
+    bar_chart(storage.join(workdir, "results.png"), runs, protocol)
+  _write_json(storage.join(workdir, "results.json"),
               {"runs": runs, "models": models, "wall_time_s": time.perf_counter() - wall})
   print("\n" + table, flush=True)
-  print(f"wrote {os.path.join(workdir, 'results.md')}, results.json and results.png "
+  print(f"wrote {storage.join(workdir, 'results.md')}, results.json and results.png "
         f"({(time.perf_counter() - wall) / 60:.1f} min in all)", flush=True)
   return {"runs": runs, "models": models}
 
@@ -199,9 +196,9 @@ def _is_chief():
 def _given_teacher(config, workdir: str) -> dict:
   """Evaluates config.teacher.checkpoint (once) for the table's teacher row."""
   from transkd_jax.evaluate import run_eval
-  run_dir = os.path.join(workdir, "teacher_given")
-  os.makedirs(run_dir, exist_ok=True)
-  results = _read_json(os.path.join(run_dir, "eval_results.json"))
+  run_dir = storage.join(workdir, "teacher_given")
+  storage.makedirs(run_dir)
+  results = _read_json(storage.join(run_dir, "eval_results.json"))
   if results is None:
     teacher = copy.deepcopy(config)
     with teacher.unlocked():

@@ -46,7 +46,7 @@ def init_state(model: Distiller, optimizer, image_shape, seed: int,
                     opt_state=optimizer.init(params))
 
 
-def logits_for_ce(logits, labels):
+def logits_for_ce(logits, labels, kernels: str = "native"):
   """Logits at the labels' resolution for the cross-entropy.
 
   The reference protocol gives labels at the logits' 1/4 resolution (no-op);
@@ -55,32 +55,45 @@ def logits_for_ce(logits, labels):
   """
   if labels.shape[1:3] == logits.shape[1:3]:
     return logits
-  return resize_bilinear(logits, labels.shape[1:3])
+  return resize_bilinear(logits, labels.shape[1:3], kernels)
 
 
 def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Method,
                     settings: Dict[str, Any], optimizer, schedule, seed: int,
-                    class_weights=None) -> Callable:
-  """step(state, teacher_variables, batch) -> (state, metrics); not yet jitted."""
+                    class_weights=None, mesh=None) -> Callable:
+  """step(state, teacher_variables, batch) -> (state, metrics); not yet jitted.
+
+  With a ``mesh``, the variables are gathered whole onto every device where
+  they are used (FSDP: stored split along ``model``, all-gathered for the
+  forward and backward, gradients reduced back to the split layout) and the
+  activations stay split along ``data`` only. Without this, XLA's sharding
+  propagation may split activations along ``model`` instead, and gather them.
+  """
   teacher_call = method.teacher_call
   class_weights = None if not class_weights else tuple(float(w) for w in class_weights)
   base_key = jax.random.key(seed)
+
+  def whole(tree):
+    if mesh is None:
+      return tree
+    return jax.lax.with_sharding_constraint(tree, sharding.replicated(mesh))
 
   def step(state: TrainState, teacher_variables, batch):
     images = batch["image"]
     teacher_out = None
     if teacher_call is not None:
-      teacher_out = teacher.apply(teacher_variables, images,
+      teacher_out = teacher.apply(whole(teacher_variables), images,
                                   method="encode" if teacher_call == "encode" else None)
       teacher_out = jax.lax.stop_gradient(teacher_out)
     key = jax.random.fold_in(base_key, state.step)
 
     def loss_fn(params):
-      out, updated = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                 train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+      out, updated = model.apply({"params": whole(params), "batch_stats": state.batch_stats},
+                                 images, train=True, rngs={"dropout": key},
+                                 mutable=["batch_stats"])
       labels = batch["label"]
       total, terms = objective(method, settings, out, teacher_out, labels, class_weights,
-                               ce_logits=logits_for_ce(out["logits"], labels))
+                               ce_logits=logits_for_ce(out["logits"], labels, model.kernels))
       return total, (terms, updated["batch_stats"])
 
     (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -10,7 +10,7 @@ from ml_collections import config_flags
 from transkd_jax.config import validate_config
 from transkd_jax.errors import UserError
 
-WHAT = ("step", "data", "eval", "model")
+WHAT = ("step", "data", "eval", "model", "compile")
 _DEFAULT = pathlib.Path(__file__).resolve().parents[2] / "configs" / "cityscapes.py"
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -18,8 +18,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Config file (configs/*.py); override values with --config.key=value.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "step, eval, model: timed calls after warm-up.")
 _WORKERS = flags.DEFINE_string("workers", "0,1,2", "data: grain worker counts to time.")
-_DWCONV = flags.DEFINE_string("dwconv", "auto,shifted,conv",
-                              "model: depthwise-convolution forms to time.")
+_KERNELS = flags.DEFINE_string("kernels", "cpu,native",
+                               "model: kernel forms to time (transkd_jax/models/kernels.py).")
+_TOPOLOGY = flags.DEFINE_string("topology", "local", "compile: a TPU topology (v5e:2x2, "
+                                 "v5e:4x4, v4:2x2x2, v5p:2x2x2 ...) or 'local' (this "
+                                 "process's devices).")
 _PROFILE = flags.DEFINE_integer("profile", 0, "model: also print the N most expensive ops of "
                                 "the student step.")
 
@@ -46,9 +49,17 @@ def _main(argv):
       from transkd_jax.bench.data import bench_data
       for count in _WORKERS.value.split(","):
         _print(bench_data(config, int(count)))
+    elif what == "compile":
+      from transkd_jax.bench.compile import compile_report, does_not_fit
+      row = compile_report(config, _TOPOLOGY.value)
+      _print(row)
+      problem = does_not_fit(row)
+      if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
     else:
       from transkd_jax.bench.model import bench_model
-      bench_model(config, _DWCONV.value.split(","), _STEPS.value, _PROFILE.value)
+      bench_model(config, _KERNELS.value.split(","), _STEPS.value, _PROFILE.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

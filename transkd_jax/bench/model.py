@@ -1,6 +1,6 @@
 """``benchmark model``: the teacher's encoder and the student's forward + backward.
 
-For each depthwise-convolution form (``--dwconv``), times the teacher's
+For each kernel form (``--kernels``: cpu, native; transkd_jax/models/kernels.py), times the teacher's
 encoder forward (the features-only call TransKD uses) and the student's
 forward + backward (cross-entropy on its logits), at ``config.image_size``,
 ``config.batch_size`` and ``config.dtype``, for ``config.teacher.variant`` and
@@ -108,17 +108,15 @@ def profile_ops(fn, args, top, steps=3):
   return rows, grand
 
 
-def bench_model(config, impls, repeats, profile=0):
-  """Prints one JSON line per depthwise-convolution form (and the profile rows)."""
+def bench_model(config, forms, repeats, profile=0):
+  """Prints one JSON line per kernel form (and the profile rows)."""
   size, batch = tuple(config.image_size), config.batch_size
   dtype = jnp.dtype(config.dtype)
   images = jnp.asarray(np.random.RandomState(0).rand(batch, *size, 3), jnp.float32)
   labels = jnp.zeros((batch, size[0] // 4, size[1] // 4), jnp.int32)
-  for impl in impls:
-    teacher = SegFormer(config.teacher.variant, config.num_classes, dtype=dtype,
-                        dwconv_impl=impl)
-    student = SegFormer(config.student.variant, config.num_classes, dtype=dtype,
-                        dwconv_impl=impl)
+  for form in forms:
+    teacher = SegFormer(config.teacher.variant, config.num_classes, dtype=dtype, kernels=form)
+    student = SegFormer(config.student.variant, config.num_classes, dtype=dtype, kernels=form)
     t_vars = jax.jit(teacher.init)(jax.random.key(0), images[:1])
     s_vars = jax.jit(student.init)(jax.random.key(1), images[:1])
 
@@ -139,13 +137,13 @@ def bench_model(config, impls, repeats, profile=0):
     }
     print(json.dumps({"bench": "model", "backend": jax.default_backend(),
                       "device": jax.devices()[0].device_kind, "size": list(size),
-                      "batch": batch, "dtype": dtype.name, "dwconv": impl,
+                      "batch": batch, "dtype": dtype.name, "kernels": form,
                       "teacher": str(config.teacher.variant),
                       "student": str(config.student.variant),
                       **{k: round(v, 5) for k, v in rows.items()}}), flush=True)
     if profile:
       ops, total = profile_ops(grad, (s_vars["params"], state, images, labels), profile)
-      print(json.dumps({"bench": "profile", "model": "student_fwd_bwd", "dwconv": impl,
+      print(json.dumps({"bench": "profile", "model": "student_fwd_bwd", "kernels": form,
                         "op_time_ms_per_step": round(total, 2)}), flush=True)
       for row in ops:
         print(json.dumps(row), flush=True)

@@ -24,6 +24,7 @@ def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
   size = tuple(config.image_size)
   batch_size = config.batch_size
   state = run.new_state()
+  teacher_variables = run.random_teacher()
   rng = np.random.default_rng(0)
   batch = sharding.global_batch({
       "image": rng.uniform(size=(batch_size, *size, 3)).astype(np.float32),
@@ -32,18 +33,18 @@ def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
       run.mesh)
 
   start = time.perf_counter()
-  compiled = run.train_step.lower(state, run.teacher_variables, batch).compile()
+  compiled = run.train_step.lower(state, teacher_variables, batch).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   for _ in range(warmup):
-    state, metrics = compiled(state, run.teacher_variables, batch)
+    state, metrics = compiled(state, teacher_variables, batch)
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, run.teacher_variables, batch)
+    state, metrics = compiled(state, teacher_variables, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
   median = statistics.median(times)

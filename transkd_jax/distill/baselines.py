@@ -25,6 +25,7 @@ class ABFUnit(nn.Module):
   mid: int
   out: int
   fuse: bool
+  kernels: str = "native"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -35,7 +36,7 @@ class ABFUnit(nn.Module):
     if self.fuse:
       if deeper is None:
         raise ValueError("a fusing ABF unit needs the deeper unit's map")
-      y = resize_nearest(deeper, x.shape[1:3])
+      y = resize_nearest(deeper, x.shape[1:3], self.kernels)
       z = conv(2, 1, "att_conv", dt, pdt, use_bias=True, kernel_init=init.torch_default_kernel,
                fan_in=2 * self.mid)(jnp.concatenate([x, y], axis=-1))
       z = jax.nn.sigmoid(z)
@@ -48,6 +49,7 @@ class ReviewFusion(nn.Module):
   """Four ABF units, deepest first; outputs in stage order (shallow -> deep)."""
   teacher_channels: Sequence[int]
   mid: int = 64
+  kernels: str = "native"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -57,8 +59,8 @@ class ReviewFusion(nn.Module):
     outputs = [None] * 4
     carried = None
     for stage in (3, 2, 1, 0):
-      unit = ABFUnit(self.mid, self.teacher_channels[stage], fuse=stage < 3, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=f"stage{stage + 1}")
+      unit = ABFUnit(self.mid, self.teacher_channels[stage], fuse=stage < 3,
+                     kernels=self.kernels, dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage{stage + 1}")
       outputs[stage], carried = unit(student_maps[stage], carried, train)
     return tuple(outputs)
 

@@ -33,6 +33,7 @@ class CSFUnit(nn.Module):
   mid: int
   out: int
   fuse: bool
+  kernels: str = "native"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -45,7 +46,7 @@ class CSFUnit(nn.Module):
       if deeper is None:
         raise ValueError("a fusing CSF unit needs the deeper unit's map")
       width = max(self.mid // 16, 32)
-      y = resize_nearest(deeper, x.shape[1:3])
+      y = resize_nearest(deeper, x.shape[1:3], self.kernels)
       s = jnp.mean(x + y, axis=(1, 2), keepdims=True)  # global average pool of U
       z = conv(width, 1, "fc", dt, pdt, kernel_init=init.torch_default_kernel)(s)
       z = nn.relu(batch_norm(train, "fc_bn", dt, pdt)(z))
@@ -67,6 +68,7 @@ class CrossSelectiveFusion(nn.Module):
   """Four CSF units; maps student stage maps (shallow -> deep) to teacher widths."""
   teacher_channels: Sequence[int]
   mid: int = 64
+  kernels: str = "native"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -78,7 +80,7 @@ class CrossSelectiveFusion(nn.Module):
     carried = None
     for stage in (3, 2, 1, 0):
       unit = CSFUnit(self.mid, self.teacher_channels[stage], fuse=stage < 3,
-                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernels=self.kernels, dtype=self.dtype, param_dtype=self.param_dtype,
                      name=f"stage{stage + 1}")
       outputs[stage], carried = unit(student_maps[stage], carried, train)
     return tuple(outputs)

@@ -67,11 +67,11 @@ LOGIT_KD = Term("kd", "logits", "logits", ("kd_weight", "kd_temperature"),
 
 
 def csf(channels, d: "Distiller", **kw):
-  return CrossSelectiveFusion(channels, d.fusion_channels, **kw)
+  return CrossSelectiveFusion(channels, d.fusion_channels, d.kernels, **kw)
 
 
 def abf(channels, d: "Distiller", **kw):
-  return ReviewFusion(channels, d.fusion_channels, **kw)
+  return ReviewFusion(channels, d.fusion_channels, d.kernels, **kw)
 
 
 def fitnet_adapters(channels, d: "Distiller", **kw):
@@ -171,6 +171,7 @@ class Distiller(nn.Module):
   gl_heads: int = 8
   gl_residual: bool = False
   gl_mix_init: Tuple[float, float] = (1.0, 1.0)
+  kernels: str = "native"        # "cpu" | "native": transkd_jax/models/kernels.py
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -179,7 +180,8 @@ class Distiller(nn.Module):
     method = self.method
     teacher = get_variant(self.teacher_variant).channels
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    out = dict(SegFormer(self.variant, self.num_classes, name=method.trains, **kw)(images, train))
+    out = dict(SegFormer(self.variant, self.num_classes, kernels=self.kernels, name=method.trains,
+                         **kw)(images, train))
     out["adapted"] = (method.adapter(teacher, self, name="fusion", **kw)(out["features"], train)
                       if method.adapter else None)
     out["aligned"] = None

@@ -58,6 +58,7 @@ class SegFormerHead(nn.Module):
   num_classes: int
   width: int
   dropout: float = 0.1
+  kernels: str = "native"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -83,7 +84,7 @@ class SegFormerHead(nn.Module):
           features[stage], params["kernel"], params["bias"], block, dtype=self.dtype)
       # (f @ K + b) @ F == f @ (K @ F) + b @ F, at the stage's resolution.
       y = jnp.dot(feat, kernel @ block) + bias @ block
-      y = resize_bilinear(y, size)
+      y = resize_bilinear(y, size, self.kernels)
       x = y if x is None else x + y
     # PyTorch BatchNorm momentum 0.1 == flax momentum 0.9.
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,

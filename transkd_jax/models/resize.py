@@ -14,6 +14,13 @@ as a scatter-add, which XLA:CPU runs far slower than the forward pass; a
 collects its (statically known, at most a few) output rows with their
 weights. Same function, same gradient (tests compare both with the dense
 ``bilinear_matrix`` and its transpose).
+
+That is the ``"cpu"`` form (transkd_jax/models/kernels.py). The ``"native"``
+form, for GPU and TPU, which run gathers and scatters poorly and matmuls well,
+contracts each axis with the dense interpolation matrix, as ``jax.image``
+does, at full float32 precision, and lets autodiff transpose it; nearest
+upsampling by a whole factor is a ``repeat``. Integer maps (labels) are
+gathered in both forms.
 """
 
 import functools
@@ -21,6 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from transkd_jax.models import kernels as kernels_lib
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +61,13 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
   scale = in_size / out_size
   src = np.floor(np.arange(out_size, dtype=np.float64) * scale).astype(np.int64)
   return np.minimum(src, in_size - 1)
+
+
+def nearest_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """PyTorch "nearest" as an (out_size, in_size) 0/1 matrix."""
+  weights = np.zeros((out_size, in_size), np.float32)
+  weights[np.arange(out_size), nearest_indices(in_size, out_size)] = 1.0
+  return weights
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,21 +132,34 @@ def _interp_axis_bwd(axis, in_size, out_size, mode, _, g):
 _interp_axis.defvjp(_interp_axis_fwd, _interp_axis_bwd)
 
 
-def _resize(x, size, mode):
+def _native_axis(x, axis: int, out_size: int, mode: str):
+  in_size = x.shape[axis]
+  if mode == "nearest" and out_size % in_size == 0:
+    return jnp.repeat(x, out_size // in_size, axis=axis)  # floor(i * in / out) = i // factor
+  matrix = (bilinear_matrix if mode == "bilinear" else nearest_matrix)(in_size, out_size)
+  y = jnp.tensordot(jnp.asarray(matrix, x.dtype), x, axes=(1, axis),
+                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.moveaxis(y, 0, axis)
+
+
+def _resize(x, size, mode, kernels):
+  kernels_lib.check_form(kernels)
   for axis, out_size in ((1, size[0]), (2, size[1])):
     if x.shape[axis] != out_size:
-      if jnp.issubdtype(x.dtype, jnp.inexact):
-        x = _interp_axis(x, axis, x.shape[axis], int(out_size), mode)
-      else:  # integer maps (labels): no gradient, plain gather
+      if not jnp.issubdtype(x.dtype, jnp.inexact):  # integer maps (labels): a plain gather
         x = _interp_axis_fwd_impl(x, axis, int(out_size), mode)
+      elif kernels == "cpu":
+        x = _interp_axis(x, axis, x.shape[axis], int(out_size), mode)
+      else:
+        x = _native_axis(x, axis, int(out_size), mode)
   return x
 
 
-def resize_bilinear(x: jnp.ndarray, size) -> jnp.ndarray:
+def resize_bilinear(x: jnp.ndarray, size, kernels: str = "native") -> jnp.ndarray:
   """Resizes an NHWC map to ``size`` = (height, width) like PyTorch bilinear."""
-  return _resize(x, size, "bilinear")
+  return _resize(x, size, "bilinear", kernels)
 
 
-def resize_nearest(x: jnp.ndarray, size) -> jnp.ndarray:
+def resize_nearest(x: jnp.ndarray, size, kernels: str = "native") -> jnp.ndarray:
   """Resizes an NHWC (or NHW) array to ``size`` like PyTorch "nearest"."""
-  return _resize(x, size, "nearest")
+  return _resize(x, size, "nearest", kernels)

@@ -37,15 +37,15 @@ class SegFormer(nn.Module):
   num_classes: int = 19
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  dwconv_impl: str = "auto"
+  kernels: str = "native"  # "cpu" | "native": transkd_jax/models/kernels.py
 
   def setup(self):
     spec = get_variant(self.variant)
     if int(self.num_classes) < 1:
       raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
-    self.encoder = MixTransformer(self.variant, self.dwconv_impl, self.dtype, self.param_dtype)
+    self.encoder = MixTransformer(self.variant, self.kernels, self.dtype, self.param_dtype)
     self.head = SegFormerHead(self.num_classes, spec.decoder_width, spec.head_dropout,
-                              self.dtype, self.param_dtype)
+                              self.kernels, self.dtype, self.param_dtype)
 
   def encode(self, images, train: bool = False):
     """Encoder only: {"features", "embeddings"}; the head is not run."""

@@ -1,0 +1,95 @@
+"""Compiling for a TPU slice without one: the train step built over the devices of a
+``v5e:2x2`` topology description (libtpu, no TPU), checked on the compiled program.
+
+Tiny models at 64x64: compiling for TPU costs minutes at full size.
+"""
+
+import re
+
+import jax
+import pytest
+
+from transkd_jax import build, sharding
+from transkd_jax.bench import compile as compile_bench
+from transkd_jax.errors import UserError
+
+from runs import tiny_config
+
+pytest.importorskip("libtpu", reason="the test extra brings libtpu")
+
+_ALL_GATHER = re.compile(r"= ([a-z0-9]+)\[([\d,]*)\]\{[^}]*\} all-gather(?:-start)?\(")
+
+
+def _config(**overrides):
+  settings = dict(num_classes=5, image_size=(64, 64), batch_size=8)
+  settings.update(overrides)
+  return tiny_config(**settings)
+
+
+def test_a_tpu_topology_gets_the_native_kernels_and_data_parallel_all_reduces():
+  assert jax.default_backend() == "cpu"  # the host compiles; the program is for the TPU
+  row = compile_bench.compile_report(_config(method="student"), "v5e:2x2")
+  assert (row["platform"], row["device_kind"], row["devices"], row["hosts"]) == (
+      "tpu", "TPU v5 lite", 4, 1)
+  ops = row["kernels"]["compiled_ops"]
+  assert row["kernels"]["form"] == "native" and ops["grouped_convolution"] > 0
+  assert ops["gather"] <= 1  # the cross-entropy's label pick; no resize gathers
+  assert set(row["collectives"]) == {"all-reduce"}  # gradients and BatchNorm statistics
+  assert row["fits"] and row["hbm_capacity_gib"] == 16
+  assert 0 < row["tflops_per_step_per_device"] and row["est_step_ms"] > 0
+
+
+def test_the_forced_cpu_form_and_a_larger_batch_show_in_the_compiled_program():
+  small = compile_bench.compile_report(_config(method="student", kernels="cpu"), "v5e:2x2")
+  large = compile_bench.compile_report(_config(method="student", kernels="cpu", batch_size=32),
+                                       "v5e:2x2")
+  assert small["kernels"]["form"] == "cpu"
+  assert small["kernels"]["compiled_ops"]["grouped_convolution"] == 0
+  assert small["kernels"]["compiled_ops"]["gather"] > 10  # the resize gathers
+  assert large["hbm_gib_per_device"] > small["hbm_gib_per_device"]
+  assert large["tflops_per_step_per_device"] > 3 * small["tflops_per_step_per_device"]
+
+
+def test_fsdp_all_gathers_parameters_and_never_the_batch(monkeypatch):
+  monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 1024)  # so tiny kernels really get split
+  config = _config(method="transkd_base", sharding="fsdp", mesh_shape=(2, 2))
+  run = build.training(config, weights=False,
+                       devices=compile_bench.topology_devices("v5e:2x2"))
+  compiled = run.train_step.lower(run.abstract_state, run.abstract_teacher,
+                                  build.batch_spec(config, run.mesh)).compile()
+  split = [x.shape for x in jax.tree.leaves((run.abstract_state.params, run.abstract_teacher))
+           if x.sharding.spec != jax.sharding.PartitionSpec()]
+  assert split  # the rule split some parameters along "model"
+  gathered = [tuple(int(d) for d in dims.split(",") if d)
+              for _, dims in _ALL_GATHER.findall(compiled.as_text())]
+  assert gathered
+  assert set(gathered) <= {tuple(s) for s in split}  # every all-gather is a whole parameter
+  batch = build.batch_spec(config)
+  assert not {batch["image"].shape, batch["label"].shape} & set(gathered)
+
+
+def test_sizing_errors_name_the_fix():
+  with pytest.raises(UserError, match="--topology=v9z:1x1: cannot describe it"):
+    compile_bench.topology_devices("v9z:1x1")
+  row = {"fits": False, "hbm_gib_per_device": 20.5, "hbm_capacity_gib": 16.0,
+         "batch_size": 32, "mesh_shape": [4, 1], "sharding": "replicate",
+         "dtype": "float32", "device_kind": "TPU v5 lite"}
+  line = compile_bench.does_not_fit(row)
+  assert line.startswith("the step needs 20.50 GiB per device, 4.50 GiB more than the "
+                         "TPU v5 lite's 16.0 GiB")
+  assert "8 per device" in line and "fsdp" in line and "bfloat16" in line
+  assert compile_bench.does_not_fit({**row, "fits": True}) is None
+
+
+def test_collectives_are_counted_with_their_bytes():
+  hlo = """
+  %all-reduce.1 = (f32[32]{0}, bf16[8,16]{1,0}) all-reduce(%a, %b), channel_id=2
+  %ag = f32[4,256]{1,0:T(8,128)} all-gather(%p), dimensions={0}
+  %x = f32[2]{0} add(%all-reduce.1, %ag)
+  %c = f32[8,8,3,3]{3,2,1,0} convolution(%i, %k), feature_group_count=8
+  %g = f32[2,16]{1,0} gather(%t, %idx), offset_dims={}
+  """
+  summary = compile_bench.hlo_summary(hlo)
+  assert summary["collectives"] == {"all-reduce": {"count": 1, "bytes": 32 * 4 + 8 * 16 * 2},
+                                    "all-gather": {"count": 1, "bytes": 4 * 256 * 4}}
+  assert summary["ops"]["grouped_convolution"] == 1 and summary["ops"]["gather"] == 1

@@ -1,0 +1,234 @@
+"""``benchmark compile``: the train and eval steps compiled ahead of time for a topology.
+
+    python -m transkd_jax.benchmark compile --config=configs/cityscapes.py --topology=v5e:2x2
+
+Builds the configured run (``build.training(weights=False)``: nothing is read
+and nothing runs) over a mesh of the topology's devices, lowers the train step
+on abstract arguments (``build.batch_spec``) and compiles it, and the eval step
+with it. ``--topology`` is anything ``jax.experimental.topologies.get_topology_desc``
+accepts for TPUs (``v5e:2x2``, ``v5e:4x4``, ``v4:2x2x2``, ``v5p:2x2x2``,
+``v6e:2x2`` ...; multi-host slices too), compiled here with libtpu and no TPU,
+or ``local`` for this process's devices (a GPU machine, or the CPU).
+
+One JSON line: the compile time; per-device memory (arguments + outputs +
+temporaries - aliased) against the chip's HBM; XLA's FLOP count; every
+collective (count and bytes by kind); the kernel form each swappable op
+compiled to; and a roofline estimate from the chip's peak bfloat16 FLOP/s and
+HBM bandwidth. The estimates are bounds (the step takes at least that long),
+not predictions. A step that does not fit exits 1 with one line saying by how
+much and what to change.
+"""
+
+import dataclasses
+import re
+import time
+from typing import Optional
+
+import jax
+
+from transkd_jax import build
+from transkd_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_gib: float        # memory per device
+  bf16_tflops: float    # dense peak per device
+  hbm_gb_per_s: float
+
+
+# Per device as JAX sees it (a v4 / v5p megacore is one device). Published figures.
+CHIPS = {
+    "TPU v3": Chip(16, 61.5, 450),          # per core (two per chip)
+    "TPU v4": Chip(32, 275, 1228),
+    "TPU v5 lite": Chip(16, 197, 819),      # v5e
+    "TPU v5": Chip(95, 459, 2765),          # v5p
+    "TPU v6 lite": Chip(32, 918, 1640),     # v6e (Trillium)
+    "H100": Chip(80, 989, 3350),            # SXM
+    "H200": Chip(141, 989, 4800),
+    "A100": Chip(80, 312, 2039),            # SXM 80 GB
+}
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+               "all-to-all")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (.*?) ([a-z][a-z0-9\-]*)\(")
+_ARRAY = re.compile(r"\b(pred|[suf](?:8|16|32|64)|bf16|c64|c128)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+
+def chip_of(device) -> Optional[Chip]:
+  kind = device.device_kind
+  if kind in CHIPS:
+    return CHIPS[kind]
+  for name, chip in CHIPS.items():
+    if not name.startswith("TPU") and name in kind:
+      return chip
+  return None
+
+
+def topology_devices(name: str):
+  """The devices of ``name`` (a TPU topology, or "local" for this process's)."""
+  if name == "local":
+    return jax.devices()
+  from jax.experimental import topologies
+  try:
+    devices = topologies.get_topology_desc(name, platform="tpu").devices
+    if any(getattr(d, "core_on_chip", 0) for d in devices):  # v4 / v5p: one device per chip
+      devices = topologies.get_topology_desc(name, platform="tpu",
+                                             chip_config_name="megacore").devices
+  except Exception as e:  # libtpu absent, or a name it does not know
+    raise UserError(f"--topology={name}: cannot describe it ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); expected a TPU topology "
+                    "such as v5e:2x2, v5e:4x4, v4:2x2x2 or v5p:2x2x2 (needs libtpu: pip install "
+                    "-e '.[tpu]' or '.[test]'), or 'local'") from None
+  return devices
+
+
+def _array_bytes(shape_text: str) -> int:
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape_text):
+    size = 1
+    for d in filter(None, dims.split(",")):
+      size *= int(d)
+    total += size * _BYTES.get(dtype, 4)
+  return total
+
+
+def hlo_summary(hlo_text: str) -> dict:
+  """Collectives (count, bytes of their results) and op counts of a compiled HLO module."""
+  collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  ops = {"gather": 0, "scatter": 0, "grouped_convolution": 0, "fused_attention": 0}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    shape, op = match.groups()
+    kind = op[:-len("-start")] if op.endswith("-start") else op
+    if kind in collectives:
+      collectives[kind]["count"] += 1
+      collectives[kind]["bytes"] += _array_bytes(shape)
+    elif op in ("gather", "scatter"):
+      ops[op] += 1
+    elif op == "convolution" and re.search(r"feature_group_count=([2-9]|\d\d+)", line):
+      ops["grouped_convolution"] += 1
+    elif op == "custom-call" and re.search(r"fmha|flash|attention", line, re.IGNORECASE):
+      ops["fused_attention"] += 1
+  return {"collectives": {k: v for k, v in collectives.items() if v["count"]}, "ops": ops}
+
+
+def _kernels(form: str, ops: dict) -> dict:
+  native = form == "native"
+  return {
+      "form": form,
+      "depthwise_conv": "grouped convolution" if native else "nine shifted multiply-adds",
+      "attention": ("fused attention custom call" if ops["fused_attention"] else
+                    "jax.nn.dot_product_attention (XLA)") if native else
+                   "einsums + hand-written softmax VJP",
+      "resize": "interpolation-matrix contractions" if native else "gathers + gather VJP",
+      "compiled_ops": ops,
+  }
+
+
+def _memory_gib(compiled) -> float:
+  m = compiled.memory_analysis()
+  if m is None:
+    return float("nan")
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+           m.alias_size_in_bytes)
+  return total / 2 ** 30
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost or {}
+
+
+def _capacity_gib(device, chip: Optional[Chip]) -> Optional[float]:
+  try:
+    stats = device.memory_stats()  # a real accelerator knows its own
+  except Exception:
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return stats["bytes_limit"] / 2 ** 30
+  return chip.hbm_gib if chip else None
+
+
+def compile_report(config, topology: str) -> dict:
+  """Compiles the train and eval steps for ``topology``; returns the JSON row."""
+  devices = topology_devices(topology)
+  run = build.training(config, weights=False, devices=devices)
+  mesh = run.mesh
+  device = mesh.devices.flat[0]
+  per_device_batch = config.batch_size / mesh.shape["data"]
+
+  start = time.perf_counter()
+  compiled = run.train_step.lower(run.abstract_state, run.abstract_teacher,
+                                  build.batch_spec(config, mesh)).compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  eval_compiled = run.eval_step.lower(run.deployed(run.abstract_state),
+                                      eval_batch_spec(config, mesh)).compile()
+  eval_compile_s = time.perf_counter() - start
+
+  chip = chip_of(device)
+  capacity = _capacity_gib(device, chip)
+  hbm = _memory_gib(compiled)
+  cost = _cost(compiled)
+  flops = float(cost.get("flops", float("nan")))
+  summary = hlo_summary(compiled.as_text())
+  row = {
+      "bench": "compile", "method": config.method, "platform": device.platform,
+      "device_kind": device.device_kind, "topology": topology, "devices": mesh.size,
+      "hosts": len({d.process_index for d in mesh.devices.flat}),
+      "mesh_shape": [mesh.shape["data"], mesh.shape["model"]], "sharding": config.sharding,
+      "batch_size": config.batch_size, "height": config.image_size[0],
+      "width": config.image_size[1], "dtype": config.dtype,
+      "teacher_dtype": config.teacher_dtype or config.dtype,
+      "compile_s": round(compile_s, 2), "eval_compile_s": round(eval_compile_s, 2),
+      "hbm_gib_per_device": round(hbm, 3),
+      "eval_hbm_gib_per_device": round(_memory_gib(eval_compiled), 3),
+      "hbm_capacity_gib": capacity, "fits": None if capacity is None else hbm <= capacity,
+      "tflops_per_step_per_device": float(f"{flops / 1e12:.4g}"),
+      "collectives": summary["collectives"],
+      "kernels": _kernels(run.kernels, summary["ops"]),
+  }
+  if chip is not None:
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    seconds = max(flops / (chip.bf16_tflops * 1e12), bytes_accessed / (chip.hbm_gb_per_s * 1e9))
+    row.update({
+        "est_step_ms": round(seconds * 1e3, 3),
+        "est_imgs_per_s_per_chip": round(per_device_batch / seconds, 2) if seconds else None,
+        "est_note": "roofline bounds from the chip's peak bfloat16 FLOP/s and HBM bandwidth: "
+                    "the step takes at least est_step_ms, so at most est_imgs_per_s_per_chip",
+    })
+  return row
+
+
+def eval_batch_spec(config, mesh) -> dict:
+  """The eval step's batch: images, labels at the protocol's resolution, the valid flags."""
+  spec = build.batch_spec(config, mesh)
+  if config.eval_protocol == "standard":  # labels at the input's size
+    label = spec["label"]
+    spec["label"] = jax.ShapeDtypeStruct((config.batch_size, *config.image_size), label.dtype,
+                                         sharding=label.sharding)
+  spec["valid"] = jax.ShapeDtypeStruct((config.batch_size,), jax.numpy.bool_,
+                                       sharding=spec["image"].sharding)
+  return spec
+
+
+def does_not_fit(row: dict) -> Optional[str]:
+  """One line saying by how much the step misses the device memory and what to change."""
+  if row["fits"] is not False:
+    return None
+  need, have = row["hbm_gib_per_device"], row["hbm_capacity_gib"]
+  per_device = row["batch_size"] // row["mesh_shape"][0]
+  hints = [f"--config.batch_size (now {per_device} per device)"]
+  if row["sharding"] != "fsdp" or row["mesh_shape"][1] == 1:
+    hints.append("--config.sharding=fsdp --config.mesh_shape=(-1,N) to split parameters and "
+                 "optimiser state N ways")
+  if row["dtype"] != "bfloat16":
+    hints.append("--config.dtype=bfloat16")
+  return (f"the step needs {need:.2f} GiB per device, {need - have:.2f} GiB more than the "
+          f"{row['device_kind']}'s {have:.1f} GiB: lower " + ", or ".join(hints))

@@ -1,0 +1,151 @@
+"""The ops with two forms: one for XLA:CPU and the native one for GPU and TPU.
+
+Each op computes the same function in both forms (tests compare them); they
+differ in what the compiler makes of them:
+
+| op | ``"cpu"`` form | ``"native"`` form |
+|---|---|---|
+| 3x3 depthwise conv (Mix-FFN) | nine shifted multiply-adds, hand-written VJP | grouped ``conv_general_dilated`` |
+| attention | einsums, hand-written softmax VJP | ``jax.nn.dot_product_attention`` (fused kernels on GPU) |
+| resize (head, CSF, logits) | row gathers, adjoint as gathers (``resize.py``) | contraction with the interpolation matrix, as ``jax.image`` does |
+
+XLA:CPU runs grouped convolutions, autodiff's softmax backward and scatter-adds
+slowly (docs/performance.md); TPUs and GPUs run the native ops on their
+convolution, matmul and attention units, and gathers poorly. The form is chosen
+from the devices the program is compiled for (``resolve``, called by
+``transkd_jax/build.py`` with the mesh's platform), never from
+``jax.default_backend()``: a program compiled here for a TPU topology gets the
+TPU form. ``config.kernels`` forces one. Modules take the resolved form as
+their ``kernels`` attribute, default ``"native"``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMS = ("cpu", "native")
+SETTINGS = ("auto",) + FORMS
+
+
+def resolve(setting: str, platform: str) -> str:
+  """``config.kernels`` (auto | cpu | native) for devices of ``platform`` -> a form."""
+  if setting not in SETTINGS:
+    raise ValueError(f"config.kernels must be one of {', '.join(SETTINGS)}, got {setting!r}")
+  if setting == "auto":
+    return "cpu" if platform == "cpu" else "native"
+  return setting
+
+
+def check_form(form: str) -> str:
+  if form not in FORMS:
+    raise ValueError(f"kernels must be one of {', '.join(FORMS)} (resolve 'auto' with "
+                     f"transkd_jax.models.kernels.resolve first), got {form!r}")
+  return form
+
+
+def _shifted_depthwise3x3(x, kernel):
+  """sum_ij x_pad[h + i, w + j] * kernel[i, j]: 3x3 depthwise, padding 1, no bias."""
+  height, width = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = None
+  for i in range(3):
+    for j in range(3):
+      term = padded[:, i:i + height, j:j + width, :] * kernel[i, j]
+      out = term if out is None else out + term
+  return out
+
+
+@jax.custom_vjp
+def shifted_depthwise3x3(x, kernel):
+  """3x3 depthwise conv (NHWC, kernel 3 x 3 x C) as nine shifted multiply-adds.
+
+  The gradient is written out (custom VJP) rather than left to autodiff,
+  which on XLA:CPU saves the nine shifted copies of ``x`` as residuals
+  (9x the activation memory) and transposes them back through nine padded adds:
+
+  * d x = the same shifted sum over the output gradient with the kernel
+    flipped (a correlation's adjoint is the convolution);
+  * d kernel[i, j] = sum over pixels of x_pad[h + i, w + j] * g[h, w],
+    all nine taps in one variadic reduction, i.e. one pass over ``x`` and
+    ``g`` (nine separate sums would each materialise a shifted copy on XLA:CPU).
+  """
+  return _shifted_depthwise3x3(x, kernel)
+
+
+def _shifted_depthwise3x3_fwd(x, kernel):
+  return _shifted_depthwise3x3(x, kernel), (x, kernel)
+
+
+def _shifted_depthwise3x3_bwd(residuals, g):
+  x, kernel = residuals
+  height, width = x.shape[1:3]
+  dx = _shifted_depthwise3x3(g, kernel[::-1, ::-1])
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # Rows are summed in up to 8 chunks per image first: the outer (batch,
+  # chunk) dimensions let XLA:CPU split the reduction across threads.
+  chunks = max(d for d in range(1, 9) if height % d == 0)
+  shape = (x.shape[0], chunks, height // chunks, width, x.shape[3])
+  products = tuple((padded[:, i:i + height, j:j + width, :] * g).reshape(shape)
+                   for i in range(3) for j in range(3))
+  zero = jnp.zeros((), g.dtype)
+  sums = jax.lax.reduce(products, (zero,) * 9,
+                        lambda a, b: tuple(u + v for u, v in zip(a, b)), (2, 3))
+  dkernel = jnp.stack(sums).sum((1, 2)).reshape(kernel.shape).astype(kernel.dtype)
+  return dx, dkernel
+
+
+shifted_depthwise3x3.defvjp(_shifted_depthwise3x3_fwd, _shifted_depthwise3x3_bwd)
+
+
+def _softmax_attention_fwd(q, k, v):
+  scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)
+  logits = jnp.einsum("btnh,bsnh->bnts", q * scale, k)
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  probs = e * (1 / jnp.sum(e, axis=-1, keepdims=True))
+  out = jnp.einsum("bnts,bsnh->btnh", probs, v)
+  return out, (q, k, v, probs, out)
+
+
+@jax.custom_vjp
+def softmax_attention(q, k, v):
+  """softmax(q k^T / sqrt(head_dim)) v for (batch, tokens, heads, head_dim) inputs.
+
+  The same function as ``jax.nn.dot_product_attention(q, k, v)``, with the
+  textbook backward pass written out: with P the probabilities and O the
+  output, dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d),
+  dK = dS^T Q / sqrt(d). On XLA:CPU this is faster than autodiff through
+  ``jax.nn.dot_product_attention``, which fuses the softmax backward into one
+  slow fusion (docs/performance.md).
+  """
+  return _softmax_attention_fwd(q, k, v)[0]
+
+
+def _softmax_attention_bwd(residuals, g):
+  q, k, v, probs, out = residuals
+  scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)
+  dv = jnp.einsum("bnts,btnh->bsnh", probs, g)
+  dprobs = jnp.einsum("btnh,bsnh->bnts", g, v)
+  rowdot = jnp.einsum("btnh,btnh->bnt", g, out)[..., None]
+  dlogits = probs * (dprobs - rowdot)
+  dq = jnp.einsum("bnts,bsnh->btnh", dlogits, k) * scale
+  dk = jnp.einsum("bnts,btnh->bsnh", dlogits, q) * scale
+  return dq, dk, dv
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def depthwise3x3(x, kernel, form: str):
+  """3x3 depthwise convolution, stride 1, padding 1, no bias; ``kernel`` is 3 x 3 x 1 x C."""
+  if check_form(form) == "cpu":
+    return shifted_depthwise3x3(x, kernel[:, :, 0, :])
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1])
+
+
+def attention(q, k, v, form: str):
+  """Scaled dot-product attention over (batch, tokens, heads, head_dim) inputs."""
+  if check_form(form) == "cpu":
+    return softmax_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v)
