@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 
 # The slowest test files first: with one file per xdist worker at a time, starting the long
 # ones early keeps both workers busy to the end (longest-processing-time-first).
-_SLOW_FIRST = ("test_distributed", "test_train", "test_distill", "test_train_step",
+_SLOW_FIRST = ("test_distributed", "test_train", "test_distill", "test_train_step", "test_compile",
                "test_recipe", "test_models", "test_bench", "test_build", "test_launch")
 
 

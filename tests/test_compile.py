@@ -21,6 +21,14 @@ pytest.importorskip("libtpu", reason="the test extra brings libtpu")
 _ALL_GATHER = re.compile(r"= ([a-z0-9]+)\[([\d,]*)\]\{[^}]*\} all-gather(?:-start)?\(")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _default_precision():
+  """The TPU's own matmul precision (conftest asks for "highest", which on a TPU is a
+  six-pass float32 emulation: a larger program, slower to compile, same structure)."""
+  with jax.default_matmul_precision("default"):
+    yield
+
+
 def _config(**overrides):
   settings = dict(num_classes=5, image_size=(64, 64), batch_size=8)
   settings.update(overrides)
