@@ -13,7 +13,8 @@ from transkd_jax import checkpoint, logs, storage
 def test_uris_stay_uris_and_local_paths_become_absolute(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path)
   assert storage.resolve("gs://bucket/runs/b0") == "gs://bucket/runs/b0"
-  assert storage.join("gs://bucket/runs/b0", "checkpoints", "3") == "gs://bucket/runs/b0/checkpoints/3"
+  assert (storage.join("gs://bucket/runs/b0", "checkpoints", "3") ==
+          "gs://bucket/runs/b0/checkpoints/3")
   assert storage.resolve("runs/b0") == str(tmp_path / "runs" / "b0")
   assert storage.join("~/b0", "x") == os.path.join(os.path.expanduser("~"), "b0", "x")
 

@@ -21,8 +21,11 @@ def model_info(model: SegFormer, image_size, method=None) -> dict:
   """{"params", "gflops"} of ``model`` at one image of ``image_size`` (h, w).
 
   Uses only abstract shapes (``jax.eval_shape``) and the lowered, uncompiled
-  computation, so it is cheap even for B5 at full resolution.
+  computation, so it is cheap even for B5 at full resolution. Counted with the
+  CPU kernel forms: the native resize's interpolation-matrix contractions
+  (transkd_jax/models/kernels.py) would add FLOPs the model itself does not need.
   """
+  model = model.clone(kernels="cpu")
   images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   forward = jax.jit(lambda v, x: model.apply(v, x, method=method))

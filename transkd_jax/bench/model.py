@@ -1,7 +1,7 @@
 """``benchmark model``: the teacher's encoder and the student's forward + backward.
 
-For each kernel form (``--kernels``: cpu, native; transkd_jax/models/kernels.py), times the teacher's
-encoder forward (the features-only call TransKD uses) and the student's
+For each kernel form (``--kernels``: cpu, native; transkd_jax/models/kernels.py),
+times the teacher's encoder forward (the features-only call TransKD uses) and the student's
 forward + backward (cross-entropy on its logits), at ``config.image_size``,
 ``config.batch_size`` and ``config.dtype``, for ``config.teacher.variant`` and
 ``config.student.variant``. Each number is the median of ``--steps`` calls

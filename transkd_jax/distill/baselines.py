@@ -60,7 +60,8 @@ class ReviewFusion(nn.Module):
     carried = None
     for stage in (3, 2, 1, 0):
       unit = ABFUnit(self.mid, self.teacher_channels[stage], fuse=stage < 3,
-                     kernels=self.kernels, dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage{stage + 1}")
+                     kernels=self.kernels, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name=f"stage{stage + 1}")
       outputs[stage], carried = unit(student_maps[stage], carried, train)
     return tuple(outputs)
 

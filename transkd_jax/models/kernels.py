@@ -3,11 +3,13 @@
 Each op computes the same function in both forms (tests compare them); they
 differ in what the compiler makes of them:
 
-| op | ``"cpu"`` form | ``"native"`` form |
-|---|---|---|
-| 3x3 depthwise conv (Mix-FFN) | nine shifted multiply-adds, hand-written VJP | grouped ``conv_general_dilated`` |
-| attention | einsums, hand-written softmax VJP | ``jax.nn.dot_product_attention`` (fused kernels on GPU) |
-| resize (head, CSF, logits) | row gathers, adjoint as gathers (``resize.py``) | contraction with the interpolation matrix, as ``jax.image`` does |
+- 3x3 depthwise conv (Mix-FFN): ``cpu``, nine shifted multiply-adds with a
+  hand-written VJP; ``native``, a grouped ``conv_general_dilated``.
+- attention: ``cpu``, einsums with a hand-written softmax VJP; ``native``,
+  ``jax.nn.dot_product_attention`` (fused kernels on GPU).
+- resize (head, CSF, ReviewKD, logits; ``resize.py``): ``cpu``, row gathers
+  with the adjoint as gathers; ``native``, contraction with the interpolation
+  matrix, as ``jax.image`` does.
 
 XLA:CPU runs grouped convolutions, autodiff's softmax backward and scatter-adds
 slowly (docs/performance.md); TPUs and GPUs run the native ops on their
