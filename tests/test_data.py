@@ -8,7 +8,7 @@ from PIL import Image
 
 from transkd_jax import data
 from transkd_jax.config import base_config
-from transkd_jax.data import generated, transforms
+from transkd_jax.data import generated
 from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN, CITYSCAPES_NAMES
 from transkd_jax.data.sources import make_source
 from transkd_jax.errors import UserError
@@ -119,25 +119,6 @@ def test_two_writers_of_one_generated_tree_both_succeed(tmp_path, monkeypatch):
   assert generated.write_dataset(root, 2, 1, (32, 64), seed=0) == root
   assert calls and len(CityscapesSource(root, "train")) == 2
   assert [p for p in os.listdir(tmp_path) if p.startswith(".generating")] == []
-
-
-def test_shift_pads_and_quarter_follows_pytorch_rule():
-  x = np.arange(12, dtype=np.int32).reshape(3, 4)
-  np.testing.assert_array_equal(transforms.shift(x, 1, -2, 255),
-                                [[255, 255, 255, 255], [2, 3, 255, 255], [6, 7, 255, 255]])
-  label = np.arange(64).reshape(8, 8)
-  np.testing.assert_array_equal(transforms.quarter(label), label[::4, ::4])
-  odd = np.arange(10 * 10).reshape(10, 10)  # 10 -> 2: source rows floor(i * 5) = 0, 5
-  np.testing.assert_array_equal(transforms.quarter(odd), odd[[0, 5]][:, [0, 5]])
-
-
-def test_reference_train_transform_shapes_and_range():
-  rng = np.random.default_rng(0)
-  example = {"image": np.full((32, 64, 3), 255, np.uint8), "label": np.ones((32, 64), np.uint8)}
-  out = transforms.reference_train(example, rng, (16, 32))
-  assert out["image"].shape == (16, 32, 3) and out["label"].shape == (4, 8)
-  assert out["image"].dtype == np.float32 and out["image"].max() <= 1.0
-  assert set(np.unique(out["label"])) <= {1, 255}
 
 
 def test_train_iterator_shuffles_per_epoch_resumes_and_shards(gen_root):

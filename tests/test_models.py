@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from transkd_jax.models import SegFormer, VARIANTS
+from transkd_jax.models import initializers as init
 from transkd_jax.models.kernels import softmax_attention
 from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv
 from transkd_jax.models.head import SegFormerHead
@@ -245,3 +246,13 @@ def test_bad_input_is_named():
     SegFormer("b7").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
     SegFormer("b0").init(jax.random.key(0), jnp.zeros((1, 3, 32, 32)))
+
+
+def test_linear_layers_start_like_timm_trunc_normal():
+  """timm's trunc_normal_(std=.02) cuts at +-2 absolute (100 sigma): the std stays 0.02
+  (flax's default +-2 sigma cut would give 0.0176), and no sample passes 2."""
+  kernel = np.asarray(init.linear_kernel(jax.random.key(0), (512, 1024)))
+  assert abs(kernel.std() / 0.02 - 1) < 0.02 and abs(kernel.mean()) < 1e-4
+  dense = SegFormer("b0", 3).init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))
+  q = np.asarray(dense["params"]["encoder"]["block1_0"]["attn"]["q"]["kernel"])
+  assert abs(q.std() / 0.02 - 1) < 0.1  # 32 x 32: a small sample

@@ -1,7 +1,9 @@
-"""The mmseg transforms, and choosing the transforms."""
+"""The transforms: the public code's (reference, checked against the PIL calls it makes),
+the aligned variant, mmseg's, and choosing them."""
 
 import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
 from transkd_jax import data
 from transkd_jax.config import base_config
@@ -22,6 +24,82 @@ def _example(shape=(64, 128), seed=0):
   rng = np.random.default_rng(seed)
   return {"image": rng.integers(0, 256, shape + (3,), dtype=np.uint8),
           "label": rng.integers(0, 19, shape, dtype=np.uint8)}
+
+
+@pytest.mark.parametrize("full,out", [((1024, 2048), (128, 256)),   # Cityscapes
+                                      ((1080, 1920), (128, 228)),   # ACDC at 512 x 910
+                                      ((1024, 2048), (127, 255)), ((37, 53), (11, 17)),
+                                      ((4000, 3000), (17, 1001)), ((13, 7), (29, 31))])
+def test_labels_resize_as_pil_nearest(full, out):
+  label = np.random.default_rng(0).integers(0, 256, full).astype(np.uint8)
+  expected = np.asarray(Image.fromarray(label).resize(out[::-1], Image.NEAREST))
+  np.testing.assert_array_equal(transforms.resize_label_pil(label, out), expected)
+
+
+def test_quarter_size_rounds_like_the_public_code():
+  assert transforms.quarter_size((512, 1024)) == (128, 256)
+  assert transforms.quarter_size((512, 910)) == (128, 228)  # int(227.5 + 0.5)
+  assert transforms.quarter_size((510, 1017)) == (128, 254)
+
+
+def _public_shift(array, tx, ty, fill):
+  """The public code's two PIL calls."""
+  image = Image.fromarray(array)
+  image = ImageOps.expand(image, border=(tx, ty, 0, 0), fill=fill)
+  return np.asarray(image.crop((0, 0, image.size[0] - tx, image.size[1] - ty)))
+
+
+@pytest.mark.parametrize("ty", range(-2, 3))
+@pytest.mark.parametrize("tx", range(-2, 3))
+def test_the_reference_shift_is_pil_expand_then_crop(tx, ty):
+  example = _example((9, 13))
+  np.testing.assert_array_equal(transforms.public_shift(example["image"], ty, tx, 0),
+                                _public_shift(example["image"], tx, ty, 0))
+  np.testing.assert_array_equal(transforms.public_shift(example["label"], ty, tx, 255),
+                                _public_shift(example["label"], tx, ty, 255))
+
+
+def _public_train(example, size, flip, tx, ty):
+  """The public MyCoTransform on PIL images, its random draws given."""
+  h, w = size
+  image = Image.fromarray(example["image"]).resize((w, h), Image.BILINEAR)
+  target = Image.fromarray(example["label"]).resize((int(w / 4 + 0.5), int(h / 4 + 0.5)),
+                                                    Image.NEAREST)
+  if flip:
+    image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    target = target.transpose(Image.FLIP_LEFT_RIGHT)
+  image = np.asarray(image)
+  return (_public_shift(image, tx, ty, 0).astype(np.float32) / 255.0,
+          _public_shift(np.asarray(target), tx, ty, 255))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reference_training_is_the_public_transform_exactly(seed):
+  """Same draws (flip, then the shift), same image and label, misregistration included."""
+  example = _example((100, 180), seed)
+  out = transforms.reference_train(example, np.random.default_rng(seed), (48, 90))
+  draws = np.random.default_rng(seed)
+  flip = draws.uniform() < 0.5
+  ty, tx = (int(v) for v in draws.integers(-2, 3, size=2))
+  image, label = _public_train(example, (48, 90), flip, tx, ty)
+  np.testing.assert_array_equal(out["image"], image)
+  np.testing.assert_array_equal(out["label"], label)
+  assert out["label"].shape == (12, 23)
+
+
+def test_aligned_training_keeps_image_and_label_registered():
+  """A label equal to a channel of the image stays equal to it after the aligned shift."""
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 19, (64, 128)).repeat(1, 0).astype(np.uint8)
+  example = {"image": np.repeat(label[..., None], 3, axis=2), "label": label}
+  for seed in range(4):
+    out = transforms.aligned_train(example, np.random.default_rng(seed), (64, 128))
+    pixels = np.round(out["image"][..., 0] * 255).astype(np.int32)
+    quarter = pixels[transforms.pil_nearest_indices(64, 16)][:, transforms.pil_nearest_indices(
+        128, 32)]
+    ok = out["label"] != 255
+    np.testing.assert_array_equal(out["label"][ok], quarter[ok])
+    assert set(np.unique(out["label"])) <= set(range(19)) | {255}
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +217,20 @@ def test_same_seed_same_output():
 def test_transforms_selection_and_errors(gen_root):
   config = _config(gen_root, transforms="segformer")
   for make in (transforms.train_transform, transforms.eval_transform):
-    with pytest.raises(UserError, match="config.data.transforms='segformer'.*'reference' or "
-                                        "'mmseg'"):
+    with pytest.raises(UserError, match="config.data.transforms='segformer' is not known; "
+                                        "expected one of reference, aligned, mmseg"):
       make(config)
   with pytest.raises(UserError, match="config.data.transforms"):
     data.make_train_iterator(config)
   with pytest.raises(UserError, match="config.data.mmseg_ratio_range"):
     transforms.train_transform(_config(gen_root, mmseg_ratio_range=(2.0, 0.5)))
-  ref = _config(gen_root, transforms="reference")
-  out = transforms.train_transform(ref)(_example(), np.random.default_rng(0))
-  assert out["label"].shape == (8, 16) and out["image"].max() <= 1.0  # unchanged reference
+  for name, fn in (("reference", transforms.reference_train),
+                   ("aligned", transforms.aligned_train)):
+    chosen = transforms.train_transform(_config(gen_root, transforms=name))
+    out = chosen(_example(), np.random.default_rng(0))
+    np.testing.assert_array_equal(out["label"], fn(_example(), np.random.default_rng(0),
+                                                   (32, 64))["label"])
+    assert out["label"].shape == (8, 16) and out["image"].max() <= 1.0
 
 
 def test_mmseg_pipeline_yields_normalised_crops(gen_root):

@@ -19,6 +19,7 @@ import numpy as np
 
 from transkd_jax import checkpoint as ckpt_lib
 from transkd_jax import evaluate, sharding
+from transkd_jax.data.transforms import quarter_size
 from transkd_jax.distill import Distiller, Method, check_pairing, get_method, loss_settings
 from transkd_jax.errors import UserError
 from transkd_jax.models import SegFormer, kernels as kernels_lib
@@ -104,11 +105,11 @@ def batch_spec(config, mesh=None) -> dict:
   """The train step's batch as ShapeDtypeStructs (split along ``data`` when ``mesh`` is given).
 
   Images are float32 N x H x W x 3; labels int32 at a quarter of the input
-  under the reference transforms (the logits' resolution), at the input's
-  size under mmseg's.
+  under the reference and aligned transforms (the logits' resolution), at the
+  input's size under mmseg's.
   """
   height, width = config.image_size
-  label = (height // 4, width // 4) if config.data.transforms == "reference" else (height, width)
+  label = (height, width) if config.data.transforms == "mmseg" else quarter_size((height, width))
   placed = {} if mesh is None else {"sharding": sharding.batch_sharding(mesh)}
   return {"image": jax.ShapeDtypeStruct((config.batch_size, height, width, 3), jnp.float32,
                                         **placed),

@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 _DTYPES = ("float32", "bfloat16", "float16")
 EVAL_PROTOCOLS = ("standard", "reference")
-TRANSFORMS = ("reference", "mmseg")
+TRANSFORMS = ("reference", "aligned", "mmseg")
 DATASETS = ("cityscapes", "acdc", "nyuv2", "voc", "tfds", "generated")
 
 

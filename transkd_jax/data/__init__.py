@@ -6,7 +6,7 @@
 
 ``config.data`` keys (``default_data_config()`` lists them with defaults):
 ``name`` (cityscapes | acdc | nyuv2 | voc | tfds | generated), ``root``, ``conditions`` (ACDC),
-``transforms`` (reference | mmseg: of train and eval alike),
+``transforms`` (reference | aligned | mmseg: of train and eval alike),
 ``eval_label_resolution`` (quarter | full; reference protocol; empty follows
 ``config.eval_protocol``), ``num_workers``, the ``tfds_*`` keys of ``tfds``,
 ``skip_bad_files``, for ``mmseg``: ``mmseg_scale``, ``mmseg_ratio_range``,
@@ -14,8 +14,10 @@
 ``generated_size``, ``generated_seed``.
 
 Transforms (``transforms.py`` has the details): ``reference``, the public TransKD
-code's (resize to ``config.image_size``, flip, -2..2 px shift, [0, 1] images,
-1/4-resolution labels); ``mmseg``, SegFormer's Cityscapes config in
+code's, exactly (resize to ``config.image_size``, labels to 1/4 by PIL's
+NEAREST, flip, a -2..2 px shift that moves the label 4x as far as the image,
+[0, 1] images); ``aligned``, the same with image and label shifted together;
+``mmseg``, SegFormer's Cityscapes config in
 mmsegmentation (random rescale, ``config.image_size`` crop with
 cat_max_ratio, flip, photometric distortion, ImageNet mean/std, full-resolution
 labels; eval: rescaled to fit ``mmseg_scale``, labels at the dataset's size).
@@ -34,8 +36,9 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
       "name": "generated",          # cityscapes | acdc | nyuv2 | voc | tfds | generated
       "root": "",                   # dataset root; for generated: where it is written
       "conditions": "all",          # ACDC: "all" or a comma list of fog, night, rain, snow
-      "transforms": "reference",    # train + eval transforms: "reference" (the public code's)
-                                    # or "mmseg" (SegFormer's mmsegmentation config)
+      "transforms": "reference",    # train + eval transforms: "reference" (the public code's,
+                                    # bug-compatible), "aligned" (its shift without the
+                                    # misregistration) or "mmseg" (SegFormer's mmseg config)
       "eval_label_resolution": "",  # reference protocol: "quarter" | "full" (dataset's own
                                     # size); empty: full for eval_protocol standard, else quarter
       "eval_label_pad": (0, 0),     # standard protocol: pad full-size labels to (h, w) when

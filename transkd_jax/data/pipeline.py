@@ -120,7 +120,7 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
 def _label_pad(config, source, transform):
   """(h, w) full-resolution labels are padded to, or None (labels at a fixed size)."""
   if config.eval_protocol != "standard" or (
-      transforms.transforms_of(config) == "reference" and
+      transforms.transforms_of(config) != "mmseg" and
       transforms.eval_label_resolution(config) == "quarter"):
     return None
   chosen = tuple(config.data.eval_label_pad)

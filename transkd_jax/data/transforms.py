@@ -1,15 +1,27 @@
 """Per-example transforms (numpy + PIL), for grain's map / random_map.
 
-``reference`` protocol (the public TransKD code): resize to ``image_size``
-(PIL bilinear, as torchvision's Resize on PIL images), horizontal flip with p
-0.5, a random shift of -2..2 px (image padded with 0, label with 255), image
-scaled to [0, 1] without normalisation, labels to 1/4 resolution by nearest
-neighbour with PyTorch's rule (source index floor(i * in / out)).
+``reference`` transforms (the public TransKD code, exactly, bugs included):
+the image resized to ``image_size`` (PIL bilinear, as torchvision's Resize on
+PIL images); the full-resolution label resized once, with PIL's NEAREST, to a
+quarter of that (``int(h / 4 + 0.5)`` x ``int(w / 4 + 0.5)``: the logits'
+resolution); a horizontal flip of both with p 0.5; then a shift by an integer
+(tx, ty) in [-2, 2] of the image in image pixels and of the quarter-resolution
+label by the same numbers in *label* pixels, so the label moves 4 times as far
+as the image (``public_shift``: PIL's ``ImageOps.expand`` then ``crop``: a
+positive shift uncovers a border filled with 0 in the image and 255, ignored, in
+the label; a negative one crops past the edge, which fills both with 0: class 0,
+road, in the label). The image scaled to [0, 1] without normalisation.
 
-Evaluation: the same resize, no augmentation; labels at 1/4 resolution
-(``eval_label_resolution="quarter"``) or at the dataset's full resolution
-(``"full"``, for the standard protocol; images of one batch must then share
-their size, as Cityscapes' do).
+``aligned`` transforms: the same, but image and label are shifted together at
+the input resolution, the uncovered label border is ignored (255), and only
+then is the label brought to a quarter (PIL's NEAREST). Image and label stay
+registered. For training that does not reproduce the public code's quirks.
+
+Evaluation (both): the same image resize, no augmentation; labels at 1/4
+resolution (``eval_label_resolution="quarter"``: the full-resolution label
+resized once with PIL's NEAREST, as the public code's evaluation does) or at
+the dataset's full resolution (``"full"``, for the standard protocol; images of
+one batch must then share their size, as Cityscapes' do).
 
 ``mmseg`` protocol (SegFormer's Cityscapes config in mmsegmentation), train:
 the image rescaled keeping its aspect ratio to ``scale`` (height, width) times
@@ -65,6 +77,52 @@ def resize_label(label: np.ndarray, size) -> np.ndarray:
   return label[nearest_indices(label.shape[0], h)][:, nearest_indices(label.shape[1], w)]
 
 
+@functools.lru_cache(maxsize=None)
+def pil_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source index of each output index under PIL's NEAREST resize.
+
+  PIL samples at (i + 0.5) * in / out, accumulated in double precision one output
+  pixel at a time (``x += scale``) and truncated. Written the same way here: the
+  closed form floor((i + 0.5) * in / out) differs from PIL in a few columns at
+  some sizes (e.g. 1920 -> 228).
+  """
+  scale = in_size / out_size
+  steps = np.full(out_size, scale, np.float64)
+  steps[0] = scale * 0.5
+  return np.minimum(np.add.accumulate(steps).astype(np.int64), in_size - 1)
+
+
+def resize_label_pil(label: np.ndarray, size) -> np.ndarray:
+  """``Image.fromarray(label).resize((w, h), Image.NEAREST)``, without PIL."""
+  h, w = size
+  if label.shape == (h, w):
+    return label
+  return label[pil_nearest_indices(label.shape[0], h)][:, pil_nearest_indices(label.shape[1], w)]
+
+
+def quarter_size(size):
+  """The public code's label size for an input of ``size``: int(h / 4 + 0.5), int(w / 4 + 0.5)."""
+  return int(size[0] / 4 + 0.5), int(size[1] / 4 + 0.5)
+
+
+def public_shift(x: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
+  """The public code's shift: ``ImageOps.expand(x, border=(dx, dy, 0, 0), fill=fill)``
+  cropped back to (w, h) from the top left.
+
+  Content moves by (dy, dx). A positive shift uncovers the top / left border,
+  filled with ``fill``; a negative one crops past the bottom / right edge, which
+  PIL fills with 0 whatever ``fill`` is.
+  """
+  h, w = x.shape[:2]
+  out = np.zeros_like(x)
+  out[:h + min(dy, 0), :w + min(dx, 0)] = fill  # inside the expanded canvas
+  src_y = slice(max(-dy, 0), h - max(dy, 0))
+  src_x = slice(max(-dx, 0), w - max(dx, 0))
+  out[max(dy, 0):max(dy, 0) + src_y.stop - src_y.start,
+      max(dx, 0):max(dx, 0) + src_x.stop - src_x.start] = x[src_y, src_x]
+  return out
+
+
 def shift(x: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
   """Translates by (dy, dx) pixels, filling the uncovered border with ``fill``."""
   out = np.full_like(x, fill)
@@ -78,24 +136,36 @@ def shift(x: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
 
 
 def quarter(label: np.ndarray) -> np.ndarray:
-  h, w = label.shape
-  return resize_label(label, (h // 4, w // 4))
+  """A label at a quarter of its size, by PIL's NEAREST (the public code's rule)."""
+  return resize_label_pil(label, quarter_size(label.shape))
 
 
 def reference_train(example, rng: np.random.Generator, size, max_shift: int = 2):
+  """The public code's training transform, its misregistered shift included."""
+  image = resize_image(example["image"], size)
+  label = resize_label_pil(example["label"], quarter_size(size))
+  if rng.uniform() < 0.5:
+    image, label = image[:, ::-1], label[:, ::-1]
+  dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+  image, label = public_shift(image, dy, dx, 0), public_shift(label, dy, dx, IGNORE)
+  return {"image": image.astype(np.float32) / 255.0, "label": label.astype(np.int32)}
+
+
+def aligned_train(example, rng: np.random.Generator, size, max_shift: int = 2):
+  """As ``reference_train``, with image and label shifted together (and ignored borders)."""
   image = resize_image(example["image"], size)
   label = resize_label(example["label"], size)
   if rng.uniform() < 0.5:
     image, label = image[:, ::-1], label[:, ::-1]
-  dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
-  image, label = shift(image, int(dy), int(dx), 0), shift(label, int(dy), int(dx), IGNORE)
+  dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+  image, label = shift(image, dy, dx, 0), shift(label, dy, dx, IGNORE)
   return {"image": image.astype(np.float32) / 255.0, "label": quarter(label).astype(np.int32)}
 
 
 def reference_eval(example, size, label_resolution: str = "quarter"):
   image = resize_image(example["image"], size)
-  if label_resolution == "quarter":
-    label = quarter(resize_label(example["label"], size))
+  if label_resolution == "quarter":  # one step from full resolution, as the public code
+    label = resize_label_pil(example["label"], quarter_size(size))
   elif label_resolution == "full":
     label = example["label"]
   else:
@@ -337,7 +407,7 @@ def mmseg_eval(example, scale=(1024, 2048)):
 
 # --- choosing the transforms ---------------------------------------------------------------------
 
-TRANSFORMS = ("reference", "mmseg")
+TRANSFORMS = ("reference", "aligned", "mmseg")
 
 
 def _pair(config, key, increasing=False):
@@ -363,20 +433,21 @@ def _mmseg_settings(config):
 
 
 def transforms_of(config) -> str:
-  """``config.data.transforms``: "reference" (the public code's) or "mmseg"."""
+  """``config.data.transforms``: "reference" (the public code's), "aligned" or "mmseg"."""
   name = config.data.transforms
   if name not in TRANSFORMS:
-    raise UserError(f"config.data.transforms={name!r} is not known; expected 'reference' "
-                    "or 'mmseg'")
+    raise UserError(f"config.data.transforms={name!r} is not known; expected one of "
+                    f"{', '.join(TRANSFORMS)}")
   return name
 
 
 def train_transform(config):
   """fn(example, rng) for ``config.data.transforms``, cropping/resizing to config.image_size."""
   size = tuple(config.image_size)
-  if transforms_of(config) == "mmseg":
+  name = transforms_of(config)
+  if name == "mmseg":
     return functools.partial(mmseg_train, crop_size=size, **_mmseg_settings(config))
-  return functools.partial(reference_train, size=size)
+  return functools.partial(reference_train if name == "reference" else aligned_train, size=size)
 
 
 def eval_transform(config):
