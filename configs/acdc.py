@@ -12,6 +12,7 @@ from transkd_jax.config import base_config
 from transkd_jax.data.classes import CITYSCAPES_CLASS_WEIGHTS
 
 STEPS_PER_EPOCH = 800
+STUDENT_STEPS_PER_EPOCH = 400  # train_student.py: batch 4
 
 
 def get_config():
@@ -25,4 +26,7 @@ def get_config():
   config.data.name = "acdc"
   config.data.root = ""          # --config.data.root=/path/to/acdc
   config.data.conditions = "all"
+  config.recipe.student_batch_size = 4  # the recipe's student-alone row: train_student.py
+  config.recipe.student_steps = 500 * STUDENT_STEPS_PER_EPOCH
+  config.recipe.student_decay_steps = 1500 * STUDENT_STEPS_PER_EPOCH
   return config

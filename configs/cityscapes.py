@@ -10,6 +10,8 @@ Values follow the public TransKD code's settings (docs/transkd.md): 19 classes
 1.0); ENet-style class weights; AdamW lr 6e-5, batch 2, 1000 epochs of 1488
 steps with a linear decay laid over 1500 epochs (as the public code's
 PolynomialLRDecay(max_decay_steps=1500) stepped per epoch; we step it per step).
+The recipe's student-alone row follows the public train_student.py instead:
+batch 4, 500 epochs of 744 steps, the decay laid over 1500 of them.
 Every key and its default: transkd_jax/config.py.
 Train the teacher first with ``--config.method=teacher --config.batch_size=8
 --config.teacher.init=/ckpt/mit_b2`` (a converted ImageNet MiT-B2), or convert a
@@ -19,6 +21,8 @@ trained one with ``python -m transkd_jax.convert``.
 from transkd_jax.config import base_config
 from transkd_jax.data.classes import CITYSCAPES_CLASS_WEIGHTS
 
+STUDENT_STEPS_PER_EPOCH = 744  # train_student.py: 2975 images at batch 4 (last batch kept)
+
 
 def get_config():
   config = base_config()
@@ -27,4 +31,7 @@ def get_config():
   config.class_weights = CITYSCAPES_CLASS_WEIGHTS
   config.data.name = "cityscapes"
   config.data.root = ""  # --config.data.root=/path/to/cityscapes
+  config.recipe.student_batch_size = 4
+  config.recipe.student_steps = 500 * STUDENT_STEPS_PER_EPOCH
+  config.recipe.student_decay_steps = 1500 * STUDENT_STEPS_PER_EPOCH
   return config

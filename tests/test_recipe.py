@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from runs import tiny_config
+from runs import REPO, load_config, tiny_config
 from transkd_jax import recipe
 from transkd_jax.errors import UserError
 
@@ -43,3 +43,15 @@ def test_recipe_writes_the_table_and_skips_finished_runs(tmp_path, capsys):
 def test_unknown_method_is_named(tmp_path):
   with pytest.raises(UserError, match="config.recipe.methods"):
     recipe.run_configs(_config(tmp_path, methods=("transkd_base", "nope")))
+
+
+def test_the_student_alone_row_can_have_the_public_scripts_budget(tmp_path):
+  config = _config(tmp_path, methods=("student", "transkd_base"))
+  config.recipe.update(student_batch_size=4, student_steps=5, student_decay_steps=9)
+  runs = recipe.run_configs(config)
+  student, distilled = runs["student"], runs["transkd_base"]
+  assert (student.batch_size, student.total_steps, student.optimizer.decay_steps) == (4, 5, 9)
+  assert (distilled.batch_size, distilled.total_steps) == (config.batch_size, 2)
+  assert distilled.optimizer.decay_steps == config.optimizer.decay_steps
+  cityscapes = load_config(REPO / "configs" / "cityscapes.py")
+  assert (cityscapes.recipe.student_batch_size, cityscapes.recipe.student_steps) == (4, 372000)

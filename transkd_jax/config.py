@@ -95,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.recipe.methods = ("student", "transkd_base", "transkd_gl", "transkd_ea", "kd", "cwd",
                            "reviewkd", "fitnet")  # each trains the student for total_steps
   config.recipe.teacher_steps = 0  # the teacher's training steps; 0: config.total_steps
+  # The student-alone row's own budget (the public train_student.py: batch 4, 500 epochs;
+  # configs/cityscapes.py and acdc.py set it). 0: the same as every other row.
+  config.recipe.student_batch_size = 0    # 0: config.batch_size
+  config.recipe.student_steps = 0         # 0: config.total_steps
+  config.recipe.student_decay_steps = 0   # 0: config.optimizer.decay_steps
   return config
 
 
@@ -170,7 +175,8 @@ def validate_config(config):
   for key in ("batch_size", "total_steps", "log_every", "keep_checkpoints"):
     _positive_int(config, key)
   for key in ("eval_every", "checkpoint_every", "optimizer.warmup_steps",
-              "optimizer.decay_steps", "recipe.teacher_steps", "data.num_workers"):
+              "optimizer.decay_steps", "recipe.teacher_steps", "recipe.student_batch_size",
+              "recipe.student_steps", "recipe.student_decay_steps", "data.num_workers"):
     _positive_int(config, key, allow_zero=True)
   if config.optimizer.warmup_steps > config.total_steps:
     raise UserError(f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must not "

@@ -3,8 +3,9 @@
 - ReviewKD: attention-based fusion (ABF) units, deepest stage first like CSF,
   whose outputs the hierarchical context loss compares with the teacher's.
 - FitNet: a 1x1 convolution per stage from student to teacher channels (MSE).
-- CWD: the public code's adapter for channel-wise distillation, a 1x1
-  convolution + BatchNorm + ReLU on the deepest stage map.
+
+CWD needs no adapter of its own: the public baseline compares the CSF outputs
+(transkd_jax/distill/csf.py) with the teacher's stage maps.
 """
 
 from typing import Any, Sequence
@@ -79,18 +80,3 @@ class FitNetAdapters(nn.Module):
         conv(self.teacher_channels[i], 1, f"stage{i + 1}", self.dtype, self.param_dtype,
              use_bias=True, kernel_init=init.torch_default_kernel, fan_in=m.shape[-1])(m)
         for i, m in enumerate(student_maps))
-
-
-class CWDAdapter(nn.Module):
-  """1x1 conv (no bias) + BatchNorm + ReLU on the deepest stage map."""
-  teacher_channels: Sequence[int]
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, student_maps, train: bool = False):
-    check_stage_count("CWDAdapter", student_maps)
-    dt, pdt = self.dtype, self.param_dtype
-    x = conv(self.teacher_channels[3], 1, "conv", dt, pdt,
-             kernel_init=init.torch_default_kernel)(student_maps[3])
-    return (nn.relu(batch_norm(train, "bn", dt, pdt)(x)),)

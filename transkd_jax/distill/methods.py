@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from transkd_jax.distill import losses
-from transkd_jax.distill.baselines import CWDAdapter, FitNetAdapters, ReviewFusion
+from transkd_jax.distill.baselines import FitNetAdapters, ReviewFusion
 from transkd_jax.distill.csf import CrossSelectiveFusion
 from transkd_jax.distill.ea import EmbeddingAssistant, EmbeddingFuse
 from transkd_jax.distill.gl_mixer import GLMixer
@@ -78,10 +78,6 @@ def fitnet_adapters(channels, d: "Distiller", **kw):
   return FitNetAdapters(channels, **kw)
 
 
-def cwd_adapter(channels, d: "Distiller", **kw):
-  return CWDAdapter(channels, **kw)
-
-
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One row of the method table."""
@@ -118,7 +114,9 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            align_embeddings=True, assistant=True, terms=(HCL, PEA)),
     Method("kd", "logit KD (Hinton), temperature T (no public implementation)",
            terms=(LOGIT_KD,)),
-    Method("cwd", "channel-wise distillation on stage 4", cwd_adapter, terms=(CWD,)),
+    Method("cwd", "channel-wise distillation on the four CSF outputs, PEA (as the public "
+           "train_TransKDBase.py --knowledge-distillation-loss=CWloss)", csf,
+           align_embeddings=True, terms=(CWD, PEA)),
     Method("reviewkd", "ReviewKD: ABF fusion + HCL", abf, terms=(HCL,)),
     Method("fitnet", "FitNet: 1x1 adapters + MSE (no public implementation)", fitnet_adapters,
            terms=(FITNET,)),
