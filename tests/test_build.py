@@ -12,13 +12,13 @@ from transkd_jax import build
 from transkd_jax.distill import METHODS
 from transkd_jax.errors import UserError
 from transkd_jax.models import SegFormer
-from transkd_jax.train import train
+from transkd_jax.train import check_teacher, train
 
 from runs import TINY_TEACHER, set_variant, tiny_config
 
 
-def test_a_distilling_run_holds_its_method_row_and_the_student(teacher_dir):
-  config = tiny_config(method="transkd_gl")
+def test_a_distilling_run_holds_its_method_row_and_the_student(teacher_dir, data_root):
+  config = tiny_config(data_root, method="transkd_gl")
   set_variant(config, "teacher", "b0")
   config.teacher.checkpoint = teacher_dir
   run = build.training(config)
@@ -27,6 +27,14 @@ def test_a_distilling_run_holds_its_method_row_and_the_student(teacher_dir):
   # The teacher's weights are the checkpoint's, placed on the mesh.
   placed = jax.tree.leaves(run.teacher_variables)
   assert all(x.sharding.mesh == run.mesh for x in placed)
+  # Nothing recorded beside it: the teacher gets the student's normalisation.
+  assert run.teacher_norm == "unit" and "data.transforms='reference'" in run.teacher_norm_source
+  # The sanity check before distilling scores it on the first check_images val images.
+  config.teacher.check_images = 3
+  checked = check_teacher(run)
+  assert checked["images"] == 3 and 0 <= checked["miou"] <= 1
+  config.teacher.check_images = 0
+  assert check_teacher(run) is None
 
 
 def test_a_teacher_run_trains_and_serves_its_teacher(tmp_path, data_root):

@@ -256,3 +256,48 @@ def test_other_class_counts_are_refused(b0_tree):
   state = {k: v.numpy() for k, v in _public_state_dict(b0_tree).items()}  # 20-way
   with pytest.raises(UserError, match="20 classes but --num-classes is 5"):
     convert.convert(state, "mit_b0", num_classes=5)
+
+
+def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_path, capsys):
+  """Our raw batch (the reference transforms' [0, 1] pixels), brought to the teacher's
+  recorded normalisation as the train step does, gives the logits HuggingFace gives on
+  its image processor's output."""
+  from runs import set_variant, tiny_config
+  from transkd_jax import build, normalization
+  hf = _hf_model(convert.get_variant("b0"), num_labels=19, seed=5)
+  hf.save_pretrained(tmp_path / "hf")
+  assert convert.main([f"--input={tmp_path / 'hf'}", "--arch=mit_b0",
+                       f"--output={tmp_path / 'teacher'}"]) == 0
+  assert "expects imagenet input normalisation" in capsys.readouterr().out
+  config = tiny_config(method="transkd_base", num_classes=19, image_size=(64, 96))
+  set_variant(config, "teacher", "b0")
+  config.teacher.checkpoint = str(tmp_path / "teacher")
+  run = build.training(config)
+  assert run.teacher_norm == "imagenet" and convert.META_FILE in run.teacher_norm_source
+  raw = np.random.RandomState(2).randint(0, 256, (2, 64, 96, 3)).astype(np.uint8)
+  batch = raw.astype(np.float32) / 255.0  # what the reference transforms give the student
+  teacher_input = normalization.renormalize(batch, "unit", run.teacher_norm)
+  ours = np.asarray(run.teacher.apply(run.teacher_variables, teacher_input)["logits"])
+  processor = transformers.SegformerImageProcessor(do_resize=False)
+  pixels = processor(images=list(raw), return_tensors="np")["pixel_values"]
+  theirs = _hf_forward(hf, pixels.transpose(0, 2, 3, 1))["logits"]
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+  # Overridden, and recorded at conversion: the same weights then expect [0, 1] pixels.
+  config.teacher.input_norm = "unit"
+  assert build.training(config).teacher_norm == "unit"
+  assert convert.main([f"--input={tmp_path / 'hf'}", "--arch=mit_b0", "--input-norm=unit",
+                       f"--output={tmp_path / 'unit'}"]) == 0
+  assert normalization.recorded(str(tmp_path / "unit"))[0] == "unit"
+
+
+def test_renormalisation_is_the_per_channel_affine_map():
+  from transkd_jax import normalization
+  raw = np.random.RandomState(0).randint(0, 256, (1, 4, 5, 3)).astype(np.float32)
+  unit, imagenet = raw / 255.0, (raw - normalization.MEAN) / normalization.STD
+  np.testing.assert_allclose(normalization.renormalize(unit, "unit", "imagenet"), imagenet,
+                             atol=1e-5)
+  np.testing.assert_allclose(normalization.renormalize(imagenet, "imagenet", "unit"), unit,
+                             atol=1e-6)
+  assert normalization.renormalize(unit, "unit", "unit") is unit
+  with pytest.raises(ValueError, match="expected one of unit, imagenet"):
+    normalization.renormalize(unit, "unit", "mmseg")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transkd_jax import checkpoint as ckpt_lib
-from transkd_jax import evaluate, sharding
+from transkd_jax import evaluate, normalization, sharding
 from transkd_jax.data.transforms import quarter_size
 from transkd_jax.distill import Distiller, Method, check_pairing, get_method, loss_settings
 from transkd_jax.errors import UserError
@@ -130,6 +130,8 @@ class Training:
   abstract_state: TrainState            # ShapeDtypeStructs carrying their shardings
   state_shardings: Any
   teacher_variables: Optional[dict]     # the checkpoint's, placed on the mesh (weights=True)
+  teacher_norm: str                     # the teacher's input normalisation ("unit" | "imagenet")
+  teacher_norm_source: str              # where that came from, for the log
   abstract_teacher: Optional[dict]      # ShapeDtypeStructs carrying their shardings
   teacher_init: Optional[Callable[[], dict]]
   kernels: str                          # the resolved kernel form ("cpu" | "native")
@@ -203,16 +205,33 @@ def training(config, weights: bool = True, devices=None) -> Training:
         teacher_shardings)
     if teacher_host is not None:
       teacher_variables = sharding.put_global(teacher_host, teacher_shardings)
+  student_norm = normalization.of_transforms(config.data.transforms)
+  teacher_norm, norm_source = teacher_normalization(config, student_norm, weights)
   step = make_train_step(model, teacher, method, loss_settings(method, config.distill),
                          optimizer, schedule, config.seed, tuple(config.class_weights) or None,
-                         mesh)
+                         mesh, teacher_input=(student_norm, teacher_norm))
   return Training(
       config=config, method=method, model=model, teacher=teacher, mesh=mesh,
       optimizer=optimizer, schedule=schedule, init=init, abstract_state=abstract,
       state_shardings=shardings, teacher_variables=teacher_variables,
-      abstract_teacher=abstract_teacher, teacher_init=teacher_init, kernels=kernels,
+      teacher_norm=teacher_norm, teacher_norm_source=norm_source, abstract_teacher=abstract_teacher, teacher_init=teacher_init, kernels=kernels,
       train_step=jit_train_step(step, mesh, shardings, teacher_shardings),
       eval_step=make_eval_step(config, mesh))
+
+
+def teacher_normalization(config, student_norm: str, weights: bool = True):
+  """(the teacher's input normalisation, where it came from).
+
+  ``config.teacher.input_norm`` when set; else what the teacher's checkpoint records
+  (transkd_jax/normalization.py); else the student's (``config.data.transforms``).
+  """
+  if config.teacher.input_norm:
+    return config.teacher.input_norm, "config.teacher.input_norm"
+  if weights and config.teacher.checkpoint and method_of(config).teacher_call is not None:
+    recorded, why = normalization.recorded(config.teacher.checkpoint)
+    if recorded is not None:
+      return recorded, f"config.teacher.checkpoint's {why}"
+  return student_norm, f"the student's (config.data.transforms={config.data.transforms!r})"
 
 
 def check_batch_size(config, mesh):

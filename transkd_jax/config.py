@@ -23,6 +23,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.teacher.variant = "b2"
   config.teacher.checkpoint = ""   # Orbax dir: transkd_jax.convert output or a teacher run
   config.teacher.init = ""         # for --config.method=teacher: a converted ImageNet MiT
+  # The input normalisation the teacher expects ("unit": [0, 1] pixels, TransKD's teachers;
+  # "imagenet": mean/std, official SegFormer / HuggingFace weights). Empty: what its
+  # checkpoint records (transkd_jax.convert's record, or its run's data.transforms).
+  config.teacher.input_norm = ""
+  config.teacher.check_images = 50  # before distilling: the teacher's mIoU on this many val
+                                    # images, printed (0: skip)
 
   config.student = ml_collections.ConfigDict()
   config.student.variant = "b0"
@@ -158,6 +164,9 @@ def validate_config(config):
   _check(config.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", config.dtype)
   from transkd_jax.models.kernels import SETTINGS
   _check(config.kernels in SETTINGS, "kernels", f"one of {SETTINGS}", config.kernels)
+  _check(config.teacher.input_norm in ("", "unit", "imagenet"), "teacher.input_norm",
+         "'unit', 'imagenet' or '' (what the teacher's checkpoint records)",
+         config.teacher.input_norm)
   _check(config.teacher_dtype in _DTYPES + ("",), "teacher_dtype",
          f"one of {_DTYPES} (or empty: config.dtype)", config.teacher_dtype)
   try:
@@ -174,7 +183,7 @@ def validate_config(config):
                     "unweighted cross-entropy")
   for key in ("batch_size", "total_steps", "log_every", "keep_checkpoints"):
     _positive_int(config, key)
-  for key in ("eval_every", "checkpoint_every", "optimizer.warmup_steps",
+  for key in ("eval_every", "checkpoint_every", "teacher.check_images", "optimizer.warmup_steps",
               "optimizer.decay_steps", "recipe.teacher_steps", "recipe.student_batch_size",
               "recipe.student_steps", "recipe.student_decay_steps", "data.num_workers"):
     _positive_int(config, key, allow_zero=True)

@@ -33,10 +33,11 @@ import numpy as np
 from flax import traverse_util
 
 from transkd_jax.errors import UserError
+from transkd_jax.normalization import CONVERT_RECORD, NORMALIZATIONS
 from transkd_jax.models.variants import get_variant
 
 IGNORE_LABEL_ROW = 19  # the public code's 20th class: the ignore label, loss weight 0
-META_FILE = "transkd_convert.json"
+META_FILE = CONVERT_RECORD
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
 
 
@@ -482,12 +483,19 @@ def main(argv=None):
                       help="classes of the head (default: the checkpoint's, 19 for bare "
                            "encoders); 19 turns a 20-way head into 19 classes")
   parser.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised head")
+  parser.add_argument("--input-norm", choices=("auto",) + NORMALIZATIONS, default="auto",
+                      help="the input normalisation the weights expect, recorded with them: "
+                           "imagenet (mean/std on 0-255 pixels: official SegFormer, "
+                           "HuggingFace, mmseg) or unit ([0, 1] pixels: TransKD's own "
+                           "teachers); auto guesses from the checkpoint's layout")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = parser.parse_args(argv)
   try:
     state = read_state_dict(args.input)
     tree, num_classes = convert(state, args.arch, args.num_classes, args.seed)
     layout, normalization = source_format(state)
+    if args.input_norm != "auto":
+      normalization = args.input_norm
     meta = {"arch": f"mit_{args.arch.lower().removeprefix('mit_')}",
             "num_classes": num_classes, "source": os.path.abspath(args.input),
             "source_format": layout, "normalization": normalization}
@@ -495,7 +503,8 @@ def main(argv=None):
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {os.path.abspath(args.output)} ({meta['arch']}, {num_classes} classes)")
+  print(f"wrote {os.path.abspath(args.output)} ({meta['arch']}, {num_classes} classes, "
+        f"expects {meta['normalization']} input normalisation)")
   return 0
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transkd_jax import sharding, storage
+from transkd_jax import normalization, sharding, storage
 from transkd_jax.distill.losses import IGNORE_LABEL, cross_entropy
 from transkd_jax.models import SegFormer
 from transkd_jax.models.resize import resize_bilinear, resize_nearest
@@ -114,18 +114,23 @@ def miou_from_confusion(cm: np.ndarray, protocol: str = "standard") -> Dict[str,
           "protocol": protocol}
 
 
-def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh):
+def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh, input_norm=None):
   """eval_step(variables, batch) -> (confusion matrix, CE sum, labelled pixels, images).
 
   Every output is summed over the global batch (all processes) and replicated.
 
   ``batch``: "image", "label" and optionally "valid" (padding examples count
-  nothing). The CE is over labels at the logits' resolution.
+  nothing). The CE is over labels at the logits' resolution. ``input_norm`` =
+  (the batch's normalisation, the model's), for a model that expects other inputs
+  than the pipeline gives (a teacher: transkd_jax/normalization.py).
   """
   def step(variables, batch):
     # Whole variables on every device (split ones are gathered), activations split by batch.
     variables = jax.lax.with_sharding_constraint(variables, sharding.replicated(mesh))
-    logits = model.apply(variables, batch["image"], train=False)["logits"]
+    images = batch["image"]
+    if input_norm is not None:
+      images = normalization.renormalize(images, *input_norm)
+    logits = model.apply(variables, images, train=False)["logits"]
     valid = batch.get("valid")
     labels = batch["label"]
     pred, compared = predictions_for(logits, labels, protocol, batch.get("label_size"),
@@ -146,12 +151,13 @@ def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh):
   return jax.jit(step, out_shardings=sharding.replicated(mesh))
 
 
-def evaluate_split(config, mesh, eval_step, variables, split: str) -> dict:
-  """Runs ``eval_step`` over ``split``; scores + "loss", "num_images", "confusion"."""
+def evaluate_split(config, mesh, eval_step, variables, split: str, limit: int = 0) -> dict:
+  """Runs ``eval_step`` over ``split`` (its first ``limit`` images when > 0); scores +
+  "loss", "num_images", "confusion"."""
   from transkd_jax import data
   cm = np.zeros((config.num_classes, config.num_classes), np.int64)
   ce, pixels, images, skipped = 0.0, 0, 0, 0
-  for batch in data.make_eval_iterator(config, split=split):
+  for batch in data.make_eval_iterator(config, split=split, limit=limit):
     local = {k: batch[k] for k in ("image", "label", "valid", "label_size") if k in batch}
     skipped += int(np.sum(batch.get("skipped", 0)))  # this process's
     b_cm, b_ce, b_px, b_images = eval_step(variables, sharding.global_batch(local, mesh))

@@ -30,7 +30,6 @@ processor cannot; Cityscapes' 1024 x 2048 needs no resize).
 """
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -41,7 +40,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from transkd_jax import convert
+from transkd_jax import convert, storage
+from transkd_jax import normalization as normalization_lib
 from transkd_jax.checkpoint import check_variables
 from transkd_jax.errors import UserError
 from transkd_jax.models.mit import EPS_BLOCK
@@ -146,51 +146,20 @@ def _check_shapes(variables, spec, num_classes, what):
 # What the checkpoint says about its inputs
 # --------------------------------------------------------------------------
 
-def run_config(path: str, source: str = "") -> Optional[dict]:
-  """A run workdir's saved config (JSON): the restored step's, else the newest there is."""
-  directory = os.path.join(path, "checkpoints")
-  if not os.path.isdir(directory):
-    return None
-  steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True)
-  match = re.search(r"checkpoints/(\d+)", source)
-  if match:
-    steps.insert(0, int(match.group(1)))
-  for step in steps:
-    for file in sorted(glob.glob(os.path.join(directory, str(step), "config", "*"))):
-      try:
-        with open(file) as f:
-          config = json.load(f)
-      except (OSError, ValueError):
-        continue
-      if isinstance(config, dict):
-        return config
-  return None
-
-
 def input_settings(checkpoint: str, choice: str, source: str = ""):
   """(normalization, why, image_size or None, data config or None) for ``--normalization``."""
-  path = os.path.abspath(os.path.expanduser(checkpoint))
-  config = run_config(path, source)
+  path = storage.resolve(checkpoint)
+  config = normalization_lib.run_config(path, source)
   data = (config or {}).get("data") or {}
-  key = "transforms" if "transforms" in data else "protocol"  # protocol: the older name
-  transforms = data.get(key, "reference")
+  transforms = data.get("transforms", data.get("protocol", "reference"))
   image_size = None
   if config is not None and transforms != "mmseg" and len(config.get("image_size") or ()) == 2:
     image_size = tuple(int(v) for v in config["image_size"])
   if choice != "auto":
     return choice, "--normalization", image_size, data or None
-  if config is not None:
-    normalization = "imagenet" if transforms == "mmseg" else "unit"
-    return normalization, f"the run's config.data.{key}={transforms!r}", image_size, data
-  meta_file = os.path.join(path, convert.META_FILE)
-  if os.path.exists(meta_file):
-    try:
-      with open(meta_file) as f:
-        recorded = json.load(f).get("normalization")
-    except (OSError, ValueError, AttributeError):
-      recorded = None
-    if recorded in IMAGE_STATS:
-      return recorded, convert.META_FILE, None, None
+  recorded, why = normalization_lib.recorded(path, source)
+  if recorded is not None:
+    return recorded, why, image_size, data or None
   return "unit", "the default (TransKD's [0, 1] inputs)", None, None
 
 

@@ -18,6 +18,7 @@
 import math
 import signal
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -70,6 +71,24 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def check_teacher(run: build.Training) -> Optional[dict]:
+  """The teacher's mIoU on the first ``config.teacher.check_images`` validation images.
+
+  Run before distilling: a teacher given the wrong input normalisation, or the
+  wrong checkpoint, scores near zero here instead of quietly teaching noise.
+  """
+  config = run.config
+  if run.teacher is None or run.teacher_variables is None or not config.teacher.check_images:
+    return None
+  from transkd_jax import normalization
+  student_norm = normalization.of_transforms(config.data.transforms)
+  step = evaluate.make_eval_step(run.teacher, config.num_classes, config.eval_protocol, run.mesh,
+                                 input_norm=(student_norm, run.teacher_norm))
+  scores = evaluate.evaluate_split(config, run.mesh, step, run.teacher_variables,
+                                   config.eval_split, limit=config.teacher.check_images)
+  return {"miou": scores["miou"], "images": scores["num_images"]}
+
+
 def run_validation(run: build.Training, state) -> dict:
   config = run.config
   scores = evaluate.evaluate_split(config, run.mesh, run.eval_step, run.deployed(state),
@@ -84,11 +103,15 @@ def train(config, workdir: str) -> dict:
 
   chief = jax.process_index() == 0  # the one process that prints and writes logs
   run = build.training(config)  # the teacher is checked before anything compiles
+  if chief and run.teacher is not None:
+    print(f"teacher input: {run.teacher_norm} normalisation (from {run.teacher_norm_source})",
+          flush=True)
   total_steps = config.total_steps
   train_iter = data.make_train_iterator(config)
   checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                         best_metric="val_miou", best_mode="max")
   restored, restored_step = checkpoints.restore(run.abstract_state.as_dict(), train_iter)
+  checked = None  # the teacher check, on a fresh start only
   if restored is not None:
     state = TrainState(**restored)
     if chief:
@@ -96,11 +119,17 @@ def train(config, workdir: str) -> dict:
             flush=True)
   else:
     state = run.new_state()
+    checked = check_teacher(run)
+    if checked is not None and chief:
+      print(f"teacher check: mIoU {100 * checked['miou']:.2f} ({config.eval_protocol} protocol) "
+            f"on the first {checked['images']} {config.eval_split} images", flush=True)
   step_fn, teacher_vars, mesh = run.train_step, run.teacher_variables, run.mesh
 
   writer = MetricWriter(workdir)
   start = int(state.step)
   summary = {"start_step": start, "status": "done"}
+  if checked is not None:
+    summary["teacher_check"] = checked
   window, window_start = [], time.perf_counter()
   last_val = None
   skipped = 0  # bad files passed over by this process (config.data.skip_bad_files)

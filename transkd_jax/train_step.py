@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from transkd_jax import sharding
+from transkd_jax import normalization, sharding
 from transkd_jax.distill import Distiller, Method, objective
 from transkd_jax.models import SegFormer
 from transkd_jax.models.resize import resize_bilinear
@@ -60,7 +60,7 @@ def logits_for_ce(logits, labels, kernels: str = "native"):
 
 def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Method,
                     settings: Dict[str, Any], optimizer, schedule, seed: int,
-                    class_weights=None, mesh=None) -> Callable:
+                    class_weights=None, mesh=None, teacher_input=("unit", "unit")) -> Callable:
   """step(state, teacher_variables, batch) -> (state, metrics); not yet jitted.
 
   With a ``mesh``, the variables are gathered whole onto every device where
@@ -68,6 +68,9 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
   forward and backward, gradients reduced back to the split layout) and the
   activations stay split along ``data`` only. Without this, XLA's sharding
   propagation may split activations along ``model`` instead, and gather them.
+
+  ``teacher_input`` = (the batch's normalisation, the teacher's): the teacher sees
+  the batch's pixels normalised its own way (transkd_jax/normalization.py).
   """
   teacher_call = method.teacher_call
   class_weights = None if not class_weights else tuple(float(w) for w in class_weights)
@@ -82,7 +85,8 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
     images = batch["image"]
     teacher_out = None
     if teacher_call is not None:
-      teacher_out = teacher.apply(whole(teacher_variables), images,
+      teacher_images = normalization.renormalize(images, *teacher_input)
+      teacher_out = teacher.apply(whole(teacher_variables), teacher_images,
                                   method="encode" if teacher_call == "encode" else None)
       teacher_out = jax.lax.stop_gradient(teacher_out)
     key = jax.random.fold_in(base_key, state.step)

@@ -81,8 +81,10 @@ def _strip(fn):
   return apply
 
 
-def make_eval_iterator(config, split: str = "val", process_index=None, process_count=None):
-  """One pass over ``split``: batches {"image", "label", "valid"}, padded to whole batches.
+def make_eval_iterator(config, split: str = "val", process_index=None, process_count=None,
+                       limit: int = 0):
+  """One pass over ``split`` (its first ``limit`` examples when > 0): batches {"image",
+  "label", "valid"}, padded to whole batches.
 
   Full-resolution labels (the ``standard`` protocol) of differing sizes, as
   VOC's, are padded with 255 to one size (``config.data.eval_label_pad``, or
@@ -91,8 +93,10 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
   """
   index, count = _process(process_index, process_count)
   local = _local_batch(config, count)
-  source = make_source(config.data, split)
-  shard = grain.MapDataset.source(source)[index::count]
+  source = grain.MapDataset.source(make_source(config.data, split))
+  if limit:
+    source = source[:limit]
+  shard = source[index::count]
   per_process = math.ceil(len(source) / count)
   padded = max(math.ceil(per_process / local), 1) * local
   transform = transforms.eval_transform(config)  # the protocol the model trained under

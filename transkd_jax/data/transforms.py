@@ -176,8 +176,7 @@ def reference_eval(example, size, label_resolution: str = "quarter"):
 
 # --- mmseg protocol -------------------------------------------------------------------------
 
-MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet, RGB, 0-255 scale
-STD = np.array([58.395, 57.12, 57.375], np.float32)
+from transkd_jax.normalization import MEAN, STD  # noqa: E402  ImageNet's, on 0-255 pixels
 
 
 def rescale_size(shape, scale, ratio: float = 1.0):
