@@ -45,6 +45,7 @@ def tiny_config(data_root="", **overrides):
   config.update(image_size=(64, 128), batch_size=2, total_steps=6, log_every=1, eval_every=0,
                 checkpoint_every=0)
   config.optimizer.warmup_steps = 0
+  config.teacher.check_images = 0  # test_build checks the teacher check itself
   config.data.update(root=str(data_root), num_train=8, num_val=4, generated_size=(64, 128))
   config.update(overrides)
   return config
@@ -62,7 +63,8 @@ def overrides(data_root, **extra):
   """--config.* flags for a tiny B0 run on generated 64x128 scenes."""
   values = {"image_size": "(64,128)", "batch_size": 2, "data.root": data_root,
             "data.num_train": 8, "data.num_val": 4, "data.generated_size": "(64,128)",
-            "log_every": 1, "eval_every": 0, "optimizer.warmup_steps": 0, **extra}
+            "log_every": 1, "eval_every": 0, "optimizer.warmup_steps": 0,
+            "teacher.check_images": 0, **extra}
   return [f"--config.{k}={v}" for k, v in values.items()]
 
 

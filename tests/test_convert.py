@@ -277,7 +277,7 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
   raw = np.random.RandomState(2).randint(0, 256, (2, 64, 96, 3)).astype(np.uint8)
   batch = raw.astype(np.float32) / 255.0  # what the reference transforms give the student
   teacher_input = normalization.renormalize(batch, "unit", run.teacher_norm)
-  ours = np.asarray(run.teacher.apply(run.teacher_variables, teacher_input)["logits"])
+  ours = np.asarray(jax.jit(run.teacher.apply)(run.teacher_variables, teacher_input)["logits"])
   processor = transformers.SegformerImageProcessor(do_resize=False)
   pixels = processor(images=list(raw), return_tensors="np")["pixel_values"]
   theirs = _hf_forward(hf, pixels.transpose(0, 2, 3, 1))["logits"]

@@ -213,7 +213,9 @@ def test_gradients_reach_student_and_adapters_but_never_the_teacher(batch, teach
   assert zero and all("fc_single" in name for name in zero), zero
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"teacher", "student"}))
+# cwd's modules are transkd_base's (CSF, PEA) and its loss is checked against numpy above,
+# so it is left out here to keep the suite short.
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"teacher", "student", "cwd"}))
 def test_a_few_steps_lower_the_loss(method, batch, teacher):
   images, labels = batch
   model = _tiny(method)
@@ -239,7 +241,7 @@ def test_a_few_steps_lower_the_loss(method, batch, teacher):
     totals.append(float(total))
   expected_terms = {"ce"} | {
       "transkd_base": {"hcl", "pea"}, "transkd_gl": {"hcl", "pea"},
-      "transkd_ea": {"hcl", "pea"}, "kd": {"kd"}, "cwd": {"cwd", "pea"}, "reviewkd": {"hcl"},
+      "transkd_ea": {"hcl", "pea"}, "kd": {"kd"}, "reviewkd": {"hcl"},
       "fitnet": {"fitnet"}, "student": set()}[method]
   assert set(terms) == expected_terms
   assert np.isclose(sum(float(v) for v in terms.values()), totals[-1], rtol=1e-5)

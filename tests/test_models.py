@@ -253,6 +253,4 @@ def test_linear_layers_start_like_timm_trunc_normal():
   (flax's default +-2 sigma cut would give 0.0176), and no sample passes 2."""
   kernel = np.asarray(init.linear_kernel(jax.random.key(0), (512, 1024)))
   assert abs(kernel.std() / 0.02 - 1) < 0.02 and abs(kernel.mean()) < 1e-4
-  dense = SegFormer("b0", 3).init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))
-  q = np.asarray(dense["params"]["encoder"]["block1_0"]["attn"]["q"]["kernel"])
-  assert abs(q.std() / 0.02 - 1) < 0.1  # 32 x 32: a small sample
+  assert np.abs(kernel).max() <= 2.0
