@@ -81,6 +81,8 @@ def test_transkd_base_under_fsdp_all_gathers_parameters_and_never_the_batch(monk
                        devices=compile_bench.topology_devices("v5e:2x2"))
   compiled = run.train_step.lower(run.abstract_state, run.abstract_teacher,
                                   build.batch_spec(config, run.mesh)).compile()
+  # Gradients come back to each device as its shard only.
+  assert "reduce-scatter" in compile_bench.hlo_summary(compiled.as_text())["collectives"]
   split = {math.prod(x.shape) for x in jax.tree.leaves(
       (run.abstract_state.params, run.abstract_teacher))
       if x.sharding.spec != jax.sharding.PartitionSpec()}
@@ -115,8 +117,16 @@ def test_collectives_are_counted_with_their_bytes():
   %x = f32[2]{0} add(%all-reduce.1, %ag)
   %c = f32[8,8,3,3]{3,2,1,0} convolution(%i, %k), feature_group_count=8
   %g = f32[2,16]{1,0} gather(%t, %idx), offset_dims={}
+  %ags = (f32[4,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%q), dimensions={0}
+  %agd = f32[8,8]{1,0} all-gather-done(%ags)
+%all-reduce-scatter.9 (input_0: f32[8,8]) -> f32[4,8] {
+  %inner = f32[8,8]{1,0} all-reduce(%input_0), to_apply=%add
+  ROOT %s = f32[4,8]{1,0} dynamic-slice(%inner, %i, %j), dynamic_slice_sizes={4,8}
+}
+  %rs = f32[4,8]{1,0} fusion(%grad), kind=kCustom, calls=%all-reduce-scatter.9
   """
   summary = compile_bench.hlo_summary(hlo)
   assert summary["collectives"] == {"all-reduce": {"count": 1, "bytes": 32 * 4 + 8 * 16 * 2},
-                                    "all-gather": {"count": 1, "bytes": 4 * 256 * 4}}
+                                    "all-gather": {"count": 2, "bytes": 4 * 256 * 4 + 8 * 8 * 4},
+                                    "reduce-scatter": {"count": 1, "bytes": 4 * 8 * 4}}
   assert summary["ops"]["grouped_convolution"] == 1 and summary["ops"]["gather"] == 1

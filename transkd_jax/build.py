@@ -95,10 +95,14 @@ def deployed_model(config, kernels: str = "native") -> SegFormer:
                    dtype=jnp.dtype(config.dtype))
 
 
-def make_eval_step(config, mesh, protocol: Optional[str] = None):
-  """The jitted evaluation step of the run's deployed SegFormer (``config.eval_protocol``)."""
+def make_eval_step(config, mesh, protocol: Optional[str] = None, input_norm=None):
+  """The jitted evaluation step of the run's deployed SegFormer (``config.eval_protocol``).
+
+  ``input_norm``: (the pipeline's normalisation, the weights'), as ``Serving.input_norm``.
+  """
   return evaluate.make_eval_step(deployed_model(config, kernels_of(config, mesh)),
-                                 config.num_classes, protocol or config.eval_protocol, mesh)
+                                 config.num_classes, protocol or config.eval_protocol, mesh,
+                                 input_norm)
 
 
 def batch_spec(config, mesh=None) -> dict:
@@ -174,14 +178,15 @@ def training(config, weights: bool = True, devices=None) -> Training:
   if weights and role.init:
     initial, _ = read_segformer(role.init, f"config.{method.trains}.init", role.variant,
                                 config.num_classes)
-  teacher_host = None
+  teacher_host, teacher_source = None, ""
   if teacher is not None and weights:
     if not config.teacher.checkpoint:
       raise UserError(f"method {method.name!r} distils from a teacher: set "
                       "config.teacher.checkpoint to an Orbax directory (transkd_jax.convert's "
                       "output, or the workdir of a --config.method=teacher run)")
-    teacher_host, _ = read_segformer(config.teacher.checkpoint, "config.teacher.checkpoint",
-                                     config.teacher.variant, config.num_classes)
+    teacher_host, teacher_source = read_segformer(
+        config.teacher.checkpoint, "config.teacher.checkpoint", config.teacher.variant,
+        config.num_classes)
     try:
       check_pairing(model, teacher, size)
     except ValueError as e:
@@ -206,10 +211,13 @@ def training(config, weights: bool = True, devices=None) -> Training:
     if teacher_host is not None:
       teacher_variables = sharding.put_global(teacher_host, teacher_shardings)
   student_norm = normalization.of_transforms(config.data.transforms)
-  teacher_norm, norm_source = teacher_normalization(config, student_norm, weights)
+  teacher_norm, norm_source = input_normalization(
+      config, config.teacher.input_norm, "config.teacher.input_norm",
+      config.teacher.checkpoint if teacher_host is not None else "", teacher_source)
   step = make_train_step(model, teacher, method, loss_settings(method, config.distill),
                          optimizer, schedule, config.seed, tuple(config.class_weights) or None,
-                         mesh, teacher_input=(student_norm, teacher_norm))
+                         mesh, teacher_input=(student_norm, teacher_norm),
+                         param_shardings=shardings.params)
   return Training(
       config=config, method=method, model=model, teacher=teacher, mesh=mesh,
       optimizer=optimizer, schedule=schedule, init=init, abstract_state=abstract,
@@ -219,27 +227,28 @@ def training(config, weights: bool = True, devices=None) -> Training:
       eval_step=make_eval_step(config, mesh))
 
 
-def teacher_normalization(config, student_norm: str, weights: bool = True):
-  """(the teacher's input normalisation, where it came from).
+def input_normalization(config, chosen: str, what: str, path: str = "", source: str = ""):
+  """(the input normalisation a checkpoint's weights expect, where that came from).
 
-  ``config.teacher.input_norm`` when set; else what the teacher's checkpoint records
-  (transkd_jax/normalization.py); else the student's (``config.data.transforms``).
+  ``chosen`` (a config key's value, named ``what``) when set; else what the checkpoint
+  at ``path`` records (transkd_jax/normalization.py; ``source`` names the step read);
+  else ``config.data.transforms``' own.
   """
-  if config.teacher.input_norm:
-    return config.teacher.input_norm, "config.teacher.input_norm"
-  if weights and config.teacher.checkpoint and method_of(config).teacher_call is not None:
-    recorded, why = normalization.recorded(config.teacher.checkpoint)
+  if chosen:
+    return chosen, what
+  if path:
+    recorded, why = normalization.recorded(path, source)
     if recorded is not None:
-      return recorded, f"config.teacher.checkpoint's {why}"
-  return student_norm, f"the student's (config.data.transforms={config.data.transforms!r})"
+      return recorded, f"{why}, at {path}"
+  return (normalization.of_transforms(config.data.transforms),
+          f"config.data.transforms={config.data.transforms!r}")
 
 
 def check_batch_size(config, mesh):
-  data_devices = mesh.shape["data"]
   processes = len({d.process_index for d in mesh.devices.flat})
-  if config.batch_size % data_devices or config.batch_size % processes:
+  if config.batch_size % mesh.size or config.batch_size % processes:
     raise UserError(f"config.batch_size={config.batch_size} must divide evenly over the "
-                    f"{data_devices} devices of the mesh's data axis and "
+                    f"mesh's {mesh.size} devices (batches are split over all of them) and "
                     f"{processes} processes")
 
 
@@ -251,6 +260,8 @@ class Serving:
   source: str
   mesh: Any
   variant: Any
+  input_norm: tuple          # (the pipeline's normalisation, the weights')
+  input_norm_source: str
 
 
 def serving(config, workdir: str) -> Serving:
@@ -265,5 +276,7 @@ def serving(config, workdir: str) -> Serving:
   variant = trained_variant(config)
   variables, source = read_segformer(path, what, variant, config.num_classes)
   mesh = mesh_of(config)
+  norm, why = input_normalization(config, config.eval.input_norm, "config.eval.input_norm",
+                                  path, source)
   return Serving(deployed_model(config, kernels_of(config, mesh)), variables, source, mesh,
-                 variant)
+                 variant, (normalization.of_transforms(config.data.transforms), norm), why)

@@ -87,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.checkpoint = ""   # a run's workdir or an Orbax dir; empty: --workdir's best
   config.eval.variant = ""      # the SegFormer to load; empty: the run's trained model
+  config.eval.input_norm = ""   # what the weights expect ("unit" | "imagenet"); empty: what the
+                                # checkpoint records, else config.data.transforms' own
   config.predict = ml_collections.ConfigDict()
   config.predict.input = ""     # an image file, a directory (searched recursively) or a glob
   config.predict.output_dir = ""  # empty: WORKDIR/predictions
@@ -164,9 +166,9 @@ def validate_config(config):
   _check(config.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", config.dtype)
   from transkd_jax.models.kernels import SETTINGS
   _check(config.kernels in SETTINGS, "kernels", f"one of {SETTINGS}", config.kernels)
-  _check(config.teacher.input_norm in ("", "unit", "imagenet"), "teacher.input_norm",
-         "'unit', 'imagenet' or '' (what the teacher's checkpoint records)",
-         config.teacher.input_norm)
+  for key in ("teacher", "eval"):
+    _check(config[key].input_norm in ("", "unit", "imagenet"), f"{key}.input_norm",
+           "'unit', 'imagenet' or '' (what the checkpoint records)", config[key].input_norm)
   _check(config.teacher_dtype in _DTYPES + ("",), "teacher_dtype",
          f"one of {_DTYPES} (or empty: config.dtype)", config.teacher_dtype)
   try:
@@ -187,6 +189,11 @@ def validate_config(config):
               "optimizer.decay_steps", "recipe.teacher_steps", "recipe.student_batch_size",
               "recipe.student_steps", "recipe.student_decay_steps", "data.num_workers"):
     _positive_int(config, key, allow_zero=True)
+  student_steps = config.recipe.student_steps
+  if student_steps and config.optimizer.warmup_steps > student_steps:
+    raise UserError(f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must not "
+                    f"exceed config.recipe.student_steps ({student_steps}), the student-alone "
+                    "row's steps")
   if config.optimizer.warmup_steps > config.total_steps:
     raise UserError(f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must not "
                     f"exceed config.total_steps ({config.total_steps})")

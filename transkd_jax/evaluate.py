@@ -196,11 +196,12 @@ def run_eval(config, workdir: str) -> dict:
   from transkd_jax.data.classes import class_names
   protocol, split = config.eval_protocol, config.eval_split
   served = build.serving(config, workdir)
-  print(f"evaluating {served.source} on {config.data.name} {split} ({protocol} protocol)",
+  print(f"evaluating {served.source} on {config.data.name} {split} ({protocol} protocol, "
+        f"{served.input_norm[1]} input normalisation: {served.input_norm_source})",
         flush=True)
   variables = sharding.put_global(served.variables, sharding.replicated(served.mesh))
-  scores = evaluate_split(config, served.mesh, build.make_eval_step(config, served.mesh),
-                          variables, split)
+  step = build.make_eval_step(config, served.mesh, input_norm=served.input_norm)
+  scores = evaluate_split(config, served.mesh, step, variables, split)
   results = results_json(scores, class_names(config.data, config.num_classes))
   results.update(checkpoint=served.source, split=split, dataset=config.data.name,
                  variant=str(served.variant), image_size=list(config.image_size))

@@ -37,8 +37,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
+from transkd_jax import normalization, storage
 from transkd_jax.data import transforms
 from transkd_jax.data.classes import (CITYSCAPES_NAMES, CITYSCAPES_TRAIN_TO_ID, class_names,
                                       palette)
@@ -89,9 +91,13 @@ def model_input(image: np.ndarray, config) -> np.ndarray:
   return padded
 
 
-def make_predict_fn(model, resize: bool):
-  """predict(variables, images, (h, w)) -> class ids at (h, w), jitted per output size."""
+def make_predict_fn(model, resize: bool, input_norm=("unit", "unit")):
+  """predict(variables, images, (h, w)) -> class ids at (h, w), jitted per output size.
+
+  ``input_norm``: (the images' normalisation, the weights'), as ``build.Serving.input_norm``.
+  """
   def predict(variables, images, size):
+    images = normalization.renormalize(images, *input_norm)
     logits = model.apply(variables, images, train=False)["logits"]
     if resize:
       return predictions_at(logits, size, model.kernels)
@@ -111,20 +117,19 @@ def overlay(image: np.ndarray, colour: np.ndarray, alpha: float) -> np.ndarray:
 
 def write_outputs(out_dir: str, stem: str, image: np.ndarray, ids: np.ndarray, colours,
                   alpha: float, cityscapes_format: bool):
-  """Writes the PNGs of one image; returns their paths."""
-  base = os.path.join(out_dir, stem)
-  os.makedirs(os.path.dirname(base), exist_ok=True)
+  """Writes the PNGs of one image (to a local directory or a gs:// one); returns their paths."""
+  base = storage.join(out_dir, stem)
   colour = colorize(ids, colours)
-  paths = [base + "_trainIds.png", base + "_color.png", base + "_overlay.png"]
-  Image.fromarray(ids.astype(np.uint8)).save(paths[0])
-  Image.fromarray(colour).save(paths[1])
-  Image.fromarray(overlay(image, colour, alpha)).save(paths[2])
+  pngs = {base + "_trainIds.png": ids.astype(np.uint8), base + "_color.png": colour,
+          base + "_overlay.png": overlay(image, colour, alpha)}
   if cityscapes_format:
-    path = os.path.join(out_dir, "cityscapes", stem + "_labelIds.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(CITYSCAPES_TRAIN_TO_ID[ids]).save(path)
-    paths.append(path)
-  return paths
+    pngs[storage.join(out_dir, "cityscapes", stem + "_labelIds.png")] = CITYSCAPES_TRAIN_TO_ID[ids]
+  for path, array in pngs.items():
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+      Image.fromarray(array).save(f, format="PNG")
+  return list(pngs)
 
 
 def run_predict(config, workdir: str) -> dict:
@@ -139,9 +144,9 @@ def run_predict(config, workdir: str) -> dict:
   served = build.serving(config, workdir)
   model, source = served.model, served.source
   variables = jax.device_put(served.variables)  # once, not per batch (each process its own)
-  out_dir = os.path.expanduser(config.predict.output_dir or os.path.join(workdir, "predictions"))
+  out_dir = storage.resolve(config.predict.output_dir or storage.join(workdir, "predictions"))
   colours = palette(config.data, config.num_classes)
-  predict = make_predict_fn(model, bool(config.predict.resize))
+  predict = make_predict_fn(model, bool(config.predict.resize), served.input_norm)
   writer = jax.process_index() == 0
   print(f"predicting {len(inputs)} images with {source} -> {out_dir}", flush=True)
   from tqdm import tqdm

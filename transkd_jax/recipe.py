@@ -1,5 +1,5 @@
 """The paper's table in miniature: a teacher, the student alone, and the student
-distilled by every method, with one budget and one seed; one command.
+distilled by every method, with one seed; one command.
 
     python -m transkd_jax.main --mode=recipe --config=configs/synthetic.py --workdir=DIR
 
@@ -8,6 +8,10 @@ distilled by every method, with one budget and one seed; one command.
    ``config.teacher.checkpoint`` names a teacher already trained or converted.
 2. ``DIR/<method>`` for each of ``config.recipe.methods``: trains the student
    for ``config.total_steps`` with the same seed, distilling from that teacher.
+   The student-alone row takes ``config.recipe.student_batch_size`` /
+   ``student_steps`` / ``student_decay_steps`` when set (the public
+   train_student.py's budget, which configs/cityscapes.py and acdc.py set:
+   override those keys too when you shorten a run).
 3. Evaluates each run's best checkpoint (``--mode=eval``: validation mIoU) and
    writes ``DIR/results.md`` (method, params, GFLOPs, mIoU with its protocol,
    train time), ``DIR/results.json`` and ``DIR/results.png`` (mIoU bars).
@@ -15,7 +19,8 @@ distilled by every method, with one budget and one seed; one command.
 Every run is an ordinary workdir (resume it, evaluate it, predict with it on
 its own). A run is finished when its ``eval_results.json`` exists; invoking the
 recipe again skips finished runs and resumes unfinished ones from their last
-checkpoint. ``--config.x=y`` overrides apply to every run.
+checkpoint. ``--config.x=y`` overrides apply to every run (``recipe.student_*``
+take precedence for the student-alone row).
 """
 
 import copy
@@ -214,6 +219,7 @@ def _given_teacher(config, workdir: str) -> dict:
     with teacher.unlocked():
       teacher.method = "teacher"
       teacher.eval.checkpoint = config.teacher.checkpoint
+      teacher.eval.input_norm = config.teacher.input_norm  # else what it records
     results = run_eval(teacher, run_dir)
   return {"train_time_s": None, "eval": results}
 

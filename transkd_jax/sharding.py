@@ -1,12 +1,16 @@
 """The device mesh and how arrays are laid out on it.
 
 The mesh has two axes, ``data`` and ``model`` (``config.mesh_shape``, e.g.
-(-1, 1): every device on ``data``). Batches are split along ``data``.
-Parameters and optimiser state follow a named rule (``config.sharding``):
+(-1, 1): every device on ``data``). Batches are split over every device of
+the mesh (both axes: each device sees its own examples). Parameters and
+optimiser state follow a named rule (``config.sharding``):
 
 - ``replicate``: every device holds everything (plain data parallelism);
 - ``fsdp``: large arrays are split along ``model`` on their largest dimension
-  that divides evenly (FSDP-style), small ones are replicated.
+  that divides evenly, small ones are replicated. The step gathers them whole
+  for use and reduces their gradients back to the split layout
+  (transkd_jax/train_step.py): ZeRO-3 / FSDP, with ``model`` a parameter axis
+  and every device still data-parallel.
 
 Rules look only at an array's shape, so the optimiser state (which mirrors the
 parameters) is laid out like the parameters.
@@ -46,8 +50,8 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices=None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split along ``data``."""
-  return NamedSharding(mesh, P("data"))
+  """Leading (batch) axis split over every device (``data`` major, ``model`` minor)."""
+  return NamedSharding(mesh, P(AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -97,7 +101,7 @@ def put_global(tree, shardings):
 
 
 def global_batch(local_batch, mesh: Mesh):
-  """Host-local numpy batch -> global jax.Arrays split along ``data``.
+  """Host-local numpy batch -> global jax.Arrays split over the mesh's devices.
 
   Each process passes its own slice; ``jax.make_array_from_process_local_data``
   assembles the global batch (one process: the batch itself).

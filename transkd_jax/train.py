@@ -104,7 +104,7 @@ def train(config, workdir: str) -> dict:
   chief = jax.process_index() == 0  # the one process that prints and writes logs
   run = build.training(config)  # the teacher is checked before anything compiles
   if chief and run.teacher is not None:
-    print(f"teacher input: {run.teacher_norm} normalisation (from {run.teacher_norm_source})",
+    print(f"teacher input: {run.teacher_norm} normalisation ({run.teacher_norm_source})",
           flush=True)
   total_steps = config.total_steps
   train_iter = data.make_train_iterator(config)

@@ -60,14 +60,17 @@ def logits_for_ce(logits, labels, kernels: str = "native"):
 
 def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Method,
                     settings: Dict[str, Any], optimizer, schedule, seed: int,
-                    class_weights=None, mesh=None, teacher_input=("unit", "unit")) -> Callable:
+                    class_weights=None, mesh=None, teacher_input=("unit", "unit"),
+                    param_shardings=None) -> Callable:
   """step(state, teacher_variables, batch) -> (state, metrics); not yet jitted.
 
   With a ``mesh``, the variables are gathered whole onto every device where
   they are used (FSDP: stored split along ``model``, all-gathered for the
-  forward and backward, gradients reduced back to the split layout) and the
-  activations stay split along ``data`` only. Without this, XLA's sharding
-  propagation may split activations along ``model`` instead, and gather them.
+  forward and backward) and the activations stay split by example. Without
+  this, XLA's sharding propagation may split activations along ``model``
+  instead, and gather them. The gradients are constrained back to
+  ``param_shardings`` (the stored layout) in the backward pass, so each device
+  receives only its shard (a reduce-scatter), not the whole gradient.
 
   ``teacher_input`` = (the batch's normalisation, the teacher's): the teacher sees
   the batch's pixels normalised its own way (transkd_jax/normalization.py).
@@ -81,6 +84,17 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
       return tree
     return jax.lax.with_sharding_constraint(tree, sharding.replicated(mesh))
 
+  @jax.custom_vjp
+  def gathered(params):
+    return whole(params)
+
+  def gathered_bwd(_, grads):
+    if param_shardings is None:
+      return (grads,)
+    return (jax.lax.with_sharding_constraint(grads, param_shardings),)
+
+  gathered.defvjp(lambda params: (gathered(params), None), gathered_bwd)
+
   def step(state: TrainState, teacher_variables, batch):
     images = batch["image"]
     teacher_out = None
@@ -92,7 +106,7 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
     key = jax.random.fold_in(base_key, state.step)
 
     def loss_fn(params):
-      out, updated = model.apply({"params": whole(params), "batch_stats": state.batch_stats},
+      out, updated = model.apply({"params": gathered(params), "batch_stats": state.batch_stats},
                                  images, train=True, rngs={"dropout": key},
                                  mutable=["batch_stats"])
       labels = batch["label"]
@@ -114,7 +128,7 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
 
 
 def jit_train_step(step: Callable, mesh, state_sharding, teacher_sharding):
-  """The step under jit: state donated, batch along ``data``, metrics replicated."""
+  """The step under jit: state donated, batch over every device, metrics replicated."""
   return jax.jit(step,
                  in_shardings=(state_sharding, teacher_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)),

@@ -52,6 +52,7 @@ CHIPS = {
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                "all-to-all")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (.*?) ([a-z][a-z0-9\-]*)\(")
+_FUSED_REDUCE_SCATTER = re.compile(r"^%all-reduce-scatter[\w.]* \(")
 _ARRAY = re.compile(r"\b(pred|[suf](?:8|16|32|64)|bf16|c64|c128)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
           "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -98,22 +99,34 @@ def _array_bytes(shape_text: str) -> int:
 def hlo_summary(hlo_text: str) -> dict:
   """Collectives (count, bytes of their results) and op counts of a compiled HLO module."""
   collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-  ops = {"gather": 0, "scatter": 0, "grouped_convolution": 0, "fused_attention": 0}
+  ops = {"gather": 0, "scatter": 0, "grouped_convolution": 0}
+  inside_fused_collective = False
   for line in hlo_text.splitlines():
+    # XLA:TPU writes a reduce-scatter as a fusion calling an "all-reduce-scatter"
+    # computation: counted at the call, the all-reduce in its body skipped.
+    if _FUSED_REDUCE_SCATTER.match(line):
+      inside_fused_collective = True
+    elif inside_fused_collective:
+      inside_fused_collective = line.strip() != "}"
+      continue
     match = _INSTRUCTION.match(line)
     if not match:
       continue
     shape, op = match.groups()
-    kind = op[:-len("-start")] if op.endswith("-start") else op
+    if op == "fusion" and "calls=%all-reduce-scatter" in line:
+      op = "reduce-scatter"
+    # An asynchronous collective is a -start / -done pair: counted at its start, its bytes
+    # read off the -done result (a -start's tuple also holds its operands).
+    kind = re.sub(r"-(start|done)$", "", op)
     if kind in collectives:
-      collectives[kind]["count"] += 1
-      collectives[kind]["bytes"] += _array_bytes(shape)
+      if not op.endswith("-done"):
+        collectives[kind]["count"] += 1
+      if not op.endswith("-start"):
+        collectives[kind]["bytes"] += _array_bytes(shape)
     elif op in ("gather", "scatter"):
       ops[op] += 1
     elif op == "convolution" and re.search(r"feature_group_count=([2-9]|\d\d+)", line):
       ops["grouped_convolution"] += 1
-    elif op == "custom-call" and re.search(r"fmha|flash|attention", line, re.IGNORECASE):
-      ops["fused_attention"] += 1
   return {"collectives": {k: v for k, v in collectives.items() if v["count"]}, "ops": ops}
 
 
@@ -122,8 +135,7 @@ def _kernels(form: str, ops: dict) -> dict:
   return {
       "form": form,
       "depthwise_conv": "grouped convolution" if native else "nine shifted multiply-adds",
-      "attention": ("fused attention custom call" if ops["fused_attention"] else
-                    "jax.nn.dot_product_attention (XLA)") if native else
+      "attention": "jax.nn.dot_product_attention" if native else
                    "einsums + hand-written softmax VJP",
       "resize": "interpolation-matrix contractions" if native else "gathers + gather VJP",
       "compiled_ops": ops,
@@ -161,7 +173,7 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
   run = build.training(config, weights=False, devices=devices)
   mesh = run.mesh
   device = mesh.devices.flat[0]
-  per_device_batch = config.batch_size / mesh.shape["data"]
+  per_device_batch = config.batch_size / mesh.size
 
   start = time.perf_counter()
   compiled = run.train_step.lower(run.abstract_state, run.abstract_teacher,
@@ -210,7 +222,9 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
 
 
 def eval_batch_spec(config, mesh) -> dict:
-  """The eval step's batch: images, labels at the protocol's resolution, the valid flags."""
+  """The eval step's batch: images at ``config.image_size``, labels at a quarter of it
+  (``reference`` protocol) or at the image's size (``standard``; a dataset whose labels
+  are larger, as Cityscapes' 1024 x 2048, needs more), the valid flags."""
   spec = build.batch_spec(config, mesh)
   if config.eval_protocol == "standard":  # labels at the input's size
     label = spec["label"]
@@ -226,7 +240,7 @@ def does_not_fit(row: dict) -> Optional[str]:
   if row["fits"] is not False:
     return None
   need, have = row["hbm_gib_per_device"], row["hbm_capacity_gib"]
-  per_device = row["batch_size"] // row["mesh_shape"][0]
+  per_device = row["batch_size"] // (row["mesh_shape"][0] * row["mesh_shape"][1])
   hints = [f"--config.batch_size (now {per_device} per device)"]
   if row["sharding"] != "fsdp" or row["mesh_shape"][1] == 1:
     hints.append("--config.sharding=fsdp --config.mesh_shape=(-1,N) to split parameters and "

@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from transkd_jax.distill.layers import dense
 from transkd_jax.models import initializers as init
+from transkd_jax.models import kernels
 
 Dtype = Any
 
@@ -24,6 +25,7 @@ class GLMixer(nn.Module):
   num_heads: int = 8
   residual: bool = False
   mix_init: Tuple[float, float] = (1.0, 1.0)
+  kernels: str = "native"  # transkd_jax/models/kernels.py
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -37,8 +39,8 @@ class GLMixer(nn.Module):
     # qkv laid out as the public code's (3, heads, head_dim) for checkpoint parity.
     qkv = dense(3 * dim, dim, "qkv", dt, pdt, use_bias=False)(e)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    attended = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                            scale=head_dim ** -0.5)
+    attended = kernels.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                 self.kernels)  # scale head_dim ** -0.5
     glob = dense(dim, dim, "proj", dt, pdt)(attended.reshape(batch, tokens, dim))
 
     def conv1d(name):

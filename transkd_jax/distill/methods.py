@@ -187,7 +187,7 @@ class Distiller(nn.Module):
       embeddings = list(out["embeddings"])
       if method.gl_mixer:
         embeddings[3] = GLMixer(self.gl_heads, self.gl_residual, tuple(self.gl_mix_init),
-                                name="gl_mixer", **kw)(embeddings[3])
+                                kernels=self.kernels, name="gl_mixer", **kw)(embeddings[3])
       aligned = PatchEmbedAlignment(teacher, name="pea", **kw)(embeddings)
       if method.assistant:
         assistant = EmbeddingAssistant(teacher, name="assistant", **kw)(images, out["features"])

@@ -5,15 +5,15 @@ differ in what the compiler makes of them:
 
 - 3x3 depthwise conv (Mix-FFN): ``cpu``, nine shifted multiply-adds with a
   hand-written VJP; ``native``, a grouped ``conv_general_dilated``.
-- attention: ``cpu``, einsums with a hand-written softmax VJP; ``native``,
-  ``jax.nn.dot_product_attention`` (fused kernels on GPU).
+- attention (MiT, GL-Mixer): ``cpu``, einsums with a hand-written softmax VJP;
+  ``native``, ``jax.nn.dot_product_attention`` (XLA's implementation).
 - resize (head, CSF, ReviewKD, logits; ``resize.py``): ``cpu``, row gathers
   with the adjoint as gathers; ``native``, contraction with the interpolation
   matrix, as ``jax.image`` does.
 
 XLA:CPU runs grouped convolutions, autodiff's softmax backward and scatter-adds
 slowly (docs/performance.md); TPUs and GPUs run the native ops on their
-convolution, matmul and attention units, and gathers poorly. The form is chosen
+convolution and matmul units, and gathers poorly. The form is chosen
 from the devices the program is compiled for (``resolve``, called by
 ``transkd_jax/build.py`` with the mesh's platform), never from
 ``jax.default_backend()``: a program compiled here for a TPU topology gets the
