@@ -55,11 +55,17 @@ def test_a_tpu_topology_gets_the_native_kernels_and_data_parallel_all_reduces(st
   assert row["eval_hbm_gib_per_device"] > 0
 
 
-def test_the_memory_figure_grows_with_the_batch(student_row):
-  large = compile_bench.compile_report(_config(method="student", batch_size=16), "v5e:2x2",
-                                       with_eval=False)
-  assert large["hbm_gib_per_device"] > student_row["hbm_gib_per_device"]
-  assert large["tflops_per_step_per_device"] > 1.5 * student_row["tflops_per_step_per_device"]
+def test_the_memory_figure_grows_with_the_batch():
+  """Measured on the eval step (its compile costs a third of a train step's)."""
+  memory = []
+  for batch_size in (8, 32):
+    config = _config(method="student", batch_size=batch_size)
+    run = build.training(config, weights=False,
+                         devices=compile_bench.topology_devices("v5e:2x2"))
+    compiled = run.eval_step.lower(run.deployed(run.abstract_state),
+                                   compile_bench.eval_batch_spec(config, run.mesh)).compile()
+    memory.append(compile_bench._memory_gib(compiled))
+  assert memory[1] > memory[0] > 0
 
 
 def test_the_kernel_form_follows_the_compiled_devices_unless_forced():

@@ -15,6 +15,8 @@ from transkd_jax.models.head import SegFormerHead
 from transkd_jax.models.resize import (bilinear_matrix, nearest_indices, resize_bilinear,
                                       resize_nearest)
 
+from runs import TINY_STUDENT
+
 
 def _param_count(variant, num_classes, size=(64, 64)):
   model = SegFormer(variant, num_classes)
@@ -106,7 +108,7 @@ def test_train_mode_uses_dropout_rng_and_updates_batch_stats(b0_and_vars):
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  model = SegFormer("b0", num_classes=3, dtype=jnp.bfloat16)
+  model = SegFormer(TINY_STUDENT, num_classes=3, dtype=jnp.bfloat16)
   images = jnp.zeros((1, 64, 64, 3))
   variables = jax.jit(model.init)(jax.random.key(0), images)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}

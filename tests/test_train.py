@@ -6,6 +6,7 @@ import signal
 
 import jax
 import numpy as np
+import pytest
 
 from transkd_jax.logs import read_metrics
 
@@ -29,6 +30,7 @@ def test_training_is_the_default_mode_lowers_the_loss_and_a_killed_run_resumes_b
   straight = _main([*args, f"--workdir={tmp_path / 'a'}"], env)  # no --mode: it trains
   out, _ = straight.communicate(timeout=600)
   assert straight.returncode == 0, out[-3000:]
+  assert "step 20/20: loss" in out and "%|" not in out  # a log file gets lines, not a bar
   assert (tmp_path / "a" / "checkpoints" / "20").is_dir()
   rows = [r for r in read_metrics(str(tmp_path / "a")) if r["split"] == "train"]
   assert [r["step"] for r in rows] == list(range(1, 21))
@@ -63,3 +65,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_root, compile_cache):
   assert "SIGTERM: saved step" in out
   steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert steps and max(steps) < 20 and f"SIGTERM: saved step {max(steps)}" in out
+
+
+def test_a_non_finite_loss_is_named_at_its_first_step():
+  """The loop fetches metrics only at log and save steps; the check names the first bad one."""
+  from transkd_jax.train import TrainingDiverged, check_finite
+  rows = [{"loss": 1.5, "lr": 0.1}, {"loss": float("nan"), "lr": 0.1},
+          {"loss": float("inf"), "lr": 0.1}]
+  check_finite(rows[:1], 7)
+  with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 8 \(loss=nan, "
+                                             r"lr=0.1\); no non-finite state was saved; last "
+                                             r"good checkpoint: none"):
+    check_finite(rows, 7)

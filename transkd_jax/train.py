@@ -17,6 +17,7 @@
 
 import math
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -69,6 +70,24 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(rows, first_step: int, checkpoints=None):
+  """Raises TrainingDiverged naming the first of ``rows`` (host metrics of consecutive
+  steps from ``first_step``) whose loss is not finite, and the last good checkpoint."""
+  for i, metrics in enumerate(rows):
+    loss = float(metrics["loss"])
+    if math.isfinite(loss):
+      continue
+    last = None
+    if checkpoints is not None:
+      checkpoints.wait()
+      last = checkpoints.latest_step()
+    raise TrainingDiverged(
+        f"the loss became {loss} at step {first_step + i} "
+        f"({', '.join(f'{k}={float(v):.4g}' for k, v in metrics.items())}); no non-finite "
+        f"state was saved; last good checkpoint: "
+        f"{'none' if last is None else f'{checkpoints.directory}/{last}'}")
 
 
 def check_teacher(run: build.Training) -> Optional[dict]:
@@ -134,7 +153,9 @@ def train(config, workdir: str) -> dict:
   last_val = None
   skipped = 0  # bad files passed over by this process (config.data.skip_bad_files)
   from tqdm import tqdm
-  bar = tqdm(total=total_steps, initial=start, disable=not chief,
+  # A progress bar on a terminal; in a log file (SLURM, nohup) one plain line per log step.
+  interactive = sys.stdout.isatty()
+  bar = tqdm(total=total_steps, initial=start, disable=not (chief and interactive),
              unit="step", dynamic_ncols=True, mininterval=1.0)
   distributed.barrier("train:loop")  # gloo's first collective waits only 30 s for the others
   with _Preemption() as preemption:
@@ -145,27 +166,33 @@ def train(config, workdir: str) -> dict:
       batch = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
       state, metrics = step_fn(state, teacher_vars, batch)
       step += 1
-      metrics = jax.device_get(metrics)
-      if not math.isfinite(float(metrics["loss"])):
-        checkpoints.wait()
-        last = checkpoints.latest_step()
-        raise TrainingDiverged(
-            f"the loss became {float(metrics['loss'])} at step {step} "
-            f"({', '.join(f'{k}={float(v):.4g}' for k, v in metrics.items())}); last good "
-            f"checkpoint: {'none' if last is None else f'{checkpoints.directory}/{last}'}")
-      window.append(metrics)
+      window.append(metrics)  # device arrays: no host sync per step (dispatch runs ahead)
       bar.update(1)
-      bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
-      if step % config.log_every == 0 or step == total_steps:
+      eval_now = bool(config.eval_every) and (step % config.eval_every == 0 or
+                                              step == total_steps)
+      log_now = step % config.log_every == 0 or step == total_steps
+      preempted = preemption.reached(step)
+      save_now = (eval_now or step == total_steps or preempted or
+                  bool(config.checkpoint_every and step % config.checkpoint_every == 0))
+      if log_now or save_now:
+        # One sync: the window's metrics come to the host and are checked, so a
+        # non-finite state is never evaluated or saved.
+        window = jax.device_get(window)
+        check_finite(window, step - len(window) + 1, checkpoints)
+      if log_now:
         elapsed = time.perf_counter() - window_start
         scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        scalars["lr"] = float(metrics["lr"])
+        scalars["lr"] = float(window[-1]["lr"])
         scalars["steps_per_s"] = len(window) / elapsed
         scalars["imgs_per_s"] = len(window) * config.batch_size / elapsed
         writer.write(step, "train", scalars)
+        bar.set_postfix(loss=f"{float(window[-1]['loss']):.4f}", refresh=False)
+        if chief and not interactive:
+          print(f"step {step}/{total_steps}: loss {scalars['loss']:.4f}, lr {scalars['lr']:.3g}, "
+                f"{scalars['imgs_per_s']:.2f} img/s", flush=True)
         window, window_start = [], time.perf_counter()
       val = None
-      if config.eval_every and (step % config.eval_every == 0 or step == total_steps):
+      if eval_now:
         val = run_validation(run, state)
         writer.write(step, "val", val)
         if chief:
@@ -173,9 +200,6 @@ def train(config, workdir: str) -> dict:
                     f"({config.eval_protocol} protocol), "
                     f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}")
         last_val = val
-      preempted = preemption.reached(step)
-      save_now = (val is not None or step == total_steps or preempted or
-                  (config.checkpoint_every and step % config.checkpoint_every == 0))
       if save_now:
         checkpoints.save(step, state.as_dict(), train_iter, config,
                          metrics={"val_miou": val["miou"]} if val else None, force=True)
