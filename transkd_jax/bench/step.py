@@ -26,10 +26,10 @@ def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
   state = run.new_state()
   teacher_variables = run.random_teacher()
   rng = np.random.default_rng(0)
+  spec = build.batch_spec(config)  # the shapes the data pipeline gives for config.data
   batch = sharding.global_batch({
-      "image": rng.uniform(size=(batch_size, *size, 3)).astype(np.float32),
-      "label": rng.integers(0, config.num_classes,
-                            size=(batch_size, size[0] // 4, size[1] // 4)).astype(np.int32)},
+      "image": rng.uniform(size=spec["image"].shape).astype(np.float32),
+      "label": rng.integers(0, config.num_classes, size=spec["label"].shape).astype(np.int32)},
       run.mesh)
 
   start = time.perf_counter()

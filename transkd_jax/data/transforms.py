@@ -60,6 +60,7 @@ from PIL import Image
 from transkd_jax.data.classes import IGNORE
 from transkd_jax.errors import UserError
 from transkd_jax.models.resize import nearest_indices
+from transkd_jax.normalization import MEAN, STD  # ImageNet's, on 0-255 pixels
 
 
 def resize_image(image: np.ndarray, size) -> np.ndarray:
@@ -176,7 +177,6 @@ def reference_eval(example, size, label_resolution: str = "quarter"):
 
 # --- mmseg protocol -------------------------------------------------------------------------
 
-from transkd_jax.normalization import MEAN, STD  # noqa: E402  ImageNet's, on 0-255 pixels
 
 
 def rescale_size(shape, scale, ratio: float = 1.0):
