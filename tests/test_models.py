@@ -9,6 +9,7 @@ import pytest
 
 from transkd_jax.models import SegFormer, VARIANTS
 from transkd_jax.models import initializers as init
+from transkd_jax.models import kernels
 from transkd_jax.models.kernels import softmax_attention
 from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv
 from transkd_jax.models.head import SegFormerHead
@@ -152,8 +153,13 @@ def test_patch_conv_equals_strided_convolution(size):
   np.testing.assert_allclose(module.apply(params, x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tokens,context,heads", [(37, 5, 1), (16, 16, 2), (9, 128, 5)])
-def test_softmax_attention_and_its_gradient_equal_dot_product_attention(tokens, context, heads):
+@pytest.mark.parametrize("tokens,context,heads,chunk_elements", [
+    (37, 5, 1, 2 * 8 * 5),       # chunks of 8 queries, the last padded (37 = 4 x 8 + 5)
+    (16, 16, 2, 1 << 19),        # one chunk
+    (9, 128, 5, 2 * 2 * 5 * 128)])  # chunks of 2 queries, the last padded
+def test_softmax_attention_and_its_gradient_equal_dot_product_attention(
+    tokens, context, heads, chunk_elements, monkeypatch):
+  monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", chunk_elements)
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (2, tokens, heads, 8)) * 2
   k = jax.random.normal(keys[1], (2, context, heads, 8))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from transkd_jax import data
+from transkd_jax import data, normalization
 from transkd_jax.config import base_config
 from transkd_jax.data import generated, transforms
 from transkd_jax.errors import UserError
@@ -69,7 +69,7 @@ def _public_train(example, size, flip, tx, ty):
     image = image.transpose(Image.FLIP_LEFT_RIGHT)
     target = target.transpose(Image.FLIP_LEFT_RIGHT)
   image = np.asarray(image)
-  return (_public_shift(image, tx, ty, 0).astype(np.float32) / 255.0,
+  return (_public_shift(image, tx, ty, 0),
           _public_shift(np.asarray(target), tx, ty, 255))
 
 
@@ -94,7 +94,7 @@ def test_aligned_training_keeps_image_and_label_registered():
   example = {"image": np.repeat(label[..., None], 3, axis=2), "label": label}
   for seed in range(4):
     out = transforms.aligned_train(example, np.random.default_rng(seed), (64, 128))
-    pixels = np.round(out["image"][..., 0] * 255).astype(np.int32)
+    pixels = out["image"][..., 0].astype(np.int32)
     quarter = pixels[transforms.pil_nearest_indices(64, 16)][:, transforms.pil_nearest_indices(
         128, 32)]
     ok = out["label"] != 255
@@ -111,11 +111,10 @@ def gen_root(tmp_path_factory):
 
 def test_train_and_eval_shapes_and_dtypes():
   out = transforms.mmseg_train(_example(), np.random.default_rng(0), (32, 48), scale=(64, 128))
-  assert out["image"].shape == (32, 48, 3) and out["image"].dtype == np.float32
-  assert out["label"].shape == (32, 48) and out["label"].dtype == np.int32
-  assert out["image"].min() < -1.0 and out["image"].max() > 1.0  # normalised, not [0, 1]
+  assert out["image"].shape == (32, 48, 3) and out["image"].dtype == np.uint8  # normalised
+  assert out["label"].shape == (32, 48) and out["label"].dtype == np.int32     # on the device
   ev = transforms.mmseg_eval(_example(), scale=(32, 64))  # fits 32 x 64, aspect kept
-  assert ev["image"].shape == (32, 64, 3) and ev["image"].dtype == np.float32
+  assert ev["image"].shape == (32, 64, 3) and ev["image"].dtype == np.uint8
   assert ev["label"].shape == (64, 128) and ev["label"].dtype == np.int32  # full resolution
   assert transforms.rescale_size((1024, 2048), (1024, 2048), 0.75) == (768, 1536)
   assert transforms.rescale_size((100, 100), (1024, 2048)) == (1024, 1024)
@@ -126,11 +125,16 @@ def test_normalisation_uses_the_imagenet_constants():
   std = np.array([58.395, 57.12, 57.375])
   image = np.array([[[0, 0, 0], [255, 255, 255], [124, 116, 104]]], np.uint8)
   expected = (image.astype(np.float64) - mean) / std
-  np.testing.assert_allclose(transforms.normalize(image), expected, rtol=1e-6, atol=1e-6)
-  # Without resizing, eval is exactly the normalisation.
+  np.testing.assert_allclose(normalization.renormalize(image, "imagenet", "imagenet"),
+                             expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(normalization.renormalize(image, "imagenet", "unit"),
+                             image / 255.0, rtol=1e-6, atol=1e-7)
+  # Without resizing, eval is exactly the pixels; mmseg's padding normalises to ~0.
   example = _example((32, 64))
   np.testing.assert_array_equal(transforms.mmseg_eval(example, scale=(32, 64))["image"],
-                                transforms.normalize(example["image"]))
+                                example["image"])
+  pad = normalization.renormalize(transforms.MEAN_PIXEL, "imagenet", "imagenet")
+  assert np.abs(pad).max() < 0.01  # at most half a grey level off the mean
 
 
 def test_cat_max_ratio_redraws_a_crop_dominated_by_one_class():
@@ -173,12 +177,13 @@ def test_flip_keeps_image_and_label_aligned():
   assert 0 < flipped < 12
 
 
-def test_pads_image_with_0_and_label_with_255_when_the_crop_is_larger():
+def test_pads_image_with_the_mean_and_label_with_255_when_the_crop_is_larger():
   out = transforms.mmseg_train(_example((16, 32)), np.random.default_rng(0), (24, 40),
                                scale=(16, 32), ratio_range=(1.0, 1.0))
   assert out["image"].shape == (24, 40, 3) and out["label"].shape == (24, 40)
   assert (out["label"][16:] == 255).all() and (out["label"][:, 32:] == 255).all()
-  assert (out["image"][16:] == 0).all() and (out["image"][:, 32:] == 0).all()
+  mean = transforms.MEAN_PIXEL  # normalises to ~0, as mmseg's pad after Normalize
+  assert (out["image"][16:] == mean).all() and (out["image"][:, 32:] == mean).all()
   assert (out["label"][:16, :32] < 19).all()
 
 
@@ -230,15 +235,14 @@ def test_transforms_selection_and_errors(gen_root):
     out = chosen(_example(), np.random.default_rng(0))
     np.testing.assert_array_equal(out["label"], fn(_example(), np.random.default_rng(0),
                                                    (32, 64))["label"])
-    assert out["label"].shape == (8, 16) and out["image"].max() <= 1.0
+    assert out["label"].shape == (8, 16) and out["image"].dtype == np.uint8
 
 
-def test_mmseg_pipeline_yields_normalised_crops(gen_root):
+def test_mmseg_pipeline_yields_uint8_crops(gen_root):
   config = _config(gen_root)
   batch = next(data.make_train_iterator(config))
-  assert batch["image"].shape == (2, 32, 64, 3) and batch["image"].dtype == np.float32
+  assert batch["image"].shape == (2, 32, 64, 3) and batch["image"].dtype == np.uint8
   assert batch["label"].shape == (2, 32, 64) and batch["label"].dtype == np.int32
-  assert batch["image"].min() < 0  # mean-subtracted
   assert set(np.unique(batch["label"])) <= set(range(19)) | {255}
   ev = next(data.make_eval_iterator(config, "val"))
   assert ev["image"].shape == (2, 64, 128, 3) and ev["label"].shape == (2, 64, 128)

@@ -98,8 +98,11 @@ def deployed_model(config, kernels: str = "native") -> SegFormer:
 def make_eval_step(config, mesh, protocol: Optional[str] = None, input_norm=None):
   """The jitted evaluation step of the run's deployed SegFormer (``config.eval_protocol``).
 
-  ``input_norm``: (the pipeline's normalisation, the weights'), as ``Serving.input_norm``.
+  ``input_norm``: (the pipeline's normalisation, the weights'), as ``Serving.input_norm``;
+  ``None``: both are the pipeline's (``config.data.transforms``).
   """
+  if input_norm is None:
+    input_norm = (normalization.of_transforms(config.data.transforms),) * 2
   return evaluate.make_eval_step(deployed_model(config, kernels_of(config, mesh)),
                                  config.num_classes, protocol or config.eval_protocol, mesh,
                                  input_norm)
@@ -108,14 +111,14 @@ def make_eval_step(config, mesh, protocol: Optional[str] = None, input_norm=None
 def batch_spec(config, mesh=None) -> dict:
   """The train step's batch as ShapeDtypeStructs (split along ``data`` when ``mesh`` is given).
 
-  Images are float32 N x H x W x 3; labels int32 at a quarter of the input
+  Images are uint8 pixels N x H x W x 3 (normalised in the step); labels int32 at a quarter of the input
   under the reference and aligned transforms (the logits' resolution), at the
   input's size under mmseg's.
   """
   height, width = config.image_size
   label = (height, width) if config.data.transforms == "mmseg" else quarter_size((height, width))
   placed = {} if mesh is None else {"sharding": sharding.batch_sharding(mesh)}
-  return {"image": jax.ShapeDtypeStruct((config.batch_size, height, width, 3), jnp.float32,
+  return {"image": jax.ShapeDtypeStruct((config.batch_size, height, width, 3), jnp.uint8,
                                         **placed),
           "label": jax.ShapeDtypeStruct((config.batch_size, *label), jnp.int32, **placed)}
 

@@ -114,22 +114,20 @@ def miou_from_confusion(cm: np.ndarray, protocol: str = "standard") -> Dict[str,
           "protocol": protocol}
 
 
-def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh, input_norm=None):
+def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh, input_norm):
   """eval_step(variables, batch) -> (confusion matrix, CE sum, labelled pixels, images).
 
   Every output is summed over the global batch (all processes) and replicated.
 
   ``batch``: "image", "label" and optionally "valid" (padding examples count
   nothing). The CE is over labels at the logits' resolution. ``input_norm`` =
-  (the batch's normalisation, the model's), for a model that expects other inputs
-  than the pipeline gives (a teacher: transkd_jax/normalization.py).
+  (the pipeline's normalisation, the model's): uint8 pixels are normalised to the
+  model's on the device (transkd_jax/normalization.py).
   """
   def step(variables, batch):
     # Whole variables on every device (split ones are gathered), activations split by batch.
     variables = jax.lax.with_sharding_constraint(variables, sharding.replicated(mesh))
-    images = batch["image"]
-    if input_norm is not None:
-      images = normalization.renormalize(images, *input_norm)
+    images = normalization.renormalize(batch["image"], *input_norm)
     logits = model.apply(variables, images, train=False)["logits"]
     valid = batch.get("valid")
     labels = batch["label"]

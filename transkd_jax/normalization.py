@@ -11,9 +11,9 @@ Two are in use:
 
 A checkpoint says which it expects: ``transkd_jax.convert`` records it
 (``transkd_convert.json``, guessed from the source's layout or given with
-``--input-norm``), and a run's saved config names its ``data.transforms``. The train
-step feeds the teacher its own normalisation, converted from the student's batch
-(``renormalize``, an exact per-channel affine map), whatever the student's transforms.
+``--input-norm``), and a run's saved config names its ``data.transforms``. The data
+pipeline gives uint8 pixels; the steps normalise them on the device (``renormalize``),
+for the student as its transforms say and for the teacher its own way.
 """
 
 import json
@@ -43,12 +43,20 @@ def check(name: str, what: str) -> str:
 
 
 def renormalize(images, source: str, target: str):
-  """Images normalised as ``source`` -> the same pixels normalised as ``target``."""
+  """Images -> normalised as ``target``.
+
+  uint8 images are raw 0-255 pixels (what the data pipeline gives): they are
+  normalised to ``target`` in float32. Float images are taken as normalised as
+  ``source`` and mapped exactly to the same pixels normalised as ``target``.
+  """
   check(source, "source normalisation")
   check(target, "target normalisation")
+  mean, std = jnp.asarray(MEAN), jnp.asarray(STD)
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    pixels = images.astype(jnp.float32)
+    return pixels / 255.0 if target == "unit" else (pixels - mean) / std
   if source == target:
     return images
-  mean, std = jnp.asarray(MEAN), jnp.asarray(STD)
   if source == "unit":  # pixels = 255 x
     return (images * 255.0 - mean) / std
   return (images * std + mean) / 255.0  # imagenet -> unit

@@ -81,12 +81,13 @@ def list_inputs(pattern: str):
 
 
 def model_input(image: np.ndarray, config) -> np.ndarray:
-  """The float image the model sees (resized, or at its size padded to a multiple of 32)."""
+  """The uint8 image the model sees (resized, or at its size padded to a multiple of 32)."""
   if config.predict.resize:
     return transforms.eval_image(image, config)
   h, w = image.shape[:2]
   out = transforms.eval_image(image, config, (h, w))
-  padded = np.zeros((-(-h // 32) * 32, -(-w // 32) * 32, 3), out.dtype)
+  padded = np.empty((-(-h // 32) * 32, -(-w // 32) * 32, 3), out.dtype)
+  padded[...] = transforms.image_fill(config)
   padded[:h, :w] = out
   return padded
 

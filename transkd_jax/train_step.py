@@ -72,8 +72,9 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
   ``param_shardings`` (the stored layout) in the backward pass, so each device
   receives only its shard (a reduce-scatter), not the whole gradient.
 
-  ``teacher_input`` = (the batch's normalisation, the teacher's): the teacher sees
-  the batch's pixels normalised its own way (transkd_jax/normalization.py).
+  ``teacher_input`` = (the student's normalisation, the teacher's): the batch's
+  uint8 pixels are normalised on the device, for each model its own way
+  (transkd_jax/normalization.py).
   """
   teacher_call = method.teacher_call
   class_weights = None if not class_weights else tuple(float(w) for w in class_weights)
@@ -96,10 +97,11 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
   gathered.defvjp(lambda params: (gathered(params), None), gathered_bwd)
 
   def step(state: TrainState, teacher_variables, batch):
-    images = batch["image"]
+    pixels = batch["image"]  # uint8 from the pipeline (or floats normalised as teacher_input[0])
+    images = normalization.renormalize(pixels, teacher_input[0], teacher_input[0])
     teacher_out = None
     if teacher_call is not None:
-      teacher_images = normalization.renormalize(images, *teacher_input)
+      teacher_images = normalization.renormalize(pixels, *teacher_input)
       teacher_out = teacher.apply(whole(teacher_variables), teacher_images,
                                   method="encode" if teacher_call == "encode" else None)
       teacher_out = jax.lax.stop_gradient(teacher_out)

@@ -28,7 +28,7 @@ def bench_eval(config, protocol: str, steps: int = 5) -> dict:
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   label_size = (2 * h, 2 * w) if protocol == "standard" else (h // 4, w // 4)
   rng = np.random.default_rng(0)
-  local = {"image": rng.uniform(size=(batch, h, w, 3)).astype(np.float32),
+  local = {"image": rng.integers(0, 256, size=(batch, h, w, 3)).astype(np.uint8),
            "label": rng.integers(0, config.num_classes, (batch,) + label_size).astype(np.int32),
            "valid": np.ones(batch, bool)}
   inputs = sharding.global_batch(local, mesh)

@@ -28,7 +28,7 @@ def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
   rng = np.random.default_rng(0)
   spec = build.batch_spec(config)  # the shapes the data pipeline gives for config.data
   batch = sharding.global_batch({
-      "image": rng.uniform(size=spec["image"].shape).astype(np.float32),
+      "image": rng.integers(0, 256, size=spec["image"].shape).astype(np.uint8),
       "label": rng.integers(0, config.num_classes, size=spec["label"].shape).astype(np.int32)},
       run.mesh)
 

@@ -10,7 +10,8 @@ label by the same numbers in *label* pixels, so the label moves 4 times as far
 as the image (``public_shift``: PIL's ``ImageOps.expand`` then ``crop``: a
 positive shift uncovers a border filled with 0 in the image and 255, ignored, in
 the label; a negative one crops past the edge, which fills both with 0: class 0,
-road, in the label). The image scaled to [0, 1] without normalisation.
+road, in the label). Images leave the host as uint8 pixels; the steps scale them
+to [0, 1] on the device (``normalization.renormalize``), without mean or std.
 
 ``aligned`` transforms: the same, but image and label are shifted together at
 the input resolution, the uncovered label border is ignored (255), and only
@@ -30,8 +31,9 @@ min(long target / long edge, short target / short edge); image bilinear as
 cv2's INTER_LINEAR, i.e. half-pixel centres without antialiasing, rounded to
 uint8; label nearest), a random crop of ``crop_size`` (up to 10 redraws until
 no class covers ``cat_max_ratio`` or more of the crop's labelled pixels),
-horizontal flip with p 0.5, mmseg's PhotoMetricDistortion, ImageNet mean/std
-normalisation, then padding to ``crop_size`` (image 0, label 255). Labels stay
+horizontal flip with p 0.5, mmseg's PhotoMetricDistortion, then padding to
+``crop_size`` (image ``MEAN_PIXEL``, label 255); the ImageNet mean/std
+normalisation runs in the step, on the device. Labels stay
 at the crop's full resolution. Only the crop window of the rescaled image is
 ever interpolated (about 35 ms per 1024x2048 example with a 512x1024 crop on
 one CPU core).
@@ -47,7 +49,7 @@ are cv2's float convention (H in degrees [0, 360), S in [0, 1], V in the
 input's units), which mmdet's float variant of the transform uses.
 
 Evaluation (``mmseg``): the image rescaled keeping its aspect ratio to fit
-``scale`` (mmseg's test Resize, keep_ratio=True) and normalised; the label at
+``scale`` (mmseg's test Resize, keep_ratio=True), normalised on the device; the label at
 the dataset's full resolution (the ``standard`` evaluation protocol). Images of
 one batch must then share their size (Cityscapes' all do).
 """
@@ -60,7 +62,9 @@ from PIL import Image
 from transkd_jax.data.classes import IGNORE
 from transkd_jax.errors import UserError
 from transkd_jax.models.resize import nearest_indices
-from transkd_jax.normalization import MEAN, STD  # ImageNet's, on 0-255 pixels
+from transkd_jax.normalization import MEAN  # ImageNet's, on 0-255 pixels
+
+MEAN_PIXEL = np.rint(MEAN).astype(np.uint8)  # uint8 padding that normalises to ~0 (mmseg's pad)
 
 
 def resize_image(image: np.ndarray, size) -> np.ndarray:
@@ -149,7 +153,7 @@ def reference_train(example, rng: np.random.Generator, size, max_shift: int = 2)
     image, label = image[:, ::-1], label[:, ::-1]
   dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
   image, label = public_shift(image, dy, dx, 0), public_shift(label, dy, dx, IGNORE)
-  return {"image": image.astype(np.float32) / 255.0, "label": label.astype(np.int32)}
+  return {"image": image, "label": label.astype(np.int32)}
 
 
 def aligned_train(example, rng: np.random.Generator, size, max_shift: int = 2):
@@ -160,7 +164,7 @@ def aligned_train(example, rng: np.random.Generator, size, max_shift: int = 2):
     image, label = image[:, ::-1], label[:, ::-1]
   dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
   image, label = shift(image, dy, dx, 0), shift(label, dy, dx, IGNORE)
-  return {"image": image.astype(np.float32) / 255.0, "label": quarter(label).astype(np.int32)}
+  return {"image": image, "label": quarter(label).astype(np.int32)}
 
 
 def reference_eval(example, size, label_resolution: str = "quarter"):
@@ -172,7 +176,7 @@ def reference_eval(example, size, label_resolution: str = "quarter"):
   else:
     raise ValueError(f"config.data.eval_label_resolution must be 'quarter' or 'full', got "
                      f"{label_resolution!r}")
-  return {"image": image.astype(np.float32) / 255.0, "label": label.astype(np.int32)}
+  return {"image": image, "label": label.astype(np.int32)}
 
 
 # --- mmseg protocol -------------------------------------------------------------------------
@@ -364,11 +368,6 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
   return image
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-  """(image - MEAN) / STD in float32 (mmseg's Normalize on RGB)."""
-  return (image.astype(np.float32) - MEAN) / STD
-
-
 def pad_to(x: np.ndarray, size, fill) -> np.ndarray:
   """Pads bottom and right to ``size`` (h, w) with ``fill`` (mmcv's impad)."""
   h, w = x.shape[:2]
@@ -381,7 +380,12 @@ def pad_to(x: np.ndarray, size, fill) -> np.ndarray:
 
 def mmseg_train(example, rng: np.random.Generator, crop_size, scale=(1024, 2048),
                 ratio_range=(0.5, 2.0), cat_max_ratio: float = 0.75):
-  """mmseg's train pipeline; {"image": float32 crop_size x 3, "label": int32 crop_size}."""
+  """mmseg's train pipeline; {"image": uint8 crop_size x 3, "label": int32 crop_size}.
+
+  Normalisation (ImageNet mean/std) is left to the step, on the device. Padding
+  (crops larger than the rescaled image) is ``MEAN_PIXEL``, which normalises to
+  within 0.01 of mmseg's 0 (it pads after normalising).
+  """
   image, label = example["image"], example["label"]
   ratio = rng.uniform() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
   size = rescale_size(image.shape, scale, ratio)
@@ -392,16 +396,16 @@ def mmseg_train(example, rng: np.random.Generator, crop_size, scale=(1024, 2048)
   label = label_window(label, size, top, left, window)
   if rng.uniform() < 0.5:
     image, label = image[:, ::-1], label[:, ::-1]
-  image = normalize(photometric_distortion(image, rng))
-  return {"image": pad_to(image, crop_size, 0.0),
+  image = photometric_distortion(image, rng)
+  return {"image": pad_to(image, crop_size, MEAN_PIXEL),
           "label": pad_to(label, crop_size, IGNORE).astype(np.int32)}
 
 
 def mmseg_eval(example, scale=(1024, 2048)):
-  """mmseg's test pipeline: rescaled to fit ``scale``, normalised; label at full size."""
+  """mmseg's test pipeline: rescaled to fit ``scale`` (uint8); label at full size."""
   image = example["image"]
   image = resize_window(image, rescale_size(image.shape, scale))
-  return {"image": normalize(image), "label": example["label"].astype(np.int32)}
+  return {"image": image, "label": example["label"].astype(np.int32)}
 
 
 # --- choosing the transforms ---------------------------------------------------------------------
@@ -467,7 +471,8 @@ def eval_label_resolution(config) -> str:
 
 
 def eval_image(image: np.ndarray, config, size=None) -> np.ndarray:
-  """The image the model sees at evaluation under ``config.data.transforms``.
+  """The uint8 image the model sees at evaluation under ``config.data.transforms``
+  (normalised on the device).
 
   ``size`` (h, w) overrides the protocol's resize (``None``: the protocol's
   own: ``config.image_size`` for reference, fit to ``mmseg_scale`` for mmseg).
@@ -475,6 +480,11 @@ def eval_image(image: np.ndarray, config, size=None) -> np.ndarray:
   if transforms_of(config) == "mmseg":
     if size is None:
       size = rescale_size(image.shape, _mmseg_settings(config)["scale"])
-    return normalize(resize_window(image, size))
+    return resize_window(image, size)
   size = tuple(config.image_size) if size is None else size
-  return resize_image(image, size).astype(np.float32) / 255.0
+  return resize_image(image, size)
+
+
+def image_fill(config) -> np.ndarray:
+  """The uint8 pixel padding takes under ``config.data.transforms`` (mmseg pads at the mean)."""
+  return MEAN_PIXEL if transforms_of(config) == "mmseg" else np.zeros(3, np.uint8)

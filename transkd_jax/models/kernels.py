@@ -5,7 +5,8 @@ differ in what the compiler makes of them:
 
 - 3x3 depthwise conv (Mix-FFN): ``cpu``, nine shifted multiply-adds with a
   hand-written VJP; ``native``, a grouped ``conv_general_dilated``.
-- attention (MiT, GL-Mixer): ``cpu``, einsums with a hand-written softmax VJP;
+- attention (MiT, GL-Mixer): ``cpu``, einsums over chunks of queries with a
+  hand-written softmax VJP;
   ``native``, ``jax.nn.dot_product_attention`` (XLA's implementation).
 - resize (head, CSF, ReviewKD, logits; ``resize.py``): ``cpu``, row gathers
   with the adjoint as gathers; ``native``, contraction with the interpolation
@@ -99,39 +100,82 @@ def _shifted_depthwise3x3_bwd(residuals, g):
 shifted_depthwise3x3.defvjp(_shifted_depthwise3x3_fwd, _shifted_depthwise3x3_bwd)
 
 
+_CHUNK_ELEMENTS = 1 << 19  # attention logits per query chunk: 2 MiB in float32, cache-sized
+
+
+def _query_chunk(batch: int, tokens: int, heads: int, keys: int) -> int:
+  """Queries per chunk: batch x chunk x heads x keys logits stay near ``_CHUNK_ELEMENTS``."""
+  return max(1, min(tokens, _CHUNK_ELEMENTS // (batch * heads * keys)))
+
+
+def _chunked(x, chunk: int):
+  """(b, t, ...) -> (t / chunk, b, chunk, ...), zero-padding t to a multiple of chunk."""
+  b, t = x.shape[:2]
+  count = -(-t // chunk)
+  if count * chunk != t:
+    x = jnp.pad(x, [(0, 0), (0, count * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.swapaxes(x.reshape(b, count, chunk, *x.shape[2:]), 0, 1)
+
+
+def _unchunked(x, tokens: int):
+  count, b, chunk = x.shape[:3]
+  return jnp.swapaxes(x, 0, 1).reshape(b, count * chunk, *x.shape[3:])[:, :tokens]
+
+
+def _probabilities(q, k):
+  """softmax over keys of q k^T for a chunk of (already scaled) queries: (b, n, c, s)."""
+  logits = jnp.einsum("bcnh,bsnh->bncs", q, k)
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  return e * (1 / jnp.sum(e, axis=-1, keepdims=True))
+
+
 def _softmax_attention_fwd(q, k, v):
   scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)
-  logits = jnp.einsum("btnh,bsnh->bnts", q * scale, k)
-  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  probs = e * (1 / jnp.sum(e, axis=-1, keepdims=True))
-  out = jnp.einsum("bnts,bsnh->btnh", probs, v)
-  return out, (q, k, v, probs, out)
+  chunk = _query_chunk(q.shape[0], q.shape[1], q.shape[2], k.shape[1])
+  out = jax.lax.map(lambda qc: jnp.einsum("bncs,bsnh->bcnh", _probabilities(qc * scale, k), v),
+                    _chunked(q, chunk))
+  out = _unchunked(out, q.shape[1])
+  return out, (q, k, v, out)
 
 
 @jax.custom_vjp
 def softmax_attention(q, k, v):
   """softmax(q k^T / sqrt(head_dim)) v for (batch, tokens, heads, head_dim) inputs.
 
-  The same function as ``jax.nn.dot_product_attention(q, k, v)``, with the
-  textbook backward pass written out: with P the probabilities and O the
-  output, dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d),
-  dK = dS^T Q / sqrt(d). On XLA:CPU this is faster than autodiff through
-  ``jax.nn.dot_product_attention``, which fuses the softmax backward into one
-  slow fusion (docs/performance.md).
+  The same function as ``jax.nn.dot_product_attention(q, k, v)``, computed a
+  chunk of queries at a time (``lax.map``), so each chunk's logits stay in
+  cache: on XLA:CPU the whole (tokens x keys) matrix of MiT's first stage
+  (32768 x 512 per image at 512 x 1024) costs more in memory traffic than in
+  arithmetic. The backward pass is written out the same way, recomputing each
+  chunk's probabilities P instead of storing them: with O the output, dV = sum
+  P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d), dK = sum dS^T
+  Q / sqrt(d). Autodiff through ``jax.nn.dot_product_attention`` instead fuses
+  the softmax backward into one slow fusion on XLA:CPU (docs/performance.md).
   """
   return _softmax_attention_fwd(q, k, v)[0]
 
 
 def _softmax_attention_bwd(residuals, g):
-  q, k, v, probs, out = residuals
+  q, k, v, out = residuals
   scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)
-  dv = jnp.einsum("bnts,btnh->bsnh", probs, g)
-  dprobs = jnp.einsum("btnh,bsnh->bnts", g, v)
-  rowdot = jnp.einsum("btnh,btnh->bnt", g, out)[..., None]
-  dlogits = probs * (dprobs - rowdot)
-  dq = jnp.einsum("bnts,bsnh->btnh", dlogits, k) * scale
-  dk = jnp.einsum("bnts,btnh->bsnh", dlogits, q) * scale
-  return dq, dk, dv
+  chunk = _query_chunk(q.shape[0], q.shape[1], q.shape[2], k.shape[1])
+
+  def one_chunk(carry, chunk_of):
+    dk, dv = carry
+    qc, gc, oc = chunk_of  # padded query rows have gc = 0: they add nothing
+    qc = qc * scale
+    probs = _probabilities(qc, k)
+    dv = dv + jnp.einsum("bncs,bcnh->bsnh", probs, gc)
+    dprobs = jnp.einsum("bcnh,bsnh->bncs", gc, v)
+    rowdot = jnp.einsum("bcnh,bcnh->bnc", gc, oc)[..., None]
+    dlogits = probs * (dprobs - rowdot)
+    dq = jnp.einsum("bncs,bsnh->bcnh", dlogits, k) * scale
+    dk = dk + jnp.einsum("bncs,bcnh->bsnh", dlogits, qc)
+    return (dk, dv), dq
+
+  (dk, dv), dq = jax.lax.scan(one_chunk, (jnp.zeros_like(k), jnp.zeros_like(v)),
+                              tuple(_chunked(x, chunk) for x in (q, g, out)))
+  return _unchunked(dq, q.shape[1]), dk, dv
 
 
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
