@@ -19,7 +19,6 @@ not predictions. A step that does not fit exits 1 with one line saying by how
 much and what to change.
 """
 
-import dataclasses
 import re
 import time
 from typing import Optional
@@ -27,27 +26,9 @@ from typing import Optional
 import jax
 
 from transkd_jax import build
+from transkd_jax.throughput import chip_of
 from transkd_jax.errors import UserError
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  hbm_gib: float        # memory per device
-  bf16_tflops: float    # dense peak per device
-  hbm_gb_per_s: float
-
-
-# Per device as JAX sees it (a v4 / v5p megacore is one device). Published figures.
-CHIPS = {
-    "TPU v3": Chip(16, 61.5, 450),          # per core (two per chip)
-    "TPU v4": Chip(32, 275, 1228),
-    "TPU v5 lite": Chip(16, 197, 819),      # v5e
-    "TPU v5": Chip(95, 459, 2765),          # v5p
-    "TPU v6 lite": Chip(32, 918, 1640),     # v6e (Trillium)
-    "H100": Chip(80, 989, 3350),            # SXM
-    "H200": Chip(141, 989, 4800),
-    "A100": Chip(80, 312, 2039),            # SXM 80 GB
-}
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                "all-to-all")
@@ -56,16 +37,6 @@ _FUSED_REDUCE_SCATTER = re.compile(r"^%all-reduce-scatter[\w.]* \(")
 _ARRAY = re.compile(r"\b(pred|[suf](?:8|16|32|64)|bf16|c64|c128)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
           "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-
-
-def chip_of(device) -> Optional[Chip]:
-  kind = device.device_kind
-  if kind in CHIPS:
-    return CHIPS[kind]
-  for name, chip in CHIPS.items():
-    if not name.startswith("TPU") and name in kind:
-      return chip
-  return None
 
 
 def topology_devices(name: str):

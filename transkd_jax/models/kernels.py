@@ -22,6 +22,8 @@ TPU form. ``config.kernels`` forces one. Modules take the resolved form as
 their ``kernels`` attribute, default ``"native"``.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,10 +103,31 @@ shifted_depthwise3x3.defvjp(_shifted_depthwise3x3_fwd, _shifted_depthwise3x3_bwd
 
 
 _CHUNK_ELEMENTS = 1 << 19  # attention logits per query chunk: 2 MiB in float32, cache-sized
+_whole = False  # set by ``unchunked``
+
+
+@contextlib.contextmanager
+def unchunked():
+  """Attention traced inside runs in one chunk: for counting FLOPs (XLA's cost
+  analysis counts a loop's body once, whatever its trip count).
+
+  JAX's trace caches are cleared on the way in and out, so a function traced
+  before (or inside) is traced again with the chunking in force.
+  """
+  global _whole
+  previous, _whole = _whole, True
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    _whole = previous
+    jax.clear_caches()
 
 
 def _query_chunk(batch: int, tokens: int, heads: int, keys: int) -> int:
   """Queries per chunk: batch x chunk x heads x keys logits stay near ``_CHUNK_ELEMENTS``."""
+  if _whole:
+    return tokens
   return max(1, min(tokens, _CHUNK_ELEMENTS // (batch * heads * keys)))
 
 
