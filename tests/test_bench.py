@@ -53,3 +53,19 @@ def test_a_bad_subcommand_or_config_is_one_line():
                            "--config.batch_size=0"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 2 and "config.batch_size must be a positive integer" in result.stderr
+
+
+def test_peak_memory_counts_the_worker_processes():
+  """benchmark data's peak_host_mb sums this process and its children (grain's workers)."""
+  from transkd_jax.bench.data import PeakMemory, tree_rss_mb
+  before = tree_rss_mb()
+  child = subprocess.Popen([sys.executable, "-c", "import sys, time; x = bytearray(300 << 20); "
+                            "x[::4096] = b'1' * len(x[::4096]); print(1, flush=True); "
+                            "time.sleep(30)"], stdout=subprocess.PIPE)
+  try:
+    with PeakMemory(every_s=0.01) as memory:
+      child.stdout.readline()  # the child holds its 300 MB now
+  finally:
+    child.kill()
+    child.wait()
+  assert memory.peak_mb - before > 250

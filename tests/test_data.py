@@ -1,14 +1,16 @@
 """Data: the generator, the Cityscapes source, transforms, and the grain iterators."""
 
 import os
+import time
+import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from transkd_jax import data
-from transkd_jax.config import base_config
-from transkd_jax.data import generated
+from transkd_jax.config import base_config, validate_config
+from transkd_jax.data import generated, pipeline
 from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN, CITYSCAPES_NAMES
 from transkd_jax.data.sources import make_source
 from transkd_jax.errors import UserError
@@ -164,6 +166,48 @@ def test_eval_iterator_pads_with_a_valid_mask(gen_root):
   assert len(seen) == 5 and sorted(seen) == sorted(alone)  # disjoint shards, all images
   config.data.eval_label_resolution = "full"
   assert next(data.make_eval_iterator(config, "val"))["label"].shape == (2, 64, 128)
+
+
+def test_reading_ahead_is_bounded_whatever_the_consumer(gen_root, monkeypatch):
+  """A stalled consumer: the readers stop after config.data.prefetch batches (grain's own
+  default reads 500 ahead); the batches are uint8 pixels."""
+  read = []
+
+  class Counting:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      read.append(i)
+      return self.source[i]
+
+  real = pipeline.make_source
+  monkeypatch.setattr(pipeline, "make_source", lambda *a: Counting(real(*a)))
+  config = _config(gen_root, prefetch=2)  # 10 training examples, endless
+  it = data.make_train_iterator(config)
+  assert next(it)["image"].dtype == np.uint8
+  time.sleep(1.0)
+  # The batch handed over, 2 buffered, 2 being read by the 2 threads: 5 batches of 2.
+  assert 2 <= len(read) <= 5 * 2, len(read)
+
+
+def test_auto_workers_follow_the_devices_and_cpus(monkeypatch):
+  config = base_config()
+  cpu, gpu = types.SimpleNamespace(platform="cpu"), types.SimpleNamespace(platform="gpu")
+  assert pipeline.num_workers(config, [cpu]) == 0  # the step needs the cores
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+  assert pipeline.num_workers(config, [gpu]) == 11
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
+  assert pipeline.num_workers(config, [gpu]) == 16
+  config.data.num_workers = 3
+  assert pipeline.num_workers(config, [gpu]) == 3
+  config.data.num_workers = "many"
+  with pytest.raises(UserError, match="config.data.num_workers must be a non-negative "
+                                      "integer or 'auto', got 'many'"):
+    validate_config(config)
 
 
 def test_iterator_with_worker_processes_resumes(gen_root):

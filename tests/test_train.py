@@ -27,14 +27,19 @@ def test_training_is_the_default_mode_lowers_the_loss_and_a_killed_run_resumes_b
     tmp_path, data_root, compile_cache):
   env = _env(compile_cache)
   args = _args(data_root)
-  straight = _main([*args, f"--workdir={tmp_path / 'a'}"], env)  # no --mode: it trains
+  straight = _main([*args, f"--workdir={tmp_path / 'a'}", "--config.profile_steps=(2,3)"],
+                   env)  # no --mode: it trains
   out, _ = straight.communicate(timeout=600)
   assert straight.returncode == 0, out[-3000:]
   assert "step 20/20: loss" in out and "%|" not in out  # a log file gets lines, not a bar
+  assert "compiled the train step in" in out and "data wait" in out
   assert (tmp_path / "a" / "checkpoints" / "20").is_dir()
+  assert list((tmp_path / "a" / "profile").rglob("*.xplane.pb"))  # config.profile_steps
   rows = [r for r in read_metrics(str(tmp_path / "a")) if r["split"] == "train"]
   assert [r["step"] for r in rows] == list(range(1, 21))
-  assert {"ce", "loss", "lr", "grad_norm", "imgs_per_s"} <= set(rows[0])
+  assert {"ce", "loss", "lr", "grad_norm", "imgs_per_s", "data_wait",
+          "tflops_per_device"} <= set(rows[0])
+  assert all(0 <= r["data_wait"] < 1 and r["tflops_per_device"] > 0 for r in rows)
   losses = [r["loss"] for r in rows]
   assert all(np.isfinite(losses)) and np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
   a = _final_params(tmp_path / "a", 20)

@@ -74,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.total_steps = 1000 * STEPS_PER_EPOCH
   config.seed = 0
   config.log_every = 50
+  config.profile_steps = ()                # (first, last): a jax.profiler trace of these
+                                           # steps (as logged, from 1) in WORKDIR/profile
   config.eval_every = STEPS_PER_EPOCH      # validate once per epoch, as the public code
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3              # latest N, plus the best by validation mIoU
@@ -187,8 +189,17 @@ def validate_config(config):
     _positive_int(config, key)
   for key in ("eval_every", "checkpoint_every", "teacher.check_images", "optimizer.warmup_steps",
               "optimizer.decay_steps", "recipe.teacher_steps", "recipe.student_batch_size",
-              "recipe.student_steps", "recipe.student_decay_steps", "data.num_workers"):
+              "recipe.student_steps", "recipe.student_decay_steps"):
     _positive_int(config, key, allow_zero=True)
+  if config.data.num_workers != "auto":
+    _check(isinstance(config.data.num_workers, int) and not isinstance(
+        config.data.num_workers, bool) and config.data.num_workers >= 0, "data.num_workers",
+        "a non-negative integer or 'auto'", config.data.num_workers)
+  _positive_int(config, "data.prefetch")
+  steps = tuple(config.profile_steps)
+  _check(not steps or (len(steps) == 2 and all(isinstance(s, int) for s in steps) and
+                       1 <= steps[0] <= steps[1]), "profile_steps",
+         "() or (first, last) with 1 <= first <= last", steps)
   student_steps = config.recipe.student_steps
   if student_steps and config.optimizer.warmup_steps > student_steps:
     raise UserError(f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must not "

@@ -7,8 +7,11 @@
    when the method distils (checked before anything compiles), the mesh, the
    optimiser and the jitted steps; then the data iterator.
 2. Restore the newest readable checkpoint in the workdir, or initialise.
-3. Loop: jitted sharded step; every ``log_every`` steps, averaged metrics to
-   the console, ``metrics.jsonl`` and TensorBoard; every ``eval_every``
+3. Loop: the sharded step, compiled ahead of the first; every ``log_every``
+   steps, averaged metrics to the console, ``metrics.jsonl`` and TensorBoard
+   (with throughput: img/s, the fraction of time waiting for data, TFLOP/s
+   per device and MFU, compile and evaluation time left out; a trace of
+   ``config.profile_steps`` in WORKDIR/profile); every ``eval_every``
    validation (loss, mIoU) and a checkpoint scored by it; every
    ``checkpoint_every`` a checkpoint. SIGTERM saves and stops cleanly; a
    non-finite loss stops the run, naming the step, keeping the last good
@@ -24,7 +27,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from transkd_jax import build, distributed, evaluate, sharding
+from transkd_jax import build, distributed, evaluate, sharding, storage, throughput
 from transkd_jax import checkpoint as ckpt_lib
 from transkd_jax.errors import UserError
 from transkd_jax.logs import MetricWriter
@@ -90,6 +93,83 @@ def check_finite(rows, first_step: int, checkpoints=None):
         f"{'none' if last is None else f'{checkpoints.directory}/{last}'}")
 
 
+class _Speed:
+  """Training throughput since the last restart: steps, seconds, time waiting for data.
+
+  Restarted after compiling, at each log step, and after evaluations and
+  saves, so the rates count training steps only. Timed on the host between
+  log steps, whose metrics fetch waits for the device: the window's rate is
+  the device's (or the input pipeline's, if that is slower).
+  """
+
+  def __init__(self):
+    self.restart()
+
+  def restart(self):
+    self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+
+  def rates(self, batch_size: int, flops: float, devices) -> dict:
+    """imgs_per_s, steps_per_s, data_wait (fraction of the time spent in ``next(data)``),
+    tflops_per_device and mfu (where the device's peak is known)."""
+    if not self.steps:
+      return {}
+    seconds = max(time.perf_counter() - self.start, 1e-9)
+    out = {"steps_per_s": self.steps / seconds, "imgs_per_s": self.steps * batch_size / seconds,
+           "data_wait": self.data_wait / seconds}
+    if math.isfinite(flops):
+      out.update(throughput.rates(flops * self.steps, seconds, devices))
+    return out
+
+
+def _speed_text(scalars: dict) -> str:
+  if "imgs_per_s" not in scalars:
+    return ""
+  text = f", {scalars['imgs_per_s']:.2f} img/s, data wait {100 * scalars['data_wait']:.0f}%"
+  if "tflops_per_device" in scalars:
+    text += f", {scalars['tflops_per_device']:.3g} TFLOP/s per device"
+  if "mfu" in scalars:
+    text += f", MFU {100 * scalars['mfu']:.1f}%"
+  return text
+
+
+def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
+  """The train step compiled for these arguments, and its FLOPs per step (all devices)."""
+  start = time.perf_counter()
+  compiled = run.train_step.lower(state, teacher_vars, batch).compile()
+  flops = throughput.step_flops(run.train_step, state, teacher_vars, batch, compiled=compiled)
+  if chief:
+    print(f"compiled the train step in {time.perf_counter() - start:.1f} s "
+          f"({flops / 1e9 / run.config.batch_size:.1f} GFLOP per image)", flush=True)
+  return compiled, flops
+
+
+class _Profile:
+  """``config.profile_steps`` = (first, last): a ``jax.profiler`` trace of those steps
+  (numbered as logged, from 1) in ``directory`` (TensorBoard's profile plugin, Perfetto)."""
+
+  def __init__(self, steps, directory: str):
+    steps = tuple(steps)
+    self.first, self.last = steps if steps else (0, -1)
+    self.directory, self.active = directory, False
+
+  def before(self, step: int):
+    if step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state):
+    if self.active and step >= self.last:
+      self.close(state)
+
+  def close(self, state=None):
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      if jax.process_index() == 0:
+        print(f"profile of steps {self.first}-{self.last}: {self.directory}", flush=True)
+
+
 def check_teacher(run: build.Training) -> Optional[dict]:
   """The teacher's mIoU on the first ``config.teacher.check_images`` validation images.
 
@@ -142,14 +222,15 @@ def train(config, workdir: str) -> dict:
     if checked is not None and chief:
       print(f"teacher check: mIoU {100 * checked['miou']:.2f} ({config.eval_protocol} protocol) "
             f"on the first {checked['images']} {config.eval_split} images", flush=True)
-  step_fn, teacher_vars, mesh = run.train_step, run.teacher_variables, run.mesh
+  teacher_vars, mesh = run.teacher_variables, run.mesh
 
   writer = MetricWriter(workdir)
   start = int(state.step)
   summary = {"start_step": start, "status": "done"}
   if checked is not None:
     summary["teacher_check"] = checked
-  window, window_start = [], time.perf_counter()
+  window = []  # the metrics of the steps since the last log step (device arrays)
+  speed = _Speed()
   last_val = None
   skipped = 0  # bad files passed over by this process (config.data.skip_bad_files)
   from tqdm import tqdm
@@ -157,15 +238,25 @@ def train(config, workdir: str) -> dict:
   interactive = sys.stdout.isatty()
   bar = tqdm(total=total_steps, initial=start, disable=not (chief and interactive),
              unit="step", dynamic_ncols=True, mininterval=1.0)
+  profile = _Profile(config.profile_steps, storage.join(workdir, "profile"))
+  step_fn, flops = None, float("nan")
   distributed.barrier("train:loop")  # gloo's first collective waits only 30 s for the others
   with _Preemption() as preemption:
     step = start
     while step < total_steps:
+      waited = time.perf_counter()
       batch = next(train_iter)
+      speed.data_wait += time.perf_counter() - waited
       skipped += int(np.sum(batch.get("skipped", 0)))
       batch = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+      if step_fn is None:  # compiled ahead of the first step: its time is not the step's
+        step_fn, flops = _compile(run, state, teacher_vars, batch, chief)
+        speed.restart()
+      profile.before(step + 1)
       state, metrics = step_fn(state, teacher_vars, batch)
       step += 1
+      speed.steps += 1
+      profile.after(step, state)
       window.append(metrics)  # device arrays: no host sync per step (dispatch runs ahead)
       bar.update(1)
       eval_now = bool(config.eval_every) and (step % config.eval_every == 0 or
@@ -180,17 +271,16 @@ def train(config, workdir: str) -> dict:
         window = jax.device_get(window)
         check_finite(window, step - len(window) + 1, checkpoints)
       if log_now:
-        elapsed = time.perf_counter() - window_start
         scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
         scalars["lr"] = float(window[-1]["lr"])
-        scalars["steps_per_s"] = len(window) / elapsed
-        scalars["imgs_per_s"] = len(window) * config.batch_size / elapsed
+        scalars.update(speed.rates(config.batch_size, flops, list(mesh.devices.flat)))
         writer.write(step, "train", scalars)
         bar.set_postfix(loss=f"{float(window[-1]['loss']):.4f}", refresh=False)
         if chief and not interactive:
-          print(f"step {step}/{total_steps}: loss {scalars['loss']:.4f}, lr {scalars['lr']:.3g}, "
-                f"{scalars['imgs_per_s']:.2f} img/s", flush=True)
-        window, window_start = [], time.perf_counter()
+          print(f"step {step}/{total_steps}: loss {scalars['loss']:.4f}, lr {scalars['lr']:.3g}"
+                f"{_speed_text(scalars)}", flush=True)
+        window = []
+        speed.restart()
       val = None
       if eval_now:
         val = run_validation(run, state)
@@ -203,11 +293,14 @@ def train(config, workdir: str) -> dict:
       if save_now:
         checkpoints.save(step, state.as_dict(), train_iter, config,
                          metrics={"val_miou": val["miou"]} if val else None, force=True)
+      if eval_now or save_now:
+        speed.restart()  # throughput counts training steps only, not evaluation or saving
       if preempted:
         summary["status"] = "preempted"
         if chief:
           bar.write(f"SIGTERM: saved step {step} to {checkpoints.directory}; exiting")
         break
+  profile.close(state)
   bar.close()
   checkpoints.close()
   writer.close()

@@ -17,7 +17,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", str(_DEFAULT) if _DEFAULT.exists() else None,
     "Config file (configs/*.py); override values with --config.key=value.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "step, eval, model: timed calls after warm-up.")
-_WORKERS = flags.DEFINE_string("workers", "0,1,2", "data: grain worker counts to time.")
+_WORKERS = flags.DEFINE_string("workers", "0,1,2", "data: grain worker counts to time "
+                               "('auto': config.data.num_workers='auto').")
 _KERNELS = flags.DEFINE_string("kernels", "cpu,native",
                                "model: kernel forms to time (transkd_jax/models/kernels.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", "local", "compile: a TPU topology (v5e:2x2, "
@@ -48,7 +49,7 @@ def _main(argv):
     elif what == "data":
       from transkd_jax.bench.data import bench_data
       for count in _WORKERS.value.split(","):
-        _print(bench_data(config, int(count)))
+        _print(bench_data(config, count if count == "auto" else int(count)))
     elif what == "compile":
       from transkd_jax.bench.compile import compile_report, does_not_fit
       row = compile_report(config, _TOPOLOGY.value)

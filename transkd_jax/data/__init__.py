@@ -8,7 +8,7 @@
 ``name`` (cityscapes | acdc | nyuv2 | voc | tfds | generated), ``root``, ``conditions`` (ACDC),
 ``transforms`` (reference | aligned | mmseg: of train and eval alike),
 ``eval_label_resolution`` (quarter | full; reference protocol; empty follows
-``config.eval_protocol``), ``num_workers``, the ``tfds_*`` keys of ``tfds``,
+``config.eval_protocol``), ``num_workers``, ``prefetch``, the ``tfds_*`` keys of ``tfds``,
 ``skip_bad_files``, for ``mmseg``: ``mmseg_scale``, ``mmseg_ratio_range``,
 ``mmseg_cat_max_ratio``, and for ``generated``: ``num_train``, ``num_val``,
 ``generated_size``, ``generated_seed``.
@@ -46,7 +46,10 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
       "mmseg_scale": (1024, 2048),  # mmseg: (height, width) base scale; aspect ratio kept
       "mmseg_ratio_range": (0.5, 2.0),  # mmseg train: scale times a uniform ratio in this range
       "mmseg_cat_max_ratio": 0.75,  # mmseg train: redraw crops where one class covers >= this
-      "num_workers": 0,             # grain worker processes (0: in-process)
+      # grain worker processes: 0 (in-process threads), N, or "auto" (0 on CPU devices,
+      # else the CPUs less one, at most 16); an int or a string, so typed as object
+      "num_workers": ml_collections.FieldReference("auto", field_type=object),
+      "prefetch": 2,                # batches buffered (and threads reading) per process
       "skip_bad_files": False,      # undecodable files: error (False) or skip with a warning
       "tfds_name": "",              # tfds: name[/config][:version] (data/tfds_source.py)
       "tfds_image_key": "image",

@@ -12,7 +12,10 @@ The iterator is a ``grain.DatasetIterator``: ``get_state``/``set_state`` (and Or
 ``transkd_jax.checkpoint``) resume it exactly; its state (the number of global
 batches read) is the same on every process. ``config.data.num_workers`` > 0 runs
 the transforms in worker processes (they need absl flags parsed: run under
-``absl.app``, or call ``absl.flags.FLAGS.mark_as_parsed()`` first).
+``absl.app``, or call ``absl.flags.FLAGS.mark_as_parsed()`` first); ``"auto"``
+picks a number from the CPUs (``num_workers``). Buffers are bounded
+(``config.data.prefetch`` batches per process, ``read_options``), so host memory
+does not grow when the consumer is slower than the readers. Images are uint8.
 
 Evaluation: one ordered pass over the split, padded to whole batches on every
 process (the same number of batches everywhere) with a boolean ``valid`` per
@@ -20,6 +23,7 @@ example, so sharded evaluation never drops or double-counts an image.
 """
 
 import math
+import os
 
 import grain
 import jax
@@ -48,10 +52,38 @@ def _train_transform(config):
   return transforms.train_transform(config)
 
 
-def _with_workers(ds: grain.IterDataset, config):
+def num_workers(config, devices=None) -> int:
+  """``config.data.num_workers``; ``"auto"``: none when the devices are CPUs (the step
+  uses every core; reading runs in threads beside it), else one per CPU this process
+  may use (its affinity: a SLURM task's share) less one for the training loop, at most 16."""
   workers = config.data.num_workers
+  if workers != "auto":
+    return int(workers)
+  devices = jax.local_devices() if devices is None else devices
+  if all(d.platform == "cpu" for d in devices):
+    return 0
+  try:
+    cpus = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cpus = os.cpu_count() or 1
+  return max(0, min(cpus - 1, 16))
+
+
+def read_options(config) -> grain.ReadOptions:
+  """Bounded reading: ``config.data.prefetch`` batches buffered per process (grain's
+  default is 500 elements, a batch each here: gigabytes at 512 x 1024), read by as many threads."""
+  depth = int(config.data.prefetch)
+  return grain.ReadOptions(num_threads=depth, prefetch_buffer_size=depth)
+
+
+def _loader(ds: grain.MapDataset, config) -> grain.IterDataset:
+  """Read with bounded buffers; in ``num_workers`` processes when > 0 (each holds
+  ``prefetch`` batches of its own and hands over one at a time)."""
+  ds = ds.to_iter_dataset(read_options(config))
+  workers = num_workers(config)
   if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=1))
   return ds
 
 
@@ -69,7 +101,7 @@ def make_train_iterator(config, process_index=None, process_count=None):
   # Blocks of `local` consecutive examples; block b belongs to process b % count,
   # so this process's n-th batch is its part of global batch n.
   ds = ds.batch(local, drop_remainder=True)[index::count]
-  return iter(_with_workers(ds.to_iter_dataset(), config))
+  return iter(_loader(ds, config))
 
 
 def _strip(fn):
@@ -118,7 +150,7 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
     return out
 
   ds = grain.MapDataset.range(padded).map(load).batch(local, drop_remainder=True)
-  return iter(_with_workers(ds.to_iter_dataset(), config))
+  return iter(_loader(ds, config))
 
 
 def _label_pad(config, source, transform):
