@@ -82,9 +82,9 @@ class PeakMemory:
 
 
 def bench_data(config, workers, batches: int = 20, stall_s: float = 3.0) -> dict:
+  config.data.num_workers = workers  # before copying: the copy fixes the field's type
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.data.num_workers = workers
     if config.data.name == "generated":
       config.data.generated_size = (1024, 2048)
       config.data.num_train = max(int(config.batch_size) * 4, 16)

@@ -155,9 +155,18 @@ def _probabilities(q, k):
 def _softmax_attention_fwd(q, k, v):
   scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)
   chunk = _query_chunk(q.shape[0], q.shape[1], q.shape[2], k.shape[1])
-  out = jax.lax.map(lambda qc: jnp.einsum("bncs,bsnh->bcnh", _probabilities(qc * scale, k), v),
-                    _chunked(q, chunk))
-  out = _unchunked(out, q.shape[1])
+  # Heads-major inside a chunk ((b, n, tokens, h): plain batched matmuls): XLA:CPU
+  # otherwise transposes each chunk's probabilities before multiplying them by V.
+  kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+  def one_chunk(qc):
+    qh = jnp.swapaxes(qc, 1, 2) * scale
+    logits = jnp.einsum("bnch,bnsh->bncs", qh, kh)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    probs = e * (1 / jnp.sum(e, axis=-1, keepdims=True))
+    return jnp.swapaxes(jnp.einsum("bncs,bnsh->bnch", probs, vh), 1, 2)
+
+  out = _unchunked(jax.lax.map(one_chunk, _chunked(q, chunk)), q.shape[1])
   return out, (q, k, v, out)
 
 
