@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from transkd_jax import convert, export
-from transkd_jax.data import transforms
+from transkd_jax import convert, export, normalization
 from transkd_jax.errors import UserError
 from transkd_jax.models import MiTVariant, SegFormer, get_variant
 
@@ -81,7 +80,7 @@ def test_hf_export_matches_transformers(tmp_path, tiny, capsys):
   processor = transformers.SegformerImageProcessor.from_pretrained(str(out))
   image = np.random.RandomState(2).randint(0, 256, (40, 60, 3)).astype(np.uint8)
   pixels = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-  np.testing.assert_allclose(pixels, (image - transforms.MEAN) / transforms.STD, atol=1e-5)
+  np.testing.assert_allclose(pixels, (image - normalization.MEAN) / normalization.STD, atol=1e-5)
   # The exported weights come back through convert exactly.
   tree, classes = convert.convert(convert.read_state_dict(str(out)), TINY, log=lambda *_: None)
   assert classes == CLASSES

@@ -26,7 +26,7 @@ from typing import Optional
 import jax
 
 from transkd_jax import build
-from transkd_jax.throughput import chip_of
+from transkd_jax.throughput import Chip, chip_of
 from transkd_jax.errors import UserError
 
 
