@@ -46,6 +46,7 @@ def tiny_config(data_root="", **overrides):
                 checkpoint_every=0)
   config.optimizer.warmup_steps = 0
   config.teacher.check_images = 0  # test_build checks the teacher check itself
+  config.count_flops = False  # one more trace per run; test_train's end-to-end run counts
   config.data.update(root=str(data_root), num_train=8, num_val=4, generated_size=(64, 128))
   config.update(overrides)
   return config
@@ -64,7 +65,7 @@ def overrides(data_root, **extra):
   values = {"image_size": "(64,128)", "batch_size": 2, "data.root": data_root,
             "data.num_train": 8, "data.num_val": 4, "data.generated_size": "(64,128)",
             "log_every": 1, "eval_every": 0, "optimizer.warmup_steps": 0,
-            "teacher.check_images": 0, **extra}
+            "teacher.check_images": 0, "count_flops": False, **extra}
   return [f"--config.{k}={v}" for k, v in values.items()]
 
 

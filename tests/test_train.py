@@ -27,8 +27,8 @@ def test_training_is_the_default_mode_lowers_the_loss_and_a_killed_run_resumes_b
     tmp_path, data_root, compile_cache):
   env = _env(compile_cache)
   args = _args(data_root)
-  straight = _main([*args, f"--workdir={tmp_path / 'a'}", "--config.profile_steps=(2,3)"],
-                   env)  # no --mode: it trains
+  straight = _main([*args, f"--workdir={tmp_path / 'a'}", "--config.profile_steps=(2,3)",
+                    "--config.count_flops=True"], env)  # no --mode: it trains
   out, _ = straight.communicate(timeout=600)
   assert straight.returncode == 0, out[-3000:]
   assert "step 20/20: loss" in out and "%|" not in out  # a log file gets lines, not a bar

@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every = 50
   config.profile_steps = ()                # (first, last): a jax.profiler trace of these
                                            # steps (as logged, from 1) in WORKDIR/profile
+  config.count_flops = True                # TFLOP/s and MFU in the metrics (one more trace
+                                           # of the step at start-up)
   config.eval_every = STEPS_PER_EPOCH      # validate once per epoch, as the public code
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3              # latest N, plus the best by validation mIoU

@@ -136,10 +136,13 @@ def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
   """The train step compiled for these arguments, and its FLOPs per step (all devices)."""
   start = time.perf_counter()
   compiled = run.train_step.lower(state, teacher_vars, batch).compile()
-  flops = throughput.step_flops(run.train_step, state, teacher_vars, batch, compiled=compiled)
+  flops = float("nan")
+  if run.config.count_flops:
+    flops = throughput.step_flops(run.train_step, state, teacher_vars, batch, compiled=compiled)
   if chief:
-    print(f"compiled the train step in {time.perf_counter() - start:.1f} s "
-          f"({flops / 1e9 / run.config.batch_size:.1f} GFLOP per image)", flush=True)
+    work = f" ({flops / 1e9 / run.config.batch_size:.1f} GFLOP per image)" if math.isfinite(
+        flops) else ""
+    print(f"compiled the train step in {time.perf_counter() - start:.1f} s{work}", flush=True)
   return compiled, flops
 
 
