@@ -166,7 +166,10 @@ def _softmax_attention_fwd(q, k, v):
     probs = e * (1 / jnp.sum(e, axis=-1, keepdims=True))
     return jnp.swapaxes(jnp.einsum("bncs,bnsh->bnch", probs, vh), 1, 2)
 
-  out = _unchunked(jax.lax.map(one_chunk, _chunked(q, chunk)), q.shape[1])
+  if chunk >= q.shape[1]:  # one chunk: no loop
+    out = one_chunk(q)
+  else:
+    out = _unchunked(jax.lax.map(one_chunk, _chunked(q, chunk)), q.shape[1])
   return out, (q, k, v, out)
 
 
@@ -205,7 +208,11 @@ def _softmax_attention_bwd(residuals, g):
     dk = dk + jnp.einsum("bncs,bcnh->bsnh", dlogits, qc)
     return (dk, dv), dq
 
-  (dk, dv), dq = jax.lax.scan(one_chunk, (jnp.zeros_like(k), jnp.zeros_like(v)),
+  zeros = (jnp.zeros_like(k), jnp.zeros_like(v))
+  if chunk >= q.shape[1]:  # one chunk: no loop
+    (dk, dv), dq = one_chunk(zeros, (q, g, out))
+    return dq, dk, dv
+  (dk, dv), dq = jax.lax.scan(one_chunk, zeros,
                               tuple(_chunked(x, chunk) for x in (q, g, out)))
   return _unchunked(dq, q.shape[1]), dk, dv
 
