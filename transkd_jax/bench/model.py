@@ -31,7 +31,8 @@ import numpy as np
 from transkd_jax.models import SegFormer
 
 
-def _time(fn, *args, repeats):
+def median_seconds(fn, *args, repeats):
+  """Median seconds of ``fn(*args)`` over ``repeats`` calls, after one warm-up call."""
   jax.block_until_ready(fn(*args))  # compile + warm up
   times = []
   for _ in range(repeats):
@@ -131,8 +132,8 @@ def bench_model(config, forms, repeats, profile=0):
     grad = jax.jit(jax.grad(loss))
     state = {"batch_stats": s_vars["batch_stats"]}
     rows = {
-        "teacher_encode_s": _time(encode, t_vars, images, repeats=repeats),
-        "student_fwd_bwd_s": _time(grad, s_vars["params"], state, images, labels,
+        "teacher_encode_s": median_seconds(encode, t_vars, images, repeats=repeats),
+        "student_fwd_bwd_s": median_seconds(grad, s_vars["params"], state, images, labels,
                                    repeats=repeats),
     }
     print(json.dumps({"bench": "model", "backend": jax.default_backend(),

@@ -25,17 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transkd_jax import build, sharding, throughput
-
-
-def _timed(fn, *args, repeats: int) -> float:
-  """Median seconds of ``fn(*args)``, after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from transkd_jax.bench.model import median_seconds
 
 
 def matmul_gflops_per_s(dtype, devices) -> float:
@@ -45,7 +35,7 @@ def matmul_gflops_per_s(dtype, devices) -> float:
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
   a = jax.device_put(np.random.default_rng(0).standard_normal((len(devices), n, n),
                                                               np.float32).astype(dtype), spec)
-  seconds = _timed(jax.jit(lambda x: x @ x), a, repeats=3)
+  seconds = median_seconds(jax.jit(lambda x: x @ x), a, repeats=3)
   return 2 * n ** 3 * len(devices) / seconds / 1e9
 
 
