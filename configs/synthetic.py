@@ -18,6 +18,9 @@ student alone, so the command works without a teacher.
 
 from transkd_jax.config import base_config
 
+PAIR_STEPS = 200          # each student run of the PVTv2 and LVT pairs
+PAIR_TEACHER_STEPS = 400  # the PVTv2-B2 teacher
+
 
 def get_config():
   config = base_config()
@@ -37,6 +40,12 @@ def get_config():
   config.data.num_val = 50
   config.data.generated_size = (256, 512)
   # python -m transkd_jax.recipe: a B2 teacher for 800 steps, then each student
-  # run 300 steps; about 40 minutes on a 2-core CPU.
+  # run 300 steps; then the public code's two other pairs in miniature, the student
+  # alone and TransKD-Base each: PVTv2-B2 (a teacher of its own, PAIR_TEACHER_STEPS)
+  # -> PVTv2-B0, and the same SegFormer-B2 teacher -> LVT, PAIR_STEPS per run.
   config.recipe.teacher_steps = 800
+  config.recipe.pairs = ("segformer-b2>segformer-b0", "pvtv2-b2>pvtv2-b0", "segformer-b2>lvt")
+  config.recipe.pair_methods = ("student", "transkd_base")
+  config.recipe.pair_steps = PAIR_STEPS
+  config.recipe.pair_teacher_steps = PAIR_TEACHER_STEPS
   return config

@@ -43,10 +43,31 @@ def data_root(tmp_path_factory):
   return str(tmp_path_factory.mktemp("generated") / "tree")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory):
-  """A persistent XLA compilation cache shared by a test module's subprocess runs."""
-  return str(tmp_path_factory.mktemp("xla_cache"))
+  """A persistent XLA compilation cache shared by every subprocess run of the session.
+
+  Runs in different test files often compile the same program (a B0 student on
+  64x128 scenes): one directory for both xdist workers lets the second read what
+  the first compiled. ``runs.env`` turns on the cache's file lock, so two
+  processes never read an entry while it is being written.
+  """
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  path = root / "xla_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(compile_cache):
+  """The tests' own compiles use that cache too (those that take over a second)."""
+  from jax.experimental.compilation_cache import compilation_cache
+  jax.config.update("jax_compilation_cache_max_size", 8 << 30)  # with the file lock
+  compilation_cache.reset_cache()
+  compilation_cache.set_cache_dir(compile_cache)
+  yield
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

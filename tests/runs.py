@@ -9,14 +9,18 @@ import time
 import ml_collections
 
 from transkd_jax.checkpoint import restore_pytree
-from transkd_jax.models import MiTVariant
+from transkd_jax.models import LVTVariant, MiTVariant
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SYNTHETIC = f"--config={REPO / 'configs' / 'synthetic.py'}"
 
-# Tiny MiT rows: the same four-stage geometry, a fraction of the widths.
+# Tiny rows (MiT / PVTv2, LVT): the same four-stage geometry, a fraction of the widths.
 TINY_STUDENT = MiTVariant((8, 16, 24, 32), (1, 1, 1, 1), (1, 1, 1, 2), 32)
 TINY_TEACHER = MiTVariant((16, 32, 48, 64), (1, 1, 1, 1), (1, 2, 2, 4), 32)
+TINY_PVT = MiTVariant((8, 16, 24, 32), (1, 1, 1, 1), (1, 2, 2, 4), decoder_width=16,
+                      mlp_ratios=(8, 8, 4, 4))
+TINY_LVT = LVTVariant(channels=(8, 8, 16, 16), depths=(1, 1, 1, 1), heads=(2, 2, 2, 4),
+                      mlp_ratios=(4, 8, 4, 4), decoder_width=16)
 
 
 def load_config(path):
@@ -47,6 +51,7 @@ def tiny_config(data_root="", **overrides):
   config.optimizer.warmup_steps = 0
   config.teacher.check_images = 0  # test_build checks the teacher check itself
   config.count_flops = False  # one more trace per run; test_train's end-to-end run counts
+  config.recipe.pairs = ()    # the tiny pair only (synthetic.py lists full-size pairs)
   config.data.update(root=str(data_root), num_train=8, num_val=4, generated_size=(64, 128))
   config.update(overrides)
   return config
@@ -73,7 +78,10 @@ def env(cache, devices=None):
   """CPU, a shared persistent compilation cache, and optionally N CPU devices."""
   out = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             # A size limit turns on eviction, and with it the cache's file lock: test
+             # processes share the directory (conftest.compile_cache).
+             JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
   if devices:
     out["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
                         f"{os.environ.get('XLA_FLAGS', '')}")

@@ -11,13 +11,18 @@ from runs import REPO
 
 def test_every_config_file_validates():
   from runs import load_config
-  classes = {}
+  classes, pairs = {}, {}
   for path in sorted((REPO / "configs").glob("*.py")):
     config = load_config(path)
     validate_config(config)
     classes[path.stem] = config.num_classes
-  assert classes == {"acdc": 19, "cityscapes": 19, "nyuv2": 40, "quickstart": 19,
-                     "synthetic": 19, "voc": 21}
+    pairs[path.stem] = (f"{config.teacher.arch}-{config.teacher.variant}>"
+                        f"{config.student.arch}-{config.student.variant}")
+  assert classes == {"acdc": 19, "cityscapes": 19, "cityscapes_lvt": 19,
+                     "cityscapes_pvtv2": 19, "nyuv2": 40, "quickstart": 19, "synthetic": 19,
+                     "voc": 21}
+  assert pairs["cityscapes_pvtv2"] == "pvtv2-b2>pvtv2-b0"
+  assert pairs["cityscapes_lvt"] == "segformer-b2>lvt-lvt"
 
 
 @pytest.mark.parametrize("key,value,needle", [

@@ -19,7 +19,7 @@ DISTILL = dict(hcl_weight=1.0, pea_weights=(0.1, 0.1, 0.5, 1.0), kd_weight=0.5,
                kd_temperature=2.0, cwd_weight=1.0, cwd_temperature=2.0,
                fitnet_weights=(1.0, 1.0, 1.0, 1.0))
 
-from runs import TINY_STUDENT, TINY_TEACHER
+from runs import TINY_LVT, TINY_PVT, TINY_STUDENT, TINY_TEACHER
 
 
 # ---------------------------------------------------------------- numpy references
@@ -134,6 +134,40 @@ def test_wrapper_parameter_counts_match_public_code(method, expected):
   model = Distiller(METHODS[method], "b0", "b2", num_classes=20)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 128, 3)))
   assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"])) == expected
+
+
+# The public train/CSF.py build_kd_trans(student, 5, channels) wrappers of the other two
+# pairs (train_TransKDBase_PVTv2B2B0.py: PVTv2-B0 into PVTv2-B2's widths;
+# train_TransKDBase_SegformerB2LVT.py: LVT with channels [64, 64, 160, 256] into MiT-B2's),
+# counted by instantiating them at the public code's 20 classes.
+@pytest.mark.parametrize("arch,variant,teacher_arch,expected", [
+    ("pvtv2", "b0", "pvtv2", 8_371_508), ("lvt", "lvt", "segformer", 4_685_112)])
+def test_the_other_pairs_wrappers_match_public_code(arch, variant, teacher_arch, expected):
+  model = Distiller(METHODS["transkd_base"], variant, "b2", arch=arch, teacher_arch=teacher_arch,
+                    num_classes=20)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 128, 3)))
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"])) == expected
+
+
+_LVT_UNDER_PVT = (("lvt", TINY_LVT), ("pvtv2", TINY_PVT))
+_SEGFORMER_UNDER_LVT = (("segformer", TINY_STUDENT), ("lvt", TINY_LVT))
+
+
+@pytest.mark.parametrize("method,pair", [
+    *((m, _LVT_UNDER_PVT) for m in METHODS if m not in ("student", "teacher", "kd")),
+    ("transkd_gl", _SEGFORMER_UNDER_LVT), ("transkd_ea", _SEGFORMER_UNDER_LVT)])
+def test_every_method_pairs_any_families_by_their_stage_shapes(method, pair):
+  """Each module takes its widths from the two models' stage shapes."""
+  from transkd_jax.models import archs
+  (arch, row), (t_arch, t_row) = pair
+  model = Distiller(METHODS[method], row, t_row, arch=arch, teacher_arch=t_arch, num_classes=5)
+  check_pairing(model, archs.build(t_arch, t_row, 5), (64, 128))  # raises if a stage differs
+  images = jnp.zeros((1, 64, 128, 3))
+  shapes = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), images), images))
+  widths = [s.shape[-1] for s in shapes["adapted"]]
+  assert widths == list(t_row.channels[-len(widths):])
+  if shapes["aligned"] is not None:
+    assert [a.shape[-1] for a in shapes["aligned"]] == list(t_row.channels)
 
 
 # ---------------------------------------------------------------- modules

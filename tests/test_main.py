@@ -45,9 +45,34 @@ def test_info_distiller_follows_the_method(tmp_path):
   assert info["distiller"]["params"] == 5_534_076
 
 
+# The public code's models and training-time wrappers, counted by instantiating them
+# (train/models/pvtv2/pvtv2.py build_pvts, train/models/lvt/backbone.py lvt(rasa_cfg),
+# and train/CSF.py build_kd_trans(student, 5, channels) as train_TransKDBase_PVTv2B2B0.py
+# and train_TransKDBase_SegformerB2LVT.py call it) at 20 classes, less the head's weights
+# for the 20th class: 128 + 1 (PVTv2's 128-wide FPN head), 256 + 1 (LVT's 256-wide head).
+@pytest.mark.parametrize("config,teacher,student,distiller,names", [
+    ("cityscapes_pvtv2.py", 29_098_836 - 129, 7_527_668 - 129, 8_371_508 - 129,
+     ("PVTv2-B2", "PVTv2-B0")),
+    ("cityscapes_lvt.py", 27_362_004 - 769, 3_837_176 - 257, 4_685_112 - 257,
+     ("SegFormer-B2", "LVT")),
+])
+def test_info_of_the_other_pairs_counts_the_public_models(tmp_path, config, teacher, student,
+                                                          distiller, names):
+  result = _main(f"--config={REPO / 'configs' / config}", f"--workdir={tmp_path}",
+                 "--mode=info", "--config.image_size=(64, 128)")
+  assert result.returncode == 0, result.stderr
+  info = json.loads((tmp_path / "info.json").read_text())
+  assert (info["teacher"]["params"], info["student"]["params"],
+          info["distiller"]["params"]) == (teacher, student, distiller)
+  assert (info["teacher"]["model"], info["student"]["model"]) == names
+  assert all(name in result.stdout for name in names)
+
+
 @pytest.mark.parametrize("override,needle", [
     ("--config.no_such_key=1", "--config.no_such_key"),
     ("--config.teacher.variant=b9", "config.teacher.variant"),
+    ("--config.student.arch=resnet", "config.student.arch: Unknown architecture 'resnet'"),
+    ("--config.student.arch=lvt", "config.student.variant (config.student.arch='lvt')"),
     ("--config.num_classes=0", "config.num_classes"),
     ("--config.method=transkd", "unknown distillation method 'transkd'"),
     ("--config.distill.pea_weights=(0.1,0.1)", "config.distill.pea_weights"),

@@ -22,7 +22,7 @@ from transkd_jax import evaluate, normalization, sharding
 from transkd_jax.data.transforms import quarter_size
 from transkd_jax.distill import Distiller, Method, check_pairing, get_method, loss_settings
 from transkd_jax.errors import UserError
-from transkd_jax.models import SegFormer, kernels as kernels_lib
+from transkd_jax.models import archs, kernels as kernels_lib
 from transkd_jax.optim import make_optimizer
 from transkd_jax.train_step import TrainState, init_state, jit_train_step, make_train_step
 
@@ -48,55 +48,70 @@ def kernels_of(config, mesh) -> str:
   return kernels_lib.resolve(config.kernels, mesh.devices.flat[0].platform)
 
 
+def trained_arch(config) -> str:
+  """The model family a run trains and deploys (``config.<role>.arch``)."""
+  return config[method_of(config).trains].arch
+
+
 def trained_variant(config):
-  """The SegFormer variant a run trains and deploys (``config.eval.variant`` when set)."""
+  """The variant a run trains and deploys (``config.eval.variant`` when set)."""
   return config.eval.variant or config[method_of(config).trains].variant
 
 
+def model_name(arch: str, variant) -> str:
+  """A model's name for logs and tables: "SegFormer-B0", "PVTv2-B2", "LVT"."""
+  label = {"segformer": "SegFormer", "pvtv2": "PVTv2", "lvt": "LVT"}[arch]
+  if arch == "lvt" and variant == "lvt":
+    return label
+  return f"{label}-{str(variant).upper()}"
+
+
 def distiller(config, kernels: str = "native") -> Distiller:
-  """The trained SegFormer of ``config`` plus its method's training-time modules."""
+  """The trained model of ``config`` plus its method's training-time modules."""
   method = method_of(config)
   d = config.distill
   return Distiller(method, config[method.trains].variant, config.teacher.variant,
+                   arch=config[method.trains].arch, teacher_arch=config.teacher.arch,
                    num_classes=config.num_classes, fusion_channels=d.fusion_channels,
                    gl_heads=d.gl_heads, gl_residual=d.gl_residual,
                    gl_mix_init=tuple(d.gl_mix_init), kernels=kernels,
                    dtype=jnp.dtype(config.dtype))
 
 
-def teacher_model(config, kernels: str = "native") -> Optional[SegFormer]:
+def teacher_model(config, kernels: str = "native"):
   """The frozen teacher, or None when the method distils nothing."""
   if method_of(config).teacher_call is None:
     return None
-  return SegFormer(config.teacher.variant, config.num_classes, kernels=kernels,
-                   dtype=jnp.dtype(config.teacher_dtype or config.dtype))
+  return archs.build(config.teacher.arch, config.teacher.variant, config.num_classes,
+                     kernels=kernels, dtype=jnp.dtype(config.teacher_dtype or config.dtype))
 
 
-def read_segformer(path: str, what: str, variant, num_classes: int):
-  """(variables, source): a SegFormer's weights as host arrays, checked against its shape.
+def read_model(path: str, what: str, arch: str, variant, num_classes: int):
+  """(variables, source): a model's weights as host arrays, checked against its shape.
 
   ``path`` is a ``transkd_jax.convert`` output or a run's workdir; ``what``
   names the config key or flag it came from, for errors.
   """
   variables, source = ckpt_lib.restore_model_variables(path, what, with_source=True)
-  model = SegFormer(variant, num_classes)
+  model = archs.build(arch, variant, num_classes)
   expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   ckpt_lib.check_variables(
-      variables, {"params": expected["params"], "batch_stats": expected["batch_stats"]},
-      f"{what}={path}", f"SegFormer-{str(variant).upper()} with {num_classes} classes "
-      "(config.teacher.variant / config.student.variant / config.eval.variant and "
+      variables, {"params": expected["params"],
+                  "batch_stats": expected.get("batch_stats", {})},
+      f"{what}={path}", f"{model_name(arch, variant)} with {num_classes} classes "
+      "(config.teacher.arch/variant / config.student.arch/variant / config.eval.variant and "
       "config.num_classes)")
   return jax.tree.map(np.asarray, variables), source
 
 
-def deployed_model(config, kernels: str = "native") -> SegFormer:
-  """The SegFormer a run trains and deploys (eval, predict, export)."""
-  return SegFormer(trained_variant(config), config.num_classes, kernels=kernels,
-                   dtype=jnp.dtype(config.dtype))
+def deployed_model(config, kernels: str = "native"):
+  """The model a run trains and deploys (eval, predict, export)."""
+  return archs.build(trained_arch(config), trained_variant(config), config.num_classes,
+                     kernels=kernels, dtype=jnp.dtype(config.dtype))
 
 
 def make_eval_step(config, mesh, protocol: Optional[str] = None, input_norm=None):
-  """The jitted evaluation step of the run's deployed SegFormer (``config.eval_protocol``).
+  """The jitted evaluation step of the run's deployed model (``config.eval_protocol``).
 
   ``input_norm``: (the pipeline's normalisation, the weights'), as ``Serving.input_norm``;
   ``None``: both are the pipeline's (``config.data.transforms``).
@@ -129,7 +144,7 @@ class Training:
   config: Any
   method: Method
   model: Distiller
-  teacher: Optional[SegFormer]
+  teacher: Any                          # the teacher's flax module, or None
   mesh: Any
   optimizer: Any
   schedule: Callable
@@ -156,9 +171,9 @@ class Training:
     return jax.jit(self.teacher_init, out_shardings=shardings)()
 
   def deployed(self, state: TrainState) -> dict:
-    """The trained SegFormer's variables out of a train state."""
+    """The trained model's variables out of a train state."""
     role = self.method.trains
-    return {"params": state.params[role], "batch_stats": state.batch_stats[role]}
+    return {"params": state.params[role], "batch_stats": state.batch_stats.get(role, {})}
 
 
 def training(config, weights: bool = True, devices=None) -> Training:
@@ -179,17 +194,17 @@ def training(config, weights: bool = True, devices=None) -> Training:
   role = config[method.trains]
   initial = None
   if weights and role.init:
-    initial, _ = read_segformer(role.init, f"config.{method.trains}.init", role.variant,
-                                config.num_classes)
+    initial, _ = read_model(role.init, f"config.{method.trains}.init", role.arch,
+                            role.variant, config.num_classes)
   teacher_host, teacher_source = None, ""
   if teacher is not None and weights:
     if not config.teacher.checkpoint:
       raise UserError(f"method {method.name!r} distils from a teacher: set "
                       "config.teacher.checkpoint to an Orbax directory (transkd_jax.convert's "
                       "output, or the workdir of a --config.method=teacher run)")
-    teacher_host, teacher_source = read_segformer(
-        config.teacher.checkpoint, "config.teacher.checkpoint", config.teacher.variant,
-        config.num_classes)
+    teacher_host, teacher_source = read_model(
+        config.teacher.checkpoint, "config.teacher.checkpoint", config.teacher.arch,
+        config.teacher.variant, config.num_classes)
     try:
       check_pairing(model, teacher, size)
     except ValueError as e:
@@ -257,8 +272,8 @@ def check_batch_size(config, mesh):
 
 @dataclasses.dataclass
 class Serving:
-  """A trained SegFormer for eval and predict: model, weights, where they came from."""
-  model: SegFormer
+  """A trained model for eval and predict: model, weights, where they came from."""
+  model: Any
   variables: dict           # host arrays (numpy)
   source: str
   mesh: Any
@@ -277,7 +292,7 @@ def serving(config, workdir: str) -> Serving:
                       "first, or set config.eval.checkpoint to a run's workdir or a converted "
                       "checkpoint")
   variant = trained_variant(config)
-  variables, source = read_segformer(path, what, variant, config.num_classes)
+  variables, source = read_model(path, what, trained_arch(config), variant, config.num_classes)
   mesh = mesh_of(config)
   norm, why = input_normalization(config, config.eval.input_norm, "config.eval.input_norm",
                                   path, source)

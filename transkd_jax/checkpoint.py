@@ -137,11 +137,11 @@ class RunCheckpoints:
     self.manager.close()
 
 
-ROLES = ("student", "teacher")  # where a train state keeps the SegFormer it trains
+ROLES = ("student", "teacher")  # where a train state keeps the model it trains
 
 
 def trained_role(params) -> str:
-  """The key of a train state's params that holds the trained SegFormer."""
+  """The key of a train state's params that holds the trained model."""
   found = [r for r in ROLES if r in params]
   if len(found) != 1:
     raise UserError(f"a train state should hold exactly one of {ROLES}; it holds "
@@ -154,7 +154,7 @@ def has_checkpoints(workdir: str) -> bool:
 
 
 def restore_model_variables(path: str, what: str, with_source: bool = False):
-  """{"params", "batch_stats"} of a SegFormer from an Orbax directory.
+  """{"params", "batch_stats"} of a trained model from an Orbax directory.
 
   ``path`` is either a directory ``transkd_jax.convert`` wrote, or a training
   run's workdir (its best checkpoint, else its latest; the model the run
@@ -179,7 +179,8 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
       run.close()
       state = restore_pytree(storage.join(run_dir, str(step), "state"))
       role = trained_role(state["params"])
-      variables = {"params": state["params"][role], "batch_stats": state["batch_stats"][role]}
+      variables = {"params": state["params"][role],
+                   "batch_stats": (state.get("batch_stats") or {}).get(role, {})}
       source = f"{storage.join(run_dir, str(step))} (step {step}, {how})"
       return (variables, source) if with_source else variables
     tree = restore_pytree(path)

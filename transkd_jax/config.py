@@ -19,7 +19,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_classes = 19
   config.image_size = (512, 1024)  # (height, width) the models see
 
+  # Models (transkd_jax/models/archs.py): arch "segformer" (variants b0-b5), "pvtv2"
+  # (b0-b5: PVTv2 with the Semantic-FPN head) or "lvt" (variant "lvt"). Any teacher/student
+  # pair whose four stage maps share strides distils: the distillation modules take
+  # their widths from the two models' stage shapes.
   config.teacher = ml_collections.ConfigDict()
+  config.teacher.arch = "segformer"
   config.teacher.variant = "b2"
   config.teacher.checkpoint = ""   # Orbax dir: transkd_jax.convert output or a teacher run
   config.teacher.init = ""         # for --config.method=teacher: a converted ImageNet MiT
@@ -31,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
                                     # images, printed (0: skip)
 
   config.student = ml_collections.ConfigDict()
+  config.student.arch = "segformer"
   config.student.variant = "b0"
   config.student.init = ""         # empty: from scratch, as in TransKD
 
@@ -90,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=eval and --mode=predict (transkd_jax/evaluate.py, transkd_jax/predict.py).
   config.eval = ml_collections.ConfigDict()
   config.eval.checkpoint = ""   # a run's workdir or an Orbax dir; empty: --workdir's best
-  config.eval.variant = ""      # the SegFormer to load; empty: the run's trained model
+  config.eval.variant = ""      # the variant to load (of the trained model's arch); empty:
+                                # the run's trained model
   config.eval.input_norm = ""   # what the weights expect ("unit" | "imagenet"); empty: what the
                                 # checkpoint records, else config.data.transforms' own
   config.predict = ml_collections.ConfigDict()
@@ -112,6 +119,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.recipe.student_batch_size = 0    # 0: config.batch_size
   config.recipe.student_steps = 0         # 0: config.total_steps
   config.recipe.student_decay_steps = 0   # 0: config.optimizer.decay_steps
+  # Several teacher/student pairs, each its own table: ("TEACHER>STUDENT", ...) with models
+  # written ARCH-VARIANT, e.g. ("segformer-b2>segformer-b0", "pvtv2-b2>pvtv2-b0",
+  # "segformer-b2>lvt"). Empty: config.teacher -> config.student only. Pairs other than
+  # that one run pair_methods (empty: recipe.methods) for pair_steps (0: total_steps),
+  # and their new teachers pair_teacher_steps (0: recipe.teacher_steps).
+  config.recipe.pairs = ()
+  config.recipe.pair_methods = ()
+  config.recipe.pair_steps = 0
+  config.recipe.pair_teacher_steps = 0
   return config
 
 
@@ -152,7 +168,7 @@ def validate_config(config):
   with the keys it lacks).
   """
   from transkd_jax.distill import get_method, loss_settings
-  from transkd_jax.models.variants import get_variant
+  from transkd_jax.models import archs
   missing = sorted(_keys(base_config()) - _keys(config))
   if missing:
     raise UserError(f"the config lacks {', '.join('config.' + k for k in missing[:8])}"
@@ -160,9 +176,14 @@ def validate_config(config):
                     "transkd_jax.config.base_config() (see configs/cityscapes.py)")
   for role in ("teacher", "student"):
     try:
-      get_variant(config[role].variant)
+      archs.check_arch(config[role].arch)
     except ValueError as e:
-      raise UserError(f"config.{role}.variant: {e}") from None
+      raise UserError(f"config.{role}.arch: {e}") from None
+    try:
+      archs.get_arch_variant(config[role].arch, config[role].variant)
+    except ValueError as e:
+      raise UserError(f"config.{role}.variant (config.{role}.arch={config[role].arch!r}): "
+                      f"{e}") from None
   _positive_int(config, "num_classes")
   size = tuple(config.image_size)
   _check(len(size) == 2 and all(isinstance(s, int) and s >= 32 for s in size), "image_size",
@@ -177,10 +198,17 @@ def validate_config(config):
          f"one of {_DTYPES} (or empty: config.dtype)", config.teacher_dtype)
   try:
     loss_settings(get_method(config.method), config.distill)
-    for name in config.recipe.methods:
+    for name in (*config.recipe.methods, *config.recipe.pair_methods):
       get_method(name)
   except ValueError as e:
     raise UserError(f"config.method / config.distill / config.recipe.methods: {e}") from None
+  if config.eval.variant:
+    role = get_method(config.method).trains
+    try:
+      archs.get_arch_variant(config[role].arch, config.eval.variant)
+    except ValueError as e:
+      raise UserError(f"config.eval.variant (config.{role}.arch={config[role].arch!r}): "
+                      f"{e}") from None
   weights = tuple(config.class_weights)
   if weights and (len(weights) != config.num_classes or
                   not all(isinstance(w, (int, float)) for w in weights)):
@@ -191,13 +219,16 @@ def validate_config(config):
     _positive_int(config, key)
   for key in ("eval_every", "checkpoint_every", "teacher.check_images", "optimizer.warmup_steps",
               "optimizer.decay_steps", "recipe.teacher_steps", "recipe.student_batch_size",
-              "recipe.student_steps", "recipe.student_decay_steps"):
+              "recipe.student_steps", "recipe.student_decay_steps", "recipe.pair_steps",
+              "recipe.pair_teacher_steps"):
     _positive_int(config, key, allow_zero=True)
   if config.data.num_workers != "auto":
     _check(isinstance(config.data.num_workers, int) and not isinstance(
         config.data.num_workers, bool) and config.data.num_workers >= 0, "data.num_workers",
         "a non-negative integer or 'auto'", config.data.num_workers)
   _positive_int(config, "data.prefetch")
+  from transkd_jax.recipe import pairs_of
+  pairs_of(config)  # each entry names two models
   steps = tuple(config.profile_steps)
   _check(not steps or (len(steps) == 2 and all(isinstance(s, int) for s in steps) and
                        1 <= steps[0] <= steps[1]), "profile_steps",

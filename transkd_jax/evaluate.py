@@ -29,7 +29,6 @@ import numpy as np
 
 from transkd_jax import normalization, sharding, storage
 from transkd_jax.distill.losses import IGNORE_LABEL, cross_entropy
-from transkd_jax.models import SegFormer
 from transkd_jax.models.resize import resize_bilinear, resize_nearest
 
 
@@ -114,7 +113,7 @@ def miou_from_confusion(cm: np.ndarray, protocol: str = "standard") -> Dict[str,
           "protocol": protocol}
 
 
-def make_eval_step(model: SegFormer, num_classes: int, protocol: str, mesh, input_norm):
+def make_eval_step(model, num_classes: int, protocol: str, mesh, input_norm):
   """eval_step(variables, batch) -> (confusion matrix, CE sum, labelled pixels, images).
 
   Every output is summed over the global batch (all processes) and replicated.

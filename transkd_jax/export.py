@@ -63,7 +63,7 @@ IGNORE_INDEX = 255
 
 def _fields(spec: MiTVariant) -> dict:
   return {"channels": spec.channels, "depths": spec.depths, "decoder width": spec.decoder_width,
-          "mlp ratio": spec.mlp_ratio, "sr ratios": spec.sr_ratios}
+          "mlp ratios": tuple(spec.mlp_ratios), "sr ratios": spec.sr_ratios}
 
 
 def infer_variant(variables, heads: Optional[Tuple[int, ...]] = None):
@@ -82,7 +82,7 @@ def infer_variant(variables, heads: Optional[Tuple[int, ...]] = None):
     return flat[path]
 
   channels = tuple(shape("encoder", f"patch_embed{s}", "proj", "kernel")[-1] for s in range(1, 5))
-  depths, sr_ratios, mlp_ratios = [], [], set()
+  depths, sr_ratios, mlp_ratios = [], [], []
   for s in range(1, 5):
     blocks = {int(m.group(1)) for path in flat if path[0] == "encoder" and len(path) > 1
               for m in [re.fullmatch(rf"block{s}_(\d+)", path[1])] if m}
@@ -92,16 +92,17 @@ def infer_variant(variables, heads: Optional[Tuple[int, ...]] = None):
                       f"{sorted(blocks)}")
     sr = flat.get(("encoder", f"block{s}_0", "attn", "sr", "kernel"))
     sr_ratios.append(sr[0] if sr else 1)
+    ratios = set()
     for j in blocks:
       fc1 = shape("encoder", f"block{s}_{j}", "mlp", "fc1", "kernel")
-      mlp_ratios.add(fc1[1] / fc1[0])
-  if len(mlp_ratios) > 1 or not float(next(iter(mlp_ratios), 4)).is_integer():
-    raise UserError(f"--checkpoint: the Mix-FFN widths are not one integer multiple of the "
-                    f"channels (ratios {sorted(mlp_ratios)})")
-  mlp_ratio = int(next(iter(mlp_ratios), 4))
+      ratios.add(fc1[1] / fc1[0])
+    if len(ratios) > 1 or not float(next(iter(ratios), 4)).is_integer():
+      raise UserError(f"--checkpoint: stage {s}'s Mix-FFN widths are not one integer multiple "
+                      f"of its channels (ratios {sorted(ratios)})")
+    mlp_ratios.append(int(next(iter(ratios), 4)))
   decoder_width = shape("head", "linear_fuse", "kernel")[-1]
   num_classes = shape("head", "linear_pred", "kernel")[-1]
-  found = MiTVariant(channels, tuple(depths), (0, 0, 0, 0), decoder_width, mlp_ratio,
+  found = MiTVariant(channels, tuple(depths), (0, 0, 0, 0), decoder_width, tuple(mlp_ratios),
                      tuple(sr_ratios))
 
   name, row = next(((n, r) for n, r in VARIANTS.items() if _fields(r) == _fields(found)),
@@ -194,7 +195,7 @@ def hf_config(spec: MiTVariant, num_classes: int, names, num_channels: int = 3) 
       "hidden_sizes": list(spec.channels),
       "num_attention_heads": list(spec.heads),
       "sr_ratios": list(spec.sr_ratios),
-      "mlp_ratios": [spec.mlp_ratio] * 4,
+      "mlp_ratios": list(spec.mlp_ratios),
       "patch_sizes": [kernel for kernel, _, _ in PATCH_GEOMETRY],
       "strides": [stride for _, stride, _ in PATCH_GEOMETRY],
       "decoder_hidden_size": spec.decoder_width,

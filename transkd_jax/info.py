@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 
 from transkd_jax import storage
-from transkd_jax.models import SegFormer
 
 FLOPS_NOTE = ("GFLOPs from XLA's cost analysis of one image's forward pass: FLOPs, i.e. "
               "about 2 x multiply-adds; the model zoo's numbers (113.84 for B2, 13.67 for B0) "
@@ -17,7 +16,7 @@ def count_params(tree) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def model_info(model: SegFormer, image_size, method=None) -> dict:
+def model_info(model, image_size, method=None) -> dict:
   """{"params", "gflops"} of ``model`` at one image of ``image_size`` (h, w).
 
   Uses only abstract shapes (``jax.eval_shape``) and the lowered, uncompiled
@@ -37,11 +36,14 @@ def model_info(model: SegFormer, image_size, method=None) -> dict:
 def run_info(config, workdir: str) -> dict:
   """``--mode=info``: prints and writes WORKDIR/info.json (params and GFLOPs of the models)."""
   from transkd_jax import build
+  from transkd_jax.models import archs
   size = tuple(config.image_size)
   info = {}
   for role in ("teacher", "student"):
-    model = SegFormer(config[role].variant, config.num_classes, dtype=jnp.dtype(config.dtype))
-    info[role] = {"variant": config[role].variant, **model_info(model, size)}
+    arch, variant = config[role].arch, config[role].variant
+    model = archs.build(arch, variant, config.num_classes, dtype=jnp.dtype(config.dtype))
+    info[role] = {"arch": arch, "variant": str(variant),
+                  "model": build.model_name(arch, variant), **model_info(model, size)}
   method = build.method_of(config)
   info["distiller"] = {"method": method.name, "description": method.description,
                        **model_info(build.distiller(config), size)}
@@ -50,7 +52,7 @@ def run_info(config, workdir: str) -> dict:
   print(f"input {size[0]}x{size[1]}, {config.num_classes} classes")
   for role in ("teacher", "student"):
     row = info[role]
-    print(f"  {role:8s} SegFormer-{row['variant'].upper()}: {row['params']:,} parameters, "
+    print(f"  {role:8s} {row['model']}: {row['params']:,} parameters, "
           f"{row['gflops']:.2f} GFLOPs")
   row = info["distiller"]
   print(f"  training-time model ({row['method']}: {row['description']}): "

@@ -16,6 +16,15 @@ distilled by every method, with one seed; one command.
    writes ``DIR/results.md`` (method, params, GFLOPs, mIoU with its protocol,
    train time), ``DIR/results.json`` and ``DIR/results.png`` (mIoU bars).
 
+``config.recipe.pairs`` runs the table for several teacher/student pairs, e.g.
+``("segformer-b2>segformer-b0", "pvtv2-b2>pvtv2-b0", "segformer-b2>lvt")``: the
+config's own pair (``config.teacher`` / ``config.student``) keeps ``DIR/teacher``
+and ``DIR/<method>``; every other pair gets ``DIR/<teacher>_to_<student>/``, runs
+``config.recipe.pair_methods`` (empty: ``config.recipe.methods``) for
+``config.recipe.pair_steps`` steps (0: ``config.total_steps``), and a teacher trained
+for ``config.recipe.pair_teacher_steps`` (0: as the own pair's) unless a pair before
+it trained the same teacher. ``results.md`` gets a section per pair.
+
 Every run is an ordinary workdir (resume it, evaluate it, predict with it on
 its own). A run is finished when its ``eval_results.json`` exists; invoking the
 recipe again skips finished runs and resumes unfinished ones from their last
@@ -24,7 +33,9 @@ take precedence for the student-alone row).
 """
 
 import copy
+import dataclasses
 import time
+from typing import Optional, Tuple
 
 from etils import epath
 
@@ -36,8 +47,89 @@ RUN_FILE = "recipe_run.json"  # per run: training time, steps, status
 BASELINE = "student"  # the run every other student run is compared with
 
 
-def run_configs(config) -> dict:
-  """{run name: config} of the recipe, the teacher first (None when given)."""
+ModelSpec = Tuple[str, str]  # (arch, variant)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """One teacher/student pair of the recipe."""
+  teacher: ModelSpec
+  student: ModelSpec
+  subdir: str            # "" for the config's own pair, else "<teacher>_to_<student>"
+
+  @property
+  def title(self) -> str:
+    from transkd_jax.build import model_name
+    return f"{model_name(*self.teacher)} -> {model_name(*self.student)}"
+
+
+def parse_model(text: str, what: str) -> ModelSpec:
+  """"segformer-b2" -> ("segformer", "b2"); "lvt" -> ("lvt", "lvt"); errors name ``what``."""
+  from transkd_jax.models import archs
+  arch, _, variant = str(text).strip().lower().partition("-")
+  variant = variant or arch
+  try:
+    archs.get_arch_variant(archs.check_arch(arch), variant)
+  except ValueError as e:
+    raise UserError(f"{what}: {text!r} is not a model ({e}); write ARCH-VARIANT, e.g. "
+                    "'segformer-b2', 'pvtv2-b0', or 'lvt'") from None
+  return arch, variant
+
+
+def _own(config) -> Tuple[ModelSpec, ModelSpec]:
+  return ((config.teacher.arch, str(config.teacher.variant)),
+          (config.student.arch, str(config.student.variant)))
+
+
+def _slug(spec: ModelSpec) -> str:
+  arch, variant = spec
+  return arch if variant == arch else f"{arch}-{variant}"
+
+
+def pairs_of(config) -> list:
+  """The recipe's pairs (``config.recipe.pairs``; empty: the config's own pair)."""
+  own = _own(config)
+  if not config.recipe.pairs:
+    return [Pair(*own, "")]
+  pairs = []
+  for entry in config.recipe.pairs:
+    what = f"config.recipe.pairs entry {entry!r}"
+    teacher, sep, student = str(entry).partition(">")
+    if not sep:
+      raise UserError(f"{what}: expected 'TEACHER>STUDENT', e.g. 'pvtv2-b2>pvtv2-b0'")
+    teacher, student = parse_model(teacher, what), parse_model(student, what)
+    subdir = "" if (teacher, student) == own else f"{_slug(teacher)}_to_{_slug(student)}"
+    pair = Pair(teacher, student, subdir)
+    if pair in pairs:
+      raise UserError(f"{what} is listed twice")
+    pairs.append(pair)
+  return pairs
+
+
+def _with_models(config, pair: Pair):
+  """``config`` with the pair's teacher and student, and the pair's budget."""
+  import ml_collections
+  run = copy.deepcopy(config)
+  with run.unlocked():
+    for role, (arch, variant) in (("teacher", pair.teacher), ("student", pair.student)):
+      if (run[role].arch, str(run[role].variant)) != (arch, variant):
+        # A new dict: variant may be a row (tests) where the pair names a string.
+        run[role] = ml_collections.ConfigDict({**run[role].to_dict(), "arch": arch,
+                                               "variant": variant, "init": ""})
+    if pair.subdir:
+      run.total_steps = int(config.recipe.pair_steps or config.total_steps)
+      run.recipe.methods = tuple(config.recipe.pair_methods or config.recipe.methods)
+      run.recipe.teacher_steps = int(config.recipe.pair_teacher_steps or
+                                     config.recipe.teacher_steps)
+      run.teacher.checkpoint = ""
+  return run
+
+
+def run_configs(config, pair: Optional[Pair] = None) -> dict:
+  """{run name: config} of one pair (default: the config's own), the teacher first
+  (left out when the config gives one)."""
+  if pair is not None:
+    config = _with_models(config, pair)
   runs = {}
   if not config.teacher.checkpoint:
     teacher = copy.deepcopy(config)
@@ -100,13 +192,14 @@ def model_rows(config, teacher_source: str) -> dict:
   """Params and GFLOPs of the deployed teacher and student at config.image_size."""
   import jax.numpy as jnp
   from transkd_jax.info import model_info
-  from transkd_jax.models import SegFormer
+  from transkd_jax.build import model_name
+  from transkd_jax.models import archs
   size = tuple(config.image_size)
   rows = {}
   for role in ("teacher", "student"):
-    variant = config[role].variant
-    rows[role] = {"model": f"SegFormer-{str(variant).upper()}",
-                  **model_info(SegFormer(variant, config.num_classes, dtype=jnp.float32), size)}
+    arch, variant = config[role].arch, config[role].variant
+    model = archs.build(arch, variant, config.num_classes, dtype=jnp.float32)
+    rows[role] = {"model": model_name(arch, variant), **model_info(model, size)}
   rows["teacher"]["source"] = teacher_source
   return rows
 
@@ -170,37 +263,70 @@ def bar_chart(path: str, runs: dict, protocol: str):
     image.save(f, format="PNG")
 
 
-def run_recipe(config, workdir: str) -> dict:
-  """Runs (or resumes) every run of the recipe and writes the results; returns them."""
-  storage.makedirs(workdir)
+def _run_pair(config, pair: Pair, workdir: str, teachers: dict) -> dict:
+  """Runs one pair's table in ``workdir``; ``teachers`` maps a teacher model to the
+  directory of the teacher this recipe trained for it (shared by later pairs)."""
+  config = _with_models(config, pair)
+  if pair.teacher in teachers and not config.teacher.checkpoint:
+    with config.unlocked():
+      config.teacher.checkpoint = teachers[pair.teacher]
   configs = run_configs(config)
   teacher_source = config.teacher.checkpoint or storage.join(workdir, "teacher")
   runs = {}
-  wall = time.perf_counter()
   for name, run_config in configs.items():
     run_dir = storage.join(workdir, name)
     if get_method(run_config.method).teacher_call:
       with run_config.unlocked():
         run_config.teacher.checkpoint = teacher_source
-    runs[name] = run_one(name, run_config, run_dir)
+    label = f"{pair.subdir}/{name}" if pair.subdir else name
+    runs[name] = run_one(label, run_config, run_dir)
   if "teacher" not in runs:  # a given teacher: evaluate it for its row
     runs = {"teacher": _given_teacher(config, workdir), **runs}
   if "teacher" in configs:
+    teachers[pair.teacher] = teacher_source
     source = f"trained by this recipe for {configs['teacher'].total_steps} steps"
+  elif pair.teacher in teachers and config.teacher.checkpoint == teachers[pair.teacher]:
+    source = f"trained by this recipe, shared with an earlier pair ({teacher_source})"
   else:
     source = f"given ({config.teacher.checkpoint})"
   models = model_rows(config, source)
-  protocol = runs["teacher"]["eval"]["protocol"]
-  table = results_table(config, runs, models)
+  return {"runs": runs, "models": models, "table": results_table(config, runs, models),
+          "protocol": runs["teacher"]["eval"]["protocol"]}
+
+
+def run_recipe(config, workdir: str) -> dict:
+  """Runs (or resumes) every run of the recipe and writes the results; returns them.
+
+  Returns (and writes to results.json) the config's own pair's "runs" and
+  "models" at the top level, and every pair under "pairs" by title.
+  """
+  storage.makedirs(workdir)
+  pairs = pairs_of(config)
+  wall = time.perf_counter()
+  teachers, results = {}, {}
+  for pair in pairs:
+    if len(pairs) > 1:
+      print(f"== pair {pair.title} ({storage.join(workdir, pair.subdir) if pair.subdir else workdir})",
+            flush=True)
+    results[pair] = _run_pair(config, pair, storage.join(workdir, pair.subdir)
+                              if pair.subdir else workdir, teachers)
+  if len(pairs) == 1:
+    table = results[pairs[0]]["table"]
+  else:
+    table = "\n".join(f"## {pair.title}\n\n{results[pair]['table']}" for pair in pairs)
+  first = results[next((p for p in pairs if not p.subdir), pairs[0])]
   if _is_chief():
     storage.write_text(storage.join(workdir, "results.md"), table)
-    bar_chart(storage.join(workdir, "results.png"), runs, protocol)
+    bar_chart(storage.join(workdir, "results.png"), first["runs"], first["protocol"])
+  summary = {"runs": first["runs"], "models": first["models"],
+             "pairs": {pair.title: {"dir": pair.subdir, "runs": results[pair]["runs"],
+                                    "models": results[pair]["models"]} for pair in pairs}}
   _write_json(storage.join(workdir, "results.json"),
-              {"runs": runs, "models": models, "wall_time_s": time.perf_counter() - wall})
+              {**summary, "wall_time_s": time.perf_counter() - wall})
   print("\n" + table, flush=True)
   print(f"wrote {storage.join(workdir, 'results.md')}, results.json and results.png "
         f"({(time.perf_counter() - wall) / 60:.1f} min in all)", flush=True)
-  return {"runs": runs, "models": models}
+  return summary
 
 
 def _is_chief():

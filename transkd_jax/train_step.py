@@ -35,13 +35,14 @@ class TrainState:
 
 def init_state(model: Distiller, optimizer, image_shape, seed: int,
                initial_model: Optional[dict] = None) -> TrainState:
-  """A fresh state (parameters from ``seed``; optionally the trained SegFormer's replaced)."""
+  """A fresh state (parameters from ``seed``; optionally the trained model's replaced)."""
   variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape, 3), jnp.float32))
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  if initial_model is not None:  # e.g. converted ImageNet weights for the trained SegFormer
+  if initial_model is not None:  # e.g. converted ImageNet weights for the trained model
     role = model.method.trains
     params = {**params, role: initial_model["params"]}
-    batch_stats = {**batch_stats, role: initial_model["batch_stats"]}
+    if initial_model.get("batch_stats"):  # PVTv2 has no BatchNorm
+      batch_stats = {**batch_stats, role: initial_model["batch_stats"]}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=optimizer.init(params))
 
@@ -114,7 +115,7 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
       labels = batch["label"]
       total, terms = objective(method, settings, out, teacher_out, labels, class_weights,
                                ce_logits=logits_for_ce(out["logits"], labels, model.kernels))
-      return total, (terms, updated["batch_stats"])
+      return total, (terms, updated.get("batch_stats", {}))
 
     (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)

@@ -25,7 +25,7 @@ def bench_eval(config, protocol: str, steps: int = 5) -> dict:
   model = build.deployed_model(config)
   mesh = build.mesh_of(config)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, h, w, 3)))
-  variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
   label_size = (2 * h, 2 * w) if protocol == "standard" else (h // 4, w // 4)
   rng = np.random.default_rng(0)
   local = {"image": rng.integers(0, 256, size=(batch, h, w, 3)).astype(np.uint8),

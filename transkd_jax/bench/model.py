@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transkd_jax.models import SegFormer
+from transkd_jax.models import archs
 
 
 def median_seconds(fn, *args, repeats):
@@ -116,8 +116,8 @@ def bench_model(config, forms, repeats, profile=0):
   images = jnp.asarray(np.random.RandomState(0).rand(batch, *size, 3), jnp.float32)
   labels = jnp.zeros((batch, size[0] // 4, size[1] // 4), jnp.int32)
   for form in forms:
-    teacher = SegFormer(config.teacher.variant, config.num_classes, dtype=dtype, kernels=form)
-    student = SegFormer(config.student.variant, config.num_classes, dtype=dtype, kernels=form)
+    teacher, student = (archs.build(config[role].arch, config[role].variant, config.num_classes,
+                                    dtype=dtype, kernels=form) for role in ("teacher", "student"))
     t_vars = jax.jit(teacher.init)(jax.random.key(0), images[:1])
     s_vars = jax.jit(student.init)(jax.random.key(1), images[:1])
 
@@ -130,7 +130,7 @@ def bench_model(config, forms, repeats, profile=0):
       return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
 
     grad = jax.jit(jax.grad(loss))
-    state = {"batch_stats": s_vars["batch_stats"]}
+    state = {"batch_stats": s_vars.get("batch_stats", {})}
     rows = {
         "teacher_encode_s": median_seconds(encode, t_vars, images, repeats=repeats),
         "student_fwd_bwd_s": median_seconds(grad, s_vars["params"], state, images, labels,
@@ -139,8 +139,8 @@ def bench_model(config, forms, repeats, profile=0):
     print(json.dumps({"bench": "model", "backend": jax.default_backend(),
                       "device": jax.devices()[0].device_kind, "size": list(size),
                       "batch": batch, "dtype": dtype.name, "kernels": form,
-                      "teacher": str(config.teacher.variant),
-                      "student": str(config.student.variant),
+                      "teacher": f"{config.teacher.arch} {config.teacher.variant}",
+                      "student": f"{config.student.arch} {config.student.variant}",
                       **{k: round(v, 5) for k, v in rows.items()}}), flush=True)
     if profile:
       ops, total = profile_ops(grad, (s_vars["params"], state, images, labels), profile)

@@ -7,11 +7,14 @@ and the loss ``terms`` added to the cross-entropy. Each ``Term`` names the
 ``config.distill`` keys it reads and the student and teacher outputs it
 compares. Adding a method is adding a row.
 
-``Distiller`` holds the trained SegFormer and the method's modules; their
+``Distiller`` holds the trained model (any family of ``transkd_jax.models.archs``)
+and the method's modules; their
 parameters live side by side under the trained model's role ("student", or
 "teacher" for a teacher run), "fusion", "pea", "gl_mixer", "assistant" and
 "embed_fuse". ``objective`` turns teacher and student outputs into named loss
-terms. The deployed model is ``params[method.trains]``: a plain SegFormer.
+terms. The deployed model is ``params[method.trains]``: a plain segmentation model.
+The modules take their widths from the two models' stage shapes, so any pair
+whose stage maps share strides distils.
 """
 
 import dataclasses
@@ -27,8 +30,7 @@ from transkd_jax.distill.csf import CrossSelectiveFusion
 from transkd_jax.distill.ea import EmbeddingAssistant, EmbeddingFuse
 from transkd_jax.distill.gl_mixer import GLMixer
 from transkd_jax.distill.pea import PatchEmbedAlignment
-from transkd_jax.models import SegFormer
-from transkd_jax.models.variants import get_variant
+from transkd_jax.models import archs
 
 Dtype = Any
 
@@ -154,16 +156,16 @@ def loss_settings(method: Method, distill_config: Optional[Mapping]) -> Dict[str
 
 
 class Distiller(nn.Module):
-  """The trained SegFormer plus the training-time modules of one method.
+  """The trained model plus the training-time modules of one method.
 
-  ``__call__(images, train)`` returns the SegFormer's outputs ("logits",
+  ``__call__(images, train)`` returns the model's outputs ("logits",
   "features", "embeddings") and the method's "adapted" stage maps (to compare
   with the teacher's stage maps) and "aligned" patch embeddings (to compare with
   the teacher's embeddings); either may be None.
   """
   method: Method
-  variant: Any = "b0"            # the trained SegFormer's
-  teacher_variant: Any = "b2"    # gives the adapters' output widths
+  variant: Any = "b0"            # the trained model's
+  teacher_variant: Any = "b2"    # with teacher_arch, gives the adapters' output widths
   num_classes: int = 19
   fusion_channels: int = 64
   gl_heads: int = 8
@@ -172,14 +174,17 @@ class Distiller(nn.Module):
   kernels: str = "native"        # "cpu" | "native": transkd_jax/models/kernels.py
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  arch: str = "segformer"        # the trained model's family (transkd_jax/models/archs.py)
+  teacher_arch: str = "segformer"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     method = self.method
-    teacher = get_variant(self.teacher_variant).channels
+    teacher = archs.stage_channels(self.teacher_arch, self.teacher_variant)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    out = dict(SegFormer(self.variant, self.num_classes, kernels=self.kernels, name=method.trains,
-                         **kw)(images, train))
+    model = archs.ARCHS[self.arch].model(variant=self.variant, num_classes=self.num_classes,
+                                         kernels=self.kernels, name=method.trains, **kw)
+    out = dict(model(images, train))
     out["adapted"] = (method.adapter(teacher, self, name="fusion", **kw)(out["features"], train)
                       if method.adapter else None)
     out["aligned"] = None
@@ -220,7 +225,7 @@ def check_outputs(method: Method, student_out: Mapping, teacher_out: Mapping):
                  teacher_out[term.teacher])
 
 
-def check_pairing(distiller: Distiller, teacher: SegFormer, image_size: Sequence[int]):
+def check_pairing(distiller: Distiller, teacher: nn.Module, image_size: Sequence[int]):
   """Checks, from shapes alone, that the method's outputs pair with the teacher's.
 
   Runs nothing (``jax.eval_shape``); raises ValueError naming the stage whose
@@ -248,7 +253,7 @@ def objective(method: Method, settings: Mapping[str, Any], student_out: Mapping,
   """The training loss: (total, {term: value}) with every term already weighted.
 
   ``student_out`` is ``Distiller``'s output; ``teacher_out`` the teacher's
-  (``SegFormer.encode`` or full output, per ``Method.teacher_call``), which is
+  (its ``encode`` or full output, per ``Method.teacher_call``), which is
   put under ``stop_gradient`` here so no gradient ever reaches the teacher.
   ``settings`` comes from ``loss_settings``. Terms: "ce" always, then the
   method's. ``ce_logits`` (default: the student's logits) are what the

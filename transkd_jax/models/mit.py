@@ -104,7 +104,8 @@ class EfficientSelfAttention(nn.Module):
 
 
 class MixFFN(nn.Module):
-  """Linear (C->4C), 3x3 depthwise conv over the token grid, exact GELU, linear."""
+  """Linear (C -> hidden = mlp ratio x C), 3x3 depthwise conv over the token grid, exact GELU,
+  linear."""
   hidden: int
   kernels: str = "native"
   dtype: Dtype = jnp.float32
@@ -193,7 +194,7 @@ class MixTransformer(nn.Module):
                                      name=f"patch_embed{stage + 1}")(x)
       embeddings.append(tokens)
       for j in range(spec.depths[stage]):
-        tokens = Block(spec.heads[stage], spec.sr_ratios[stage], spec.mlp_ratio,
+        tokens = Block(spec.heads[stage], spec.sr_ratios[stage], spec.mlp_ratios[stage],
                        float(rates[block_index]), self.kernels, self.dtype,
                        self.param_dtype, name=f"block{stage + 1}_{j}")(tokens, hw, train)
         block_index += 1

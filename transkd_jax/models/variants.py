@@ -12,8 +12,10 @@ class MiTVariant(NamedTuple):
   depths: Tuple[int, int, int, int]
   heads: Tuple[int, int, int, int]
   decoder_width: int
-  # Shared by every variant; kept in the row so a reader sees the whole spec.
-  mlp_ratio: int = 4
+  # Mix-FFN hidden width / channels, per stage. SegFormer's MiT uses 4 everywhere;
+  # PVTv2 (transkd_jax/models/pvtv2.py) uses (8, 8, 4, 4) for B0-B4.
+  mlp_ratios: Tuple[int, int, int, int] = (4, 4, 4, 4)
+  # Shared by every MiT variant; kept in the row so a reader sees the whole spec.
   sr_ratios: Tuple[int, int, int, int] = (8, 4, 2, 1)
   drop_path_rate: float = 0.1
   head_dropout: float = 0.1

@@ -1,0 +1,66 @@
+"""The model families, as data: one row per architecture.
+
+    from transkd_jax.models import archs
+    model = archs.build("pvtv2", "b2", num_classes=19, kernels="cpu")
+    archs.stage_channels("lvt", "lvt")       # (64, 64, 160, 256)
+    archs.has_batch_stats("pvtv2")           # False: no BatchNorm anywhere
+
+Every model has SegFormer's contract: ``__call__(images, train=False)`` ->
+{"logits" (N x H/4 x W/4 x classes, float32), "features" (four NHWC stage
+maps), "embeddings" (four N x tokens x C patch embeddings)}, and
+``encode(images, train=False)`` -> {"features", "embeddings"}. For all three
+families a stage's feature map and its patch embedding have the same channels.
+"""
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax.numpy as jnp
+
+from transkd_jax.models.lvt import LVT, LVT_VARIANTS, get_lvt_variant
+from transkd_jax.models.pvtv2 import PVT_VARIANTS, PVTv2, get_pvt_variant
+from transkd_jax.models.segformer import SegFormer
+from transkd_jax.models.variants import VARIANTS, get_variant
+
+
+class Arch(NamedTuple):
+  model: Any                      # the flax module class: Model(variant, num_classes, dtype, ...)
+  variants: Mapping[str, Any]     # the variant table (name -> row)
+  get_variant: Callable[[Any], Any]  # name or row -> row; ValueError naming the allowed names
+  has_batch_stats: bool           # whether the variables hold a batch_stats collection
+
+
+ARCHS = {
+    "segformer": Arch(SegFormer, VARIANTS, get_variant, True),
+    "pvtv2": Arch(PVTv2, PVT_VARIANTS, get_pvt_variant, False),
+    "lvt": Arch(LVT, LVT_VARIANTS, get_lvt_variant, True),
+}
+
+
+def check_arch(arch) -> str:
+  """``arch`` if it names a family; ValueError naming the allowed values otherwise."""
+  if arch not in ARCHS:
+    raise ValueError(f"Unknown architecture {arch!r}; expected one of "
+                     f"{', '.join(repr(a) for a in ARCHS)}")
+  return arch
+
+
+def get_arch_variant(arch, variant):
+  """The variant row of ``arch`` for ``variant`` (a name or a row)."""
+  return ARCHS[check_arch(arch)].get_variant(variant)
+
+
+def stage_channels(arch, variant):
+  """The four stages' channels (feature maps and patch embeddings alike)."""
+  return tuple(int(c) for c in get_arch_variant(arch, variant).channels)
+
+
+def has_batch_stats(arch) -> bool:
+  return ARCHS[check_arch(arch)].has_batch_stats
+
+
+def build(arch, variant, num_classes, *, kernels="native", dtype=jnp.float32,
+          param_dtype=jnp.float32):
+  """The flax module of ``arch`` / ``variant`` (checked here, so errors come before any trace)."""
+  get_arch_variant(arch, variant)
+  return ARCHS[arch].model(variant=variant, num_classes=num_classes, dtype=dtype,
+                           param_dtype=param_dtype, kernels=kernels)
