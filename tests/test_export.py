@@ -169,3 +169,85 @@ def test_errors_name_the_flag(tmp_path, tiny, capsys):
   assert export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={existing}",
                       TINY_HEADS, "--overwrite"]) == 0
   assert (existing / "model.pth").exists()
+
+
+# --------------------------------------------------------------------------
+# PVTv2 and LVT: the public layout
+# --------------------------------------------------------------------------
+
+def _random_variables(family, variant, num_classes, seed):
+  """Full-size variables with random values, from abstract init only (no compile)."""
+  from transkd_jax.models import archs
+  model = archs.build(family, variant, num_classes)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, leaf in traverse_util.flatten_dict(shapes).items():
+    value = rng.normal(scale=0.1, size=leaf.shape).astype(np.float32)
+    flat[path] = 1 + np.abs(value) if path[-1] in ("scale", "var") else value
+  return traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.parametrize("family,variant,arch,recorded", [
+    ("pvtv2", "b0", "pvt_v2_b0", False),  # family from the tree, variant from the shapes
+    ("lvt", "lvt", "lvt", True),          # both from transkd_convert.json
+])
+def test_public_export_round_trips_pvtv2_and_lvt(tmp_path, capsys, family, variant, arch,
+                                                 recorded):
+  variables = _random_variables(family, variant, 19, seed=4)
+  ckpt = tmp_path / "converted"
+  meta = {"num_classes": 19, "normalization": "unit"}
+  if recorded:
+    meta.update(convert.record(arch, 19, "", "public", "unit"))
+  convert.save(variables, str(ckpt), meta)
+  out = tmp_path / "pt"
+  assert export.main([f"--checkpoint={ckpt}", "--format=public", f"--output={out}"]) == 0
+  line = capsys.readouterr().out
+  label = {"pvtv2": "PVTv2", "lvt": "LVT"}[family]
+  assert f"public {label} layout; {arch}, 19 classes" in line
+  state = torch.load(out / "model.pth", weights_only=True)
+  if family == "pvtv2":
+    assert tuple(state["neck.lateral_convs.0.conv.weight"].shape) == (256, 32, 1, 1)
+    assert tuple(state["head.scale_heads.3.4.conv.weight"].shape) == (128, 128, 3, 3)
+    assert tuple(state["head.conv_seg.weight"].shape) == (19, 128, 1, 1)
+    assert len(state) == 208
+  else:
+    assert tuple(state["backbone.0.1.0.attn.weight.weight"].shape) == (576, 64, 1, 1)
+    assert tuple(state["backbone.2.1.1.mlp.fc1.weight"].shape) == (640, 160, 1, 1)
+    assert int(state["linear_fuse.bn.num_batches_tracked"]) == 0
+    assert len(state) == 164
+  tree, classes = convert.convert(convert.read_state_dict(str(out / "model.pth")), arch,
+                                  log=lambda *_: None)
+  assert classes == 19
+  _assert_same_tree(tree, variables)
+
+
+def test_pvtv2_and_lvt_have_no_huggingface_export(tmp_path, capsys):
+  variables = _random_variables("pvtv2", "b0", 19, seed=5)
+  ckpt = tmp_path / "converted"
+  convert.save(variables, str(ckpt), {"num_classes": 19})
+  out = tmp_path / "hf"
+  assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--output={out}"]) == 2
+  err = capsys.readouterr().err
+  assert "SegFormer only" in err and "PVTv2 (pvt_v2_b0)" in err and "--format=pytorch" in err
+  assert not out.exists()
+  assert export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={out}",
+                      "--heads=1,2,5,8"]) == 2
+  assert "--heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["b0", "b5"])  # b5: Mix-FFN ratio 4 throughout
+def test_pvtv2_table_variants_are_recognised(name):
+  from transkd_jax.models import PVTv2
+  shapes = jax.eval_shape(PVTv2(name, 7).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  assert export.model_family(shapes) == "pvtv2"
+  family, arch, spec, classes = export.infer_model(shapes)
+  assert (family, arch, classes) == ("pvtv2", f"pvt_v2_{name}", 7)
+
+
+def test_a_pvtv2_off_the_table_is_refused():
+  from transkd_jax.models import PVTv2, MiTVariant as Row
+  row = Row((32, 64, 160, 256), (2, 2, 1, 2), (1, 2, 5, 8), 256, (8, 8, 4, 4))
+  shapes = jax.eval_shape(PVTv2(row, 19).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  with pytest.raises(UserError, match=r"closest pvt_v2_b0 differs in depths \(2, 2, 1, 2\)"):
+    export.infer_model(shapes)

@@ -1,4 +1,4 @@
-"""Export a trained SegFormer for PyTorch users: HuggingFace transformers or the public layout.
+"""Export a trained model for PyTorch users: HuggingFace transformers or the public layout.
 
     python -m transkd_jax.export --checkpoint=WORKDIR_OR_DIR --format=hf --output=D \\
         [--normalization=auto|unit|imagenet] [--heads=1,2,5,8] [--overwrite]
@@ -6,17 +6,25 @@
 
 ``--checkpoint`` is a training run's workdir (its best checkpoint, else its
 latest: the run's trained model) or a directory ``transkd_jax.convert`` wrote.
-The SegFormer variant is read off the parameter shapes and matched against
-``transkd_jax/models/variants.py``. Attention heads leave no trace in the
-shapes: a variant that is no row of the table needs ``--heads``.
+The model family (SegFormer, PVTv2, LVT) is what a convert output's
+``transkd_convert.json`` records, else read off the parameter tree (PVTv2 has
+``params/neck``, LVT a convolutional self-attention ``encoder/block1_0/attn/attn``,
+SegFormer neither). The variant is the record's, else read off the shapes and
+matched against the family's table (``transkd_jax/models/variants.py``,
+``PVT_VARIANTS``, ``LVT_VARIANTS``). Attention heads leave no trace in the
+shapes: a SegFormer variant that is no row of the table needs ``--heads``.
 
-``--format=hf`` writes ``D/model.safetensors``, ``config.json`` and
-``preprocessor_config.json``, for
+``--format=hf`` (SegFormer only) writes ``D/model.safetensors``, ``config.json``
+and ``preprocessor_config.json``, for
 ``transformers.SegformerForSemanticSegmentation.from_pretrained(D)`` and
-``SegformerImageProcessor.from_pretrained(D)``. ``--format=pytorch`` writes
-``D/model.pth``, a state dict with the public TransKD / NVlabs SegFormer names
-(``block1.0.attn.kv.weight`` ...), which ``transkd_jax.convert`` reads back
-to the same variables.
+``SegformerImageProcessor.from_pretrained(D)``. ``--format=pytorch`` (or its
+alias ``public``) writes ``D/model.pth``, a state dict with the public TransKD
+code's names, which its models load with ``load_state_dict(strict=True)`` and
+``transkd_jax.convert`` reads back to the same variables: SegFormer's
+(``block1.0.attn.kv.weight`` ..., also NVlabs'), the PVTv2 wrapper's
+(``build_pvts(name, classes)``: ``backbone.*``, ``neck.*``, ``head.*``) and
+LVT's (``lvt(rasa_cfg)``: ``backbone.{stage}.*``, ``linear_c*``, ``linear_fuse``,
+``linear_pred``).
 
 ``--normalization`` is the input scaling the preprocessor config declares:
 ``unit`` (pixels / 255, no mean/std: TransKD's reference transforms),
@@ -45,9 +53,11 @@ from transkd_jax import normalization as normalization_lib
 from transkd_jax.checkpoint import check_variables
 from transkd_jax.errors import UserError
 from transkd_jax.models.mit import EPS_BLOCK
+from transkd_jax.models.lvt import LVT_VARIANTS
+from transkd_jax.models.pvtv2 import PVT_VARIANTS
 from transkd_jax.models.variants import PATCH_GEOMETRY, VARIANTS, MiTVariant
 
-FORMATS = ("hf", "pytorch")
+FORMATS = ("hf", "pytorch", "public")  # public: the same as pytorch
 NORMALIZATIONS = ("auto", "unit", "imagenet")
 # SegformerImageProcessor's mean/std on [0, 1] pixels; ImageNet's is the mmseg transforms'
 # MEAN / STD (0-255 scale) over 255.
@@ -66,21 +76,21 @@ def _fields(spec: MiTVariant) -> dict:
           "mlp ratios": tuple(spec.mlp_ratios), "sr ratios": spec.sr_ratios}
 
 
-def infer_variant(variables, heads: Optional[Tuple[int, ...]] = None):
-  """(table name or "", MiTVariant, num_classes) of SegFormer variables, from shapes only.
-
-  A row of the variant table gives the heads; a variant that is no row needs
-  ``heads``. Raises UserError naming what is missing or does not match.
-  """
+def _param_shapes(variables, label: str, model: str):
+  """({params path: shape}, shape(*path) raising UserError naming the missing parameter)."""
   flat = {path: tuple(np.shape(leaf))
           for path, leaf in traverse_util.flatten_dict(variables.get("params", {})).items()}
 
   def shape(*path):
     if path not in flat:
-      raise UserError(f"--checkpoint holds no SegFormer parameter params/{'/'.join(path)} "
-                      "(expected the variables of transkd_jax.models.SegFormer)")
+      raise UserError(f"--checkpoint holds no {label} parameter params/{'/'.join(path)} "
+                      f"(expected the variables of transkd_jax.models.{model})")
     return flat[path]
+  return flat, shape
 
+
+def _mit_encoder(flat, shape):
+  """(channels, depths, sr ratios, mlp ratios) of a MiT / PVTv2 encoder, from shapes."""
   channels = tuple(shape("encoder", f"patch_embed{s}", "proj", "kernel")[-1] for s in range(1, 5))
   depths, sr_ratios, mlp_ratios = [], [], []
   for s in range(1, 5):
@@ -100,10 +110,20 @@ def infer_variant(variables, heads: Optional[Tuple[int, ...]] = None):
       raise UserError(f"--checkpoint: stage {s}'s Mix-FFN widths are not one integer multiple "
                       f"of its channels (ratios {sorted(ratios)})")
     mlp_ratios.append(int(next(iter(ratios), 4)))
+  return channels, tuple(depths), tuple(sr_ratios), tuple(mlp_ratios)
+
+
+def infer_variant(variables, heads: Optional[Tuple[int, ...]] = None):
+  """(table name or "", MiTVariant, num_classes) of SegFormer variables, from shapes only.
+
+  A row of the variant table gives the heads; a variant that is no row needs
+  ``heads``. Raises UserError naming what is missing or does not match.
+  """
+  flat, shape = _param_shapes(variables, "SegFormer", "SegFormer")
+  channels, depths, sr_ratios, mlp_ratios = _mit_encoder(flat, shape)
   decoder_width = shape("head", "linear_fuse", "kernel")[-1]
   num_classes = shape("head", "linear_pred", "kernel")[-1]
-  found = MiTVariant(channels, tuple(depths), (0, 0, 0, 0), decoder_width, tuple(mlp_ratios),
-                     tuple(sr_ratios))
+  found = MiTVariant(channels, depths, (0, 0, 0, 0), decoder_width, mlp_ratios, sr_ratios)
 
   name, row = next(((n, r) for n, r in VARIANTS.items() if _fields(r) == _fields(found)),
                    ("", None))
@@ -136,11 +156,116 @@ def _no_row_message(found: MiTVariant) -> str:
           "the shapes: pass --heads=h1,h2,h3,h4 to export this custom variant")
 
 
-def _check_shapes(variables, spec, num_classes, what):
+def _check_shapes(variables, spec, num_classes, what, family="segformer"):
   expected = {path: jax.ShapeDtypeStruct(shape, np.float32)
-              for path, shape in convert.expected_shapes(spec, num_classes).items()}
-  check_variables(variables, traverse_util.unflatten_dict(expected), "--checkpoint",
-                  f"{what} with {num_classes} classes")
+              for path, shape in convert.expected_shapes(spec, num_classes, family).items()}
+  expected = traverse_util.unflatten_dict(expected)
+  expected.setdefault("batch_stats", {})  # PVTv2 has none
+  check_variables(variables, expected, "--checkpoint", f"{what} with {num_classes} classes")
+
+
+def model_family(variables) -> str:
+  """The family of a parameter tree: PVTv2 has a neck, LVT a convolutional self-attention
+  (encoder/block1_0/attn/attn), SegFormer neither."""
+  params = variables.get("params", {})
+  if "neck" in params:
+    return "pvtv2"
+  if "attn" in ((params.get("encoder", {}).get("block1_0") or {}).get("attn") or {}):
+    return "lvt"
+  return "segformer"
+
+
+def recorded_model(checkpoint: str):
+  """(family, variant) that a transkd_jax.convert output's record names, else (None, None)."""
+  path = storage.join(storage.resolve(checkpoint), convert.META_FILE)
+  try:
+    meta = json.loads(storage.read_text(path)) if storage.exists(path) else {}
+  except (OSError, ValueError):
+    meta = {}
+  if not isinstance(meta, dict):
+    return None, None
+  family, variant = meta.get("family"), meta.get("variant")
+  if family not in convert.FAMILIES or not isinstance(variant, str) or variant == "custom":
+    return None, None
+  return family, variant
+
+
+def infer_model(variables, checkpoint: str = "", heads=None):
+  """(family, arch name or "", variant row, num_classes) of a checkpoint's variables.
+
+  The family and variant come from the convert record when ``checkpoint`` has
+  one, else from the tree and its shapes; the shapes are checked against them.
+  """
+  recorded_family, variant = recorded_model(checkpoint) if checkpoint else (None, None)
+  family = model_family(variables)
+  if recorded_family is not None and recorded_family != family:
+    raise UserError(f"--checkpoint: its {convert.META_FILE} says {recorded_family} but its "
+                    f"parameters are a {family}'s")
+  if family == "segformer":
+    name, spec, num_classes = infer_variant(variables, heads)
+    return family, name, spec, num_classes
+  if heads is not None:
+    raise UserError(f"--heads: only SegFormer variants need heads; --checkpoint holds a "
+                    f"{convert.LABELS[family]}")
+  if family == "pvtv2":
+    flat, shape = _param_shapes(variables, "PVTv2", "PVTv2")
+    num_classes = shape("head", "conv_seg", "kernel")[-1]
+  else:
+    flat, shape = _param_shapes(variables, "LVT", "LVT")
+    num_classes = shape("head", "linear_pred", "kernel")[-1]
+  if variant is None:
+    infer = infer_pvt_variant if family == "pvtv2" else infer_lvt_variant
+    variant = infer(flat, shape)
+  try:
+    _, spec, _, name = convert.resolve_arch(f"pvt_v2_{variant}" if family == "pvtv2"
+                                            else variant)
+  except UserError as e:
+    raise UserError(f"--checkpoint: its {convert.META_FILE} names no known {family} variant "
+                    f"({e})") from None
+  _check_shapes(variables, spec, num_classes, convert.model_label(family, name), family)
+  return family, name, spec, num_classes
+
+
+def infer_pvt_variant(flat, shape) -> str:
+  """The PVT_VARIANTS row (b0 .. b5) a PVTv2's shapes are; UserError naming the closest."""
+  channels, depths, sr_ratios, mlp_ratios = _mit_encoder(flat, shape)
+  neck_width = shape("neck", "lateral_convs_0", "kernel")[-1]
+  found = MiTVariant(channels, depths, (0, 0, 0, 0), neck_width, mlp_ratios, sr_ratios)
+  return _table_row(found, PVT_VARIANTS, "PVTv2", "pvt_v2_", "PVT_VARIANTS in "
+                    "transkd_jax/models/pvtv2.py")
+
+
+def infer_lvt_variant(flat, shape) -> str:
+  """The LVT_VARIANTS row an LVT's shapes are; UserError naming the closest."""
+  channels = tuple(shape("encoder", f"patch_embed{s}", "proj", "kernel")[-1] for s in range(1, 5))
+  depths = tuple(len({p[1] for p in flat if p[0] == "encoder" and len(p) > 1
+                      and re.fullmatch(rf"block{s}_\d+", p[1])}) for s in range(1, 5))
+  fields = lambda row: {"channels": tuple(row.channels), "depths": tuple(row.depths),
+                        "decoder width": row.decoder_width}
+  mine = {"channels": channels, "depths": depths,
+          "decoder width": shape("head", "linear_fuse", "kernel")[-1]}
+  for name, row in LVT_VARIANTS.items():
+    if fields(row) == mine:
+      return name
+  closest = "; ".join(f"{k} {mine[k]} vs {v}" for k, v in fields(LVT_VARIANTS["lvt"]).items()
+                      if mine[k] != v)
+  raise UserError(f"--checkpoint: its LVT is no row of LVT_VARIANTS in "
+                  f"transkd_jax/models/lvt.py; lvt differs in {closest}")
+
+
+def _table_row(found: MiTVariant, table, label: str, prefix: str, where: str) -> str:
+  mine = _fields(found)
+  differences = []
+  for name, row in table.items():
+    theirs = _fields(row)
+    wrong = [f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]]
+    if not wrong:
+      return name
+    differences.append((wrong, name))
+  closest, name = min(differences, key=lambda d: len(d[0]))
+  raise UserError(f"--checkpoint: its {label} (channels {found.channels}, depths "
+                  f"{found.depths}) is no row of {where}; closest {prefix}{name} differs in "
+                  f"{'; '.join(closest)}")
 
 
 # --------------------------------------------------------------------------
@@ -274,7 +399,7 @@ def export(checkpoint: str, fmt: str, output: str, normalization: str = "auto",
   from transkd_jax.checkpoint import restore_model_variables
   if fmt not in FORMATS:
     raise UserError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
-  if fmt == "pytorch":
+  if fmt in ("pytorch", "public"):
     _torch()  # before anything is written
   if normalization not in NORMALIZATIONS:
     raise UserError(f"--normalization={normalization!r}: expected one of "
@@ -286,13 +411,18 @@ def export(checkpoint: str, fmt: str, output: str, normalization: str = "auto",
     raise UserError(f"--output {output} exists; choose a new directory or pass --overwrite")
 
   variables, source = restore_model_variables(checkpoint, "--checkpoint", with_source=True)
-  name, spec, num_classes = infer_variant(variables, heads)
-  public = convert.to_public_state_dict(variables)
+  family, name, spec, num_classes = infer_model(variables, checkpoint, heads)
+  label = convert.LABELS[family]
+  if fmt == "hf" and family != "segformer":
+    raise UserError(f"--format=hf: the HuggingFace export is for SegFormer only; --checkpoint "
+                    f"holds a {label} ({name}). --format=pytorch writes it in the public "
+                    "code's layout")
+  public = convert.to_public_state_dict(variables, family)
   what = f"{name or 'custom MiT ' + str(spec.channels)}, {num_classes} classes"
   os.makedirs(output, exist_ok=True)
-  if fmt == "pytorch":
+  if fmt in ("pytorch", "public"):
     write_pytorch(public, output)
-    return (f"wrote {os.path.join(output, 'model.pth')} (public SegFormer layout; {what}) "
+    return (f"wrote {os.path.join(output, 'model.pth')} (public {label} layout; {what}) "
             f"from {source}")
   norm, why, image_size, data = input_settings(checkpoint, normalization, source)
   write_hf(public, spec, num_classes, output, norm, image_size, class_names(num_classes, data))
@@ -313,18 +443,22 @@ def _parse_heads(text: str):
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m transkd_jax.export",
-      description="Export a SegFormer (a run's workdir or a transkd_jax.convert directory) as "
-                  "a HuggingFace transformers directory or a public-layout PyTorch state dict.")
+      description="Export a SegFormer, PVTv2 or LVT (a run's workdir or a transkd_jax.convert "
+                  "directory) as a public-layout PyTorch state dict (all three) or a "
+                  "HuggingFace transformers directory (SegFormer).")
   parser.add_argument("--checkpoint", required=True,
                       help="a training run's workdir or a directory transkd_jax.convert wrote")
-  parser.add_argument("--format", required=True, help="hf | pytorch")
+  parser.add_argument("--format", required=True,
+                      help="pytorch (alias public): model.pth with the public TransKD code's "
+                           "names, for SegFormer, PVTv2 and LVT; hf: a HuggingFace "
+                           "SegformerForSemanticSegmentation directory (SegFormer only)")
   parser.add_argument("--output", required=True, help="directory to write")
   parser.add_argument("--normalization", default="auto",
                       help="hf: the inputs the model expects: auto (from the checkpoint), "
                            "unit ([0, 1] pixels) or imagenet (mean/std)")
   parser.add_argument("--heads", default=None,
-                      help="attention heads per stage, e.g. 1,2,5,8; needed only for variants "
-                           "that are no row of transkd_jax/models/variants.py")
+                      help="attention heads per stage, e.g. 1,2,5,8; needed only for SegFormer "
+                           "variants that are no row of transkd_jax/models/variants.py")
   parser.add_argument("--overwrite", action="store_true",
                       help="write into an existing --output, replacing the files it writes")
   args = parser.parse_args(argv)
