@@ -85,3 +85,31 @@ def test_a_student_from_converted_weights_starts_from_them(tmp_path):
   state = build.training(config).new_state()
   for a, b in zip(jax.tree.leaves(state.params["student"]), jax.tree.leaves(variables["params"])):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_pvtv2_teacher_distils_into_an_lvt_student(tmp_path, data_root):
+  """Across families, from a teacher whose checkpoint (as convert writes a PVTv2's) holds
+  an empty batch_stats: built, checked, and one step trains the student and its modules."""
+  from runs import TINY_LVT, TINY_PVT
+  from transkd_jax.models import archs
+  teacher = archs.build("pvtv2", TINY_PVT, 19)
+  variables = jax.jit(teacher.init)(jax.random.key(2), jnp.zeros((1, 64, 64, 3)))
+  assert set(variables) == {"params"}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "pvt", {"params": variables["params"], "batch_stats": {}})
+  config = tiny_config(data_root, method="transkd_base")
+  config.teacher.arch, config.student.arch = "pvtv2", "lvt"
+  set_variant(config, "teacher", TINY_PVT)
+  set_variant(config, "student", TINY_LVT)
+  config.teacher.checkpoint = str(tmp_path / "pvt")
+  run = build.training(config)
+  assert set(run.teacher_variables) == {"params"}
+  state = run.new_state()
+  before = jax.device_get(state.params)  # the step donates the state
+  spec = build.batch_spec(config)
+  batch = {k: jnp.ones(s.shape, s.dtype) for k, s in spec.items()}
+  new_state, metrics = run.train_step(state, run.teacher_variables, batch)
+  assert {"ce", "hcl", "pea"} <= set(metrics) and np.isfinite(float(metrics["loss"]))
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before,
+                       jax.device_get(new_state.params))
+  assert all(any(jax.tree.leaves(moved[k])) for k in ("student", "fusion", "pea"))

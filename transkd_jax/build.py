@@ -101,6 +101,8 @@ def read_model(path: str, what: str, arch: str, variant, num_classes: int):
       f"{what}={path}", f"{model_name(arch, variant)} with {num_classes} classes "
       "(config.teacher.arch/variant / config.student.arch/variant / config.eval.variant and "
       "config.num_classes)")
+  # Only the model's own collections: PVTv2 has no batch_stats (convert writes an empty one).
+  variables = {name: variables[name] for name in expected}
   return jax.tree.map(np.asarray, variables), source
 
 
