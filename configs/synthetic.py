@@ -40,9 +40,10 @@ def get_config():
   config.data.num_val = 50
   config.data.generated_size = (256, 512)
   # python -m transkd_jax.recipe: a B2 teacher for 800 steps, then each student
-  # run 300 steps; then the public code's two other pairs in miniature, the student
-  # alone and TransKD-Base each: PVTv2-B2 (a teacher of its own, PAIR_TEACHER_STEPS)
-  # -> PVTv2-B0, and the same SegFormer-B2 teacher -> LVT, PAIR_STEPS per run.
+  # run 300 steps (about 40 minutes on a 2-core CPU); then the public code's two other
+  # pairs in miniature, the student alone and TransKD-Base each: PVTv2-B2 (a teacher of
+  # its own, PAIR_TEACHER_STEPS) -> PVTv2-B0, and the same SegFormer-B2 teacher -> LVT,
+  # PAIR_STEPS per run (about 20 minutes more).
   config.recipe.teacher_steps = 800
   config.recipe.pairs = ("segformer-b2>segformer-b0", "pvtv2-b2>pvtv2-b0", "segformer-b2>lvt")
   config.recipe.pair_methods = ("student", "transkd_base")
