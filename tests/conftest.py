@@ -25,9 +25,10 @@ import pytest  # noqa: E402
 
 # The slowest test files first: with one file per xdist worker at a time, starting the long
 # ones early keeps both workers busy to the end (longest-processing-time-first).
-_SLOW_FIRST = ("test_distributed", "test_distill", "test_train", "test_models", "test_train_step",
-               "test_compile", "test_recipe", "test_build", "test_main", "test_launch",
-               "test_evaluate", "test_convert", "test_bench", "test_predict", "test_export")
+_SLOW_FIRST = ("test_distributed", "test_distill", "test_train", "test_train_step", "test_recipe",
+               "test_compile", "test_build", "test_models", "test_main", "test_pvtv2_lvt",
+               "test_launch", "test_evaluate", "test_convert_pairs", "test_convert", "test_bench",
+               "test_predict", "test_export")
 
 
 def pytest_collection_modifyitems(items):

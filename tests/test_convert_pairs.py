@@ -115,7 +115,7 @@ def test_huggingface_pvtv2_through_the_cli(tmp_path, capsys, hf_b0):
   # It loads as the rest of the code loads a model (PVTv2: no batch_stats).
   variables, _ = build.read_model(str(out), "config.student.checkpoint", meta["family"],
                                   meta["variant"], meta["num_classes"])
-  assert not jax.tree.leaves(variables["batch_stats"])
+  assert "batch_stats" not in variables
 
   model = archs.build("pvtv2", "b0", 19)
   images = np.random.default_rng(0).uniform(size=(2, 64, 96, 3)).astype(np.float32)
