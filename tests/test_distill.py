@@ -248,11 +248,12 @@ def test_gradients_reach_student_and_adapters_but_never_the_teacher(batch, teach
 
 
 # Left out to keep the suite short: transkd_base and cwd, whose modules (CSF, PEA) train in
-# transkd_gl and transkd_ea, and whose losses are checked against numpy above; fitnet, whose
-# 1x1 adapters and MSE are the simplest of all; kd, the student alone plus a loss checked
-# against numpy above.
+# transkd_gl, and whose losses are checked against numpy above; transkd_ea, whose modules
+# all get gradients in the test above; fitnet, whose 1x1 adapters and MSE are the simplest
+# of all; kd, the student alone plus a loss checked against numpy above.
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"teacher", "student", "cwd",
-                                                          "transkd_base", "fitnet", "kd"}))
+                                                          "transkd_base", "transkd_ea",
+                                                          "fitnet", "kd"}))
 def test_a_few_steps_lower_the_loss(method, batch, teacher):
   images, labels = batch
   model = _tiny(method)

@@ -20,24 +20,27 @@ def _config(tmp_path, methods=("transkd_base",)):
 
 
 def test_recipe_writes_the_table_and_skips_finished_runs(tmp_path, capsys):
-  config = _config(tmp_path)
+  # The student alone, to keep it short: a distilling row trained from the recipe's own
+  # teacher is the README's first command (CI runs it), and the teacher's hand-over is
+  # checked below (test_each_pair_gets_its_directory...).
+  config = _config(tmp_path, methods=("student",))
   out = recipe.run_recipe(config, str(tmp_path / "recipe"))
-  assert list(out["runs"]) == ["teacher", "transkd_base"]
+  assert list(out["runs"]) == ["teacher", "student"]
   table = (tmp_path / "recipe" / "results.md").read_text()
   rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-  assert [r.split("|")[1].strip() for r in rows] == ["method", "teacher", "transkd_base"]
+  assert [r.split("|")[1].strip() for r in rows] == ["method", "teacher", "student"]
   assert "standard` protocol" in table and "2 steps each" in table
-  for name in ("teacher", "transkd_base"):
+  for name in ("teacher", "student"):
     results = json.loads((tmp_path / "recipe" / name / "eval_results.json").read_text())
     assert 0 <= results["miou"] <= 1 and results["num_images"] == 4
     assert f"{100 * results['miou']:.2f}" in table
   assert Image.open(tmp_path / "recipe" / "results.png").size[0] > 200
   saved = json.loads((tmp_path / "recipe" / "results.json").read_text())
-  assert saved["runs"]["transkd_base"]["steps"] == 2
+  assert saved["runs"]["student"]["steps"] == 2
   capsys.readouterr()
   again = recipe.run_recipe(config, str(tmp_path / "recipe"))  # nothing left to train
   assert capsys.readouterr().out.count("finished earlier") == 2
-  assert again["runs"]["transkd_base"]["eval"] == out["runs"]["transkd_base"]["eval"]
+  assert again["runs"]["student"]["eval"] == out["runs"]["student"]["eval"]
 
 
 def test_unknown_method_is_named(tmp_path):
