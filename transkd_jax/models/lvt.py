@@ -76,7 +76,7 @@ from transkd_jax.models import kernels as kernels_lib
 from transkd_jax.models.head import SegFormerHead
 from transkd_jax.models.mit import MixFFN, PatchConv
 from transkd_jax.models.pvtv2 import check_images, check_num_classes
-from transkd_jax.models.variants import PATCH_GEOMETRY
+from transkd_jax.models.variants import PATCH_GEOMETRY, lookup_row
 
 Dtype = Any
 
@@ -107,13 +107,7 @@ LVT_VARIANTS = {
 
 def get_lvt_variant(name) -> LVTVariant:
   """The row for ``name`` ('lvt'); an LVTVariant passes through (tests build tiny ones)."""
-  if isinstance(name, LVTVariant):
-    return name
-  key = str(name).lower()
-  if key not in LVT_VARIANTS:
-    raise ValueError(f"Unknown LVT variant {name!r}; expected one of "
-                     f"{', '.join(sorted(LVT_VARIANTS))}.")
-  return LVT_VARIANTS[key]
+  return lookup_row(name, LVT_VARIANTS, LVTVariant, "LVT")
 
 
 def _dense(features, name, dtype, param_dtype, use_bias=True):

@@ -47,7 +47,7 @@ from flax import linen as nn
 from transkd_jax.models import initializers as init
 from transkd_jax.models.mit import MixTransformer
 from transkd_jax.models.resize import resize_bilinear, resize_nearest
-from transkd_jax.models.variants import MiTVariant
+from transkd_jax.models.variants import MiTVariant, lookup_row
 
 Dtype = Any
 
@@ -78,16 +78,7 @@ PVT_VARIANTS = {
 
 def get_pvt_variant(name) -> MiTVariant:
   """The row for ``name`` ('b0'..'b5' or 'pvt_v2_b0'..'pvt_v2_b5'); a MiTVariant passes through."""
-  if isinstance(name, MiTVariant):
-    return name
-  key = str(name).lower()
-  if key.startswith("pvt_v2_"):
-    key = key[len("pvt_v2_"):]
-  if key not in PVT_VARIANTS:
-    raise ValueError(
-        f"Unknown PVTv2 variant {name!r}; expected one of "
-        f"{', '.join(sorted(PVT_VARIANTS))} (or pvt_v2_b0 .. pvt_v2_b5).")
-  return PVT_VARIANTS[key]
+  return lookup_row(name, PVT_VARIANTS, MiTVariant, "PVTv2", "pvt_v2_")
 
 
 def check_images(images, model: str):

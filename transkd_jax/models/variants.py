@@ -37,19 +37,26 @@ VARIANTS = {
 PATCH_GEOMETRY = ((7, 4, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1))
 
 
+def lookup_row(name, table, row_type, family: str, prefix: str = ""):
+  """``table``'s row for ``name`` (optionally written ``prefix`` + name); a ``row_type``
+  passes through. Shared by the MiT, PVTv2 and LVT tables; the error names ``family``."""
+  if isinstance(name, row_type):
+    return name
+  key = str(name).lower()
+  if prefix and key.startswith(prefix):
+    key = key[len(prefix):]
+  if key not in table:
+    names = sorted(table)
+    alias = f" (or {prefix}{names[0]} .. {prefix}{names[-1]})" if prefix else ""
+    raise ValueError(f"Unknown {family} variant {name!r}; expected one of "
+                     f"{', '.join(names)}{alias}.")
+  return table[key]
+
+
 def get_variant(name) -> MiTVariant:
   """The row for ``name`` ('b0'..'b5' or 'mit_b0'..'mit_b5'); a MiTVariant passes through.
 
   Passing a row of your own (e.g. B2 widths with fewer blocks) builds a custom
   MiT; tests use that to keep B2-shaped models small.
   """
-  if isinstance(name, MiTVariant):
-    return name
-  key = str(name).lower()
-  if key.startswith("mit_"):
-    key = key[len("mit_"):]
-  if key not in VARIANTS:
-    raise ValueError(
-        f"Unknown MiT variant {name!r}; expected one of "
-        f"{', '.join(sorted(VARIANTS))} (or mit_b0 .. mit_b5).")
-  return VARIANTS[key]
+  return lookup_row(name, VARIANTS, MiTVariant, "MiT", "mit_")
