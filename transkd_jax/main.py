@@ -20,6 +20,10 @@ Every mode starts the same way: the config is validated once, then
 ``jax.distributed`` joins the processes of a multi-process run.
 """
 
+if __name__ == "__main__":  # before the imports below, which a re-exec would repeat
+  from transkd_jax import hugepages
+  hugepages.reexec()  # huge pages for XLA:CPU's buffers (transkd_jax/hugepages.py)
+
 import os
 import pathlib
 import sys

@@ -13,7 +13,9 @@ line:
   devices (2048^3 on CPU, 8192^3 on accelerators); fraction_of_matmul: their
   ratio, how close the step comes to the machine's own matmul rate;
 - tflops_per_device, and mfu where the device's peak is known
-  (``throughput.CHIPS``, dense bfloat16).
+  (``throughput.CHIPS``, dense bfloat16);
+- huge_pages: whether the process runs with glibc's huge-page tunable
+  (transkd_jax/hugepages.py; ``python -m transkd_jax.benchmark`` sets it).
 """
 
 import resource
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transkd_jax import build, sharding, throughput
+from transkd_jax import build, hugepages, sharding, throughput
 from transkd_jax.bench.model import median_seconds
 
 
@@ -74,7 +76,7 @@ def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
          "device": devices[0].device_kind, "devices": len(devices),
          "height": size[0], "width": size[1], "batch_size": batch_size,
          "dtype": config.dtype, "teacher_dtype": config.teacher_dtype or config.dtype,
-         "kernels": run.kernels,
+         "kernels": run.kernels, "huge_pages": hugepages.enabled(),
          "imgs_per_s": round(batch_size / median, 3), "step_ms_median": round(1e3 * median, 2),
          "compile_s": round(compile_s, 2),
          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
