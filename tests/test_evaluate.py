@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,11 +87,12 @@ def _numpy_miou(served):
   """Standard-protocol mIoU computed independently: per image, numpy confusion matrix."""
   from transkd_jax.models.resize import resize_bilinear
   cm = np.zeros((19, 19), np.int64)
+  apply = jax.jit(served["model"].apply, static_argnames="train")  # one compile, not op by op
   for path in sorted(glob.glob(f"{served['root']}/leftImg8bit/val/*/*.png")):
     image = np.asarray(Image.open(path).convert("RGB"), np.float32)[None] / 255.0
     gt = path.replace("leftImg8bit", "gtFine").replace("gtFine.png", "gtFine_labelIds.png")
     label = CITYSCAPES_ID_TO_TRAIN[np.asarray(Image.open(gt))]
-    logits = served["model"].apply(served["variables"], image, train=False)["logits"]
+    logits = apply(served["variables"], image, train=False)["logits"]
     pred = np.asarray(jnp.argmax(resize_bilinear(logits, label.shape), -1))[0]
     keep = label != 255
     np.add.at(cm, (label[keep], pred[keep]), 1)
