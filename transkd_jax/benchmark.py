@@ -1,10 +1,8 @@
-"""``python -m transkd_jax.benchmark step|data|eval|model|compile``: see transkd_jax/bench/."""
+"""``python -m transkd_jax.benchmark step|data|eval|model|compile``: see transkd_jax/bench/.
 
-if __name__ == "__main__":  # before the imports below, which a re-exec would repeat
-  from transkd_jax import hugepages
-  hugepages.reexec()  # huge pages for XLA:CPU's buffers (transkd_jax/hugepages.py)
-
-from transkd_jax.bench.cli import run
+The same command as ``python -m transkd_jax.bench``, whose ``__main__`` this runs.
+"""
 
 if __name__ == "__main__":
-  run()
+  import runpy
+  runpy.run_module("transkd_jax.bench", run_name="__main__", alter_sys=True)
