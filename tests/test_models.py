@@ -11,7 +11,7 @@ from transkd_jax.models import SegFormer, VARIANTS
 from transkd_jax.models import initializers as init
 from transkd_jax.models import kernels
 from transkd_jax.models.kernels import softmax_attention
-from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv
+from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv, gelu
 from transkd_jax.models.head import SegFormerHead
 from transkd_jax.models.resize import (bilinear_matrix, nearest_indices, resize_bilinear,
                                       resize_nearest)
@@ -262,3 +262,13 @@ def test_linear_layers_start_like_timm_trunc_normal():
   kernel = np.asarray(init.linear_kernel(jax.random.key(0), (512, 1024)))
   assert abs(kernel.std() / 0.02 - 1) < 0.02 and abs(kernel.mean()) < 1e-4
   assert np.abs(kernel).max() <= 2.0
+
+
+def test_gelu_is_the_exact_erf_gelu_and_keeps_the_dtype():
+  x = np.linspace(-9.0, 9.0, 721)
+  expected = np.array([v * (1.0 + math.erf(v / math.sqrt(2.0))) / 2.0 for v in x])
+  np.testing.assert_allclose(gelu(jnp.asarray(x, jnp.float32)), expected, rtol=2e-6, atol=1e-6)
+  assert gelu(jnp.ones((2,), jnp.bfloat16)).dtype == jnp.bfloat16
+  grad = jax.vmap(jax.grad(gelu))(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(grad, jax.vmap(jax.grad(
+      lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x, jnp.float32)), atol=2e-6)

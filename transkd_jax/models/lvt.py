@@ -74,7 +74,7 @@ from flax import linen as nn
 from transkd_jax.models import initializers as init
 from transkd_jax.models import kernels as kernels_lib
 from transkd_jax.models.head import SegFormerHead
-from transkd_jax.models.mit import MixFFN, PatchConv
+from transkd_jax.models.mit import MixFFN, PatchConv, gelu
 from transkd_jax.models.pvtv2 import check_images, check_num_classes
 from transkd_jax.models.variants import PATCH_GEOMETRY, lookup_row
 
@@ -340,7 +340,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     channels = x.shape[-1]
     x = _dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     return _dense(channels, "fc2", self.dtype, self.param_dtype)(x)
 
 

@@ -10,6 +10,7 @@ that ``transkd_jax.convert`` is a plain rename.
 
 from typing import Any, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -32,6 +33,16 @@ def _dense(features, name, dtype, param_dtype):
 
 def _layer_norm(eps, name, dtype, param_dtype):
   return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def gelu(x):
+  """Exact GELU, x * Phi(x), through erf as PyTorch's ``nn.GELU()`` computes it.
+
+  ``flax.linen.gelu(x, approximate=False)`` goes through erfc, which XLA:CPU
+  evaluates with an exp and more selects: the whole train step is 3-6 %
+  slower with it (docs/performance.md). The two differ by float rounding.
+  """
+  return x * (0.5 + 0.5 * jax.lax.erf(x * 2 ** -0.5))
 
 
 class DepthwiseConv3x3(nn.Module):
@@ -118,11 +129,7 @@ class MixFFN(nn.Module):
     x = x.reshape(batch, hw[0], hw[1], self.hidden)
     x = DepthwiseConv3x3(self.kernels, self.dtype, self.param_dtype, name="dwconv")(x)
     x = x.reshape(batch, tokens, self.hidden)
-    # Exact (erf) GELU. Written with erf instead of flax's erfc it is faster
-    # alone on XLA:CPU but slower in the model (XLA then fuses the depthwise
-    # conv into the fc2 matmul's YNNPACK fusion with materialised shifted
-    # copies), so flax's form stays.
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     return _dense(channels, "fc2", self.dtype, self.param_dtype)(x)
 
 
