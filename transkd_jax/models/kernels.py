@@ -127,9 +127,8 @@ def unchunked():
 def _query_chunk(batch: int, tokens: int, heads: int, keys: int) -> int:
   """Queries per chunk: batch x chunk x heads x keys logits stay near ``_CHUNK_ELEMENTS``.
 
-  The tokens are split evenly over as few chunks as that allows, so the last chunk is
-  padded by fewer than one query per chunk (at most ``chunks - 1`` padded rows in all,
-  not up to a whole chunk's worth).
+  The tokens are split evenly over as few chunks as that allows, so fewer query rows
+  than there are chunks are padding.
   """
   if _whole:
     return tokens
