@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from transkd_jax.models import SegFormer, VARIANTS
 from transkd_jax.models import initializers as init
@@ -140,6 +141,22 @@ def test_shifted_depthwise_custom_gradient_equals_convolution_gradient(shape):
   np.testing.assert_allclose(out_s, out_c, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(vjp_s(g)), jax.tree.leaves(vjp_c(g))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6), (3, 6), (1, 4, 6)])
+def test_dense_over_a_2d_view_equals_plain_dense_with_its_gradients(shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  g = jax.random.normal(jax.random.key(1), shape[:-1] + (5,))
+  flat, plain = nn.Dense(5, dot_general=kernels.dense_dot_general), nn.Dense(5)
+  params = flat.init(jax.random.key(2), x)
+  out, vjp = jax.vjp(jax.jit(flat.apply), params, x)
+  ref, vjp_ref = jax.vjp(plain.apply, params, x)
+  assert out.shape == ref.shape == g.shape
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(vjp(g)), jax.tree.leaves(vjp_ref(g))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="last axis with a 2-D kernel"):
+    kernels.dense_dot_general(x, jnp.ones((shape[0], 5)), (((0,), (0,)), ((), ())))
 
 
 @pytest.mark.parametrize("size", [(16, 16), (13, 11)])

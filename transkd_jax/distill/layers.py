@@ -5,6 +5,7 @@ from typing import Any
 from flax import linen as nn
 
 from transkd_jax.models import initializers as init
+from transkd_jax.models import kernels
 
 Dtype = Any
 
@@ -41,7 +42,7 @@ def dense(features: int, fan_in: int, name: str, dtype: Dtype, param_dtype: Dtyp
   """nn.Linear with PyTorch's default initialisation (the public modules keep it)."""
   return nn.Dense(features, use_bias=use_bias, kernel_init=init.torch_default_kernel,
                   bias_init=init.torch_default_bias(fan_in), dtype=dtype,
-                  param_dtype=param_dtype, name=name)
+                  param_dtype=param_dtype, dot_general=kernels.dense_dot_general, name=name)
 
 
 def check_stage_count(name: str, values, expected: int = 4):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from transkd_jax.models import initializers as init
+from transkd_jax.models import kernels as kernels_lib
 from transkd_jax.models.resize import resize_bilinear
 
 Dtype = Any
@@ -83,7 +84,7 @@ class SegFormerHead(nn.Module):
       feat, kernel, bias, block = nn.dtypes.promote_dtype(
           features[stage], params["kernel"], params["bias"], block, dtype=self.dtype)
       # (f @ K + b) @ F == f @ (K @ F) + b @ F, at the stage's resolution.
-      y = jnp.dot(feat, kernel @ block) + bias @ block
+      y = kernels_lib.linear(feat, kernel @ block) + bias @ block
       y = resize_bilinear(y, size, self.kernels)
       x = y if x is None else x + y
     # PyTorch BatchNorm momentum 0.1 == flax momentum 0.9.
@@ -96,4 +97,4 @@ class SegFormerHead(nn.Module):
                                 init.torch_default_bias(self.width),
                                 param_dtype=self.param_dtype, name="linear_pred")()
     x, pred, bias = nn.dtypes.promote_dtype(x, pred, bias, dtype=self.dtype)
-    return jnp.dot(x, pred) + bias
+    return kernels_lib.linear(x, pred) + bias

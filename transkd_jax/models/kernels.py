@@ -12,6 +12,10 @@ differ in what the compiler makes of them:
   with the adjoint as gathers; ``native``, contraction with the interpolation
   matrix, as ``jax.image`` does.
 
+One op has a single form for every platform: ``linear``, the matmul of every
+dense layer (``nn.Dense(dot_general=kernels.dense_dot_general)``) and of the
+SegFormer head, taken over a 2-D view of the input.
+
 XLA:CPU runs grouped convolutions, autodiff's softmax backward and scatter-adds
 slowly (docs/performance.md); TPUs and GPUs run the native ops on their
 convolution and matmul units, and gathers poorly. The form is chosen
@@ -240,3 +244,33 @@ def attention(q, k, v, form: str):
   if check_form(form) == "cpu":
     return softmax_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v)
+
+
+def linear(x, kernel, precision=None):
+  """``x[..., C] @ kernel[C, D]`` over a 2-D (tokens x C) view of ``x``.
+
+  The result equals ``jnp.dot(x, kernel)``. The difference is in the weight
+  gradient: autodiff of the N-d form contracts over every leading axis, and
+  XLA:CPU then copies the output gradient into a transposed layout and runs
+  an Eigen matmul with both operands transposed (3-6x slower than the 2-D
+  one at MiT stage-1 sizes). Over the 2-D view the weight gradient is a
+  plain ``x^T @ g``: the TransKD-Base train step is ~11 % faster on XLA:CPU
+  (docs/performance.md). The reshape merges leading axes only, so a batch
+  sharding carries over.
+  """
+  if x.ndim <= 2:
+    return jnp.dot(x, kernel, precision=precision)
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel, precision=precision)
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def dense_dot_general(x, kernel, dimension_numbers, precision=None,
+                      preferred_element_type=None):
+  """``nn.Dense``'s ``dot_general`` as ``linear``: pass it as ``nn.Dense(dot_general=...)``."""
+  (x_axes, kernel_axes), batch_axes = dimension_numbers
+  if (tuple(x_axes) != (x.ndim - 1,) or tuple(kernel_axes) != (0,) or kernel.ndim != 2
+      or any(batch_axes) or preferred_element_type is not None):
+    raise ValueError("dense_dot_general contracts the input's last axis with a 2-D kernel's "
+                     f"first (nn.Dense over one axis), got dimension_numbers="
+                     f"{dimension_numbers!r} for shapes {x.shape} and {kernel.shape}")
+  return linear(x, kernel, precision)

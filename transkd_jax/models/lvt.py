@@ -113,7 +113,7 @@ def get_lvt_variant(name) -> LVTVariant:
 def _dense(features, name, dtype, param_dtype, use_bias=True):
   return nn.Dense(features, use_bias=use_bias, kernel_init=init.linear_kernel,
                   bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
-                  name=name)
+                  dot_general=kernels_lib.dense_dot_general, name=name)
 
 
 def _layer_norm(name, dtype, param_dtype):

@@ -28,7 +28,8 @@ EPS_BLOCK = 1e-6  # block norms and the norm closing each stage
 
 def _dense(features, name, dtype, param_dtype):
   return nn.Dense(features, kernel_init=init.linear_kernel, bias_init=nn.initializers.zeros,
-                  dtype=dtype, param_dtype=param_dtype, name=name)
+                  dtype=dtype, param_dtype=param_dtype, dot_general=kernels.dense_dot_general,
+                  name=name)
 
 
 def _layer_norm(eps, name, dtype, param_dtype):
