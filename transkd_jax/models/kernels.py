@@ -254,12 +254,10 @@ def linear(x, kernel, precision=None):
   XLA:CPU then copies the output gradient into a transposed layout and runs
   an Eigen matmul with both operands transposed (3-6x slower than the 2-D
   one at MiT stage-1 sizes). Over the 2-D view the weight gradient is a
-  plain ``x^T @ g``: the TransKD-Base train step is ~11 % faster on XLA:CPU
+  plain ``x^T @ g``: the TransKD-Base train step is 4-11 % faster on XLA:CPU
   (docs/performance.md). The reshape merges leading axes only, so a batch
   sharding carries over.
   """
-  if x.ndim <= 2:
-    return jnp.dot(x, kernel, precision=precision)
   y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel, precision=precision)
   return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
