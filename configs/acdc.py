@@ -24,7 +24,7 @@ def get_config():
   config.optimizer.decay_steps = 1500 * STEPS_PER_EPOCH
   config.eval_every = STEPS_PER_EPOCH
   config.data.name = "acdc"
-  config.data.root = ""          # --config.data.root=/path/to/acdc
+  config.data.root = ""  # --config.data.root=/path/to/acdc
   config.data.conditions = "all"
   config.recipe.student_batch_size = 4  # the recipe's student-alone row: train_student.py
   config.recipe.student_steps = 500 * STUDENT_STEPS_PER_EPOCH

@@ -22,9 +22,9 @@ def get_config():
   config.image_size = (480, 640)
   config.class_weights = ()
   config.total_steps = 500 * STEPS_PER_EPOCH
-  config.optimizer.decay_steps = 0   # 0: decay over total_steps
+  config.optimizer.decay_steps = 0  # 0: decay over total_steps
   config.eval_every = 10 * STEPS_PER_EPOCH
   config.eval_split = "test"
   config.data.name = "nyuv2"
-  config.data.root = ""          # --config.data.root=/path/to/nyuv2
+  config.data.root = ""  # --config.data.root=/path/to/nyuv2
   return config

@@ -23,12 +23,12 @@ def get_config():
   config.student.variant = "b0"
   config.method = "student"
   config.batch_size = 4
-  config.total_steps = 200          # each student run
-  config.optimizer.lr = 6e-4        # a short schedule: 10x the public code's rate
+  config.total_steps = 200  # each student run
+  config.optimizer.lr = 6e-4  # a short schedule: 10x the public code's rate
   config.optimizer.decay_steps = 0  # decay over total_steps
   config.optimizer.warmup_steps = 20
   config.log_every = 50
-  config.eval_every = 0             # the recipe evaluates each finished run once
+  config.eval_every = 0  # the recipe evaluates each finished run once
   config.checkpoint_every = 0
   config.data.name = "generated"
   config.data.num_train = 200

@@ -18,7 +18,7 @@ student alone, so the command works without a teacher.
 
 from transkd_jax.config import base_config
 
-PAIR_STEPS = 200          # each student run of the PVTv2 and LVT pairs
+PAIR_STEPS = 200  # each student run of the PVTv2 and LVT pairs
 PAIR_TEACHER_STEPS = 400  # the PVTv2-B2 teacher
 
 
@@ -29,7 +29,7 @@ def get_config():
   config.method = "student"
   config.batch_size = 4
   config.total_steps = 300
-  config.optimizer.lr = 6e-4      # a short schedule: 10x the public code's rate
+  config.optimizer.lr = 6e-4  # a short schedule: 10x the public code's rate
   config.optimizer.decay_steps = 0  # decay over total_steps
   config.optimizer.warmup_steps = 20
   config.log_every = 20

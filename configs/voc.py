@@ -22,6 +22,6 @@ def get_config():
   config.eval_every = STEPS_PER_EPOCH
   config.train_split = "train_aug"
   config.data.name = "voc"
-  config.data.root = ""          # --config.data.root=/path/to/VOCdevkit/VOC2012
+  config.data.root = ""  # --config.data.root=/path/to/VOCdevkit/VOC2012
   config.data.eval_label_pad = (500, 500)  # VOC images differ in size, at most 500 a side
   return config

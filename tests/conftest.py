@@ -7,8 +7,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests run tiny models, so XLA's compile time dominates their run time; LLVM's
 # lowest optimisation level compiles ~2-3x faster and computes the same values.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+  ).strip()
 
 import jax  # noqa: E402
 
@@ -25,16 +26,32 @@ import pytest  # noqa: E402
 
 # The slowest test files first: with one file per xdist worker at a time, starting the long
 # ones early keeps both workers busy to the end (longest-processing-time-first).
-_SLOW_FIRST = ("test_distributed", "test_distill", "test_train", "test_train_step", "test_recipe",
-               "test_compile", "test_build", "test_models", "test_main", "test_pvtv2_lvt",
-               "test_launch", "test_evaluate", "test_convert_pairs", "test_convert", "test_bench",
-               "test_predict", "test_export")
+_SLOW_FIRST = (
+  "test_distributed",
+  "test_distill",
+  "test_train",
+  "test_train_step",
+  "test_recipe",
+  "test_compile",
+  "test_build",
+  "test_models",
+  "test_main",
+  "test_pvtv2_lvt",
+  "test_launch",
+  "test_evaluate",
+  "test_convert_pairs",
+  "test_convert",
+  "test_bench",
+  "test_predict",
+  "test_export",
+)
 
 
 def pytest_collection_modifyitems(items):
   def rank(item):
     name = item.path.stem
     return _SLOW_FIRST.index(name) if name in _SLOW_FIRST else len(_SLOW_FIRST)
+
   items.sort(key=rank)  # stable: each file's tests keep their order
 
 
@@ -64,6 +81,7 @@ def compile_cache(tmp_path_factory):
 def _shared_compilation_cache(compile_cache):
   """The tests' own compiles use that cache too (those that take over a second)."""
   from jax.experimental.compilation_cache import compilation_cache
+
   jax.config.update("jax_compilation_cache_max_size", 8 << 30)  # with the file lock
   compilation_cache.reset_cache()
   compilation_cache.set_cache_dir(compile_cache)
@@ -76,13 +94,16 @@ def teacher_dir(tmp_path_factory):
   """A random B0 teacher (19 classes; small, to keep compiles short), saved as convert does."""
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
+
   from transkd_jax.models import SegFormer
+
   path = tmp_path_factory.mktemp("teacher") / "b0"
   model = SegFormer("b0", 19)
   variables = jax.jit(model.init)(jax.random.key(5), jnp.zeros((1, 64, 128, 3)))
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, {"params": variables["params"],
-                             "batch_stats": variables["batch_stats"]})
+    checkpointer.save(
+      path, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    )
   return str(path)
 
 
@@ -90,10 +111,12 @@ def teacher_dir(tmp_path_factory):
 def served(tmp_path_factory):
   """A generated 64x128 tree and a B0 'converted' checkpoint whose head predicts several
   classes (eval and predict tests)."""
+  import jax.numpy as jnp
+
   from transkd_jax import convert
   from transkd_jax.data import generated
-  import jax.numpy as jnp
   from transkd_jax.models import SegFormer
+
   base = tmp_path_factory.mktemp("evalpred")
   root = str(base / "tree")
   generated.write_dataset(root, 4, 3, (64, 128), seed=0)
@@ -101,7 +124,8 @@ def served(tmp_path_factory):
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 128, 3)))
   # A random head predicts one class everywhere; a larger classifier spreads the argmax.
   variables = jax.tree_util.tree_map_with_path(
-      lambda p, x: x * 30 if "linear_pred" in jax.tree_util.keystr(p) else x, variables)
+    lambda p, x: x * 30 if "linear_pred" in jax.tree_util.keystr(p) else x, variables
+  )
   ckpt = str(base / "ckpt")
   convert.save(jax.device_get(variables), ckpt, {"arch": "mit_b0", "num_classes": 19})
   return {"root": root, "ckpt": ckpt, "model": model, "variables": variables}

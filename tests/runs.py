@@ -17,15 +17,22 @@ SYNTHETIC = f"--config={REPO / 'configs' / 'synthetic.py'}"
 # Tiny rows (MiT / PVTv2, LVT): the same four-stage geometry, a fraction of the widths.
 TINY_STUDENT = MiTVariant((8, 16, 24, 32), (1, 1, 1, 1), (1, 1, 1, 2), 32)
 TINY_TEACHER = MiTVariant((16, 32, 48, 64), (1, 1, 1, 1), (1, 2, 2, 4), 32)
-TINY_PVT = MiTVariant((8, 16, 24, 32), (1, 1, 1, 1), (1, 2, 2, 4), decoder_width=16,
-                      mlp_ratios=(8, 8, 4, 4))
-TINY_LVT = LVTVariant(channels=(8, 8, 16, 16), depths=(1, 1, 1, 1), heads=(2, 2, 2, 4),
-                      mlp_ratios=(4, 8, 4, 4), decoder_width=16)
+TINY_PVT = MiTVariant(
+  (8, 16, 24, 32), (1, 1, 1, 1), (1, 2, 2, 4), decoder_width=16, mlp_ratios=(8, 8, 4, 4)
+)
+TINY_LVT = LVTVariant(
+  channels=(8, 8, 16, 16),
+  depths=(1, 1, 1, 1),
+  heads=(2, 2, 2, 4),
+  mlp_ratios=(4, 8, 4, 4),
+  decoder_width=16,
+)
 
 
 def load_config(path):
   """A config file's ConfigDict, loaded as main loads it."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -46,12 +53,13 @@ def tiny_config(data_root="", **overrides):
   config = synthetic_config()
   set_variant(config, "student", TINY_STUDENT)
   set_variant(config, "teacher", TINY_TEACHER)
-  config.update(image_size=(64, 128), batch_size=2, total_steps=6, log_every=1, eval_every=0,
-                checkpoint_every=0)
+  config.update(
+    image_size=(64, 128), batch_size=2, total_steps=6, log_every=1, eval_every=0, checkpoint_every=0
+  )
   config.optimizer.warmup_steps = 0
   config.teacher.check_images = 0  # test_build checks the teacher check itself
   config.count_flops = False  # one more trace per run; test_train's end-to-end run counts
-  config.recipe.pairs = ()    # the tiny pair only (synthetic.py lists full-size pairs)
+  config.recipe.pairs = ()  # the tiny pair only (synthetic.py lists full-size pairs)
   config.data.update(root=str(data_root), num_train=8, num_val=4, generated_size=(64, 128))
   config.update(overrides)
   return config
@@ -67,30 +75,52 @@ def stop(procs):
 
 def overrides(data_root, **extra):
   """--config.* flags for a tiny B0 run on generated 64x128 scenes."""
-  values = {"image_size": "(64,128)", "batch_size": 2, "data.root": data_root,
-            "data.num_train": 8, "data.num_val": 4, "data.generated_size": "(64,128)",
-            "log_every": 1, "eval_every": 0, "optimizer.warmup_steps": 0,
-            "teacher.check_images": 0, "count_flops": False, **extra}
+  values = {
+    "image_size": "(64,128)",
+    "batch_size": 2,
+    "data.root": data_root,
+    "data.num_train": 8,
+    "data.num_val": 4,
+    "data.generated_size": "(64,128)",
+    "log_every": 1,
+    "eval_every": 0,
+    "optimizer.warmup_steps": 0,
+    "teacher.check_images": 0,
+    "count_flops": False,
+    **extra,
+  }
   return [f"--config.{k}={v}" for k, v in values.items()]
 
 
 def env(cache, devices=None):
   """CPU, a shared persistent compilation cache, and optionally N CPU devices."""
-  out = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             # A size limit turns on eviction, and with it the cache's file lock: test
-             # processes share the directory (conftest.compile_cache).
-             JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
+  out = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    # A size limit turns on eviction, and with it the cache's file lock: test
+    # processes share the directory (conftest.compile_cache).
+    JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),
+  )
   if devices:
-    out["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        f"{os.environ.get('XLA_FLAGS', '')}")
+    out["XLA_FLAGS"] = (
+      f"--xla_force_host_platform_device_count={devices} {os.environ.get('XLA_FLAGS', '')}"
+    )
   return out
 
 
 def main(args, env, **kw):
-  return subprocess.Popen([sys.executable, "-m", "transkd_jax.main", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+  return subprocess.Popen(
+    [sys.executable, "-m", "transkd_jax.main", *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    **kw,
+  )
 
 
 def final_params(workdir, step):
@@ -112,12 +142,14 @@ def wait_for(predicate, proc, timeout=300):
 def served_config(served, **predict):
   """A config that evaluates / predicts with the ``served`` fixture's checkpoint."""
   from transkd_jax.config import base_config
+
   config = base_config()
   config.image_size = (64, 128)
   config.batch_size = 2
   config.method = "student"
   config.eval.checkpoint = served["ckpt"]
-  config.data.update({"root": served["root"], "num_train": 4, "num_val": 3,
-                      "generated_size": (64, 128)})
+  config.data.update(
+    {"root": served["root"], "num_train": 4, "num_val": 3, "generated_size": (64, 128)}
+  )
   config.predict.update(predict)
   return config

@@ -11,16 +11,23 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from transkd_jax import build, sharding  # noqa: E402
-
 from runs import tiny_config  # noqa: E402
+
+from transkd_jax import build, sharding  # noqa: E402
 
 
 def run(mesh_shape, rule, devices, steps=2):
   # The student alone: the teacher and the distillation modules shard by the same rules
   # (test_compile checks a TransKD-Base step under FSDP gathers them and never the batch).
-  config = tiny_config(method="student", num_classes=5, image_size=(64, 64), batch_size=8,
-                       total_steps=10, mesh_shape=mesh_shape, sharding=rule)
+  config = tiny_config(
+    method="student",
+    num_classes=5,
+    image_size=(64, 64),
+    batch_size=8,
+    total_steps=10,
+    mesh_shape=mesh_shape,
+    sharding=rule,
+  )
   # eps 1.0 keeps AdamW's update proportional to small gradients; with eps 1e-8 a
   # gradient that is float noise around 0 becomes a +-lr step, on one device or eight.
   config.optimizer.update(lr=1e-3, eps=1.0, weight_decay=0.01, grad_clip_norm=1.0)
@@ -48,8 +55,7 @@ def main():
   # data x model: the batch split 4 ways, large parameters and their state 2 ways.
   for name, shape, rule in (("fsdp", (4, 2), "fsdp"),):
     params, losses, spec = run(shape, rule, devices)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params,
-                                         single))
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, single))
     out[name] = {"max_param_diff": max(diffs), "losses": losses, "fc1_spec": spec}
   print(json.dumps(out))
 

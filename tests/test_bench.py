@@ -6,12 +6,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from runs import REPO, SYNTHETIC, tiny_config
 
 from transkd_jax import throughput
 from transkd_jax.bench.step import bench_step
 from transkd_jax.models import kernels
-
-from runs import REPO, SYNTHETIC, tiny_config
 
 
 def test_step_times_the_configured_method():
@@ -41,27 +40,45 @@ def test_flops_count_every_attention_chunk(monkeypatch):
 def test_rates_use_the_device_peak():
   class Device:
     device_kind = "NVIDIA H100 80GB HBM3"
+
   rates = throughput.rates(2 * 989e12, 1.0, [Device(), Device()])
   assert rates["tflops_per_device"] == 989 and rates["mfu"] == 1.0
 
 
 def test_a_bad_subcommand_or_config_is_one_line():
-  result = subprocess.run([sys.executable, "-m", "transkd_jax.benchmark", "nope", SYNTHETIC],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-m", "transkd_jax.benchmark", "nope", SYNTHETIC],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode != 0 and "step|data|eval|model" in result.stderr
-  result = subprocess.run([sys.executable, "-m", "transkd_jax.benchmark", "step", SYNTHETIC,
-                           "--config.batch_size=0"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-m", "transkd_jax.benchmark", "step", SYNTHETIC, "--config.batch_size=0"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 2 and "config.batch_size must be a positive integer" in result.stderr
 
 
 def test_peak_memory_counts_the_worker_processes():
   """benchmark data's peak_host_mb sums this process and its children (grain's workers)."""
   from transkd_jax.bench.data import PeakMemory, tree_rss_mb
+
   before = tree_rss_mb()
-  child = subprocess.Popen([sys.executable, "-c", "import sys, time; x = bytearray(300 << 20); "
-                            "x[::4096] = b'1' * len(x[::4096]); print(1, flush=True); "
-                            "time.sleep(30)"], stdout=subprocess.PIPE)
+  child = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; x = bytearray(300 << 20); "
+      "x[::4096] = b'1' * len(x[::4096]); print(1, flush=True); "
+      "time.sleep(30)",
+    ],
+    stdout=subprocess.PIPE,
+  )
   try:
     with PeakMemory(every_s=0.01) as memory:
       child.stdout.readline()  # the child holds its 300 MB now

@@ -7,14 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from runs import TINY_TEACHER, set_variant, tiny_config
 
 from transkd_jax import build
 from transkd_jax.distill import METHODS
 from transkd_jax.errors import UserError
 from transkd_jax.models import SegFormer
 from transkd_jax.train import check_teacher, train
-
-from runs import TINY_TEACHER, set_variant, tiny_config
 
 
 def test_a_distilling_run_holds_its_method_row_and_the_student(teacher_dir, data_root):
@@ -48,15 +47,17 @@ def test_a_teacher_run_trains_and_serves_its_teacher(tmp_path, data_root):
   config.eval.checkpoint = ""
   served = build.serving(config, str(tmp_path))
   assert served.variant == TINY_TEACHER and "step 2" in served.source
-  params = jax.eval_shape(SegFormer(TINY_TEACHER, 19).init, jax.random.key(0),
-                          jnp.zeros((1, 64, 64, 3)))["params"]
+  params = jax.eval_shape(
+    SegFormer(TINY_TEACHER, 19).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))
+  )["params"]
   assert jax.tree.map(np.shape, served.variables["params"]) == jax.tree.map(np.shape, params)
 
 
 def test_a_missing_or_mismatched_teacher_is_named_before_compiling(tmp_path):
   config = tiny_config(method="transkd_base")
-  with pytest.raises(UserError, match="method 'transkd_base' distils from a teacher: set "
-                                      "config.teacher.checkpoint"):
+  with pytest.raises(
+    UserError, match="method 'transkd_base' distils from a teacher: set config.teacher.checkpoint"
+  ):
     build.training(config)
   config.teacher.checkpoint = str(tmp_path / "nope")
   with pytest.raises(UserError, match="config.teacher.checkpoint=.*no such directory"):
@@ -68,8 +69,11 @@ def test_a_missing_or_mismatched_teacher_is_named_before_compiling(tmp_path):
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / "b0", variables)
   config.teacher.checkpoint = str(tmp_path / "b0")
-  with pytest.raises(UserError, match=r"config.teacher.checkpoint=.*b0 does not fit "
-                                      r"SegFormer-.* with 19 classes.*shape of"):
+  with pytest.raises(
+    UserError,
+    match=r"config.teacher.checkpoint=.*b0 does not fit "
+    r"SegFormer-.* with 19 classes.*shape of",
+  ):
     build.training(config)
 
 
@@ -77,8 +81,9 @@ def test_a_student_from_converted_weights_starts_from_them(tmp_path):
   model = SegFormer("b0", 19)
   variables = jax.jit(model.init)(jax.random.key(9), jnp.zeros((1, 64, 64, 3)))
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "init", {"params": variables["params"],
-                                          "batch_stats": variables["batch_stats"]})
+    checkpointer.save(
+      tmp_path / "init", {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    )
   config = tiny_config(method="student")
   set_variant(config, "student", "b0")
   config.student.init = str(tmp_path / "init")
@@ -91,7 +96,9 @@ def test_a_pvtv2_teacher_distils_into_an_lvt_student(tmp_path, data_root):
   """Across families, from a teacher whose checkpoint (as convert writes a PVTv2's) holds
   an empty batch_stats: built, checked, and one step trains the student and its modules."""
   from runs import TINY_LVT, TINY_PVT
+
   from transkd_jax.models import archs
+
   teacher = archs.build("pvtv2", TINY_PVT, 19)
   variables = jax.jit(teacher.init)(jax.random.key(2), jnp.zeros((1, 64, 64, 3)))
   assert set(variables) == {"params"}
@@ -110,6 +117,5 @@ def test_a_pvtv2_teacher_distils_into_an_lvt_student(tmp_path, data_root):
   batch = {k: jnp.ones(s.shape, s.dtype) for k, s in spec.items()}
   new_state, metrics = run.train_step(state, run.teacher_variables, batch)
   assert {"ce", "hcl", "pea"} <= set(metrics) and np.isfinite(float(metrics["loss"]))
-  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before,
-                       jax.device_get(new_state.params))
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(new_state.params))
   assert all(any(jax.tree.leaves(moved[k])) for k in ("student", "fusion", "pea"))

@@ -64,8 +64,12 @@ def test_model_variables_from_converted_dir_and_errors(tmp_path):
   with pytest.raises(UserError, match="cannot be read as an Orbax checkpoint"):
     ckpt_lib.restore_model_variables(str(tmp_path / "empty"), "config.teacher.checkpoint")
   with pytest.raises(UserError, match=r"shape of \['params'\]\['w'\]: \(2, 3\), expected \(3, 3\)"):
-    ckpt_lib.check_variables(variables, {"params": {"w": np.zeros((3, 3))}, "batch_stats": {}},
-                             "config.teacher.checkpoint", "SegFormer-B2")
+    ckpt_lib.check_variables(
+      variables,
+      {"params": {"w": np.zeros((3, 3))}, "batch_stats": {}},
+      "config.teacher.checkpoint",
+      "SegFormer-B2",
+    )
 
 
 # Written by the code before the house change (TransKD-Base, tiny rows, 2 steps): a run's
@@ -75,13 +79,16 @@ DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 def _listing(tree):
-  return [f"{jax.tree_util.keystr(p)} {tuple(x.shape)} {x.dtype}"
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+    f"{jax.tree_util.keystr(p)} {tuple(x.shape)} {x.dtype}"
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
 def test_parameter_trees_keep_their_names_and_shapes():
   from transkd_jax.distill import METHODS, Distiller
   from transkd_jax.models import archs
+
   expected = json.loads((DATA / "param_trees.json").read_text())
   images = jnp.zeros((1, 64, 64, 3))
   got = {}
@@ -89,15 +96,19 @@ def test_parameter_trees_keep_their_names_and_shapes():
     for variant in row.variants:
       model = archs.build(arch, variant, 19)
       got[f"{arch}-{variant}"] = _listing(jax.eval_shape(model.init, jax.random.key(0), images))
-  for ta, tv, sa, sv in (("segformer", "b2", "segformer", "b0"), ("pvtv2", "b2", "pvtv2", "b0"),
-                         ("segformer", "b2", "lvt", "lvt")):
+  for ta, tv, sa, sv in (
+    ("segformer", "b2", "segformer", "b0"),
+    ("pvtv2", "b2", "pvtv2", "b0"),
+    ("segformer", "b2", "lvt", "lvt"),
+  ):
     for name, method in METHODS.items():
       if name == "teacher":
         continue
       d = Distiller(method, sv, tv, arch=sa, teacher_arch=ta, num_classes=19)
       tree = jax.eval_shape(lambda d=d: d.init(jax.random.key(0), images, train=False))
       got[f"{ta}-{tv}>{sa}-{sv}:{name}"] = _listing(
-          {c: {k: t for k, t in tree[c].items() if k != "student"} for c in tree})
+        {c: {k: t for k, t in tree[c].items() if k != "student"} for c in tree}
+      )
   assert sorted(got) == sorted(expected)
   for key in expected:
     assert got[key] == expected[key], key
@@ -105,8 +116,11 @@ def test_parameter_trees_keep_their_names_and_shapes():
 
 def test_a_run_checkpoint_written_before_the_house_change_restores(tmp_path):
   import shutil
+
   import runs
+
   from transkd_jax import build
+
   workdir = tmp_path / "run"
   shutil.copytree(DATA / "run_before_house", workdir)
   config = runs.tiny_config(str(tmp_path / "data"), total_steps=2, method="transkd_base")
@@ -117,7 +131,8 @@ def test_a_run_checkpoint_written_before_the_house_change_restores(tmp_path):
   ckpts.close()
   assert step == 2 and int(restored["step"]) == 2
   assert _listing(restored) == _listing(run.abstract_state.as_dict())
-  variables, source = build.read_model(str(workdir), "config.eval.checkpoint", "segformer",
-                                       runs.TINY_STUDENT, 19)
+  variables, source = build.read_model(
+    str(workdir), "config.eval.checkpoint", "segformer", runs.TINY_STUDENT, 19
+  )
   assert "step 2" in source
   assert _listing(variables["params"]) == _listing(restored["params"]["student"])

@@ -9,12 +9,11 @@ import re
 
 import jax
 import pytest
+from runs import tiny_config
 
 from transkd_jax import build, sharding
 from transkd_jax.bench import compile as compile_bench
 from transkd_jax.errors import UserError
-
-from runs import tiny_config
 
 pytest.importorskip("libtpu", reason="the test extra brings libtpu")
 
@@ -45,7 +44,11 @@ def test_a_tpu_topology_gets_the_native_kernels_and_data_parallel_all_reduces(st
   row = student_row
   assert jax.default_backend() == "cpu"  # the host compiles; the program is for the TPU
   assert (row["platform"], row["device_kind"], row["devices"], row["hosts"]) == (
-      "tpu", "TPU v5 lite", 4, 1)
+    "tpu",
+    "TPU v5 lite",
+    4,
+    1,
+  )
   ops = row["kernels"]["compiled_ops"]
   assert row["kernels"]["form"] == "native" and ops["grouped_convolution"] > 0
   assert ops["gather"] <= 1  # the cross-entropy's label pick; no resize gathers
@@ -60,10 +63,10 @@ def test_the_memory_figure_grows_with_the_batch():
   memory = []
   for batch_size in (8, 32):
     config = _config(method="student", batch_size=batch_size)
-    run = build.training(config, weights=False,
-                         devices=compile_bench.topology_devices("v5e:2x2"))
-    compiled = run.eval_step.lower(run.deployed(run.abstract_state),
-                                   compile_bench.eval_batch_spec(config, run.mesh)).compile()
+    run = build.training(config, weights=False, devices=compile_bench.topology_devices("v5e:2x2"))
+    compiled = run.eval_step.lower(
+      run.deployed(run.abstract_state), compile_bench.eval_batch_spec(config, run.mesh)
+    ).compile()
     memory.append(compile_bench._memory_gib(compiled))
   assert memory[1] > memory[0] > 0
 
@@ -72,29 +75,40 @@ def test_the_kernel_form_follows_the_compiled_devices_unless_forced():
   tpu = build.mesh_of(_config(), compile_bench.topology_devices("v5e:2x2"))
   cpu = build.mesh_of(_config(), jax.devices()[:1])
   assert [build.kernels_of(_config(kernels=k), tpu) for k in ("auto", "cpu", "native")] == [
-      "native", "cpu", "native"]
+    "native",
+    "cpu",
+    "native",
+  ]
   assert [build.kernels_of(_config(kernels=k), cpu) for k in ("auto", "cpu", "native")] == [
-      "cpu", "cpu", "native"]
-  run = build.training(_config(method="transkd_base", kernels="cpu"), weights=False,
-                       devices=tpu.devices.flat)
+    "cpu",
+    "cpu",
+    "native",
+  ]
+  run = build.training(
+    _config(method="transkd_base", kernels="cpu"), weights=False, devices=tpu.devices.flat
+  )
   assert run.kernels == run.model.kernels == run.teacher.kernels == "cpu"
 
 
 def test_transkd_base_under_fsdp_all_gathers_parameters_and_never_the_batch(monkeypatch):
   monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 1024)  # so tiny kernels really get split
   config = _config(method="transkd_base", sharding="fsdp", mesh_shape=(2, 2))
-  run = build.training(config, weights=False,
-                       devices=compile_bench.topology_devices("v5e:2x2"))
-  compiled = run.train_step.lower(run.abstract_state, run.abstract_teacher,
-                                  build.batch_spec(config, run.mesh)).compile()
+  run = build.training(config, weights=False, devices=compile_bench.topology_devices("v5e:2x2"))
+  compiled = run.train_step.lower(
+    run.abstract_state, run.abstract_teacher, build.batch_spec(config, run.mesh)
+  ).compile()
   # Gradients come back to each device as its shard only.
   assert "reduce-scatter" in compile_bench.hlo_summary(compiled.as_text())["collectives"]
-  split = {math.prod(x.shape) for x in jax.tree.leaves(
-      (run.abstract_state.params, run.abstract_teacher))
-      if x.sharding.spec != jax.sharding.PartitionSpec()}
+  split = {
+    math.prod(x.shape)
+    for x in jax.tree.leaves((run.abstract_state.params, run.abstract_teacher))
+    if x.sharding.spec != jax.sharding.PartitionSpec()
+  }
   assert split  # the rule split some parameters along "model"
-  gathered = [tuple(int(d) for d in dims.split(",") if d)
-              for _, dims in _ALL_GATHER.findall(compiled.as_text())]
+  gathered = [
+    tuple(int(d) for d in dims.split(",") if d)
+    for _, dims in _ALL_GATHER.findall(compiled.as_text())
+  ]
   assert gathered
   # Every all-gather brings a whole parameter (XLA may gather it reshaped) ...
   assert {math.prod(shape) for shape in gathered} <= split
@@ -106,12 +120,20 @@ def test_transkd_base_under_fsdp_all_gathers_parameters_and_never_the_batch(monk
 def test_sizing_errors_name_the_fix():
   with pytest.raises(UserError, match="--topology=v9z:1x1: cannot describe it"):
     compile_bench.topology_devices("v9z:1x1")
-  row = {"fits": False, "hbm_gib_per_device": 20.5, "hbm_capacity_gib": 16.0,
-         "batch_size": 32, "mesh_shape": [4, 1], "sharding": "replicate",
-         "dtype": "float32", "device_kind": "TPU v5 lite"}
+  row = {
+    "fits": False,
+    "hbm_gib_per_device": 20.5,
+    "hbm_capacity_gib": 16.0,
+    "batch_size": 32,
+    "mesh_shape": [4, 1],
+    "sharding": "replicate",
+    "dtype": "float32",
+    "device_kind": "TPU v5 lite",
+  }
   line = compile_bench.does_not_fit(row)
-  assert line.startswith("the step needs 20.50 GiB per device, 4.50 GiB more than the "
-                         "TPU v5 lite's 16.0 GiB")
+  assert line.startswith(
+    "the step needs 20.50 GiB per device, 4.50 GiB more than the TPU v5 lite's 16.0 GiB"
+  )
   assert "8 per device" in line and "fsdp" in line and "bfloat16" in line
   assert compile_bench.does_not_fit({**row, "fits": True}) is None
 
@@ -132,7 +154,9 @@ def test_collectives_are_counted_with_their_bytes():
   %rs = f32[4,8]{1,0} fusion(%grad), kind=kCustom, calls=%all-reduce-scatter.9
   """
   summary = compile_bench.hlo_summary(hlo)
-  assert summary["collectives"] == {"all-reduce": {"count": 1, "bytes": 32 * 4 + 8 * 16 * 2},
-                                    "all-gather": {"count": 2, "bytes": 4 * 256 * 4 + 8 * 8 * 4},
-                                    "reduce-scatter": {"count": 1, "bytes": 4 * 8 * 4}}
+  assert summary["collectives"] == {
+    "all-reduce": {"count": 1, "bytes": 32 * 4 + 8 * 16 * 2},
+    "all-gather": {"count": 2, "bytes": 4 * 256 * 4 + 8 * 8 * 4},
+    "reduce-scatter": {"count": 1, "bytes": 4 * 8 * 4},
+  }
   assert summary["ops"]["grouped_convolution"] == 1 and summary["ops"]["gather"] == 1

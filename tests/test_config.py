@@ -2,30 +2,41 @@
 
 import ml_collections
 import pytest
+from runs import REPO
 
 from transkd_jax.config import base_config, validate_config
 from transkd_jax.errors import UserError
 
-from runs import REPO
-
 
 def test_every_config_file_validates():
   from runs import load_config
+
   classes, pairs = {}, {}
   for path in sorted((REPO / "configs").glob("*.py")):
     config = load_config(path)
     validate_config(config)
     classes[path.stem] = config.num_classes
-    pairs[path.stem] = (f"{config.teacher.arch}-{config.teacher.variant}>"
-                        f"{config.student.arch}-{config.student.variant}")
-  assert classes == {"acdc": 19, "cityscapes": 19, "cityscapes_lvt": 19,
-                     "cityscapes_pvtv2": 19, "nyuv2": 40, "quickstart": 19, "synthetic": 19,
-                     "voc": 21}
+    pairs[path.stem] = (
+      f"{config.teacher.arch}-{config.teacher.variant}>"
+      f"{config.student.arch}-{config.student.variant}"
+    )
+  assert classes == {
+    "acdc": 19,
+    "cityscapes": 19,
+    "cityscapes_lvt": 19,
+    "cityscapes_pvtv2": 19,
+    "nyuv2": 40,
+    "quickstart": 19,
+    "synthetic": 19,
+    "voc": 21,
+  }
   assert pairs["cityscapes_pvtv2"] == "pvtv2-b2>pvtv2-b0"
   assert pairs["cityscapes_lvt"] == "segformer-b2>lvt-lvt"
 
 
-@pytest.mark.parametrize("key,value,needle", [
+@pytest.mark.parametrize(
+  "key,value,needle",
+  [
     ("method", "transkd", "unknown distillation method 'transkd'"),
     ("batch_size", 0, "config.batch_size must be a positive integer"),
     ("eval_every", -1, "config.eval_every must be a non-negative integer"),
@@ -35,10 +46,11 @@ def test_every_config_file_validates():
     ("mesh_shape", (-1, -1), "config.mesh_shape must be (data, model)"),
     ("data.transforms", "segformer", "config.data.transforms must be one of"),
     ("data.name", "kitti", "config.data.name must be one of"),
-    ("optimizer.warmup_steps", 10 ** 9, "config.optimizer.warmup_steps"),
+    ("optimizer.warmup_steps", 10**9, "config.optimizer.warmup_steps"),
     ("recipe.methods", ("student", "nope"), "unknown distillation method 'nope'"),
     ("distill.pea_weights", (0.1, 0.1), "config.distill.pea_weights needs 4 values"),
-])
+  ],
+)
 def test_a_bad_value_is_named(key, value, needle):
   config = base_config()
   *parents, last = key.split(".")

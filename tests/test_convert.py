@@ -10,10 +10,13 @@ from transkd_jax import convert
 from transkd_jax.errors import UserError
 from transkd_jax.models import MiTVariant, SegFormer
 
-torch = pytest.importorskip("torch", reason="torch is not installed: parity tests skipped "
-                            "(pip install -e \".[test]\")")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed: "
-                                   "parity tests skipped (pip install -e \".[test]\")")
+torch = pytest.importorskip(
+  "torch", reason="torch is not installed: parity tests skipped (pip install -e \".[test]\")"
+)
+transformers = pytest.importorskip(
+  "transformers",
+  reason="transformers is not installed: parity tests skipped (pip install -e \".[test]\")",
+)
 ocp = pytest.importorskip("orbax.checkpoint")
 
 # A B2-shaped MiT (B2 widths, heads and decoder width) with fewer blocks, to keep CI fast.
@@ -24,8 +27,12 @@ def _hf_model(spec, num_labels, seed=0):
   """A random HF SegFormer with every tensor perturbed (no trivial 0/1 weights)."""
   torch.manual_seed(seed)
   config = transformers.SegformerConfig(
-      num_labels=num_labels, hidden_sizes=list(spec.channels), depths=list(spec.depths),
-      num_attention_heads=list(spec.heads), decoder_hidden_size=spec.decoder_width)
+    num_labels=num_labels,
+    hidden_sizes=list(spec.channels),
+    depths=list(spec.depths),
+    num_attention_heads=list(spec.heads),
+    decoder_hidden_size=spec.decoder_width,
+  )
   model = transformers.SegformerForSemanticSegmentation(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -42,18 +49,26 @@ def _hf_model(spec, num_labels, seed=0):
 def _hf_forward(model, images_nhwc):
   """HF logits, stage maps (NHWC) and patch embeddings (via forward hooks)."""
   embeddings = []
-  hooks = [m.register_forward_hook(lambda _m, _i, out: embeddings.append(
-      (out[0] if isinstance(out, tuple) else out).detach().numpy()))
-           for m in model.modules() if type(m).__name__ == "SegformerOverlapPatchEmbeddings"]
+  hooks = [
+    m.register_forward_hook(
+      lambda _m, _i, out: embeddings.append(
+        (out[0] if isinstance(out, tuple) else out).detach().numpy()
+      )
+    )
+    for m in model.modules()
+    if type(m).__name__ == "SegformerOverlapPatchEmbeddings"
+  ]
   pixels = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
   with torch.no_grad():
     out = model(pixel_values=pixels, output_hidden_states=True)
   for h in hooks:
     h.remove()
   to_nhwc = lambda t: t.detach().numpy().transpose(0, 2, 3, 1)
-  return {"logits": to_nhwc(out.logits),
-          "features": [to_nhwc(h) for h in out.hidden_states],
-          "embeddings": embeddings}
+  return {
+    "logits": to_nhwc(out.logits),
+    "features": [to_nhwc(h) for h in out.hidden_states],
+    "embeddings": embeddings,
+  }
 
 
 def _ours(tree, spec, num_classes, images):
@@ -71,11 +86,14 @@ def _assert_parity(ours, theirs):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("spec,size", [
+@pytest.mark.parametrize(
+  "spec,size",
+  [
     ("b0", (64, 96)),
-    ("b0", (72, 104)),   # odd stage sizes: 18x26, 9x13, 5x7, 3x4
+    ("b0", (72, 104)),  # odd stage sizes: 18x26, 9x13, 5x7, 3x4
     (B2_SHALLOW, (64, 64)),
-])
+  ],
+)
 def test_huggingface_parity(tmp_path, spec, size):
   spec_row = convert.get_variant(spec)
   hf = _hf_model(spec_row, num_labels=19)
@@ -91,8 +109,17 @@ def test_cli_writes_restorable_orbax_checkpoint(tmp_path, capsys):
   hf = _hf_model(convert.get_variant("b0"), num_labels=20)
   hf.save_pretrained(tmp_path / "hf")
   out = tmp_path / "ckpt"
-  assert convert.main([f"--input={tmp_path / 'hf' / 'model.safetensors'}", "--arch=mit_b0",
-                       f"--output={out}", "--num-classes=19"]) == 0
+  assert (
+    convert.main(
+      [
+        f"--input={tmp_path / 'hf' / 'model.safetensors'}",
+        "--arch=mit_b0",
+        f"--output={out}",
+        "--num-classes=19",
+      ]
+    )
+    == 0
+  )
   assert "dropped row 19" in capsys.readouterr().out
   tree = ocp.StandardCheckpointer().restore(str(out))
   assert set(tree) == {"params", "batch_stats"}
@@ -105,8 +132,7 @@ def test_cli_writes_restorable_orbax_checkpoint(tmp_path, capsys):
   # The 19-way head is the 20-way head without its last (ignore) row.
   np.testing.assert_allclose(ours["logits"], theirs["logits"][..., :19], atol=1e-4, rtol=0)
   # An existing output is not overwritten unless asked.
-  assert convert.main([f"--input={tmp_path / 'hf'}", "--arch=mit_b0",
-                       f"--output={out}"]) == 2
+  assert convert.main([f"--input={tmp_path / 'hf'}", "--arch=mit_b0", f"--output={out}"]) == 2
   assert "--overwrite" in capsys.readouterr().err
 
 
@@ -125,10 +151,19 @@ def b0_tree():
 
 def test_public_names_are_the_reference_ones(b0_tree):
   names = set(_public_state_dict(b0_tree))
-  for name in ["patch_embed1.proj.weight", "block1.0.attn.q.weight", "block1.0.attn.kv.weight",
-               "block1.0.attn.sr.weight", "block1.0.attn.norm.weight",
-               "block1.0.mlp.dwconv.dwconv.weight", "norm1.weight", "linear_c4.proj.weight",
-               "linear_fuse.conv.weight", "linear_fuse.bn.running_mean", "linear_pred.weight"]:
+  for name in [
+    "patch_embed1.proj.weight",
+    "block1.0.attn.q.weight",
+    "block1.0.attn.kv.weight",
+    "block1.0.attn.sr.weight",
+    "block1.0.attn.norm.weight",
+    "block1.0.mlp.dwconv.dwconv.weight",
+    "norm1.weight",
+    "linear_c4.proj.weight",
+    "linear_fuse.conv.weight",
+    "linear_fuse.bn.running_mean",
+    "linear_pred.weight",
+  ]:
     assert name in names
   assert "linear_fuse.bn.num_batches_tracked" in names  # as PyTorch's BatchNorm keeps it
   assert len(names) == len(jax.tree.leaves(b0_tree)) + 1
@@ -141,6 +176,7 @@ def test_public_and_huggingface_names_are_inverse(tmp_path, b0_tree):
   model = _hf_model(convert.get_variant("b0"), num_labels=20)
   model.save_pretrained(tmp_path / "hf")
   from safetensors import safe_open
+
   with safe_open(str(tmp_path / "hf" / "model.safetensors"), "np") as f:
     assert set(hf) == set(f.keys())
     for name in hf:
@@ -151,10 +187,16 @@ def test_public_and_huggingface_names_are_inverse(tmp_path, b0_tree):
     np.testing.assert_array_equal(back[name], value)
   assert convert.source_format(hf) == ("huggingface", "imagenet")
   assert convert.source_format({f"module.student.{k}": v for k, v in public.items()}) == (
-      "transkd", "unit")
+    "transkd",
+    "unit",
+  )
   assert convert.source_format(public) == ("public", "unit")
-  assert convert.source_format({k: v for k, v in public.items()
-                                if k.startswith(("patch", "block", "norm"))})[1] == "imagenet"
+  assert (
+    convert.source_format(
+      {k: v for k, v in public.items() if k.startswith(("patch", "block", "norm"))}
+    )[1]
+    == "imagenet"
+  )
 
 
 def test_transkd_wrapper_checkpoint(tmp_path, b0_tree):
@@ -169,17 +211,25 @@ def test_transkd_wrapper_checkpoint(tmp_path, b0_tree):
   tree, classes = convert.convert(convert.read_state_dict(str(path)), "mit_b0", 19, log=log.append)
   assert classes == 19
   assert any("training-time modules" in line for line in log)
-  np.testing.assert_array_equal(tree["params"]["head"]["linear_pred"]["kernel"],
-                                b0_tree["params"]["head"]["linear_pred"]["kernel"][..., :19])
-  np.testing.assert_array_equal(tree["params"]["encoder"]["block2_1"]["attn"]["kv"]["kernel"],
-                                b0_tree["params"]["encoder"]["block2_1"]["attn"]["kv"]["kernel"])
-  np.testing.assert_array_equal(tree["batch_stats"]["head"]["bn"]["var"],
-                                b0_tree["batch_stats"]["head"]["bn"]["var"])
+  np.testing.assert_array_equal(
+    tree["params"]["head"]["linear_pred"]["kernel"],
+    b0_tree["params"]["head"]["linear_pred"]["kernel"][..., :19],
+  )
+  np.testing.assert_array_equal(
+    tree["params"]["encoder"]["block2_1"]["attn"]["kv"]["kernel"],
+    b0_tree["params"]["encoder"]["block2_1"]["attn"]["kv"]["kernel"],
+  )
+  np.testing.assert_array_equal(
+    tree["batch_stats"]["head"]["bn"]["var"], b0_tree["batch_stats"]["head"]["bn"]["var"]
+  )
 
 
 def test_bare_imagenet_encoder_gets_a_fresh_head(tmp_path, b0_tree):
-  state = {k: v for k, v in _public_state_dict(b0_tree).items()
-           if not k.startswith(("linear_", "linear_fuse"))}
+  state = {
+    k: v
+    for k, v in _public_state_dict(b0_tree).items()
+    if not k.startswith(("linear_", "linear_fuse"))
+  }
   state["head.weight"] = torch.zeros(1000, 256)  # the ImageNet classifier
   state["head.bias"] = torch.zeros(1000)
   path = tmp_path / "mit_b0.pth"
@@ -187,8 +237,9 @@ def test_bare_imagenet_encoder_gets_a_fresh_head(tmp_path, b0_tree):
   out = tmp_path / "ckpt"
   assert convert.main([f"--input={path}", "--arch=mit_b0", f"--output={out}"]) == 0
   tree = ocp.StandardCheckpointer().restore(str(out))
-  np.testing.assert_array_equal(tree["params"]["encoder"]["norm4"]["scale"],
-                                b0_tree["params"]["encoder"]["norm4"]["scale"])
+  np.testing.assert_array_equal(
+    tree["params"]["encoder"]["norm4"]["scale"], b0_tree["params"]["encoder"]["norm4"]["scale"]
+  )
   assert tree["params"]["head"]["linear_pred"]["kernel"].shape == (1, 1, 256, 19)
   np.testing.assert_array_equal(tree["batch_stats"]["head"]["bn"]["var"], np.ones(256))
 
@@ -196,13 +247,16 @@ def test_bare_imagenet_encoder_gets_a_fresh_head(tmp_path, b0_tree):
 def test_mmseg_prefixes(b0_tree):
   state = {}
   for k, v in _public_state_dict(b0_tree).items():
-    prefix = "decode_head." if k.startswith(("linear_c", "linear_fuse", "linear_pred")) else "backbone."
+    prefix = (
+      "decode_head." if k.startswith(("linear_c", "linear_fuse", "linear_pred")) else "backbone."
+    )
     state[prefix + k] = v.numpy()
   state["decode_head.conv_seg.weight"] = np.zeros((20, 256, 1, 1), np.float32)
   tree, classes = convert.convert(state, "mit_b0", log=lambda *_: None)
   assert classes == 20
-  np.testing.assert_array_equal(tree["params"]["head"]["linear_c4"]["kernel"],
-                                b0_tree["params"]["head"]["linear_c4"]["kernel"])
+  np.testing.assert_array_equal(
+    tree["params"]["head"]["linear_c4"]["kernel"], b0_tree["params"]["head"]["linear_c4"]["kernel"]
+  )
 
 
 def test_every_problem_is_listed_at_once_and_nothing_is_written(tmp_path, b0_tree):
@@ -229,24 +283,30 @@ def test_wrong_arch_suggests_the_right_one(tmp_path, b0_tree):
   assert "block1.2" in str(error.value)  # B2's extra blocks are missing
 
 
-@pytest.mark.parametrize("make,needle", [
+@pytest.mark.parametrize(
+  "make,needle",
+  [
     (lambda d: (d / "notes.pth").write_text("hello"), "not a readable PyTorch checkpoint"),
     (lambda d: (d / "x.safetensors").write_bytes(b"\x00" * 16), "not a readable safetensors"),
     (lambda d: (d / "weights.npz").write_bytes(b""), "unknown checkpoint type"),
     (lambda d: (d / "emptydir").mkdir(), "model.safetensors"),
-])
+  ],
+)
 def test_unreadable_inputs_are_named(tmp_path, capsys, make, needle):
   make(tmp_path)
   target = next(p for p in tmp_path.iterdir())
-  assert convert.main([f"--input={target}", "--arch=mit_b0",
-                       f"--output={tmp_path / 'out'}"]) == 2
+  assert convert.main([f"--input={target}", "--arch=mit_b0", f"--output={tmp_path / 'out'}"]) == 2
   err = capsys.readouterr().err
   assert needle in err and str(target) in err
 
 
 def test_unknown_arch_and_missing_input(tmp_path, capsys):
-  assert convert.main([f"--input={tmp_path / 'nope.pth'}", "--arch=mit_b0",
-                       f"--output={tmp_path / 'o'}"]) == 2
+  assert (
+    convert.main(
+      [f"--input={tmp_path / 'nope.pth'}", "--arch=mit_b0", f"--output={tmp_path / 'o'}"]
+    )
+    == 2
+  )
   assert "no such file" in capsys.readouterr().err
   with pytest.raises(UserError, match="b9"):
     convert.convert({}, "mit_b9")
@@ -263,11 +323,17 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
   recorded normalisation as the train step does, gives the logits HuggingFace gives on
   its image processor's output."""
   from runs import set_variant, tiny_config
+
   from transkd_jax import build, normalization
+
   hf = _hf_model(convert.get_variant("b0"), num_labels=19, seed=5)
   hf.save_pretrained(tmp_path / "hf")
-  assert convert.main([f"--input={tmp_path / 'hf'}", "--arch=mit_b0",
-                       f"--output={tmp_path / 'teacher'}"]) == 0
+  assert (
+    convert.main(
+      [f"--input={tmp_path / 'hf'}", "--arch=mit_b0", f"--output={tmp_path / 'teacher'}"]
+    )
+    == 0
+  )
   assert "expects imagenet input normalisation" in capsys.readouterr().out
   config = tiny_config(method="transkd_base", num_classes=19, image_size=(64, 96))
   set_variant(config, "teacher", "b0")
@@ -285,19 +351,31 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
   # Overridden, and recorded at conversion: the same weights then expect [0, 1] pixels.
   config.teacher.input_norm = "unit"
   assert build.training(config).teacher_norm == "unit"
-  assert convert.main([f"--input={tmp_path / 'hf'}", "--arch=mit_b0", "--input-norm=unit",
-                       f"--output={tmp_path / 'unit'}"]) == 0
+  assert (
+    convert.main(
+      [
+        f"--input={tmp_path / 'hf'}",
+        "--arch=mit_b0",
+        "--input-norm=unit",
+        f"--output={tmp_path / 'unit'}",
+      ]
+    )
+    == 0
+  )
   assert normalization.recorded(str(tmp_path / "unit"))[0] == "unit"
 
 
 def test_renormalisation_is_the_per_channel_affine_map():
   from transkd_jax import normalization
+
   raw = np.random.RandomState(0).randint(0, 256, (1, 4, 5, 3)).astype(np.float32)
   unit, imagenet = raw / 255.0, (raw - normalization.MEAN) / normalization.STD
-  np.testing.assert_allclose(normalization.renormalize(unit, "unit", "imagenet"), imagenet,
-                             atol=1e-5)
-  np.testing.assert_allclose(normalization.renormalize(imagenet, "imagenet", "unit"), unit,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    normalization.renormalize(unit, "unit", "imagenet"), imagenet, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    normalization.renormalize(imagenet, "imagenet", "unit"), unit, atol=1e-6
+  )
   assert normalization.renormalize(unit, "unit", "unit") is unit
   with pytest.raises(ValueError, match="expected one of unit, imagenet"):
     normalization.renormalize(unit, "unit", "mmseg")

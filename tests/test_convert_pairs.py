@@ -27,8 +27,9 @@ from transkd_jax.models import archs
 from transkd_jax.models import lvt as lvt_lib
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e \".[test]\")")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed "
-                                   "(pip install -e \".[test]\")")
+transformers = pytest.importorskip(
+  "transformers", reason="transformers is not installed (pip install -e \".[test]\")"
+)
 ocp = pytest.importorskip("orbax.checkpoint")
 
 _quiet = lambda *_: None
@@ -66,7 +67,7 @@ def _assert_same(a, b, skip=()):
   a, b = _flat(a), _flat(b)
   assert set(a) == set(b)
   for key in a:
-    if not any(key[:len(s)] == s for s in skip):
+    if not any(key[: len(s)] == s for s in skip):
       np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
 
 
@@ -79,6 +80,7 @@ def _save_torch(state, path, wrap=None):
 # --------------------------------------------------------------------------
 # HuggingFace PvtV2 (the acceptance test)
 # --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def hf_b0(tmp_path_factory):
@@ -103,6 +105,7 @@ def hf_b0(tmp_path_factory):
 
 def test_huggingface_pvtv2_through_the_cli(tmp_path, capsys, hf_b0):
   from transkd_jax import build
+
   hf, directory = hf_b0
   out = tmp_path / "ckpt"
   assert convert.main([f"--input={directory}", "--arch=pvt_v2_b0", f"--output={out}"]) == 0
@@ -110,22 +113,30 @@ def test_huggingface_pvtv2_through_the_cli(tmp_path, capsys, hf_b0):
   assert "the neck and the head (19 classes) freshly initialised with seed 0" in printed
   meta = json.loads((out / convert.META_FILE).read_text())
   assert (meta["arch"], meta["family"], meta["variant"], meta["num_classes"]) == (
-      "pvt_v2_b0", "pvtv2", "b0", 19)
+    "pvt_v2_b0",
+    "pvtv2",
+    "b0",
+    19,
+  )
   assert (meta["source_format"], meta["normalization"]) == ("huggingface", "imagenet")
   # It loads as the rest of the code loads a model (PVTv2: no batch_stats).
-  variables, _ = build.read_model(str(out), "config.student.checkpoint", meta["family"],
-                                  meta["variant"], meta["num_classes"])
+  variables, _ = build.read_model(
+    str(out), "config.student.checkpoint", meta["family"], meta["variant"], meta["num_classes"]
+  )
   assert "batch_stats" not in variables
 
   model = archs.build("pvtv2", "b0", 19)
   images = np.random.default_rng(0).uniform(size=(2, 64, 96, 3)).astype(np.float32)
   ours = jax.jit(model.apply, static_argnames="method")(variables, images, method="encode")
   with torch.no_grad():
-    theirs = hf(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
-                output_hidden_states=True).hidden_states  # NCHW, after each stage's norm
+    theirs = hf(
+      torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), output_hidden_states=True
+    ).hidden_states  # NCHW, after each stage's norm
   assert len(theirs) == 4
-  errors = [np.abs(np.asarray(a) - b.numpy().transpose(0, 2, 3, 1)).max()
-            for a, b in zip(ours["features"], theirs)]
+  errors = [
+    np.abs(np.asarray(a) - b.numpy().transpose(0, 2, 3, 1)).max()
+    for a, b in zip(ours["features"], theirs)
+  ]
   assert max(errors) < 1e-4, errors
 
 
@@ -144,8 +155,9 @@ def test_huggingface_pvtv2_classification_layout(hf_b0):
   _assert_same(tree["params"]["encoder"], reference["params"]["encoder"])
   kv = tree["params"]["encoder"]["block2_1"]["attn"]["kv"]["kernel"]
   hf_block = "encoder.layers.1.blocks.1.attention."
-  np.testing.assert_array_equal(kv, np.concatenate([plain[hf_block + "key.weight"].T,
-                                                    plain[hf_block + "value.weight"].T], 1))
+  np.testing.assert_array_equal(
+    kv, np.concatenate([plain[hf_block + "key.weight"].T, plain[hf_block + "value.weight"].T], 1)
+  )
   assert convert.source_format(state) == ("huggingface", "imagenet")
 
 
@@ -153,22 +165,23 @@ def test_huggingface_pvtv2_classification_layout(hf_b0):
 # The public code's names and layouts
 # --------------------------------------------------------------------------
 
+
 def test_public_names_are_the_reference_ones(pvt_b0, lvt20):
   pvt = convert.to_public_state_dict(pvt_b0, "pvtv2")
   assert len(pvt) == 208  # 176 backbone, 16 neck, 16 head; no buffers
   assert sum(k.startswith("backbone.") for k in pvt) == 176
   for name, shape in [
-      ("backbone.patch_embed1.proj.weight", (32, 3, 7, 7)),
-      ("backbone.block1.0.attn.kv.weight", (64, 32)),
-      ("backbone.block1.0.attn.sr.weight", (32, 32, 8, 8)),
-      ("backbone.block1.0.mlp.fc1.weight", (256, 32)),
-      ("backbone.block1.0.mlp.dwconv.dwconv.weight", (256, 1, 3, 3)),
-      ("backbone.norm4.bias", (256,)),
-      ("neck.lateral_convs.0.conv.weight", (256, 32, 1, 1)),
-      ("neck.fpn_convs.3.conv.bias", (256,)),
-      ("head.scale_heads.0.0.conv.weight", (128, 256, 3, 3)),
-      ("head.scale_heads.3.4.conv.weight", (128, 128, 3, 3)),
-      ("head.conv_seg.weight", (20, 128, 1, 1)),
+    ("backbone.patch_embed1.proj.weight", (32, 3, 7, 7)),
+    ("backbone.block1.0.attn.kv.weight", (64, 32)),
+    ("backbone.block1.0.attn.sr.weight", (32, 32, 8, 8)),
+    ("backbone.block1.0.mlp.fc1.weight", (256, 32)),
+    ("backbone.block1.0.mlp.dwconv.dwconv.weight", (256, 1, 3, 3)),
+    ("backbone.norm4.bias", (256,)),
+    ("neck.lateral_convs.0.conv.weight", (256, 32, 1, 1)),
+    ("neck.fpn_convs.3.conv.bias", (256,)),
+    ("head.scale_heads.0.0.conv.weight", (128, 256, 3, 3)),
+    ("head.scale_heads.3.4.conv.weight", (128, 128, 3, 3)),
+    ("head.conv_seg.weight", (20, 128, 1, 1)),
   ]:
     assert pvt[name].shape == shape, name
   assert not any(k.startswith(("head.scale_heads.1.2", "head.scale_heads.0.2")) for k in pvt)
@@ -177,21 +190,21 @@ def test_public_names_are_the_reference_ones(pvt_b0, lvt20):
   assert len(lvt) == 164  # 148 backbone + the head, num_batches_tracked included
   assert sum(k.startswith("backbone.") for k in lvt) == 148
   for name, shape in [
-      ("backbone.0.0.proj.weight", (64, 3, 7, 7)),
-      ("backbone.0.1.0.attn.attn.weight", (162, 64)),
-      ("backbone.0.1.0.attn.weight.weight", (576, 64, 1, 1)),  # 1x1 conv in 9 groups
-      ("backbone.0.1.0.mlp.fc1.weight", (256, 64)),  # stage 1: Linear
-      ("backbone.1.1.0.attn.q.weight", (64, 64)),
-      ("backbone.1.1.0.attn.ds.weight", (64, 1, 3, 3)),
-      ("backbone.1.1.0.attn.sr.weight", (64, 64, 4, 4)),
-      ("backbone.1.1.0.mlp.fc1.weight", (512, 64, 1, 1)),  # stages 2-4: 1x1 conv
-      ("backbone.1.1.0.mlp.depconv.weight", (512, 1, 3, 3)),
-      ("backbone.3.1.1.mlp.fc2.weight", (256, 1024, 1, 1)),
-      ("linear_c1.proj.weight", (256, 64)),
-      ("linear_fuse.conv.weight", (256, 1024, 1, 1)),
-      ("linear_fuse.bn.running_var", (256,)),
-      ("linear_fuse.bn.num_batches_tracked", ()),
-      ("linear_pred.weight", (20, 256, 1, 1)),
+    ("backbone.0.0.proj.weight", (64, 3, 7, 7)),
+    ("backbone.0.1.0.attn.attn.weight", (162, 64)),
+    ("backbone.0.1.0.attn.weight.weight", (576, 64, 1, 1)),  # 1x1 conv in 9 groups
+    ("backbone.0.1.0.mlp.fc1.weight", (256, 64)),  # stage 1: Linear
+    ("backbone.1.1.0.attn.q.weight", (64, 64)),
+    ("backbone.1.1.0.attn.ds.weight", (64, 1, 3, 3)),
+    ("backbone.1.1.0.attn.sr.weight", (64, 64, 4, 4)),
+    ("backbone.1.1.0.mlp.fc1.weight", (512, 64, 1, 1)),  # stages 2-4: 1x1 conv
+    ("backbone.1.1.0.mlp.depconv.weight", (512, 1, 3, 3)),
+    ("backbone.3.1.1.mlp.fc2.weight", (256, 1024, 1, 1)),
+    ("linear_c1.proj.weight", (256, 64)),
+    ("linear_fuse.conv.weight", (256, 1024, 1, 1)),
+    ("linear_fuse.bn.running_var", (256,)),
+    ("linear_fuse.bn.num_batches_tracked", ()),
+    ("linear_pred.weight", (20, 256, 1, 1)),
   ]:
     assert lvt[name].shape == shape, name
   assert "backbone.3.1.0.attn.sr.weight" not in lvt  # sr ratio 1
@@ -203,11 +216,18 @@ def _torch_csa(x, sd, heads):
   b, height, width, c = x.shape
   h, w = math.ceil(height / 2), math.ceil(width / 2)
   attn = F.avg_pool2d(x.permute(0, 3, 1, 2), 2, 2, ceil_mode=True).permute(0, 2, 3, 1)
-  attn = F.linear(attn, sd["attn.weight"], sd["attn.bias"]).reshape(
-      b, h * w, heads, 9, 9).permute(0, 2, 1, 3, 4)
+  attn = (
+    F.linear(attn, sd["attn.weight"], sd["attn.bias"])
+    .reshape(b, h * w, heads, 9, 9)
+    .permute(0, 2, 1, 3, 4)
+  )
   attn = (attn * (c // heads) ** -0.5).softmax(dim=-1)
-  v = F.unfold(x.permute(0, 3, 1, 2), 3, padding=1, stride=2).reshape(
-      b, c, 9, h * w).permute(0, 3, 2, 1).reshape(b * h * w, 9 * c, 1, 1)
+  v = (
+    F.unfold(x.permute(0, 3, 1, 2), 3, padding=1, stride=2)
+    .reshape(b, c, 9, h * w)
+    .permute(0, 3, 2, 1)
+    .reshape(b * h * w, 9 * c, 1, 1)
+  )
   v = F.conv2d(v, sd["weight.weight"], groups=9)
   v = v.reshape(b, h * w, 9, heads, c // heads).permute(0, 3, 1, 2, 4)
   out = (attn @ v).permute(0, 1, 4, 3, 2).reshape(b, c * 9, h * w)
@@ -221,9 +241,13 @@ def test_layouts_numerically():
   F = torch.nn.functional
   torch.manual_seed(0)
   c, heads = 6, 2
-  sd = {"attn.weight": 0.3 * torch.randn(81 * heads, c), "attn.bias": 0.3 * torch.randn(81 * heads),
-        "weight.weight": 0.3 * torch.randn(9 * c, c, 1, 1),
-        "proj.weight": 0.3 * torch.randn(c, c), "proj.bias": 0.3 * torch.randn(c)}
+  sd = {
+    "attn.weight": 0.3 * torch.randn(81 * heads, c),
+    "attn.bias": 0.3 * torch.randn(81 * heads),
+    "weight.weight": 0.3 * torch.randn(9 * c, c, 1, 1),
+    "proj.weight": 0.3 * torch.randn(c, c),
+    "proj.bias": 0.3 * torch.randn(c),
+  }
   x = torch.randn(2, 5, 7, c)
   module = lvt_lib.CSA(num_heads=heads)
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(x.shape))
@@ -232,22 +256,33 @@ def test_layouts_numerically():
   for path, leaf in traverse_util.flatten_dict(shapes).items():
     name = convert.torch_name(("params", "encoder", "block1_0", "attn") + path[1:], "lvt")
     assert name.startswith(prefix)
-    flat[path] = convert.to_flax_layout(sd[name[len(prefix):]].numpy(), len(leaf.shape))
+    flat[path] = convert.to_flax_layout(sd[name[len(prefix) :]].numpy(), len(leaf.shape))
     assert flat[path].shape == leaf.shape
   ours = jax.jit(module.apply)(traverse_util.unflatten_dict(flat), x.numpy())
   np.testing.assert_allclose(ours, _torch_csa(x, sd, heads).numpy(), atol=1e-5, rtol=1e-5)
 
   weight = torch.randn(5, c, 1, 1)  # LVT's Mix-FFN fc1: a 1x1 conv
   dense = convert.to_flax_layout(weight.numpy(), 2)
-  np.testing.assert_allclose(x.numpy() @ dense, F.conv2d(x.permute(0, 3, 1, 2), weight)
-                             .permute(0, 2, 3, 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(
+    x.numpy() @ dense,
+    F.conv2d(x.permute(0, 3, 1, 2), weight).permute(0, 2, 3, 1).numpy(),
+    atol=1e-5,
+  )
   depthwise = torch.randn(c, 1, 3, 3)
   kernel = convert.to_flax_layout(depthwise.numpy(), 4)
-  ours = jax.lax.conv_general_dilated(x.numpy(), kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      feature_group_count=c)
-  np.testing.assert_allclose(ours, F.conv2d(x.permute(0, 3, 1, 2), depthwise, padding=1,
-                                            groups=c).permute(0, 2, 3, 1).numpy(), atol=1e-5)
+  ours = jax.lax.conv_general_dilated(
+    x.numpy(),
+    kernel,
+    (1, 1),
+    ((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=c,
+  )
+  np.testing.assert_allclose(
+    ours,
+    F.conv2d(x.permute(0, 3, 1, 2), depthwise, padding=1, groups=c).permute(0, 2, 3, 1).numpy(),
+    atol=1e-5,
+  )
 
 
 def test_public_pvtv2_teacher_with_module_prefix_into_19_classes(tmp_path, pvt_b0):
@@ -260,8 +295,9 @@ def test_public_pvtv2_teacher_with_module_prefix_into_19_classes(tmp_path, pvt_b
   assert classes == 19 and any("dropped row 19 of head.conv_seg" in line for line in log)
   _assert_same(tree, pvt_b0, skip=[("params", "head", "conv_seg")])
   for leaf in ("kernel", "bias"):
-    np.testing.assert_array_equal(tree["params"]["head"]["conv_seg"][leaf],
-                                  pvt_b0["params"]["head"]["conv_seg"][leaf][..., :19])
+    np.testing.assert_array_equal(
+      tree["params"]["head"]["conv_seg"][leaf], pvt_b0["params"]["head"]["conv_seg"][leaf][..., :19]
+    )
   assert convert.source_format(read) == ("public", "unit")
   # The 20-way head kept when no --num-classes is given.
   tree, classes = convert.convert(read, "pvt_v2_b0", log=_quiet)
@@ -271,14 +307,14 @@ def test_public_pvtv2_teacher_with_module_prefix_into_19_classes(tmp_path, pvt_b
 
 def test_official_pvtv2_imagenet_encoder_gets_a_fresh_neck_and_head(tmp_path, capsys, pvt_b0):
   from transkd_jax import build
+
   public = convert.to_public_state_dict(pvt_b0, "pvtv2")
-  state = {k[len("backbone."):]: v for k, v in public.items() if k.startswith("backbone.")}
+  state = {k[len("backbone.") :]: v for k, v in public.items() if k.startswith("backbone.")}
   state["head.weight"] = np.zeros((1000, 256), np.float32)  # the ImageNet classifier
   state["head.bias"] = np.zeros(1000, np.float32)
   path = _save_torch(state, tmp_path / "pvt_v2_b0.pth")
   out = tmp_path / "ckpt"
-  assert convert.main([f"--input={path}", "--arch=pvt_v2_b0", f"--output={out}",
-                       "--seed=3"]) == 0
+  assert convert.main([f"--input={path}", "--arch=pvt_v2_b0", f"--output={out}", "--seed=3"]) == 0
   printed = capsys.readouterr().out
   assert "ImageNet classifier): head.bias, head.weight" in printed
   assert "freshly initialised with seed 3" in printed
@@ -295,11 +331,17 @@ def test_official_pvtv2_imagenet_encoder_gets_a_fresh_neck_and_head(tmp_path, ca
 
 def test_lvt_imagenet_encoder_gets_a_fresh_head(tmp_path, capsys, lvt20):
   from transkd_jax import build
+
   public = convert.to_public_state_dict(lvt20, "lvt")
   state = {k: v for k, v in public.items() if k.startswith("backbone.")}
-  state.update({"norm.weight": np.ones(256, np.float32), "norm.bias": np.zeros(256, np.float32),
-                "head.weight": np.zeros((1000, 256), np.float32),
-                "head.bias": np.zeros(1000, np.float32)})  # a classifier's, if present
+  state.update(
+    {
+      "norm.weight": np.ones(256, np.float32),
+      "norm.bias": np.zeros(256, np.float32),
+      "head.weight": np.zeros((1000, 256), np.float32),
+      "head.bias": np.zeros(1000, np.float32),
+    }
+  )  # a classifier's, if present
   path = _save_torch(state, tmp_path / "lvt_imagenet_pretrained.pth.tar")
   out = tmp_path / "ckpt"
   assert convert.main([f"--input={path}", "--arch=lvt", f"--output={out}"]) == 0
@@ -329,8 +371,10 @@ def test_public_lvt_student_with_batchnorm_statistics(tmp_path, lvt20):
   assert any("training-time modules" in line for line in log)
   assert any("embed1_linearproject.weight, skfs.0.conv1.0.weight" in line for line in log)
   _assert_same(tree, lvt20, skip=[("params", "head", "linear_pred")])
-  np.testing.assert_array_equal(tree["params"]["head"]["linear_pred"]["kernel"],
-                                lvt20["params"]["head"]["linear_pred"]["kernel"][..., :19])
+  np.testing.assert_array_equal(
+    tree["params"]["head"]["linear_pred"]["kernel"],
+    lvt20["params"]["head"]["linear_pred"]["kernel"][..., :19],
+  )
   assert sorted(tree["batch_stats"]["head"]["bn"]) == ["mean", "var"]
   assert convert.source_format(read) == ("transkd", "unit")
 
@@ -338,6 +382,7 @@ def test_public_lvt_student_with_batchnorm_statistics(tmp_path, lvt20):
 # --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
+
 
 def test_every_problem_is_listed_at_once(tmp_path, capsys, pvt_b0):
   state = convert.to_public_state_dict(pvt_b0, "pvtv2")
@@ -354,8 +399,12 @@ def test_every_problem_is_listed_at_once(tmp_path, capsys, pvt_b0):
   assert path in message and "PVTv2 pvt_v2_b0 (--arch=pvt_v2_b0) with 20 classes" in message
   assert "missing (2):" in message and "unexpected (2):" in message
   assert "shape mismatch (2):" in message
-  for name in ("backbone.block2.1.mlp.fc2.bias", "neck.fpn_convs.2.conv.weight",
-               "neck.extra_convs.0.conv.weight", "backbone.block9.0.surprise.weight"):
+  for name in (
+    "backbone.block2.1.mlp.fc2.bias",
+    "neck.fpn_convs.2.conv.weight",
+    "neck.extra_convs.0.conv.weight",
+    "backbone.block9.0.surprise.weight",
+  ):
     assert f"  {name}" in message
   assert "backbone.norm2.weight: checkpoint (65,)" in message
   assert "head.scale_heads.2.2.conv.bias: checkpoint (64,)" in message
@@ -374,7 +423,7 @@ def test_a_checkpoint_of_another_arch_is_named(pvt_b0, lvt20):
   with pytest.raises(UserError, match="try --arch=pvt_v2_b0"):
     convert.convert(pvt, "pvt_v2_b2", log=_quiet)
   # The official ImageNet encoders: PVTv2 B0's Mix-FFNs are 8x wide in stage 1, MiT B0's 4x.
-  flat = {k[len("backbone."):]: v for k, v in pvt.items() if k.startswith("backbone.")}
+  flat = {k[len("backbone.") :]: v for k, v in pvt.items() if k.startswith("backbone.")}
   with pytest.raises(UserError, match="try --arch=pvt_v2_b0"):
     convert.convert(flat, "mit_b0", log=_quiet)
   segformer = _random_variables("segformer", "b0", 19)

@@ -158,8 +158,9 @@ def test_eval_iterator_pads_with_a_valid_mask(gen_root):
   config = _config(gen_root)
   batches = list(data.make_eval_iterator(config, "val"))  # 5 images, batch 2 -> 3 batches
   assert [b["valid"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]
-  two = [list(data.make_eval_iterator(config, "val", process_index=i, process_count=2))
-         for i in (0, 1)]
+  two = [
+    list(data.make_eval_iterator(config, "val", process_index=i, process_count=2)) for i in (0, 1)
+  ]
   assert len(two[0]) == len(two[1])  # every process runs the same number of batches
   seen = [img.tobytes() for p in two for b in p for img, ok in zip(b["image"], b["valid"]) if ok]
   alone = [img.tobytes() for b in batches for img, ok in zip(b["image"], b["valid"]) if ok]
@@ -205,8 +206,9 @@ def test_auto_workers_follow_the_devices_and_cpus(monkeypatch):
   config.data.num_workers = 3
   assert pipeline.num_workers(config, [gpu]) == 3
   config.data.num_workers = "many"
-  with pytest.raises(UserError, match="config.data.num_workers must be a non-negative "
-                                      "integer or 'auto', got 'many'"):
+  with pytest.raises(
+    UserError, match="config.data.num_workers must be a non-negative integer or 'auto', got 'many'"
+  ):
     validate_config(config)
 
 
@@ -225,10 +227,14 @@ def test_acdc_conditions_and_layout(tmp_path):
   for condition in ("fog", "night"):
     for i in range(2):
       stem = f"GOPR0{i}_frame_00000{i}"
-      _write(str(tmp_path / f"rgb_anon/{condition}/val/GOPR0{i}/{stem}_rgb_anon.png"),
-             np.zeros((4, 8, 3), np.uint8))
-      _write(str(tmp_path / f"gt/{condition}/val/GOPR0{i}/{stem}_gt_labelIds.png"),
-             np.full((4, 8), 26, np.uint8))  # car
+      _write(
+        str(tmp_path / f"rgb_anon/{condition}/val/GOPR0{i}/{stem}_rgb_anon.png"),
+        np.zeros((4, 8, 3), np.uint8),
+      )
+      _write(
+        str(tmp_path / f"gt/{condition}/val/GOPR0{i}/{stem}_gt_labelIds.png"),
+        np.full((4, 8), 26, np.uint8),
+      )  # car
   cfg = data.default_data_config(name="acdc", root=str(tmp_path), conditions="fog")
   fog = make_source(cfg, "val")
   assert len(fog) == 2 and (fog[0]["label"] == 13).all()
@@ -291,6 +297,7 @@ def test_nyuv2_layout_shifts_labels_and_names_errors(tmp_path):
 
 def test_skip_bad_files_counts_what_it_skipped(gen_root, tmp_path):
   import shutil
+
   root = tmp_path / "tree"
   shutil.copytree(gen_root, root)
   images = sorted((root / "leftImg8bit" / "val").glob("*/*.png"))

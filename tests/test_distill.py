@@ -9,20 +9,32 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from runs import TINY_LVT, TINY_PVT, TINY_STUDENT, TINY_TEACHER
 
-from transkd_jax.distill import (METHODS, Distiller, check_pairing, get_method, loss_settings,
-                                  objective)
-from transkd_jax.distill import losses
+from transkd_jax.distill import (
+  METHODS,
+  Distiller,
+  check_pairing,
+  get_method,
+  loss_settings,
+  losses,
+  objective,
+)
 from transkd_jax.models import MiTVariant, SegFormer
 
-DISTILL = dict(hcl_weight=1.0, pea_weights=(0.1, 0.1, 0.5, 1.0), kd_weight=0.5,
-               kd_temperature=2.0, cwd_weight=1.0, cwd_temperature=2.0,
-               fitnet_weights=(1.0, 1.0, 1.0, 1.0))
-
-from runs import TINY_LVT, TINY_PVT, TINY_STUDENT, TINY_TEACHER
+DISTILL = dict(
+  hcl_weight=1.0,
+  pea_weights=(0.1, 0.1, 0.5, 1.0),
+  kd_weight=0.5,
+  kd_temperature=2.0,
+  cwd_weight=1.0,
+  cwd_temperature=2.0,
+  fitnet_weights=(1.0, 1.0, 1.0, 1.0),
+)
 
 
 # ---------------------------------------------------------------- numpy references
+
 
 def np_adaptive_pool(x, l):
   """PyTorch adaptive_avg_pool2d to l x l, NHWC, written with loops."""
@@ -64,12 +76,14 @@ def _rand(seed, *shape):
 
 # ---------------------------------------------------------------- losses
 
+
 @pytest.mark.parametrize("h,w", [(7, 5), (3, 4), (2, 6), (1, 3), (8, 8), (16, 9)])
 def test_adaptive_pool_matches_pytorch_bins(h, w):
   x = _rand(0, 2, h, w, 3)
   for l in (4, 2, 1):
-    np.testing.assert_allclose(losses.adaptive_avg_pool(x, l), np_adaptive_pool(x, l),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      losses.adaptive_avg_pool(x, l), np_adaptive_pool(x, l), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_hcl_matches_numpy_including_maps_too_small_for_some_levels():
@@ -80,9 +94,11 @@ def test_hcl_matches_numpy_including_maps_too_small_for_some_levels():
   np.testing.assert_allclose(losses.hcl(fs, ft), np_hcl(fs, ft), rtol=1e-5)
   # A single stage of height 3: MSE + 0.5 * pool2 + 0.25 * pool1, divided by 1.75.
   s, t = fs[2], ft[2]
-  by_hand = (np.mean((s - t) ** 2) + 0.5 * np.mean((np_adaptive_pool(s, 2) -
-             np_adaptive_pool(t, 2)) ** 2) + 0.25 * np.mean((np_adaptive_pool(s, 1) -
-             np_adaptive_pool(t, 1)) ** 2)) / 1.75
+  by_hand = (
+    np.mean((s - t) ** 2)
+    + 0.5 * np.mean((np_adaptive_pool(s, 2) - np_adaptive_pool(t, 2)) ** 2)
+    + 0.25 * np.mean((np_adaptive_pool(s, 1) - np_adaptive_pool(t, 1)) ** 2)
+  ) / 1.75
   np.testing.assert_allclose(losses.hcl_stage(s, t), by_hand, rtol=1e-5)
   assert float(losses.hcl([s], [s])) == 0.0
 
@@ -93,7 +109,7 @@ def test_cwd_matches_numpy(temperature):
   n, h, w, c = s.shape
   ps = np_softmax(s.reshape(n, h * w, c) / temperature, axis=1)
   pt = np_softmax(t.reshape(n, h * w, c) / temperature, axis=1)
-  expected = np.sum(pt * (np.log(pt) - np.log(ps))) / (n * c) * temperature ** 2
+  expected = np.sum(pt * (np.log(pt) - np.log(ps))) / (n * c) * temperature**2
   np.testing.assert_allclose(losses.cwd(s, t, temperature), expected, rtol=1e-5)
   assert abs(float(losses.cwd(t, t, temperature))) < 1e-6
 
@@ -102,7 +118,7 @@ def test_logit_kd_matches_numpy():
   s, t = _rand(0, 2, 3, 4, 5), _rand(1, 2, 3, 4, 5)
   temp = 3.0
   ps, pt = np_softmax(s / temp, -1), np_softmax(t / temp, -1)
-  expected = np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), -1)) * temp ** 2
+  expected = np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), -1)) * temp**2
   np.testing.assert_allclose(losses.logit_kd(s, t, temp), expected, rtol=1e-5)
 
 
@@ -116,8 +132,7 @@ def test_cross_entropy_weights_and_ignore_like_pytorch_nll():
     if y != 255:
       num += -logp[0, i, j, y] * weights[y]
       den += weights[y]
-  np.testing.assert_allclose(losses.cross_entropy(logits, labels, weights), num / den,
-                             rtol=1e-5)
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels, weights), num / den, rtol=1e-5)
   plain = np.mean([-logp[0, i, j, y] for (i, j), y in np.ndenumerate(labels[0]) if y != 255])
   np.testing.assert_allclose(losses.cross_entropy(logits, labels), plain, rtol=1e-5)
   assert float(losses.cross_entropy(logits, np.full_like(labels, 255))) == 0.0
@@ -127,9 +142,16 @@ def test_cross_entropy_weights_and_ignore_like_pytorch_nll():
 
 # ---------------------------------------------------------------- sizes
 
-@pytest.mark.parametrize("method,expected", [
-    ("transkd_base", 4_563_124), ("transkd_gl", 5_219_254), ("transkd_ea", 5_534_076),
-    ("student", 3_719_284)])
+
+@pytest.mark.parametrize(
+  "method,expected",
+  [
+    ("transkd_base", 4_563_124),
+    ("transkd_gl", 5_219_254),
+    ("transkd_ea", 5_534_076),
+    ("student", 3_719_284),
+  ],
+)
 def test_wrapper_parameter_counts_match_public_code(method, expected):
   model = Distiller(METHODS[method], "b0", "b2", num_classes=20)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 128, 3)))
@@ -140,11 +162,14 @@ def test_wrapper_parameter_counts_match_public_code(method, expected):
 # pairs (train_TransKDBase_PVTv2B2B0.py: PVTv2-B0 into PVTv2-B2's widths;
 # train_TransKDBase_SegformerB2LVT.py: LVT with channels [64, 64, 160, 256] into MiT-B2's),
 # counted by instantiating them at the public code's 20 classes.
-@pytest.mark.parametrize("arch,variant,teacher_arch,expected", [
-    ("pvtv2", "b0", "pvtv2", 8_371_508), ("lvt", "lvt", "segformer", 4_685_112)])
+@pytest.mark.parametrize(
+  "arch,variant,teacher_arch,expected",
+  [("pvtv2", "b0", "pvtv2", 8_371_508), ("lvt", "lvt", "segformer", 4_685_112)],
+)
 def test_the_other_pairs_wrappers_match_public_code(arch, variant, teacher_arch, expected):
-  model = Distiller(METHODS["transkd_base"], variant, "b2", arch=arch, teacher_arch=teacher_arch,
-                    num_classes=20)
+  model = Distiller(
+    METHODS["transkd_base"], variant, "b2", arch=arch, teacher_arch=teacher_arch, num_classes=20
+  )
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 128, 3)))
   assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"])) == expected
 
@@ -153,24 +178,31 @@ _LVT_UNDER_PVT = (("lvt", TINY_LVT), ("pvtv2", TINY_PVT))
 _SEGFORMER_UNDER_LVT = (("segformer", TINY_STUDENT), ("lvt", TINY_LVT))
 
 
-@pytest.mark.parametrize("method,pair", [
+@pytest.mark.parametrize(
+  "method,pair",
+  [
     *((m, _LVT_UNDER_PVT) for m in METHODS if m not in ("student", "teacher", "kd")),
-    ("transkd_gl", _SEGFORMER_UNDER_LVT), ("transkd_ea", _SEGFORMER_UNDER_LVT)])
+    ("transkd_gl", _SEGFORMER_UNDER_LVT),
+    ("transkd_ea", _SEGFORMER_UNDER_LVT),
+  ],
+)
 def test_every_method_pairs_any_families_by_their_stage_shapes(method, pair):
   """Each module takes its widths from the two models' stage shapes."""
   from transkd_jax.models import archs
+
   (arch, row), (t_arch, t_row) = pair
   model = Distiller(METHODS[method], row, t_row, arch=arch, teacher_arch=t_arch, num_classes=5)
   check_pairing(model, archs.build(t_arch, t_row, 5), (64, 128))  # raises if a stage differs
   images = jnp.zeros((1, 64, 128, 3))
   shapes = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), images), images))
   widths = [s.shape[-1] for s in shapes["adapted"]]
-  assert widths == list(t_row.channels[-len(widths):])
+  assert widths == list(t_row.channels[-len(widths) :])
   if shapes["aligned"] is not None:
     assert [a.shape[-1] for a in shapes["aligned"]] == list(t_row.channels)
 
 
 # ---------------------------------------------------------------- modules
+
 
 def _tiny(method, num_classes=5):
   return Distiller(METHODS[method], TINY_STUDENT, TINY_TEACHER, num_classes=num_classes)
@@ -195,9 +227,15 @@ def teacher(batch):
 def test_csf_branch_weights_sum_to_one_per_channel(batch):
   model = _tiny("transkd_base")
   variables = jax.jit(model.init)(jax.random.key(0), batch[0])
-  _, state = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)},
-                                              mutable=["batch_stats", "intermediates"]))(
-                                                  variables, batch[0])
+  _, state = jax.jit(
+    lambda v, x: model.apply(
+      v,
+      x,
+      train=True,
+      rngs={"dropout": jax.random.key(1)},
+      mutable=["batch_stats", "intermediates"],
+    )
+  )(variables, batch[0])
   weights = state["intermediates"]["fusion"]
   assert sorted(weights) == ["stage1", "stage2", "stage3"]  # stage 4 does not fuse
   for stage in weights.values():
@@ -217,10 +255,16 @@ def _teacher_outputs(teacher, images, method):
 
 def _loss_fn(model, settings, method, images, labels):
   def fn(params, batch_stats, teacher_out, key):
-    out, new_state = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                 train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    out, new_state = model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      images,
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
     total, terms = objective(METHODS[method], settings, out, teacher_out, labels)
     return total, (terms, new_state["batch_stats"])
+
   return fn
 
 
@@ -238,7 +282,8 @@ def test_gradients_reach_student_and_adapters_but_never_the_teacher(batch, teach
     return loss(params, variables["batch_stats"], t_out, jax.random.key(3))[0]
 
   g_student, g_teacher = jax.jit(jax.grad(through_teacher, argnums=(0, 1)))(
-      variables["params"], t_vars["params"])
+    variables["params"], t_vars["params"]
+  )
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
   assert set(g_student) == {"student", "fusion", "pea", "assistant", "embed_fuse"}
   flat = jax.tree_util.tree_flatten_with_path(g_student)[0]
@@ -251,9 +296,12 @@ def test_gradients_reach_student_and_adapters_but_never_the_teacher(batch, teach
 # transkd_gl, and whose losses are checked against numpy above; transkd_ea, whose modules
 # all get gradients in the test above; fitnet, whose 1x1 adapters and MSE are the simplest
 # of all; kd, the student alone plus a loss checked against numpy above.
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"teacher", "student", "cwd",
-                                                          "transkd_base", "transkd_ea",
-                                                          "fitnet", "kd"}))
+@pytest.mark.parametrize(
+  "method",
+  sorted(
+    set(METHODS) - {"teacher", "student", "cwd", "transkd_base", "transkd_ea", "fitnet", "kd"}
+  ),
+)
 def test_a_few_steps_lower_the_loss(method, batch, teacher):
   images, labels = batch
   model = _tiny(method)
@@ -266,7 +314,8 @@ def test_a_few_steps_lower_the_loss(method, batch, teacher):
   @jax.jit
   def step(params, batch_stats, opt_state, key):
     (total, (terms, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(
-        params, batch_stats, teacher_out, key)
+      params, batch_stats, teacher_out, key
+    )
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, total, terms
 
@@ -278,8 +327,11 @@ def test_a_few_steps_lower_the_loss(method, batch, teacher):
     params, batch_stats, opt_state, total, terms = step(params, batch_stats, opt_state, key)
     totals.append(float(total))
   expected_terms = {"ce"} | {
-      "transkd_gl": {"hcl", "pea"}, "transkd_ea": {"hcl", "pea"}, "kd": {"kd"},
-      "reviewkd": {"hcl"}}[method]
+    "transkd_gl": {"hcl", "pea"},
+    "transkd_ea": {"hcl", "pea"},
+    "kd": {"kd"},
+    "reviewkd": {"hcl"},
+  }[method]
   assert set(terms) == expected_terms
   assert np.isclose(sum(float(v) for v in terms.values()), totals[-1], rtol=1e-5)
   assert all(np.isfinite(totals))
@@ -287,6 +339,7 @@ def test_a_few_steps_lower_the_loss(method, batch, teacher):
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_unknown_method_and_missing_weight_are_named():
   with pytest.raises(ValueError, match="unknown distillation method 'transkd'.*transkd_base"):
@@ -307,10 +360,12 @@ def test_unpaired_stages_fail_at_trace_time_naming_the_stage(batch, teacher):
   out = jax.jit(model.apply)(variables, images)
   t_model, t_vars = teacher
   t_out = jax.jit(lambda v, x: t_model.apply(v, x, method="encode"))(
-      t_vars, images[:, :32])  # half the height
+    t_vars, images[:, :32]
+  )  # half the height
   with pytest.raises(ValueError, match="feature maps, stage 1"):
-    objective(METHODS["transkd_base"], loss_settings(METHODS["transkd_base"], DISTILL), out,
-              t_out, labels)
+    objective(
+      METHODS["transkd_base"], loss_settings(METHODS["transkd_base"], DISTILL), out, t_out, labels
+    )
 
 
 def test_check_pairing_compares_shapes_without_compute():
@@ -321,5 +376,4 @@ def test_check_pairing_compares_shapes_without_compute():
   with pytest.raises(ValueError, match="feature maps, stage 4"):
     check_pairing(distiller, SegFormer(wrong, 5), (64, 128))
   # Full-size B2 -> B0 pair at 512x1024, from shapes alone.
-  check_pairing(Distiller(METHODS["transkd_gl"], "b0", "b2", 19), SegFormer("b2", 19),
-                (512, 1024))
+  check_pairing(Distiller(METHODS["transkd_gl"], "b0", "b2", 19), SegFormer("b2", 19), (512, 1024))

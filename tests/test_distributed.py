@@ -13,19 +13,25 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from runs import REPO, SYNTHETIC, env, final_params, main, overrides, stop, wait_for
+
 from transkd_jax import distributed
 from transkd_jax.logs import read_metrics
 
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
 
 
-_CLUSTER_VARIABLES = ("SLURM_NTASKS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                      "TPU_PROCESS_ADDRESSES")
+_CLUSTER_VARIABLES = (
+  "SLURM_NTASKS",
+  "SLURM_JOB_ID",
+  "TPU_WORKER_HOSTNAMES",
+  "TPU_PROCESS_ADDRESSES",
+)
 
 
-@pytest.mark.parametrize("mode,environment,expected", [
+@pytest.mark.parametrize(
+  "mode,environment,expected",
+  [
     # A Cloud TPU VM slice (gcloud compute tpus tpu-vm create) lists no workers in the
     # environment: tpu_pod.sh says --distributed=on and JAX asks the metadata server.
     ("on", {}, {"heartbeat_timeout_seconds": 100}),
@@ -34,7 +40,8 @@ _CLUSTER_VARIABLES = ("SLURM_NTASKS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
     ("auto", {"TPU_WORKER_HOSTNAMES": "t1-w-0"}, None),  # a single-host slice
     ("auto", {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}, {"heartbeat_timeout_seconds": 100}),
     ("off", {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}, None),
-])
+  ],
+)
 def test_start_up_modes(monkeypatch, mode, environment, expected):
   for name in _CLUSTER_VARIABLES:
     monkeypatch.delenv(name, raising=False)
@@ -61,13 +68,24 @@ def _args(data_root, workdir, **extra):
   # gradient that is float noise around 0 becomes a +-lr step in either run), and a
   # large rate makes a wrong batch visible in the parameters.
   optimizer = {"optimizer.decay_steps": 4, "optimizer.eps": 1.0, "optimizer.lr": 0.05}
-  return ["--mode=train", SYNTHETIC, f"--workdir={workdir}",
-          *overrides(data_root, batch_size=4, **optimizer, **extra)]
+  return [
+    "--mode=train",
+    SYNTHETIC,
+    f"--workdir={workdir}",
+    *overrides(data_root, batch_size=4, **optimizer, **extra),
+  ]
 
 
 def _run(cmd, environment):
-  proc = subprocess.run(cmd, cwd=REPO, env=environment, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True, timeout=900)
+  proc = subprocess.run(
+    cmd,
+    cwd=REPO,
+    env=environment,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-4000:]
   return proc.stdout
 
@@ -84,16 +102,25 @@ def _losses(workdir):
   return [r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"]
 
 
-def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, data_root,
-                                                                    compile_cache):
+def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(
+  tmp_path, data_root, compile_cache
+):
   one = env(compile_cache, devices=4)
   # 1 process x 4 devices, 4 steps, a checkpoint at 2.
-  _run(["python", "-m", "transkd_jax.main",
-        *_args(data_root, tmp_path / "one", total_steps=4, checkpoint_every=2)], one)
+  _run(
+    [
+      "python",
+      "-m",
+      "transkd_jax.main",
+      *_args(data_root, tmp_path / "one", total_steps=4, checkpoint_every=2),
+    ],
+    one,
+  )
   # 2 processes x 2 devices, 2 steps, validating at the end.
-  out = _run(["bash", str(LAUNCH), "2",
-              *_args(data_root, tmp_path / "two", total_steps=2, eval_every=2)],
-             dict(env(compile_cache), DEVICES_PER_PROCESS="2"))
+  out = _run(
+    ["bash", str(LAUNCH), "2", *_args(data_root, tmp_path / "two", total_steps=2, eval_every=2)],
+    dict(env(compile_cache), DEVICES_PER_PROCESS="2"),
+  )
   assert "process 1 of 2: 2 local of 4 devices" in out
   done = [line for line in out.splitlines() if "done: step 2" in line]
   assert len(done) == 1 and done[0].startswith("[process 0]")  # one console
@@ -102,8 +129,9 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, d
   # Only process 0 wrote the metrics (one row per step): the same losses, the same batches.
   np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one")[:2], rtol=1e-5)
   # The 2-process checkpoint (model and data position) resumes in 1 process.
-  out = _run(["python", "-m", "transkd_jax.main",
-              *_args(data_root, tmp_path / "two", total_steps=4)], one)
+  out = _run(
+    ["python", "-m", "transkd_jax.main", *_args(data_root, tmp_path / "two", total_steps=4)], one
+  )
   assert "resumed from" in out
   np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
   _assert_close(final_params(tmp_path / "two", 4), final_params(tmp_path / "one", 4))
@@ -111,9 +139,12 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, d
 
 def _two_processes(tmp_path, data_root, compile_cache, port_offset, **extra):
   port = 23000 + port_offset * 7 + (int(time.time()) % 500) * 10
-  common = [*_args(data_root, tmp_path, total_steps=100000, checkpoint_every=100000, **extra),
-            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-            "--heartbeat_timeout=5"]
+  common = [
+    *_args(data_root, tmp_path, total_steps=100000, checkpoint_every=100000, **extra),
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=2",
+    "--heartbeat_timeout=5",
+  ]
   procs = [main([*common, f"--process_id={i}"], env(compile_cache, devices=2)) for i in (0, 1)]
   wait_for(lambda: any(r["step"] >= 1 for r in read_metrics(str(tmp_path))), procs[0], 600)
   return procs
@@ -131,8 +162,13 @@ def test_a_killed_process_stops_the_other(victim, tmp_path, data_root, compile_c
     assert time.time() - start < 60
     # Either the step's collective loses its peer, or the coordination service misses
     # the dead process's heartbeats; both name what happened.
-    causes = ("Connection reset by peer", "Connection closed by peer", "another task died",
-              "unhealthy", "heartbeat")
+    causes = (
+      "Connection reset by peer",
+      "Connection closed by peer",
+      "another task died",
+      "unhealthy",
+      "heartbeat",
+    )
     assert any(c in out for c in causes), out[-3000:]
   finally:
     stop(procs)
@@ -145,11 +181,14 @@ def test_an_error_in_one_process_stops_both(tmp_path, data_root, compile_cache):
   bad_root.mkdir()
   (bad_root / "something.txt").write_text("x")
   port = 24000 + (int(time.time()) % 500) * 10
-  common = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-            "--heartbeat_timeout=5"]
-  procs = [main([*_args(root, tmp_path / "run", total_steps=3), *common, f"--process_id={i}"],
-                env(compile_cache, devices=2))
-           for i, root in ((0, data_root), (1, str(bad_root)))]
+  common = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--heartbeat_timeout=5"]
+  procs = [
+    main(
+      [*_args(root, tmp_path / "run", total_steps=3), *common, f"--process_id={i}"],
+      env(compile_cache, devices=2),
+    )
+    for i, root in ((0, data_root), (1, str(bad_root)))
+  ]
   try:
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert procs[1].returncode != 0 and "not_a_dataset" in outs[1], outs[1][-2000:]
@@ -172,6 +211,8 @@ def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path, data_root, c
     # Both processes' data-iterator states are in that one checkpoint.
     data = (tmp_path / "checkpoints" / str(steps[0]) / "data").iterdir()
     assert sorted(q.name for q in data if q.suffix == ".json") == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+      "process_0-of-2.json",
+      "process_1-of-2.json",
+    ]
   finally:
     stop(procs)

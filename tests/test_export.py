@@ -13,8 +13,9 @@ from transkd_jax.errors import UserError
 from transkd_jax.models import MiTVariant, SegFormer, get_variant
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e \".[test]\")")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed "
-                                   "(pip install -e \".[test]\")")
+transformers = pytest.importorskip(
+  "transformers", reason="transformers is not installed (pip install -e \".[test]\")"
+)
 
 # No row of the variant table: the heads (not the table's 1, 2, 5, 8) must be given.
 TINY = MiTVariant((8, 16, 24, 32), (1, 2, 1, 1), (1, 2, 3, 4), 16)
@@ -26,8 +27,7 @@ CLASSES = 5
 def tiny(tmp_path_factory):
   """(variables, directory): a perturbed random TINY with non-trivial batch_stats, saved as
   convert saves it, its transkd_convert.json recording an ImageNet-normalised source."""
-  variables = jax.jit(SegFormer(TINY, CLASSES).init)(jax.random.key(0),
-                                                     jnp.zeros((1, 64, 64, 3)))
+  variables = jax.jit(SegFormer(TINY, CLASSES).init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   rng = np.random.RandomState(0)
   flat = {}
   for path, value in traverse_util.flatten_dict(jax.device_get(variables)).items():
@@ -41,8 +41,9 @@ def tiny(tmp_path_factory):
     flat[path] = value.astype(np.float32)
   variables = traverse_util.unflatten_dict(flat)
   path = tmp_path_factory.mktemp("tiny") / "converted"
-  convert.save(variables, str(path), {"arch": "custom", "num_classes": CLASSES,
-                                      "normalization": "imagenet"})
+  convert.save(
+    variables, str(path), {"arch": "custom", "num_classes": CLASSES, "normalization": "imagenet"}
+  )
   return variables, path
 
 
@@ -56,13 +57,13 @@ def _assert_same_tree(a, b):
 def test_hf_export_matches_transformers(tmp_path, tiny, capsys):
   variables, ckpt = tiny
   out = tmp_path / "hf"
-  assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--output={out}",
-                      TINY_HEADS]) == 0
+  assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--output={out}", TINY_HEADS]) == 0
   line = capsys.readouterr().out
   assert line.count("\n") == 1 and "wrote" in line and "imagenet" in line
 
   model, info = transformers.SegformerForSemanticSegmentation.from_pretrained(
-      str(out), output_loading_info=True)
+    str(out), output_loading_info=True
+  )
   assert not any(info.values()), info  # nothing missing, unexpected or mis-shaped
   model.eval()
   images = np.random.RandomState(1).rand(2, 64, 96, 3).astype(np.float32)
@@ -90,20 +91,30 @@ def test_hf_export_matches_transformers(tmp_path, tiny, capsys):
 def test_pytorch_export_round_trips_through_convert(tmp_path, tiny):
   variables, ckpt = tiny
   out = tmp_path / "pt"
-  assert export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={out}",
-                      TINY_HEADS]) == 0
+  assert (
+    export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={out}", TINY_HEADS]) == 0
+  )
   state = torch.load(out / "model.pth", weights_only=True)
-  for name in ("patch_embed1.proj.weight", "block1.0.attn.q.weight", "block1.0.attn.kv.weight",
-               "block1.0.attn.sr.weight", "block2.1.mlp.dwconv.dwconv.weight", "norm4.weight",
-               "linear_c4.proj.weight", "linear_fuse.conv.weight",
-               "linear_fuse.bn.running_mean", "linear_fuse.bn.num_batches_tracked",
-               "linear_pred.weight"):
+  for name in (
+    "patch_embed1.proj.weight",
+    "block1.0.attn.q.weight",
+    "block1.0.attn.kv.weight",
+    "block1.0.attn.sr.weight",
+    "block2.1.mlp.dwconv.dwconv.weight",
+    "norm4.weight",
+    "linear_c4.proj.weight",
+    "linear_fuse.conv.weight",
+    "linear_fuse.bn.running_mean",
+    "linear_fuse.bn.num_batches_tracked",
+    "linear_pred.weight",
+  ):
     assert name in state, name
   assert tuple(state["block1.0.attn.kv.weight"].shape) == (16, 8)  # out x in
   assert tuple(state["block1.0.attn.sr.weight"].shape) == (8, 8, 8, 8)
   assert tuple(state["linear_pred.weight"].shape) == (CLASSES, 16, 1, 1)
-  tree, _ = convert.convert(convert.read_state_dict(str(out / "model.pth")), TINY,
-                            log=lambda *_: None)
+  tree, _ = convert.convert(
+    convert.read_state_dict(str(out / "model.pth")), TINY, log=lambda *_: None
+  )
   _assert_same_tree(tree, variables)
 
 
@@ -124,14 +135,18 @@ def test_custom_variant_needs_heads(tiny):
 
 
 def test_normalisation_from_a_run_config(tmp_path):
-  for step, data, size in ((3, {"transforms": "mmseg"}, [512, 512]),
-                           (9, {"protocol": "reference", "name": "cityscapes"}, [64, 128])):
+  for step, data, size in (
+    (3, {"transforms": "mmseg"}, [512, 512]),
+    (9, {"protocol": "reference", "name": "cityscapes"}, [64, 128]),
+  ):
     (tmp_path / "checkpoints" / str(step) / "config").mkdir(parents=True)
     (tmp_path / "checkpoints" / str(step) / "config" / "metadata").write_text(
-        json.dumps({"data": data, "image_size": size}))
+      json.dumps({"data": data, "image_size": size})
+    )
   # The step the weights came from decides; else the newest.
-  norm, _, size, data = export.input_settings(str(tmp_path), "auto",
-                                              f"{tmp_path}/checkpoints/3 (step 3, latest)")
+  norm, _, size, data = export.input_settings(
+    str(tmp_path), "auto", f"{tmp_path}/checkpoints/3 (step 3, latest)"
+  )
   assert (norm, size) == ("imagenet", None)  # mmseg: the processor does not resize
   norm, _, size, data = export.input_settings(str(tmp_path), "auto", "")
   assert (norm, size) == ("unit", (64, 128))
@@ -156,18 +171,39 @@ def test_errors_name_the_flag(tmp_path, tiny, capsys):
 
   existing = tmp_path / "existing"
   existing.mkdir()
-  assert export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={existing}",
-                      TINY_HEADS]) == 2
+  assert (
+    export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={existing}", TINY_HEADS])
+    == 2
+  )
   assert "--overwrite" in capsys.readouterr().err
   assert export.main([f"--checkpoint={ckpt}", "--format=onnx", f"--output={tmp_path / 'x'}"]) == 2
   assert "--format='onnx'" in capsys.readouterr().err
-  assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--output={tmp_path / 'x'}",
-                      "--normalization=zscore"]) == 2
+  assert (
+    export.main(
+      [
+        f"--checkpoint={ckpt}",
+        "--format=hf",
+        f"--output={tmp_path / 'x'}",
+        "--normalization=zscore",
+      ]
+    )
+    == 2
+  )
   assert "--normalization" in capsys.readouterr().err
   assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--output={tmp_path / 'x'}"]) == 2
   assert "--heads" in capsys.readouterr().err and not (tmp_path / "x").exists()
-  assert export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={existing}",
-                      TINY_HEADS, "--overwrite"]) == 0
+  assert (
+    export.main(
+      [
+        f"--checkpoint={ckpt}",
+        "--format=pytorch",
+        f"--output={existing}",
+        TINY_HEADS,
+        "--overwrite",
+      ]
+    )
+    == 0
+  )
   assert (existing / "model.pth").exists()
 
 
@@ -175,9 +211,11 @@ def test_errors_name_the_flag(tmp_path, tiny, capsys):
 # PVTv2 and LVT: the public layout
 # --------------------------------------------------------------------------
 
+
 def _random_variables(family, variant, num_classes, seed):
   """Full-size variables with random values, from abstract init only (no compile)."""
   from transkd_jax.models import archs
+
   model = archs.build(family, variant, num_classes)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   rng = np.random.default_rng(seed)
@@ -188,12 +226,14 @@ def _random_variables(family, variant, num_classes, seed):
   return traverse_util.unflatten_dict(flat)
 
 
-@pytest.mark.parametrize("family,variant,arch,recorded", [
+@pytest.mark.parametrize(
+  "family,variant,arch,recorded",
+  [
     ("pvtv2", "b0", "pvt_v2_b0", False),  # family from the tree, variant from the shapes
-    ("lvt", "lvt", "lvt", True),          # both from transkd_convert.json
-])
-def test_public_export_round_trips_pvtv2_and_lvt(tmp_path, capsys, family, variant, arch,
-                                                 recorded):
+    ("lvt", "lvt", "lvt", True),  # both from transkd_convert.json
+  ],
+)
+def test_public_export_round_trips_pvtv2_and_lvt(tmp_path, capsys, family, variant, arch, recorded):
   variables = _random_variables(family, variant, 19, seed=4)
   ckpt = tmp_path / "converted"
   meta = {"num_classes": 19, "normalization": "unit"}
@@ -216,8 +256,9 @@ def test_public_export_round_trips_pvtv2_and_lvt(tmp_path, capsys, family, varia
     assert tuple(state["backbone.2.1.1.mlp.fc1.weight"].shape) == (640, 160, 1, 1)
     assert int(state["linear_fuse.bn.num_batches_tracked"]) == 0
     assert len(state) == 164
-  tree, classes = convert.convert(convert.read_state_dict(str(out / "model.pth")), arch,
-                                  log=lambda *_: None)
+  tree, classes = convert.convert(
+    convert.read_state_dict(str(out / "model.pth")), arch, log=lambda *_: None
+  )
   assert classes == 19
   _assert_same_tree(tree, variables)
 
@@ -231,14 +272,17 @@ def test_pvtv2_and_lvt_have_no_huggingface_export(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "SegFormer only" in err and "PVTv2 (pvt_v2_b0)" in err and "--format=pytorch" in err
   assert not out.exists()
-  assert export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={out}",
-                      "--heads=1,2,5,8"]) == 2
+  assert (
+    export.main([f"--checkpoint={ckpt}", "--format=pytorch", f"--output={out}", "--heads=1,2,5,8"])
+    == 2
+  )
   assert "--heads" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["b0", "b5"])  # b5: Mix-FFN ratio 4 throughout
 def test_pvtv2_table_variants_are_recognised(name):
   from transkd_jax.models import PVTv2
+
   shapes = jax.eval_shape(PVTv2(name, 7).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   assert export.model_family(shapes) == "pvtv2"
   family, arch, spec, classes = export.infer_model(shapes)
@@ -246,7 +290,9 @@ def test_pvtv2_table_variants_are_recognised(name):
 
 
 def test_a_pvtv2_off_the_table_is_refused():
-  from transkd_jax.models import PVTv2, MiTVariant as Row
+  from transkd_jax.models import MiTVariant as Row
+  from transkd_jax.models import PVTv2
+
   row = Row((32, 64, 160, 256), (2, 2, 1, 2), (1, 2, 5, 8), 256, (8, 8, 4, 4))
   shapes = jax.eval_shape(PVTv2(row, 19).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   with pytest.raises(UserError, match=r"closest pvt_v2_b0 differs in depths \(2, 2, 1, 2\)"):

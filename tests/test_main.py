@@ -12,13 +12,19 @@ CITYSCAPES = f"--config={REPO / 'configs' / 'cityscapes.py'}"
 
 
 def _main(*args, cwd=None):
-  return subprocess.run([sys.executable, "-m", "transkd_jax.main", *args],
-                        capture_output=True, text=True, cwd=cwd or REPO, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "transkd_jax.main", *args],
+    capture_output=True,
+    text=True,
+    cwd=cwd or REPO,
+    timeout=300,
+  )
 
 
 def test_info_writes_sizes(tmp_path):
-  result = _main(CITYSCAPES, f"--workdir={tmp_path}",
-                 "--mode=info", "--config.image_size=(128, 256)")
+  result = _main(
+    CITYSCAPES, f"--workdir={tmp_path}", "--mode=info", "--config.image_size=(128, 256)"
+  )
   assert result.returncode == 0, result.stderr
   info = json.loads((tmp_path / "info.json").read_text())
   assert info["teacher"]["params"] == 27_361_235
@@ -37,9 +43,15 @@ def test_info_writes_sizes(tmp_path):
 
 
 def test_info_distiller_follows_the_method(tmp_path):
-  result = _main(CITYSCAPES, f"--workdir={tmp_path}", "--mode=info",
-                 "--config.image_size=(64, 128)", "--config.method=transkd_ea",
-                 "--config.num_classes=20", "--config.class_weights=()")
+  result = _main(
+    CITYSCAPES,
+    f"--workdir={tmp_path}",
+    "--mode=info",
+    "--config.image_size=(64, 128)",
+    "--config.method=transkd_ea",
+    "--config.num_classes=20",
+    "--config.class_weights=()",
+  )
   assert result.returncode == 0, result.stderr
   info = json.loads((tmp_path / "info.json").read_text())
   assert info["distiller"]["params"] == 5_534_076
@@ -50,25 +62,48 @@ def test_info_distiller_follows_the_method(tmp_path):
 # and train/CSF.py build_kd_trans(student, 5, channels) as train_TransKDBase_PVTv2B2B0.py
 # and train_TransKDBase_SegformerB2LVT.py call it) at 20 classes, less the head's weights
 # for the 20th class: 128 + 1 (PVTv2's 128-wide FPN head), 256 + 1 (LVT's 256-wide head).
-@pytest.mark.parametrize("config,teacher,student,distiller,names", [
-    ("cityscapes_pvtv2.py", 29_098_836 - 129, 7_527_668 - 129, 8_371_508 - 129,
-     ("PVTv2-B2", "PVTv2-B0")),
-    ("cityscapes_lvt.py", 27_362_004 - 769, 3_837_176 - 257, 4_685_112 - 257,
-     ("SegFormer-B2", "LVT")),
-])
-def test_info_of_the_other_pairs_counts_the_public_models(tmp_path, config, teacher, student,
-                                                          distiller, names):
-  result = _main(f"--config={REPO / 'configs' / config}", f"--workdir={tmp_path}",
-                 "--mode=info", "--config.image_size=(64, 128)")
+@pytest.mark.parametrize(
+  "config,teacher,student,distiller,names",
+  [
+    (
+      "cityscapes_pvtv2.py",
+      29_098_836 - 129,
+      7_527_668 - 129,
+      8_371_508 - 129,
+      ("PVTv2-B2", "PVTv2-B0"),
+    ),
+    (
+      "cityscapes_lvt.py",
+      27_362_004 - 769,
+      3_837_176 - 257,
+      4_685_112 - 257,
+      ("SegFormer-B2", "LVT"),
+    ),
+  ],
+)
+def test_info_of_the_other_pairs_counts_the_public_models(
+  tmp_path, config, teacher, student, distiller, names
+):
+  result = _main(
+    f"--config={REPO / 'configs' / config}",
+    f"--workdir={tmp_path}",
+    "--mode=info",
+    "--config.image_size=(64, 128)",
+  )
   assert result.returncode == 0, result.stderr
   info = json.loads((tmp_path / "info.json").read_text())
-  assert (info["teacher"]["params"], info["student"]["params"],
-          info["distiller"]["params"]) == (teacher, student, distiller)
+  assert (info["teacher"]["params"], info["student"]["params"], info["distiller"]["params"]) == (
+    teacher,
+    student,
+    distiller,
+  )
   assert (info["teacher"]["model"], info["student"]["model"]) == names
   assert all(name in result.stdout for name in names)
 
 
-@pytest.mark.parametrize("override,needle", [
+@pytest.mark.parametrize(
+  "override,needle",
+  [
     ("--config.no_such_key=1", "--config.no_such_key"),
     ("--config.teacher.variant=b9", "config.teacher.variant"),
     ("--config.student.arch=resnet", "config.student.arch: Unknown architecture 'resnet'"),
@@ -77,7 +112,8 @@ def test_info_of_the_other_pairs_counts_the_public_models(tmp_path, config, teac
     ("--config.method=transkd", "unknown distillation method 'transkd'"),
     ("--config.distill.pea_weights=(0.1,0.1)", "config.distill.pea_weights"),
     ("--config.num_classes=21", "config.class_weights has 19 entries"),
-])
+  ],
+)
 def test_bad_config_is_one_clear_error(tmp_path, override, needle):
   result = _main(CITYSCAPES, f"--workdir={tmp_path}", override)
   assert result.returncode == 2
@@ -94,8 +130,18 @@ def test_missing_workdir_is_named(tmp_path):
 def test_recipe_is_a_mode_and_keeps_its_old_spelling(tmp_path):
   """Both spellings start like main (validation, then jax.distributed) and name bad input."""
   for command in (["-m", "transkd_jax.main", "--mode=recipe"], ["-m", "transkd_jax.recipe"]):
-    result = subprocess.run([sys.executable, *command, CITYSCAPES, f"--workdir={tmp_path}",
-                             "--config.recipe.methods=('student','nope')"],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+      [
+        sys.executable,
+        *command,
+        CITYSCAPES,
+        f"--workdir={tmp_path}",
+        "--config.recipe.methods=('student','nope')",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert "unknown distillation method 'nope'" in result.stderr

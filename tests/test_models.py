@@ -7,32 +7,36 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from runs import TINY_STUDENT
 
-from transkd_jax.models import SegFormer, VARIANTS
+from transkd_jax.models import VARIANTS, SegFormer, kernels
 from transkd_jax.models import initializers as init
-from transkd_jax.models import kernels
+from transkd_jax.models.head import SegFormerHead
 from transkd_jax.models.kernels import softmax_attention
 from transkd_jax.models.mit import DepthwiseConv3x3, PatchConv, gelu
-from transkd_jax.models.head import SegFormerHead
-from transkd_jax.models.resize import (bilinear_matrix, nearest_indices, resize_bilinear,
-                                      resize_nearest)
-
-from runs import TINY_STUDENT
+from transkd_jax.models.resize import (
+  bilinear_matrix,
+  nearest_indices,
+  resize_bilinear,
+  resize_nearest,
+)
 
 
 def _param_count(variant, num_classes, size=(64, 64)):
   model = SegFormer(variant, num_classes)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3))))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3))))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
 
 
-@pytest.mark.parametrize("variant,num_classes,expected", [
+@pytest.mark.parametrize(
+  "variant,num_classes,expected",
+  [
     ("b0", 20, 3_719_284),
     ("b2", 20, 27_362_004),
     ("b0", 19, 3_719_027),
     ("b2", 19, 27_361_235),
-])
+  ],
+)
 def test_parameter_counts_match_public_code(variant, num_classes, expected):
   assert _param_count(variant, num_classes) == expected
 
@@ -85,10 +89,12 @@ def test_encode_matches_full_call_and_skips_head(b0_and_vars):
   for a, b in zip(full["features"] + full["embeddings"], enc["features"] + enc["embeddings"]):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Encoding needs no head parameters at all.
-  enc_only = _apply(model, {"params": {"encoder": variables["params"]["encoder"]}}, images,
-                         method="encode")
-  np.testing.assert_array_equal(np.asarray(enc_only["features"][3]),
-                                np.asarray(full["features"][3]))
+  enc_only = _apply(
+    model, {"params": {"encoder": variables["params"]["encoder"]}}, images, method="encode"
+  )
+  np.testing.assert_array_equal(
+    np.asarray(enc_only["features"][3]), np.asarray(full["features"][3])
+  )
 
 
 def test_train_mode_uses_dropout_rng_and_updates_batch_stats(b0_and_vars):
@@ -96,8 +102,9 @@ def test_train_mode_uses_dropout_rng_and_updates_batch_stats(b0_and_vars):
   images = jax.random.uniform(jax.random.key(3), (2, 64, 64, 3))
   with pytest.raises(Exception, match="dropout"):
     _apply(model, variables, images, train=True, mutable=("batch_stats",))
-  run = lambda key: _apply(model, variables, images, train=True, rngs={"dropout": key},
-                                mutable=("batch_stats",))
+  run = lambda key: _apply(
+    model, variables, images, train=True, rngs={"dropout": key}, mutable=("batch_stats",)
+  )
   out_a, state = run(jax.random.key(4))
   out_b, _ = run(jax.random.key(5))
   assert not np.allclose(out_a["logits"], out_b["logits"])  # stochastic depth / dropout
@@ -105,8 +112,9 @@ def test_train_mode_uses_dropout_rng_and_updates_batch_stats(b0_and_vars):
   new = state["batch_stats"]["head"]["bn"]["mean"]
   assert not np.allclose(old, new)
   # Evaluation is deterministic and leaves the statistics alone.
-  np.testing.assert_array_equal(_apply(model, variables, images)["logits"],
-                                _apply(model, variables, images)["logits"])
+  np.testing.assert_array_equal(
+    _apply(model, variables, images)["logits"], _apply(model, variables, images)["logits"]
+  )
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -125,8 +133,7 @@ def test_depthwise_forms_agree():
   shifted = DepthwiseConv3x3(kernels="cpu")
   params = conv.init(jax.random.key(1), x)
   params = jax.tree.map(lambda p: p + 0.3, params)  # non-zero bias too
-  np.testing.assert_allclose(shifted.apply(params, x), conv.apply(params, x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(shifted.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 7, 12), (1, 1, 1, 3), (2, 2, 5, 4), (1, 16, 32, 8)])
@@ -164,18 +171,26 @@ def test_patch_conv_equals_strided_convolution(size):
   x = jax.random.normal(jax.random.key(0), (2, *size, 6))
   module = PatchConv(features=5, ratio=4)
   params = module.init(jax.random.key(1), x)
-  expected = jax.lax.conv_general_dilated(
-      x, params["params"]["kernel"], (4, 4), "VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["params"]["bias"]
+  expected = (
+    jax.lax.conv_general_dilated(
+      x, params["params"]["kernel"], (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    + params["params"]["bias"]
+  )
   np.testing.assert_allclose(module.apply(params, x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tokens,context,heads,chunk_elements", [
-    (37, 5, 1, 2 * 8 * 5),       # chunks of 8 queries, the last padded (37 = 4 x 8 + 5)
-    (16, 16, 2, 1 << 19),        # one chunk
-    (9, 128, 5, 2 * 2 * 5 * 128)])  # chunks of 2 queries, the last padded
+@pytest.mark.parametrize(
+  "tokens,context,heads,chunk_elements",
+  [
+    (37, 5, 1, 2 * 8 * 5),  # chunks of 8 queries, the last padded (37 = 4 x 8 + 5)
+    (16, 16, 2, 1 << 19),  # one chunk
+    (9, 128, 5, 2 * 2 * 5 * 128),
+  ],
+)  # chunks of 2 queries, the last padded
 def test_softmax_attention_and_its_gradient_equal_dot_product_attention(
-    tokens, context, heads, chunk_elements, monkeypatch):
+  tokens, context, heads, chunk_elements, monkeypatch
+):
   monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", chunk_elements)
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (2, tokens, heads, 8)) * 2
@@ -191,7 +206,7 @@ def test_softmax_attention_and_its_gradient_equal_dot_product_attention(
 
 def test_resize_rules_follow_pytorch_by_hand():
   # 2 -> 4, align_corners=False: src = (dst + .5) / 2 - .5, clamped at 0.
-  np.testing.assert_allclose(bilinear_matrix(2, 4), [[1, 0], [.75, .25], [.25, .75], [0, 1]])
+  np.testing.assert_allclose(bilinear_matrix(2, 4), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
   # Nearest floors dst * in / out.
   np.testing.assert_array_equal(nearest_indices(3, 5), [0, 0, 1, 1, 2])
   np.testing.assert_array_equal(nearest_indices(5, 3), [0, 1, 3])
@@ -205,13 +220,23 @@ def _nearest_matrix(in_size, out_size):
 
 @pytest.mark.parametrize("form", ["cpu", "native"])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
-@pytest.mark.parametrize("src,dst", [((4, 8), (16, 32)), ((8, 16), (64, 128)), ((5, 7), (17, 33)),
-                                     ((9, 13), (4, 6)), ((6, 6), (6, 11))])
+@pytest.mark.parametrize(
+  "src,dst",
+  [
+    ((4, 8), (16, 32)),
+    ((8, 16), (64, 128)),
+    ((5, 7), (17, 33)),
+    ((9, 13), (4, 6)),
+    ((6, 6), (6, 11)),
+  ],
+)
 def test_resize_and_its_gradient_equal_the_dense_matrices(mode, src, dst, form):
   """Forward = A_h x A_w^T; the gradient = A_h^T g A_w, the exact transpose, in both kernel
   forms (cpu: gathers and a custom VJP; native: matrix contractions, repeats, autodiff)."""
-  resize, matrix = {"bilinear": (resize_bilinear, bilinear_matrix),
-                    "nearest": (resize_nearest, _nearest_matrix)}[mode]
+  resize, matrix = {
+    "bilinear": (resize_bilinear, bilinear_matrix),
+    "nearest": (resize_nearest, _nearest_matrix),
+  }[mode]
   x = jax.random.normal(jax.random.key(0), (2, *src, 3))
   g = jax.random.normal(jax.random.key(1), (2, *dst, 3))
   a_h, a_w = (matrix(i, o).astype(np.float64) for i, o in zip(src, dst))
@@ -223,8 +248,9 @@ def test_resize_and_its_gradient_equal_the_dense_matrices(mode, src, dst, form):
   # Integer maps (labels) take the plain gather path, same indices.
   if mode == "nearest":
     labels = jnp.arange(src[0] * src[1]).reshape(1, *src)
-    np.testing.assert_array_equal(resize(labels, dst, form)[0],
-                                  (a_h @ np.asarray(labels[0], np.float64) @ a_w.T))
+    np.testing.assert_array_equal(
+      resize(labels, dst, form)[0], (a_h @ np.asarray(labels[0], np.float64) @ a_w.T)
+    )
 
 
 def _reference_head(params, stats, features, num_classes):
@@ -237,8 +263,13 @@ def _reference_head(params, stats, features, num_classes):
     a_h = bilinear_matrix(y.shape[1], size[0])
     a_w = bilinear_matrix(y.shape[2], size[1])
     branches.append(jnp.einsum("Hh,bhwc,Ww->bHWc", a_h, y, a_w))
-  x = jax.lax.conv_general_dilated(jnp.concatenate(branches, -1), params["linear_fuse"]["kernel"],
-                                   (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x = jax.lax.conv_general_dilated(
+    jnp.concatenate(branches, -1),
+    params["linear_fuse"]["kernel"],
+    (1, 1),
+    "VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   x = (x - stats["bn"]["mean"]) / jnp.sqrt(stats["bn"]["var"] + 1e-5)
   x = jnp.maximum(x * params["bn"]["scale"] + params["bn"]["bias"], 0.0)
   return x @ params["linear_pred"]["kernel"][0, 0] + params["linear_pred"]["bias"]
@@ -250,8 +281,10 @@ def test_head_equals_concatenate_then_fuse(size):
   shapes = [size]
   for _ in range(3):
     shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
-  features = [jax.random.normal(jax.random.key(i), (2, *hw, c))
-              for i, (hw, c) in enumerate(zip(shapes, (8, 16, 24, 32)))]
+  features = [
+    jax.random.normal(jax.random.key(i), (2, *hw, c))
+    for i, (hw, c) in enumerate(zip(shapes, (8, 16, 24, 32)))
+  ]
   head = SegFormerHead(num_classes=5, width=16)
   variables = jax.jit(head.init)(jax.random.key(0), features)
   # Same parameter tree as the nn.Conv / nn.Dense formulation.
@@ -260,7 +293,8 @@ def test_head_equals_concatenate_then_fuse(size):
   assert shapes_tree["linear_pred"] == {"kernel": (1, 1, 16, 5), "bias": (5,)}
   assert shapes_tree["linear_c3"] == {"kernel": (24, 16), "bias": (16,)}
   variables = jax.tree.map(
-      lambda p: p + 0.1 * jax.random.uniform(jax.random.key(7), p.shape), variables)
+    lambda p: p + 0.1 * jax.random.uniform(jax.random.key(7), p.shape), variables
+  )
   out = jax.jit(head.apply)(variables, features)
   expected = _reference_head(variables["params"], variables["batch_stats"], features, 5)
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
@@ -287,5 +321,8 @@ def test_gelu_is_the_exact_erf_gelu_and_keeps_the_dtype():
   np.testing.assert_allclose(gelu(jnp.asarray(x, jnp.float32)), expected, rtol=2e-6, atol=1e-6)
   assert gelu(jnp.ones((2,), jnp.bfloat16)).dtype == jnp.bfloat16
   grad = jax.vmap(jax.grad(gelu))(jnp.asarray(x, jnp.float32))
-  np.testing.assert_allclose(grad, jax.vmap(jax.grad(
-      lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x, jnp.float32)), atol=2e-6)
+  np.testing.assert_allclose(
+    grad,
+    jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x, jnp.float32)),
+    atol=2e-6,
+  )

@@ -22,8 +22,9 @@ def test_schedule_is_linear_decay_with_optional_warmup():
   np.testing.assert_allclose([schedule(s) for s in (0, 5, 10)], [1.0, 0.5, 0.0], atol=1e-7)
   opt.warmup_steps = 2
   schedule = make_schedule(opt, 10)
-  np.testing.assert_allclose([schedule(s) for s in (0, 1, 2, 6, 10)],
-                             [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-7)
+  np.testing.assert_allclose(
+    [schedule(s) for s in (0, 1, 2, 6, 10)], [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-7
+  )
   with pytest.raises(ValueError, match="warmup_steps"):
     make_schedule(_opt(lr=1.0, warmup_steps=11), 10)
 

@@ -7,27 +7,28 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from runs import served_config
 
 from transkd_jax.data.classes import CITYSCAPES_PALETTE
 from transkd_jax.errors import UserError
 from transkd_jax.evaluate import run_eval
 from transkd_jax.predict import list_inputs, run_predict
 
-from runs import served_config
-
 
 def test_cityscapes_format_scored_by_cityscapesscripts_equals_ours(served, tmp_path):
   from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
+
   config = served_config(served, input=f"{served['root']}/leftImg8bit/val", cityscapes_format=True)
   summary = run_predict(config, str(tmp_path))
   assert summary["images"] == 3
   out = tmp_path / "predictions"
-  stems = sorted(p.name[:-len("_trainIds.png")] for p in out.rglob("*_trainIds.png"))
+  stems = sorted(p.name[: -len("_trainIds.png")] for p in out.rglob("*_trainIds.png"))
   assert len(stems) == 3 and not any("leftImg8bit" in s for s in stems)
   gts = sorted(glob.glob(f"{served['root']}/gtFine/val/*/*_gtFine_labelIds.png"))
   preds = sorted(str(p) for p in (out / "cityscapes").rglob("*_labelIds.png"))
-  assert [os.path.basename(p).split("_labelIds")[0] for p in preds] == \
-      [os.path.basename(g).split("_gtFine")[0] for g in gts]
+  assert [os.path.basename(p).split("_labelIds")[0] for p in preds] == [
+    os.path.basename(g).split("_gtFine")[0] for g in gts
+  ]
   args = cs_eval.args
   args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
   scores = cs_eval.evaluateImgLists(preds, gts, args)
@@ -43,8 +44,9 @@ def test_predict_sizes_palette_and_native_resolution(served, tmp_path):
   Image.fromarray(rng.integers(0, 255, (96, 40, 3), np.uint8)).save(other / "tall.png")
   for resize in (True, False):
     out = tmp_path / f"out_{resize}"
-    run_predict(served_config(served, input=str(other), resize=resize, output_dir=str(out)),
-                str(tmp_path))
+    run_predict(
+      served_config(served, input=str(other), resize=resize, output_dir=str(out)), str(tmp_path)
+    )
     for name, (h, w) in (("odd", (50, 70)), ("tall", (96, 40))):
       ids = np.asarray(Image.open(out / f"{name}_trainIds.png"))
       colour = np.asarray(Image.open(out / f"{name}_color.png"))

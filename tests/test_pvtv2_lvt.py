@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from runs import TINY_LVT, TINY_PVT  # tiny rows with the real four-stage geometry
 
 from transkd_jax.models import LVT, PVT_VARIANTS, PVTv2, archs
 from transkd_jax.models import lvt as lvt_lib
 from transkd_jax.models.pvtv2 import FPN, FPNHead, get_pvt_variant
-
-from runs import TINY_LVT, TINY_PVT  # tiny rows with the real four-stage geometry
 
 
 def _apply(model, *args, **kwargs):
@@ -51,6 +50,7 @@ def _random_variables(module, *args, seed=0, scale=0.1):
 # Sizes
 # --------------------------------------------------------------------------
 
+
 # The public numbers: sum(p.numel() for p in model.parameters()) of the public
 # PyTorch modules (github RuipingL/TransKD, train/models/), instantiated with timm /
 # mmcv / mmseg stubbed (mmcv's ConvModule = conv (bias iff no norm) + optional BN + ReLU):
@@ -61,14 +61,17 @@ def _random_variables(module, *args, seed=0, scale=0.1):
 #     act_layer='nn.SiLU(True)', init='kaiming', r_num=2)) (backbone + SegFormer head; its
 #     num_classes is fixed at 20, so 19 classes swaps linear_pred for a 256 -> 19 conv).
 # Parameters only: BatchNorm running statistics (LVT's head) are buffers there, batch_stats here.
-@pytest.mark.parametrize("arch,variant,num_classes,expected", [
+@pytest.mark.parametrize(
+  "arch,variant,num_classes,expected",
+  [
     ("pvtv2", "pvt_v2_b0", 19, 7_527_539),
     ("pvtv2", "pvt_v2_b0", 20, 7_527_668),
     ("pvtv2", "pvt_v2_b2", 19, 29_098_707),
     ("pvtv2", "pvt_v2_b2", 20, 29_098_836),
     ("lvt", "lvt", 19, 3_836_919),
     ("lvt", "lvt", 20, 3_837_176),
-])
+  ],
+)
 def test_parameter_counts_match_public_code(arch, variant, num_classes, expected):
   shapes = _shapes(archs.build(arch, variant, num_classes))
   assert _count(shapes["params"]) == expected
@@ -82,7 +85,13 @@ def test_pvt_table_follows_public_backbones():
     assert row.drop_path_rate == 0.1
     assert row.mlp_ratios == ((4, 4, 4, 4) if name == "b5" else (8, 8, 4, 4))
   assert [PVT_VARIANTS[f"b{i}"].depths for i in range(6)] == [
-      (2, 2, 2, 2), (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 18, 3), (3, 8, 27, 3), (3, 6, 40, 3)]
+    (2, 2, 2, 2),
+    (2, 2, 2, 2),
+    (3, 4, 6, 3),
+    (3, 4, 18, 3),
+    (3, 8, 27, 3),
+    (3, 6, 40, 3),
+  ]
   assert PVT_VARIANTS["b0"].channels == (32, 64, 160, 256)
   assert {PVT_VARIANTS[f"b{i}"].channels for i in range(1, 6)} == {(64, 128, 320, 512)}
 
@@ -101,7 +110,11 @@ def test_archs_table():
     archs.build("lvt", "lvt_b2", 19)
   model = archs.build("lvt", "lvt", 7, kernels="cpu", dtype=jnp.bfloat16)
   assert (type(model), model.num_classes, model.kernels, model.dtype) == (
-      LVT, 7, "cpu", jnp.bfloat16)
+    LVT,
+    7,
+    "cpu",
+    jnp.bfloat16,
+  )
 
 
 def test_bad_input_is_named():
@@ -116,6 +129,7 @@ def test_bad_input_is_named():
 # --------------------------------------------------------------------------
 # PVTv2 encoder = HuggingFace's PvtV2Model
 # --------------------------------------------------------------------------
+
 
 def _hf_to_ours(state):
   """A PvtV2Model state dict -> our encoder params (test-side rename)."""
@@ -141,9 +155,15 @@ def _hf_to_ours(state):
     else:
       b = re.fullmatch(r"blocks\.(\d+)\.(.+)", rest)
       block, part = f"block{stage}_{b[1]}", b[2]
-      names = {"layer_norm_1": "norm1", "layer_norm_2": "norm2", "attention.layer_norm":
-               "attn/norm", "attention.query": "attn/q", "attention.proj": "attn/proj",
-               "mlp.dense1": "mlp/fc1", "mlp.dense2": "mlp/fc2"}
+      names = {
+        "layer_norm_1": "norm1",
+        "layer_norm_2": "norm2",
+        "attention.layer_norm": "attn/norm",
+        "attention.query": "attn/q",
+        "attention.proj": "attn/proj",
+        "mlp.dense1": "mlp/fc1",
+        "mlp.dense2": "mlp/fc2",
+      }
       if part in ("layer_norm_1", "layer_norm_2", "attention.layer_norm"):
         put(f"{block}/{names[part]}/{norm_leaf}", a)
       elif part in names:
@@ -162,6 +182,7 @@ def _hf_to_ours(state):
     value = np.concatenate([parts["attention.key"], parts["attention.value"]], axis=-1)
     flat[(key[1], "attn", "kv", "kernel" if key[2] == "weight" else "bias")] = value
   from flax import traverse_util
+
   return traverse_util.unflatten_dict(flat)
 
 
@@ -171,10 +192,15 @@ def hf_pvt_b0():
   transformers = pytest.importorskip("transformers")
   config = transformers.PvtV2Config()  # its defaults are pvt_v2_b0's shapes
   b0 = PVT_VARIANTS["b0"]
-  assert (tuple(config.hidden_sizes), tuple(config.depths), tuple(config.num_attention_heads),
-          tuple(config.mlp_ratios), tuple(config.sr_ratios), config.qkv_bias,
-          config.hidden_act) == (b0.channels, b0.depths, b0.heads, b0.mlp_ratios,
-                                 b0.sr_ratios, True, "gelu")
+  assert (
+    tuple(config.hidden_sizes),
+    tuple(config.depths),
+    tuple(config.num_attention_heads),
+    tuple(config.mlp_ratios),
+    tuple(config.sr_ratios),
+    config.qkv_bias,
+    config.hidden_act,
+  ) == (b0.channels, b0.depths, b0.heads, b0.mlp_ratios, b0.sr_ratios, True, "gelu")
   torch.manual_seed(0)
   model = transformers.PvtV2Model(config).eval()
   with torch.no_grad():  # non-trivial LayerNorm affines and biases too
@@ -191,12 +217,14 @@ def hf_pvt_b0():
 @pytest.mark.parametrize("size", [(70, 90)])  # 64x64: test_convert_pairs, through the CLI
 def test_pvtv2_encoder_equals_huggingface(hf_pvt_b0, size):
   import torch
+
   hf, params = hf_pvt_b0
   images = np.random.default_rng(0).uniform(size=(2, *size, 3)).astype(np.float32)
   with torch.no_grad():
     # HF's stage outputs (hidden_states) include each stage's final LayerNorm, NCHW.
-    ref = hf(torch.from_numpy(images.transpose(0, 3, 1, 2)),
-             output_hidden_states=True).hidden_states
+    ref = hf(
+      torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True
+    ).hidden_states
   out = _apply(PVTv2("b0"), {"params": {"encoder": params}}, images, method="encode")
   # Within 2e-5 (the error is ~5e-6): HF's own 1e-6 in those two norms would give ~5e-5.
   for ours, theirs in zip(out["features"], ref):
@@ -207,17 +235,20 @@ def test_pvtv2_encoder_equals_huggingface(hf_pvt_b0, size):
 # FPN neck and FPNHead = a torch re-statement of the public forward
 # --------------------------------------------------------------------------
 
+
 def _torch_fpn_and_head(torch, neck, head, features):
   """FPN(in, 16, 4) + FPNHead (strides 4-32), eval: the public forward, written with F.*"""
   F = torch.nn.functional
   t = lambda a: torch.from_numpy(np.array(a))
-  conv = lambda x, p, pad: F.conv2d(x, t(p["kernel"]).permute(3, 2, 0, 1), t(p["bias"]),
-                                    padding=pad)
+  conv = lambda x, p, pad: F.conv2d(
+    x, t(p["kernel"]).permute(3, 2, 0, 1), t(p["bias"]), padding=pad
+  )
   inputs = [t(f).permute(0, 3, 1, 2) for f in features]
   laterals = [conv(x, neck[f"lateral_convs_{i}"], 0) for i, x in enumerate(inputs)]
   for i in range(3, 0, -1):
-    laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:],
-                                                      mode="nearest")
+    laterals[i - 1] = laterals[i - 1] + F.interpolate(
+      laterals[i], size=laterals[i - 1].shape[2:], mode="nearest"
+    )
   outs = [conv(x, neck[f"fpn_convs_{i}"], 1) for i, x in enumerate(laterals)]
   output = None
   for i, x in enumerate(outs):
@@ -225,8 +256,11 @@ def _torch_fpn_and_head(torch, neck, head, features):
       x = F.relu(conv(x, head[f"scale_heads_{i}_{k}"], 1))
       if i > 0:
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    output = x if output is None else output + F.interpolate(
-        x, size=output.shape[2:], mode="bilinear", align_corners=False)
+    output = (
+      x
+      if output is None
+      else output + F.interpolate(x, size=output.shape[2:], mode="bilinear", align_corners=False)
+    )
   return conv(output, head["conv_seg"], 0).permute(0, 2, 3, 1).numpy()
 
 
@@ -237,8 +271,10 @@ def test_fpn_neck_and_head_equal_torch_restatement(size, form):
   grid = [size]
   for _ in range(3):
     grid.append(((grid[-1][0] + 1) // 2, (grid[-1][1] + 1) // 2))
-  features = [jax.random.normal(jax.random.key(i), (2, *hw, c))
-              for i, (hw, c) in enumerate(zip(grid, (4, 6, 8, 10)))]
+  features = [
+    jax.random.normal(jax.random.key(i), (2, *hw, c))
+    for i, (hw, c) in enumerate(zip(grid, (4, 6, 8, 10)))
+  ]
   neck = FPN(width=16, kernels=form)
   head = FPNHead(num_classes=5, channels=8, kernels=form)
   neck_vars = _random_variables(neck, features, seed=1)  # non-zero biases too
@@ -246,9 +282,16 @@ def test_fpn_neck_and_head_equal_torch_restatement(size, form):
   assert [m.shape for m in mid] == [(2, *hw, 16) for hw in grid]
   head_vars = _random_variables(head, mid, seed=2)
   assert set(head_vars) == {"params"}  # no norm anywhere
-  assert sorted(head_vars["params"]) == ["conv_seg", "scale_heads_0_0", "scale_heads_1_0",
-                                         "scale_heads_2_0", "scale_heads_2_1", "scale_heads_3_0",
-                                         "scale_heads_3_1", "scale_heads_3_2"]
+  assert sorted(head_vars["params"]) == [
+    "conv_seg",
+    "scale_heads_0_0",
+    "scale_heads_1_0",
+    "scale_heads_2_0",
+    "scale_heads_2_1",
+    "scale_heads_3_0",
+    "scale_heads_3_1",
+    "scale_heads_3_2",
+  ]
   out = jax.jit(head.apply)(head_vars, mid)
   assert out.shape == (2, *size, 5)
   expected = _torch_fpn_and_head(torch, neck_vars["params"], head_vars["params"], features)
@@ -259,17 +302,21 @@ def test_fpn_neck_and_head_equal_torch_restatement(size, form):
 # LVT pieces, by hand
 # --------------------------------------------------------------------------
 
+
 def test_ceil_mode_average_pool_by_hand():
   x = jnp.arange(15.0).reshape(1, 3, 5, 1)  # rows [0..4], [5..9], [10..14]
   out = lvt_lib.avg_pool_2x2_ceil(x)[0, :, :, 0]
-  expected = [[(0 + 1 + 5 + 6) / 4, (2 + 3 + 7 + 8) / 4, (4 + 9) / 2],
-              [(10 + 11) / 2, (12 + 13) / 2, 14.0]]  # edge windows: in-bounds pixels only
+  expected = [
+    [(0 + 1 + 5 + 6) / 4, (2 + 3 + 7 + 8) / 4, (4 + 9) / 2],
+    [(10 + 11) / 2, (12 + 13) / 2, 14.0],
+  ]  # edge windows: in-bounds pixels only
   np.testing.assert_allclose(out, expected)
   torch = pytest.importorskip("torch")
   y = np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype(np.float32)
   ref = torch.nn.AvgPool2d(2, 2, ceil_mode=True)(torch.from_numpy(y).permute(0, 3, 1, 2))
-  np.testing.assert_allclose(lvt_lib.avg_pool_2x2_ceil(y), ref.permute(0, 2, 3, 1).numpy(),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    lvt_lib.avg_pool_2x2_ceil(y), ref.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_unfold_fold_by_hand():
@@ -278,8 +325,8 @@ def test_unfold_fold_by_hand():
   patches = lvt_lib.unfold(ones)
   assert patches.shape == (1, 3, 3, 9, 2)
   counts = lvt_lib.fold(patches, (5, 6))[0, :, :, 0]
-  rows = np.array([1, 2, 1, 2, 1])      # how many patches cover each row
-  cols = np.array([1, 2, 1, 2, 1, 1])   # the last patch column hangs into the padding
+  rows = np.array([1, 2, 1, 2, 1])  # how many patches cover each row
+  cols = np.array([1, 2, 1, 2, 1, 1])  # the last patch column hangs into the padding
   np.testing.assert_array_equal(counts, np.outer(rows, cols))
   # Slot k = 3 ki + kj of patch (i, j) reads x_pad[2i + ki, 2j + kj].
   x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
@@ -313,21 +360,21 @@ def _csa_loops(x, p, heads):
   for b in range(batch):
     for i in range(h):
       for j in range(w):
-        window = x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+        window = x[b, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2]
         pooled = window.reshape(-1, c).mean(0)
         logits = (pooled @ p["attn"]["kernel"] + p["attn"]["bias"]).reshape(heads, 9, 9)
-        attn = _softmax(logits * hd ** -0.5)
+        attn = _softmax(logits * hd**-0.5)
         pixels = []
         values = np.zeros((9, c))
         for k in range(9):
           r, s = 2 * i - 1 + k // 3, 2 * j - 1 + k % 3
           pixels.append((r, s))
           if 0 <= r < height and 0 <= s < width:
-            values[k] = x[b, r, s] @ weight[:, k * c:(k + 1) * c]
+            values[k] = x[b, r, s] @ weight[:, k * c : (k + 1) * c]
         for k, (r, s) in enumerate(pixels):
           if 0 <= r < height and 0 <= s < width:
             for n in range(heads):
-              out[b, r, s, n * hd:(n + 1) * hd] += attn[n, k] @ values[:, n * hd:(n + 1) * hd]
+              out[b, r, s, n * hd : (n + 1) * hd] += attn[n, k] @ values[:, n * hd : (n + 1) * hd]
   return out @ p["proj"]["kernel"] + p["proj"]["bias"]
 
 
@@ -336,12 +383,18 @@ def test_csa_equals_pixel_loops():
   module = lvt_lib.CSA(num_heads=2)
   variables = _random_variables(module, x, scale=0.3)
   shapes = jax.tree.map(lambda p: p.shape, variables["params"])
-  assert shapes == {"attn": {"kernel": (4, 162), "bias": (162,)},
-                    "weight": {"kernel": (1, 1, 4, 36)},
-                    "proj": {"kernel": (4, 4), "bias": (4,)}}
+  assert shapes == {
+    "attn": {"kernel": (4, 162), "bias": (162,)},
+    "weight": {"kernel": (1, 1, 4, 36)},
+    "proj": {"kernel": (4, 4), "bias": (4,)},
+  }
   p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-  np.testing.assert_allclose(jax.jit(module.apply)(variables, x),
-                             _csa_loops(np.asarray(x, np.float64), p64, 2), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(module.apply)(variables, x),
+    _csa_loops(np.asarray(x, np.float64), p64, 2),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("form", ["cpu", "native"])
@@ -351,16 +404,29 @@ def test_atrous_depthwise_equals_dilated_convolutions(form):
   variables = _random_variables(module, x, scale=0.3)
   kernel = variables["params"]["kernel"]
   assert kernel.shape == (3, 3, 1, 6)  # ONE kernel for the three rates, no bias
-  expected = sum(jax.nn.silu(jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), ((d, d), (d, d)), rhs_dilation=(d, d),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)) for d in (1, 3, 5))
+  expected = sum(
+    jax.nn.silu(
+      jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        ((d, d), (d, d)),
+        rhs_dilation=(d, d),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=6,
+      )
+    )
+    for d in (1, 3, 5)
+  )
   out, vjp = jax.vjp(jax.jit(module.apply), variables, x)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   torch = pytest.importorskip("torch")
   tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)
   tw = torch.from_numpy(np.array(kernel)).permute(3, 2, 0, 1)
-  ref = sum(torch.nn.functional.silu(torch.nn.functional.conv2d(tx, tw, padding=d, dilation=d,
-                                                                groups=6)) for d in (1, 3, 5))
+  ref = sum(
+    torch.nn.functional.silu(torch.nn.functional.conv2d(tx, tw, padding=d, dilation=d, groups=6))
+    for d in (1, 3, 5)
+  )
   np.testing.assert_allclose(out, ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
   # Both forms have the same gradient.
   other = lvt_lib.AtrousDepthwise((1, 3, 5), kernels="native" if form == "cpu" else "cpu")
@@ -385,13 +451,16 @@ def _rasa_inner(x, p, heads, sr):
   ds = 0
   for d in (1, 3, 5):
     padded = np.pad(q, ((0, 0), (d, d), (d, d), (0, 0)))
-    conv = sum(padded[:, a * d:a * d + height, b * d:b * d + width] * kernel[a, b]
-               for a in range(3) for b in range(3))
+    conv = sum(
+      padded[:, a * d : a * d + height, b * d : b * d + width] * kernel[a, b]
+      for a in range(3)
+      for b in range(3)
+    )
     ds = ds + silu(conv)
   context = x
   if sr > 1:
     h, w = height // sr, width // sr
-    patches = x[:, :h * sr, :w * sr].reshape(batch, h, sr, w, sr, c)
+    patches = x[:, : h * sr, : w * sr].reshape(batch, h, sr, w, sr, c)
     context = np.einsum("bhiwjc,ijcd->bhwd", patches, p["sr"]["kernel"]) + p["sr"]["bias"]
     context = _layer_norm(context, p["norm"])
   kv = context.reshape(batch, -1, c) @ p["kv"]["kernel"]
@@ -399,7 +468,7 @@ def _rasa_inner(x, p, heads, sr):
   hd = c // heads
   q = ds.reshape(batch, -1, heads, hd)
   k, v = k.reshape(batch, -1, heads, hd), v.reshape(batch, -1, heads, hd)
-  attn = _softmax(np.einsum("bqnd,bknd->bnqk", q, k) * hd ** -0.5)
+  attn = _softmax(np.einsum("bqnd,bknd->bnqk", q, k) * hd**-0.5)
   out = np.einsum("bnqk,bknd->bqnd", attn, v).reshape(batch, height, width, c)
   return out @ p["proj"]["kernel"] + p["proj"]["bias"]
 
@@ -410,7 +479,8 @@ def test_rasa_recursion(sr):
   module = lvt_lib.RecursiveAtrousAttention(num_heads=2, sr_ratio=sr)
   variables = _random_variables(module, x, scale=0.3)
   assert sorted(variables["params"]) == sorted(
-      ["q", "ds", "kv", "proj"] + (["sr", "norm"] if sr > 1 else []))
+    ["q", "ds", "kv", "proj"] + (["sr", "norm"] if sr > 1 else [])
+  )
   assert "bias" not in variables["params"]["q"] and "bias" not in variables["params"]["kv"]
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
   x64 = np.asarray(x, np.float64)
@@ -423,13 +493,15 @@ def test_rasa_recursion(sr):
   np.testing.assert_allclose(jax.jit(cpu.apply)(variables, x), expected, rtol=1e-5, atol=1e-5)
   # r_num = 1: one pass, no SiLU; same parameters.
   single = lvt_lib.RecursiveAtrousAttention(num_heads=2, sr_ratio=sr, recursions=1)
-  np.testing.assert_allclose(jax.jit(single.apply)(variables, x), _rasa_inner(x64, p, 2, sr),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(single.apply)(variables, x), _rasa_inner(x64, p, 2, sr), rtol=1e-5, atol=1e-5
+  )
 
 
 # --------------------------------------------------------------------------
 # The models: shapes, names, encode, dtypes
 # --------------------------------------------------------------------------
+
 
 def _grid(size):
   grid = [(math.ceil(size[0] / 4), math.ceil(size[1] / 4))]
@@ -438,10 +510,13 @@ def _grid(size):
   return grid
 
 
-@pytest.mark.parametrize("model,channels", [
+@pytest.mark.parametrize(
+  "model,channels",
+  [
     (LVT("lvt", 19), (64, 64, 160, 256)),
     (PVTv2("b0", 19), (32, 64, 160, 256)),
-])
+  ],
+)
 @pytest.mark.parametrize("size", [(64, 64), (70, 90)])
 def test_full_size_shapes(model, channels, size):
   variables = _shapes(model, size)
@@ -458,10 +533,18 @@ def test_parameter_names():
   lvt = _shapes(LVT("lvt", 19))["params"]
   assert sorted(lvt) == ["encoder", "head"]
   assert sorted(lvt["encoder"]) == sorted(
-      [f"patch_embed{s}" for s in range(1, 5)] + [f"block{s}_{b}" for s in range(1, 5)
-                                                  for b in range(2)])
-  assert sorted(lvt["head"]) == ["bn", "linear_c1", "linear_c2", "linear_c3", "linear_c4",
-                                 "linear_fuse", "linear_pred"]
+    [f"patch_embed{s}" for s in range(1, 5)]
+    + [f"block{s}_{b}" for s in range(1, 5) for b in range(2)]
+  )
+  assert sorted(lvt["head"]) == [
+    "bn",
+    "linear_c1",
+    "linear_c2",
+    "linear_c3",
+    "linear_c4",
+    "linear_fuse",
+    "linear_pred",
+  ]
   csa, rasa = lvt["encoder"]["block1_0"], lvt["encoder"]["block2_1"]
   assert sorted(csa) == ["attn", "mlp", "norm1", "norm2"]
   assert sorted(csa["attn"]) == ["attn", "proj", "weight"] and sorted(csa["mlp"]) == ["fc1", "fc2"]
@@ -471,15 +554,19 @@ def test_parameter_names():
   assert sorted(lvt["encoder"]["block4_0"]["attn"]) == ["ds", "kv", "proj", "q"]  # sr 1
   pvt = _shapes(PVTv2("b0", 19))["params"]
   assert sorted(pvt) == ["encoder", "head", "neck"]
-  assert sorted(pvt["neck"]) == sorted([f"lateral_convs_{i}" for i in range(4)] +
-                                       [f"fpn_convs_{i}" for i in range(4)])
+  assert sorted(pvt["neck"]) == sorted(
+    [f"lateral_convs_{i}" for i in range(4)] + [f"fpn_convs_{i}" for i in range(4)]
+  )
   assert pvt["encoder"]["block1_0"]["mlp"]["fc1"]["kernel"].shape == (32, 256)  # ratio 8
   assert pvt["encoder"]["block3_0"]["mlp"]["fc1"]["kernel"].shape == (160, 640)  # ratio 4
   assert pvt["encoder"]["block1_0"]["attn"]["q"]["bias"].shape == (32,)  # qkv bias
 
 
-@pytest.mark.parametrize("make", [lambda **k: PVTv2(TINY_PVT, 5, **k),
-                                  lambda **k: LVT(TINY_LVT, 5, **k)], ids=["pvtv2", "lvt"])
+@pytest.mark.parametrize(
+  "make",
+  [lambda **k: PVTv2(TINY_PVT, 5, **k), lambda **k: LVT(TINY_LVT, 5, **k)],
+  ids=["pvtv2", "lvt"],
+)
 def test_encode_matches_call(make):
   model = make()
   images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
@@ -488,21 +575,29 @@ def test_encode_matches_call(make):
   assert full["logits"].shape == (2, 16, 16, 5)
   assert np.isfinite(np.asarray(full["logits"])).all()
   # Encoding needs no neck or head parameters at all.
-  enc = _apply(model, {"params": {"encoder": variables["params"]["encoder"]}}, images,
-               method="encode")
+  enc = _apply(
+    model, {"params": {"encoder": variables["params"]["encoder"]}}, images, method="encode"
+  )
   assert sorted(enc) == ["embeddings", "features"]
   for a, b in zip(full["features"] + full["embeddings"], enc["features"] + enc["embeddings"]):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Training mode traces with a dropout rng (and mutable batch_stats where there are any).
   mutable = ("batch_stats",) if "batch_stats" in variables else ()
-  train = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=mutable,
-                                                  rngs={"dropout": jax.random.key(3)}),
-                         variables, images)
+  train = jax.eval_shape(
+    lambda v, x: model.apply(
+      v, x, train=True, mutable=mutable, rngs={"dropout": jax.random.key(3)}
+    ),
+    variables,
+    images,
+  )
   assert train[0]["logits"].shape == full["logits"].shape
 
 
-@pytest.mark.parametrize("make", [lambda **k: PVTv2(TINY_PVT, 3, **k),
-                                  lambda **k: LVT(TINY_LVT, 3, **k)], ids=["pvtv2", "lvt"])
+@pytest.mark.parametrize(
+  "make",
+  [lambda **k: PVTv2(TINY_PVT, 3, **k), lambda **k: LVT(TINY_LVT, 3, **k)],
+  ids=["pvtv2", "lvt"],
+)
 def test_bfloat16_compute_keeps_float32_params(make):
   """Dtypes are fixed at trace time: abstract evaluation shows them without compiling."""
   model = make(dtype=jnp.bfloat16)

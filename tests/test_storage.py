@@ -13,8 +13,9 @@ from transkd_jax import checkpoint, logs, storage
 def test_uris_stay_uris_and_local_paths_become_absolute(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path)
   assert storage.resolve("gs://bucket/runs/b0") == "gs://bucket/runs/b0"
-  assert (storage.join("gs://bucket/runs/b0", "checkpoints", "3") ==
-          "gs://bucket/runs/b0/checkpoints/3")
+  assert (
+    storage.join("gs://bucket/runs/b0", "checkpoints", "3") == "gs://bucket/runs/b0/checkpoints/3"
+  )
   assert storage.resolve("runs/b0") == str(tmp_path / "runs" / "b0")
   assert storage.join("~/b0", "x") == os.path.join(os.path.expanduser("~"), "b0", "x")
 
@@ -22,6 +23,7 @@ def test_uris_stay_uris_and_local_paths_become_absolute(monkeypatch, tmp_path):
 @pytest.fixture
 def bucket(tmp_path):
   """gs://bucket/... redirected to tmp_path/bucket/... for every epath call."""
+
   def local(path):
     return str(path).replace("gs://bucket", str(tmp_path / "bucket"))
 
@@ -29,8 +31,15 @@ def bucket(tmp_path):
     assert str(path).startswith("gs://bucket"), path
     return original(local(path), *args, **kwargs)
 
-  with epath_testing.mock_epath(open=redirect, exists=redirect, isdir=redirect, glob=redirect,
-                                makedirs=redirect, mkdir=redirect, listdir=redirect):
+  with epath_testing.mock_epath(
+    open=redirect,
+    exists=redirect,
+    isdir=redirect,
+    glob=redirect,
+    makedirs=redirect,
+    mkdir=redirect,
+    listdir=redirect,
+  ):
     yield tmp_path / "bucket"
 
 

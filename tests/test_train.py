@@ -7,11 +7,14 @@ import signal
 import jax
 import numpy as np
 import pytest
+from runs import SYNTHETIC
+from runs import env as _env
+from runs import final_params as _final_params
+from runs import main as _main
+from runs import overrides as _overrides
+from runs import wait_for as _wait_for
 
 from transkd_jax.logs import read_metrics
-
-from runs import SYNTHETIC, env as _env, final_params as _final_params, main as _main
-from runs import overrides as _overrides, wait_for as _wait_for
 
 
 def _args(data_root):
@@ -19,17 +22,32 @@ def _args(data_root):
 
   (Distillation end to end through main: test_distributed's SIGTERM test and the
   README's first command, which CI runs.)"""
-  return [SYNTHETIC, *_overrides(data_root, total_steps=12, checkpoint_every=4,
-                                 method="student", **{"optimizer.lr": 1e-3,
-                                                      "optimizer.decay_steps": 12})]
+  return [
+    SYNTHETIC,
+    *_overrides(
+      data_root,
+      total_steps=12,
+      checkpoint_every=4,
+      method="student",
+      **{"optimizer.lr": 1e-3, "optimizer.decay_steps": 12},
+    ),
+  ]
 
 
 def test_training_is_the_default_mode_lowers_the_loss_and_a_killed_run_resumes_bit_equal(
-    tmp_path, data_root, compile_cache):
+  tmp_path, data_root, compile_cache
+):
   env = _env(compile_cache)
   args = _args(data_root)
-  straight = _main([*args, f"--workdir={tmp_path / 'a'}", "--config.profile_steps=(2,3)",
-                    "--config.count_flops=True"], env)  # no --mode: it trains
+  straight = _main(
+    [
+      *args,
+      f"--workdir={tmp_path / 'a'}",
+      "--config.profile_steps=(2,3)",
+      "--config.count_flops=True",
+    ],
+    env,
+  )  # no --mode: it trains
   out, _ = straight.communicate(timeout=600)
   assert straight.returncode == 0, out[-3000:]
   assert "step 12/12: loss" in out and "%|" not in out  # a log file gets lines, not a bar
@@ -38,8 +56,9 @@ def test_training_is_the_default_mode_lowers_the_loss_and_a_killed_run_resumes_b
   assert list((tmp_path / "a" / "profile").rglob("*.xplane.pb"))  # config.profile_steps
   rows = [r for r in read_metrics(str(tmp_path / "a")) if r["split"] == "train"]
   assert [r["step"] for r in rows] == list(range(1, 13))
-  assert {"ce", "loss", "lr", "grad_norm", "imgs_per_s", "data_wait",
-          "tflops_per_device"} <= set(rows[0])
+  assert {"ce", "loss", "lr", "grad_norm", "imgs_per_s", "data_wait", "tflops_per_device"} <= set(
+    rows[0]
+  )
   assert all(0 <= r["data_wait"] < 1 and r["tflops_per_device"] > 0 for r in rows)
   losses = [r["loss"] for r in rows]
   assert all(np.isfinite(losses)) and np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
@@ -48,8 +67,12 @@ def test_training_is_the_default_mode_lowers_the_loss_and_a_killed_run_resumes_b
 
   killed = _main([*args, f"--workdir={tmp_path / 'b'}"], env)
   ckpt_dir = tmp_path / "b" / "checkpoints"
-  _wait_for(lambda: (ckpt_dir / "4").is_dir() and any(
-      r["step"] >= 5 for r in read_metrics(str(tmp_path / "b"))), killed)
+  _wait_for(
+    lambda: (
+      (ckpt_dir / "4").is_dir() and any(r["step"] >= 5 for r in read_metrics(str(tmp_path / "b")))
+    ),
+    killed,
+  )
   killed.send_signal(signal.SIGKILL)
   killed.wait()
   restarted = _main([*args, f"--workdir={tmp_path / 'b'}"], env)
@@ -63,8 +86,10 @@ def test_training_is_the_default_mode_lowers_the_loss_and_a_killed_run_resumes_b
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_root, compile_cache):
   # Many steps, so the signal lands mid-run; the same program (decay_steps is fixed).
-  proc = _main(["--mode=train", *_args(data_root), f"--workdir={tmp_path}",
-                "--config.total_steps=1000"], _env(compile_cache))
+  proc = _main(
+    ["--mode=train", *_args(data_root), f"--workdir={tmp_path}", "--config.total_steps=1000"],
+    _env(compile_cache),
+  )
   _wait_for(lambda: any(r["step"] >= 1 for r in read_metrics(str(tmp_path))), proc)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
@@ -77,10 +102,17 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_root, compile_cache):
 def test_a_non_finite_loss_is_named_at_its_first_step():
   """The loop fetches metrics only at log and save steps; the check names the first bad one."""
   from transkd_jax.train import TrainingDiverged, check_finite
-  rows = [{"loss": 1.5, "lr": 0.1}, {"loss": float("nan"), "lr": 0.1},
-          {"loss": float("inf"), "lr": 0.1}]
+
+  rows = [
+    {"loss": 1.5, "lr": 0.1},
+    {"loss": float("nan"), "lr": 0.1},
+    {"loss": float("inf"), "lr": 0.1},
+  ]
   check_finite(rows[:1], 7)
-  with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 8 \(loss=nan, "
-                                             r"lr=0.1\); no non-finite state was saved; last "
-                                             r"good checkpoint: none"):
+  with pytest.raises(
+    TrainingDiverged,
+    match=r"the loss became nan at step 8 \(loss=nan, "
+    r"lr=0.1\); no non-finite state was saved; last "
+    r"good checkpoint: none",
+  ):
     check_finite(rows, 7)

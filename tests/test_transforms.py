@@ -14,22 +14,37 @@ from transkd_jax.errors import UserError
 def _config(root, **data_overrides):
   config = base_config()
   config.update(batch_size=2, seed=3, image_size=(32, 64))
-  config.data.update(transforms="mmseg", mmseg_scale=(64, 128), root=str(root), num_train=4,
-                     num_val=3, generated_size=(64, 128))
+  config.data.update(
+    transforms="mmseg",
+    mmseg_scale=(64, 128),
+    root=str(root),
+    num_train=4,
+    num_val=3,
+    generated_size=(64, 128),
+  )
   config.data.update(data_overrides)
   return config
 
 
 def _example(shape=(64, 128), seed=0):
   rng = np.random.default_rng(seed)
-  return {"image": rng.integers(0, 256, shape + (3,), dtype=np.uint8),
-          "label": rng.integers(0, 19, shape, dtype=np.uint8)}
+  return {
+    "image": rng.integers(0, 256, shape + (3,), dtype=np.uint8),
+    "label": rng.integers(0, 19, shape, dtype=np.uint8),
+  }
 
 
-@pytest.mark.parametrize("full,out", [((1024, 2048), (128, 256)),   # Cityscapes
-                                      ((1080, 1920), (128, 228)),   # ACDC at 512 x 910
-                                      ((1024, 2048), (127, 255)), ((37, 53), (11, 17)),
-                                      ((4000, 3000), (17, 1001)), ((13, 7), (29, 31))])
+@pytest.mark.parametrize(
+  "full,out",
+  [
+    ((1024, 2048), (128, 256)),  # Cityscapes
+    ((1080, 1920), (128, 228)),  # ACDC at 512 x 910
+    ((1024, 2048), (127, 255)),
+    ((37, 53), (11, 17)),
+    ((4000, 3000), (17, 1001)),
+    ((13, 7), (29, 31)),
+  ],
+)
 def test_labels_resize_as_pil_nearest(full, out):
   label = np.random.default_rng(0).integers(0, 256, full).astype(np.uint8)
   expected = np.asarray(Image.fromarray(label).resize(out[::-1], Image.NEAREST))
@@ -53,24 +68,27 @@ def _public_shift(array, tx, ty, fill):
 @pytest.mark.parametrize("tx", range(-2, 3))
 def test_the_reference_shift_is_pil_expand_then_crop(tx, ty):
   example = _example((9, 13))
-  np.testing.assert_array_equal(transforms.public_shift(example["image"], ty, tx, 0),
-                                _public_shift(example["image"], tx, ty, 0))
-  np.testing.assert_array_equal(transforms.public_shift(example["label"], ty, tx, 255),
-                                _public_shift(example["label"], tx, ty, 255))
+  np.testing.assert_array_equal(
+    transforms.public_shift(example["image"], ty, tx, 0), _public_shift(example["image"], tx, ty, 0)
+  )
+  np.testing.assert_array_equal(
+    transforms.public_shift(example["label"], ty, tx, 255),
+    _public_shift(example["label"], tx, ty, 255),
+  )
 
 
 def _public_train(example, size, flip, tx, ty):
   """The public MyCoTransform on PIL images, its random draws given."""
   h, w = size
   image = Image.fromarray(example["image"]).resize((w, h), Image.BILINEAR)
-  target = Image.fromarray(example["label"]).resize((int(w / 4 + 0.5), int(h / 4 + 0.5)),
-                                                    Image.NEAREST)
+  target = Image.fromarray(example["label"]).resize(
+    (int(w / 4 + 0.5), int(h / 4 + 0.5)), Image.NEAREST
+  )
   if flip:
     image = image.transpose(Image.FLIP_LEFT_RIGHT)
     target = target.transpose(Image.FLIP_LEFT_RIGHT)
   image = np.asarray(image)
-  return (_public_shift(image, tx, ty, 0),
-          _public_shift(np.asarray(target), tx, ty, 255))
+  return (_public_shift(image, tx, ty, 0), _public_shift(np.asarray(target), tx, ty, 255))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -95,8 +113,9 @@ def test_aligned_training_keeps_image_and_label_registered():
   for seed in range(4):
     out = transforms.aligned_train(example, np.random.default_rng(seed), (64, 128))
     pixels = out["image"][..., 0].astype(np.int32)
-    quarter = pixels[transforms.pil_nearest_indices(64, 16)][:, transforms.pil_nearest_indices(
-        128, 32)]
+    quarter = pixels[transforms.pil_nearest_indices(64, 16)][
+      :, transforms.pil_nearest_indices(128, 32)
+    ]
     ok = out["label"] != 255
     np.testing.assert_array_equal(out["label"][ok], quarter[ok])
     assert set(np.unique(out["label"])) <= set(range(19)) | {255}
@@ -112,7 +131,7 @@ def gen_root(tmp_path_factory):
 def test_train_and_eval_shapes_and_dtypes():
   out = transforms.mmseg_train(_example(), np.random.default_rng(0), (32, 48), scale=(64, 128))
   assert out["image"].shape == (32, 48, 3) and out["image"].dtype == np.uint8  # normalised
-  assert out["label"].shape == (32, 48) and out["label"].dtype == np.int32     # on the device
+  assert out["label"].shape == (32, 48) and out["label"].dtype == np.int32  # on the device
   ev = transforms.mmseg_eval(_example(), scale=(32, 64))  # fits 32 x 64, aspect kept
   assert ev["image"].shape == (32, 64, 3) and ev["image"].dtype == np.uint8
   assert ev["label"].shape == (64, 128) and ev["label"].dtype == np.int32  # full resolution
@@ -125,14 +144,17 @@ def test_normalisation_uses_the_imagenet_constants():
   std = np.array([58.395, 57.12, 57.375])
   image = np.array([[[0, 0, 0], [255, 255, 255], [124, 116, 104]]], np.uint8)
   expected = (image.astype(np.float64) - mean) / std
-  np.testing.assert_allclose(normalization.renormalize(image, "imagenet", "imagenet"),
-                             expected, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(normalization.renormalize(image, "imagenet", "unit"),
-                             image / 255.0, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    normalization.renormalize(image, "imagenet", "imagenet"), expected, rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    normalization.renormalize(image, "imagenet", "unit"), image / 255.0, rtol=1e-6, atol=1e-7
+  )
   # Without resizing, eval is exactly the pixels; mmseg's padding normalises to ~0.
   example = _example((32, 64))
-  np.testing.assert_array_equal(transforms.mmseg_eval(example, scale=(32, 64))["image"],
-                                example["image"])
+  np.testing.assert_array_equal(
+    transforms.mmseg_eval(example, scale=(32, 64))["image"], example["image"]
+  )
   pad = normalization.renormalize(transforms.MEAN_PIXEL, "imagenet", "imagenet")
   assert np.abs(pad).max() < 0.01  # at most half a grey level off the mean
 
@@ -143,20 +165,29 @@ def test_cat_max_ratio_redraws_a_crop_dominated_by_one_class():
   label[:, :8] = 255  # ignored pixels do not count
   # An 8 x 8 crop at left l has class 0 on (56 - l) / 8 of its labelled pixels
   # (l >= 8): below 0.75 only for l >= 51.
-  balanced = {l for l in range(57) if transforms.crop_is_balanced(label[:, l:l + 8], 0.75)}
+  balanced = {l for l in range(57) if transforms.crop_is_balanced(label[:, l : l + 8], 0.75)}
   assert balanced == set(range(51, 57))
   assert not transforms.crop_is_balanced(label[:, :16], 0.75)  # class 0 and ignore only
   picks = set()
   for seed in range(20):
     _, left, window = transforms.random_crop_box(
-        lambda t, l, w: label[t:t + w[0], l:l + w[1]], label.shape, (8, 8),
-        np.random.default_rng(seed), cat_max_ratio=0.75, tries=1000)
+      lambda t, l, w: label[t : t + w[0], l : l + w[1]],
+      label.shape,
+      (8, 8),
+      np.random.default_rng(seed),
+      cat_max_ratio=0.75,
+      tries=1000,
+    )
     picks.add(left)
     assert window == (8, 8)
   assert picks <= balanced
   # With the test off, dominated crops are kept.
-  lefts = {transforms.random_crop_box(None, label.shape, (8, 8), np.random.default_rng(s),
-                                      cat_max_ratio=1.0)[1] for s in range(20)}
+  lefts = {
+    transforms.random_crop_box(
+      None, label.shape, (8, 8), np.random.default_rng(s), cat_max_ratio=1.0
+    )[1]
+    for s in range(20)
+  }
   assert lefts - balanced
 
 
@@ -167,9 +198,14 @@ def test_flip_keeps_image_and_label_aligned():
   label[5, 3] = 7
   flipped = 0
   for seed in range(12):
-    out = transforms.mmseg_train({"image": image, "label": label}, np.random.default_rng(seed),
-                                 (32, 64), scale=(32, 64), ratio_range=(1.0, 1.0),
-                                 cat_max_ratio=1.0)
+    out = transforms.mmseg_train(
+      {"image": image, "label": label},
+      np.random.default_rng(seed),
+      (32, 64),
+      scale=(32, 64),
+      ratio_range=(1.0, 1.0),
+      cat_max_ratio=1.0,
+    )
     ys, xs = np.nonzero(out["label"] == 7)
     bright = np.argmax(out["image"].sum(-1))
     assert (ys.tolist(), xs.tolist()) == ([5], [int(bright % 64)]) and bright // 64 == 5
@@ -178,8 +214,9 @@ def test_flip_keeps_image_and_label_aligned():
 
 
 def test_pads_image_with_the_mean_and_label_with_255_when_the_crop_is_larger():
-  out = transforms.mmseg_train(_example((16, 32)), np.random.default_rng(0), (24, 40),
-                               scale=(16, 32), ratio_range=(1.0, 1.0))
+  out = transforms.mmseg_train(
+    _example((16, 32)), np.random.default_rng(0), (24, 40), scale=(16, 32), ratio_range=(1.0, 1.0)
+  )
   assert out["image"].shape == (24, 40, 3) and out["label"].shape == (24, 40)
   assert (out["label"][16:] == 255).all() and (out["label"][:, 32:] == 255).all()
   mean = transforms.MEAN_PIXEL  # normalises to ~0, as mmseg's pad after Normalize
@@ -202,9 +239,10 @@ def test_hsv_round_trips_and_hue_shift():
   np.testing.assert_allclose(transforms.hsv_to_rgb(red), [[0, 1, 0]], atol=1e-6)
   # OpenCV's uint8 convention: H in 2-degree units, S and V in 0..255.
   colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 128, 0], [9, 9, 9]], np.uint8)
-  np.testing.assert_array_equal(transforms.hsv_u8(colours),
-                                [[0, 255, 255], [60, 255, 255], [120, 255, 255], [15, 255, 255],
-                                 [0, 0, 9]])
+  np.testing.assert_array_equal(
+    transforms.hsv_u8(colours),
+    [[0, 255, 255], [60, 255, 255], [120, 255, 255], [15, 255, 255], [0, 0, 9]],
+  )
   np.testing.assert_array_equal(transforms.rgb_u8(transforms.hsv_u8(colours)), colours)
   image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # quantised H: a few levels off
   assert np.abs(transforms.rgb_u8(transforms.hsv_u8(image)).astype(int) - image).max() <= 5
@@ -212,8 +250,10 @@ def test_hsv_round_trips_and_hue_shift():
 
 def test_same_seed_same_output():
   example = _example()
-  a, b, c = (transforms.mmseg_train(example, np.random.default_rng(s), (32, 48), scale=(64, 128))
-             for s in (5, 5, 6))
+  a, b, c = (
+    transforms.mmseg_train(example, np.random.default_rng(s), (32, 48), scale=(64, 128))
+    for s in (5, 5, 6)
+  )
   np.testing.assert_array_equal(a["image"], b["image"])
   np.testing.assert_array_equal(a["label"], b["label"])
   assert not np.array_equal(a["image"], c["image"])
@@ -222,19 +262,25 @@ def test_same_seed_same_output():
 def test_transforms_selection_and_errors(gen_root):
   config = _config(gen_root, transforms="segformer")
   for make in (transforms.train_transform, transforms.eval_transform):
-    with pytest.raises(UserError, match="config.data.transforms='segformer' is not known; "
-                                        "expected one of reference, aligned, mmseg"):
+    with pytest.raises(
+      UserError,
+      match="config.data.transforms='segformer' is not known; "
+      "expected one of reference, aligned, mmseg",
+    ):
       make(config)
   with pytest.raises(UserError, match="config.data.transforms"):
     data.make_train_iterator(config)
   with pytest.raises(UserError, match="config.data.mmseg_ratio_range"):
     transforms.train_transform(_config(gen_root, mmseg_ratio_range=(2.0, 0.5)))
-  for name, fn in (("reference", transforms.reference_train),
-                   ("aligned", transforms.aligned_train)):
+  for name, fn in (
+    ("reference", transforms.reference_train),
+    ("aligned", transforms.aligned_train),
+  ):
     chosen = transforms.train_transform(_config(gen_root, transforms=name))
     out = chosen(_example(), np.random.default_rng(0))
-    np.testing.assert_array_equal(out["label"], fn(_example(), np.random.default_rng(0),
-                                                   (32, 64))["label"])
+    np.testing.assert_array_equal(
+      out["label"], fn(_example(), np.random.default_rng(0), (32, 64))["label"]
+    )
     assert out["label"].shape == (8, 16) and out["image"].dtype == np.uint8
 
 

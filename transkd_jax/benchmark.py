@@ -5,4 +5,5 @@ The same command as ``python -m transkd_jax.bench``, whose ``__main__`` this run
 
 if __name__ == "__main__":
   import runpy
+
   runpy.run_module("transkd_jax.bench", run_name="__main__", alter_sys=True)

@@ -22,7 +22,8 @@ from transkd_jax import evaluate, normalization, sharding
 from transkd_jax.data.transforms import quarter_size
 from transkd_jax.distill import Distiller, Method, check_pairing, get_method, loss_settings
 from transkd_jax.errors import UserError
-from transkd_jax.models import archs, kernels as kernels_lib
+from transkd_jax.models import archs
+from transkd_jax.models import kernels as kernels_lib
 from transkd_jax.optim import make_optimizer
 from transkd_jax.train_step import TrainState, init_state, jit_train_step, make_train_step
 
@@ -70,20 +71,33 @@ def distiller(config, kernels: str = "native") -> Distiller:
   """The trained model of ``config`` plus its method's training-time modules."""
   method = method_of(config)
   d = config.distill
-  return Distiller(method, config[method.trains].variant, config.teacher.variant,
-                   arch=config[method.trains].arch, teacher_arch=config.teacher.arch,
-                   num_classes=config.num_classes, fusion_channels=d.fusion_channels,
-                   gl_heads=d.gl_heads, gl_residual=d.gl_residual,
-                   gl_mix_init=tuple(d.gl_mix_init), kernels=kernels,
-                   dtype=jnp.dtype(config.dtype))
+  return Distiller(
+    method,
+    config[method.trains].variant,
+    config.teacher.variant,
+    arch=config[method.trains].arch,
+    teacher_arch=config.teacher.arch,
+    num_classes=config.num_classes,
+    fusion_channels=d.fusion_channels,
+    gl_heads=d.gl_heads,
+    gl_residual=d.gl_residual,
+    gl_mix_init=tuple(d.gl_mix_init),
+    kernels=kernels,
+    dtype=jnp.dtype(config.dtype),
+  )
 
 
 def teacher_model(config, kernels: str = "native"):
   """The frozen teacher, or None when the method distils nothing."""
   if method_of(config).teacher_call is None:
     return None
-  return archs.build(config.teacher.arch, config.teacher.variant, config.num_classes,
-                     kernels=kernels, dtype=jnp.dtype(config.teacher_dtype or config.dtype))
+  return archs.build(
+    config.teacher.arch,
+    config.teacher.variant,
+    config.num_classes,
+    kernels=kernels,
+    dtype=jnp.dtype(config.teacher_dtype or config.dtype),
+  )
 
 
 def read_model(path: str, what: str, arch: str, variant, num_classes: int):
@@ -96,11 +110,13 @@ def read_model(path: str, what: str, arch: str, variant, num_classes: int):
   model = archs.build(arch, variant, num_classes)
   expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   ckpt_lib.check_variables(
-      variables, {"params": expected["params"],
-                  "batch_stats": expected.get("batch_stats", {})},
-      f"{what}={path}", f"{model_name(arch, variant)} with {num_classes} classes "
-      "(config.teacher.arch/variant / config.student.arch/variant / config.eval.variant and "
-      "config.num_classes)")
+    variables,
+    {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})},
+    f"{what}={path}",
+    f"{model_name(arch, variant)} with {num_classes} classes "
+    "(config.teacher.arch/variant / config.student.arch/variant / config.eval.variant and "
+    "config.num_classes)",
+  )
   # Only the model's own collections: PVTv2 has no batch_stats (convert writes an empty one).
   variables = {name: variables[name] for name in expected}
   return jax.tree.map(np.asarray, variables), source
@@ -108,8 +124,13 @@ def read_model(path: str, what: str, arch: str, variant, num_classes: int):
 
 def deployed_model(config, kernels: str = "native"):
   """The model a run trains and deploys (eval, predict, export)."""
-  return archs.build(trained_arch(config), trained_variant(config), config.num_classes,
-                     kernels=kernels, dtype=jnp.dtype(config.dtype))
+  return archs.build(
+    trained_arch(config),
+    trained_variant(config),
+    config.num_classes,
+    kernels=kernels,
+    dtype=jnp.dtype(config.dtype),
+  )
 
 
 def make_eval_step(config, mesh, protocol: Optional[str] = None, input_norm=None):
@@ -120,47 +141,53 @@ def make_eval_step(config, mesh, protocol: Optional[str] = None, input_norm=None
   """
   if input_norm is None:
     input_norm = (normalization.of_transforms(config.data.transforms),) * 2
-  return evaluate.make_eval_step(deployed_model(config, kernels_of(config, mesh)),
-                                 config.num_classes, protocol or config.eval_protocol, mesh,
-                                 input_norm)
+  return evaluate.make_eval_step(
+    deployed_model(config, kernels_of(config, mesh)),
+    config.num_classes,
+    protocol or config.eval_protocol,
+    mesh,
+    input_norm,
+  )
 
 
 def batch_spec(config, mesh=None) -> dict:
   """The train step's batch as ShapeDtypeStructs (split along ``data`` when ``mesh`` is given).
 
-  Images are uint8 pixels N x H x W x 3 (normalised in the step); labels int32 at a quarter of the input
-  under the reference and aligned transforms (the logits' resolution), at the
+  Images are uint8 pixels N x H x W x 3 (normalised in the step); labels int32 at a quarter
+  of the input under the reference and aligned transforms (the logits' resolution), at the
   input's size under mmseg's.
   """
   height, width = config.image_size
   label = (height, width) if config.data.transforms == "mmseg" else quarter_size((height, width))
   placed = {} if mesh is None else {"sharding": sharding.batch_sharding(mesh)}
-  return {"image": jax.ShapeDtypeStruct((config.batch_size, height, width, 3), jnp.uint8,
-                                        **placed),
-          "label": jax.ShapeDtypeStruct((config.batch_size, *label), jnp.int32, **placed)}
+  return {
+    "image": jax.ShapeDtypeStruct((config.batch_size, height, width, 3), jnp.uint8, **placed),
+    "label": jax.ShapeDtypeStruct((config.batch_size, *label), jnp.int32, **placed),
+  }
 
 
 @dataclasses.dataclass
 class Training:
   """Everything a training run (or a step benchmark) needs, built from one config."""
+
   config: Any
   method: Method
   model: Distiller
-  teacher: Any                          # the teacher's flax module, or None
+  teacher: Any  # the teacher's flax module, or None
   mesh: Any
   optimizer: Any
   schedule: Callable
-  init: Callable[[], TrainState]        # a fresh state (student init applied)
-  abstract_state: TrainState            # ShapeDtypeStructs carrying their shardings
+  init: Callable[[], TrainState]  # a fresh state (student init applied)
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
   state_shardings: Any
-  teacher_variables: Optional[dict]     # the checkpoint's, placed on the mesh (weights=True)
-  teacher_norm: str                     # the teacher's input normalisation ("unit" | "imagenet")
-  teacher_norm_source: str              # where that came from, for the log
-  abstract_teacher: Optional[dict]      # ShapeDtypeStructs carrying their shardings
+  teacher_variables: Optional[dict]  # the checkpoint's, placed on the mesh (weights=True)
+  teacher_norm: str  # the teacher's input normalisation ("unit" | "imagenet")
+  teacher_norm_source: str  # where that came from, for the log
+  abstract_teacher: Optional[dict]  # ShapeDtypeStructs carrying their shardings
   teacher_init: Optional[Callable[[], dict]]
-  kernels: str                          # the resolved kernel form ("cpu" | "native")
-  train_step: Callable                  # jitted: (state, teacher_variables, batch)
-  eval_step: Callable                   # jitted: (variables, batch)
+  kernels: str  # the resolved kernel form ("cpu" | "native")
+  train_step: Callable  # jitted: (state, teacher_variables, batch)
+  eval_step: Callable  # jitted: (variables, batch)
 
   def new_state(self) -> TrainState:
     return jax.jit(self.init, out_shardings=self.state_shardings)()
@@ -196,17 +223,24 @@ def training(config, weights: bool = True, devices=None) -> Training:
   role = config[method.trains]
   initial = None
   if weights and role.init:
-    initial, _ = read_model(role.init, f"config.{method.trains}.init", role.arch,
-                            role.variant, config.num_classes)
+    initial, _ = read_model(
+      role.init, f"config.{method.trains}.init", role.arch, role.variant, config.num_classes
+    )
   teacher_host, teacher_source = None, ""
   if teacher is not None and weights:
     if not config.teacher.checkpoint:
-      raise UserError(f"method {method.name!r} distils from a teacher: set "
-                      "config.teacher.checkpoint to an Orbax directory (transkd_jax.convert's "
-                      "output, or the workdir of a --config.method=teacher run)")
+      raise UserError(
+        f"method {method.name!r} distils from a teacher: set "
+        "config.teacher.checkpoint to an Orbax directory (transkd_jax.convert's "
+        "output, or the workdir of a --config.method=teacher run)"
+      )
     teacher_host, teacher_source = read_model(
-        config.teacher.checkpoint, "config.teacher.checkpoint", config.teacher.arch,
-        config.teacher.variant, config.num_classes)
+      config.teacher.checkpoint,
+      "config.teacher.checkpoint",
+      config.teacher.arch,
+      config.teacher.variant,
+      config.num_classes,
+    )
     try:
       check_pairing(model, teacher, size)
     except ValueError as e:
@@ -217,8 +251,9 @@ def training(config, weights: bool = True, devices=None) -> Training:
   init = lambda: init_state(model, optimizer, size, config.seed, initial)  # noqa: E731
   abstract = jax.eval_shape(init)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, shardings)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+  )
   teacher_variables, teacher_shardings, teacher_init, abstract_teacher = None, None, None, None
   if teacher is not None:
     images = jnp.zeros((1, *size, 3), jnp.float32)
@@ -226,25 +261,53 @@ def training(config, weights: bool = True, devices=None) -> Training:
     abstract_teacher = jax.eval_shape(teacher_init)
     teacher_shardings = sharding.tree_shardings(abstract_teacher, mesh, config.sharding)
     abstract_teacher = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_teacher,
-        teacher_shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_teacher,
+      teacher_shardings,
+    )
     if teacher_host is not None:
       teacher_variables = sharding.put_global(teacher_host, teacher_shardings)
   student_norm = normalization.of_transforms(config.data.transforms)
   teacher_norm, norm_source = input_normalization(
-      config, config.teacher.input_norm, "config.teacher.input_norm",
-      config.teacher.checkpoint if teacher_host is not None else "", teacher_source)
-  step = make_train_step(model, teacher, method, loss_settings(method, config.distill),
-                         optimizer, schedule, config.seed, tuple(config.class_weights) or None,
-                         mesh, teacher_input=(student_norm, teacher_norm),
-                         param_shardings=shardings.params)
+    config,
+    config.teacher.input_norm,
+    "config.teacher.input_norm",
+    config.teacher.checkpoint if teacher_host is not None else "",
+    teacher_source,
+  )
+  step = make_train_step(
+    model,
+    teacher,
+    method,
+    loss_settings(method, config.distill),
+    optimizer,
+    schedule,
+    config.seed,
+    tuple(config.class_weights) or None,
+    mesh,
+    teacher_input=(student_norm, teacher_norm),
+    param_shardings=shardings.params,
+  )
   return Training(
-      config=config, method=method, model=model, teacher=teacher, mesh=mesh,
-      optimizer=optimizer, schedule=schedule, init=init, abstract_state=abstract,
-      state_shardings=shardings, teacher_variables=teacher_variables,
-      teacher_norm=teacher_norm, teacher_norm_source=norm_source, abstract_teacher=abstract_teacher, teacher_init=teacher_init, kernels=kernels,
-      train_step=jit_train_step(step, mesh, shardings, teacher_shardings),
-      eval_step=make_eval_step(config, mesh))
+    config=config,
+    method=method,
+    model=model,
+    teacher=teacher,
+    mesh=mesh,
+    optimizer=optimizer,
+    schedule=schedule,
+    init=init,
+    abstract_state=abstract,
+    state_shardings=shardings,
+    teacher_variables=teacher_variables,
+    teacher_norm=teacher_norm,
+    teacher_norm_source=norm_source,
+    abstract_teacher=abstract_teacher,
+    teacher_init=teacher_init,
+    kernels=kernels,
+    train_step=jit_train_step(step, mesh, shardings, teacher_shardings),
+    eval_step=make_eval_step(config, mesh),
+  )
 
 
 def input_normalization(config, chosen: str, what: str, path: str = "", source: str = ""):
@@ -260,27 +323,32 @@ def input_normalization(config, chosen: str, what: str, path: str = "", source: 
     recorded, why = normalization.recorded(path, source)
     if recorded is not None:
       return recorded, f"{why}, at {path}"
-  return (normalization.of_transforms(config.data.transforms),
-          f"config.data.transforms={config.data.transforms!r}")
+  return (
+    normalization.of_transforms(config.data.transforms),
+    f"config.data.transforms={config.data.transforms!r}",
+  )
 
 
 def check_batch_size(config, mesh):
   processes = len({d.process_index for d in mesh.devices.flat})
   if config.batch_size % mesh.size or config.batch_size % processes:
-    raise UserError(f"config.batch_size={config.batch_size} must divide evenly over the "
-                    f"mesh's {mesh.size} devices (batches are split over all of them) and "
-                    f"{processes} processes")
+    raise UserError(
+      f"config.batch_size={config.batch_size} must divide evenly over the "
+      f"mesh's {mesh.size} devices (batches are split over all of them) and "
+      f"{processes} processes"
+    )
 
 
 @dataclasses.dataclass
 class Serving:
   """A trained model for eval and predict: model, weights, where they came from."""
+
   model: Any
-  variables: dict           # host arrays (numpy)
+  variables: dict  # host arrays (numpy)
   source: str
   mesh: Any
   variant: Any
-  input_norm: tuple          # (the pipeline's normalisation, the weights')
+  input_norm: tuple  # (the pipeline's normalisation, the weights')
   input_norm_source: str
 
 
@@ -290,13 +358,23 @@ def serving(config, workdir: str) -> Serving:
   if not path:
     path, what = workdir, "--workdir"
     if not ckpt_lib.has_checkpoints(workdir):
-      raise UserError(f"--workdir={workdir} holds no {ckpt_lib.CHECKPOINT_DIR}/: train there "
-                      "first, or set config.eval.checkpoint to a run's workdir or a converted "
-                      "checkpoint")
+      raise UserError(
+        f"--workdir={workdir} holds no {ckpt_lib.CHECKPOINT_DIR}/: train there "
+        "first, or set config.eval.checkpoint to a run's workdir or a converted "
+        "checkpoint"
+      )
   variant = trained_variant(config)
   variables, source = read_model(path, what, trained_arch(config), variant, config.num_classes)
   mesh = mesh_of(config)
-  norm, why = input_normalization(config, config.eval.input_norm, "config.eval.input_norm",
-                                  path, source)
-  return Serving(deployed_model(config, kernels_of(config, mesh)), variables, source, mesh,
-                 variant, (normalization.of_transforms(config.data.transforms), norm), why)
+  norm, why = input_normalization(
+    config, config.eval.input_norm, "config.eval.input_norm", path, source
+  )
+  return Serving(
+    deployed_model(config, kernels_of(config, mesh)),
+    variables,
+    source,
+    mesh,
+    variant,
+    (normalization.of_transforms(config.data.transforms), norm),
+    why,
+  )

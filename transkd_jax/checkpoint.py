@@ -67,36 +67,64 @@ def _metric_fn(name):
 class RunCheckpoints:
   """Save and restore a training run's checkpoints in ``workdir``."""
 
-  def __init__(self, workdir: str, keep: int = 3, best_metric: str = "val_miou",
-               best_mode: str = "max", async_save: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    keep: int = 3,
+    best_metric: str = "val_miou",
+    best_mode: str = "max",
+    async_save: bool = True,
+  ):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     self.directory = storage.join(workdir, CHECKPOINT_DIR)  # gs://... stays a URI
     self.best_metric = best_metric
     self.best_mode = best_mode
-    policy = policies.AnyPreservationPolicy([
+    policy = policies.AnyPreservationPolicy(
+      [
         policies.LatestN(n=max(int(keep), 1)),
-        policies.BestN(get_metric_fn=_metric_fn(best_metric), reverse=best_mode == "min", n=1,
-                       keep_checkpoints_without_metrics=False),
-    ])
+        policies.BestN(
+          get_metric_fn=_metric_fn(best_metric),
+          reverse=best_mode == "min",
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        ),
+      ]
+    )
     # best_fn makes the manager store each save's metrics; the policy decides deletion.
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                           best_fn=_metric_fn(best_metric), best_mode=best_mode,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy,
+      create=True,
+      best_fn=_metric_fn(best_metric),
+      best_mode=best_mode,
+      enable_async_checkpointing=async_save,
+    )
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": DataStateHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": DataStateHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
+    )
 
-  def save(self, step: int, state: dict, data_iterator, config, metrics: Optional[dict] = None,
-           force: bool = False) -> bool:
-    items = {"state": ocp.args.StandardSave(state),
-             "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort()))}
+  def save(
+    self,
+    step: int,
+    state: dict,
+    data_iterator,
+    config,
+    metrics: Optional[dict] = None,
+    force: bool = False,
+  ) -> bool:
+    items = {
+      "state": ocp.args.StandardSave(state),
+      "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+    }
     if data_iterator is not None:
       items["data"] = DataSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                             force=force)
+    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
   def steps(self):
     return sorted(self.manager.all_steps())
@@ -122,11 +150,17 @@ class RunCheckpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], step
       except Exception as e:  # a damaged or incompatible checkpoint: try the previous one
-        logging.warning("checkpoint %s cannot be restored (%s: %s); trying the previous one",
-                        storage.join(self.directory, str(step)), type(e).__name__, e)
-        print(f"warning: checkpoint {storage.join(self.directory, str(step))} cannot be "
-              f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one",
-              flush=True)
+        logging.warning(
+          "checkpoint %s cannot be restored (%s: %s); trying the previous one",
+          storage.join(self.directory, str(step)),
+          type(e).__name__,
+          e,
+        )
+        print(
+          f"warning: checkpoint {storage.join(self.directory, str(step))} cannot be "
+          f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one",
+          flush=True,
+        )
     return None, None
 
   def wait(self):
@@ -144,8 +178,7 @@ def trained_role(params) -> str:
   """The key of a train state's params that holds the trained model."""
   found = [r for r in ROLES if r in params]
   if len(found) != 1:
-    raise UserError(f"a train state should hold exactly one of {ROLES}; it holds "
-                    f"{sorted(params)}")
+    raise UserError(f"a train state should hold exactly one of {ROLES}; it holds {sorted(params)}")
   return found[0]
 
 
@@ -158,15 +191,18 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
 
   ``path`` is either a directory ``transkd_jax.convert`` wrote, or a training
   run's workdir (its best checkpoint, else its latest; the model the run
-  trained: its student, or a teacher run's teacher). ``what`` names the config key, for error messages.
+  trained: its student, or a teacher run's teacher). ``what`` names the config key, for
+  error messages.
   ``with_source=True`` returns (variables, a line naming the checkpoint read).
   """
   if not path:
     raise UserError(f"{what} is not set")
   path = storage.resolve(path)
   if not storage.isdir(path):
-    raise UserError(f"{what}={path!r}: no such directory (expected an Orbax checkpoint "
-                    "written by transkd_jax.convert, or a training run's workdir)")
+    raise UserError(
+      f"{what}={path!r}: no such directory (expected an Orbax checkpoint "
+      "written by transkd_jax.convert, or a training run's workdir)"
+    )
   run_dir = storage.join(path, CHECKPOINT_DIR)
   try:
     if has_checkpoints(path):
@@ -179,19 +215,24 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
       run.close()
       state = restore_pytree(storage.join(run_dir, str(step), "state"))
       role = trained_role(state["params"])
-      variables = {"params": state["params"][role],
-                   "batch_stats": (state.get("batch_stats") or {}).get(role, {})}
+      variables = {
+        "params": state["params"][role],
+        "batch_stats": (state.get("batch_stats") or {}).get(role, {}),
+      }
       source = f"{storage.join(run_dir, str(step))} (step {step}, {how})"
       return (variables, source) if with_source else variables
     tree = restore_pytree(path)
   except UserError:
     raise
   except Exception as e:
-    raise UserError(f"{what}={path!r} cannot be read as an Orbax checkpoint "
-                    f"({type(e).__name__}: {str(e)[:300]})") from None
+    raise UserError(
+      f"{what}={path!r} cannot be read as an Orbax checkpoint ({type(e).__name__}: {str(e)[:300]})"
+    ) from None
   if not isinstance(tree, dict) or "params" not in tree:
-    raise UserError(f"{what}={path!r} holds no 'params' (expected the pytree "
-                    "{'params', 'batch_stats'} that transkd_jax.convert writes)")
+    raise UserError(
+      f"{what}={path!r} holds no 'params' (expected the pytree "
+      "{'params', 'batch_stats'} that transkd_jax.convert writes)"
+    )
   variables = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
   return (variables, path) if with_source else variables
 
@@ -204,22 +245,29 @@ def restore_pytree(path: str):
   """
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                        metadata)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
   return ocp.StandardCheckpointer().restore(path, target)
 
 
 def check_variables(variables: dict, expected: Any, what: str, description: str):
   """Raises UserError listing key paths whose presence or shape differs."""
+
   def flat(tree):
-    return {jax.tree_util.keystr(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+      jax.tree_util.keystr(p): tuple(x.shape)
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
   got, want = flat(variables), flat(expected)
-  problems = [f"shape of {k}: {got[k]}, expected {want[k]}"
-              for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  problems = [
+    f"shape of {k}: {got[k]}, expected {want[k]}"
+    for k in sorted(set(got) & set(want))
+    if got[k] != want[k]
+  ]
   problems += [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
   problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(want))]
   if problems:
-    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)"
-                                       if len(problems) > 8 else "")
+    shown = "; ".join(problems[:8]) + (
+      f"; ... ({len(problems)} in all)" if len(problems) > 8 else ""
+    )
     raise UserError(f"{what} does not fit {description}: {shown}")

@@ -26,21 +26,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.teacher = ml_collections.ConfigDict()
   config.teacher.arch = "segformer"
   config.teacher.variant = "b2"
-  config.teacher.checkpoint = ""   # Orbax dir: transkd_jax.convert output or a teacher run
-  config.teacher.init = ""         # for --config.method=teacher: a converted ImageNet MiT
+  config.teacher.checkpoint = ""  # Orbax dir: transkd_jax.convert output or a teacher run
+  config.teacher.init = ""  # for --config.method=teacher: a converted ImageNet MiT
   # The input normalisation the teacher expects ("unit": [0, 1] pixels, TransKD's teachers;
   # "imagenet": mean/std, official SegFormer / HuggingFace weights). Empty: what its
   # checkpoint records (transkd_jax.convert's record, or its run's data.transforms).
   config.teacher.input_norm = ""
   config.teacher.check_images = 50  # before distilling: the teacher's mIoU on this many val
-                                    # images, printed (0: skip)
+  # images, printed (0: skip)
 
   config.student = ml_collections.ConfigDict()
   config.student.arch = "segformer"
   config.student.variant = "b0"
-  config.student.init = ""         # empty: from scratch, as in TransKD
+  config.student.init = ""  # empty: from scratch, as in TransKD
 
-  config.dtype = "float32"          # compute dtype of the models; "bfloat16" on GPU/TPU
+  config.dtype = "float32"  # compute dtype of the models; "bfloat16" on GPU/TPU
   config.teacher_dtype = "float32"  # the frozen teacher's compute dtype ("": config.dtype)
   # Kernel forms (transkd_jax/models/kernels.py): "auto" follows the devices the program is
   # compiled for (XLA:CPU forms on CPU, native ops on GPU/TPU); "cpu" / "native" force one.
@@ -51,15 +51,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.method = "transkd_base"
   config.class_weights = ()  # cross-entropy class weights (one per class); () for plain CE
   config.distill = ml_collections.ConfigDict()
-  config.distill.hcl_weight = 1.0                  # CSF / ReviewKD feature maps
+  config.distill.hcl_weight = 1.0  # CSF / ReviewKD feature maps
   config.distill.pea_weights = (0.1, 0.1, 0.5, 1.0)  # patch embeddings, stages 1-4
-  config.distill.fusion_channels = 64              # CSF / ABF middle width
-  config.distill.gl_heads = 8                      # GL-Mixer attention heads
-  config.distill.gl_residual = False               # off in the published evaluation
-  config.distill.gl_mix_init = (1.0, 1.0)          # GL-Mixer's a, b (public: uninitialised)
-  config.distill.kd_weight = 0.5                   # logit KD (public flags: alpha 0.5, tau 1)
+  config.distill.fusion_channels = 64  # CSF / ABF middle width
+  config.distill.gl_heads = 8  # GL-Mixer attention heads
+  config.distill.gl_residual = False  # off in the published evaluation
+  config.distill.gl_mix_init = (1.0, 1.0)  # GL-Mixer's a, b (public: uninitialised)
+  config.distill.kd_weight = 0.5  # logit KD (public flags: alpha 0.5, tau 1)
   config.distill.kd_temperature = 1.0
-  config.distill.cwd_weight = 1.0                  # channel-wise distillation (public: 1, T 1)
+  config.distill.cwd_weight = 1.0  # channel-wise distillation (public: 1, T 1)
   config.distill.cwd_temperature = 1.0
   config.distill.fitnet_weights = (1.0, 1.0, 1.0, 1.0)
 
@@ -76,32 +76,32 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 0.0
   config.optimizer.no_decay_norms_biases = False
 
-  config.batch_size = 2                    # global, over all devices and processes
+  config.batch_size = 2  # global, over all devices and processes
   config.total_steps = 1000 * STEPS_PER_EPOCH
   config.seed = 0
   config.log_every = 50
-  config.profile_steps = ()                # (first, last): a jax.profiler trace of these
-                                           # steps (as logged, from 1) in WORKDIR/profile
-  config.count_flops = True                # TFLOP/s and MFU in the metrics (one more trace
-                                           # of the step at start-up)
-  config.eval_every = STEPS_PER_EPOCH      # validate once per epoch, as the public code
+  config.profile_steps = ()  # (first, last): a jax.profiler trace of these
+  # steps (as logged, from 1) in WORKDIR/profile
+  config.count_flops = True  # TFLOP/s and MFU in the metrics (one more trace
+  # of the step at start-up)
+  config.eval_every = STEPS_PER_EPOCH  # validate once per epoch, as the public code
   config.checkpoint_every = 1000
-  config.keep_checkpoints = 3              # latest N, plus the best by validation mIoU
+  config.keep_checkpoints = 3  # latest N, plus the best by validation mIoU
   config.train_split = "train"
   config.eval_split = "val"
-  config.eval_protocol = "standard"        # mIoU: or "reference" (the public code's, 1/4 labels)
-  config.mesh_shape = (-1, 1)              # (data, model); -1 takes the remaining devices
-  config.sharding = "replicate"            # or "fsdp": large arrays split along "model"
+  config.eval_protocol = "standard"  # mIoU: or "reference" (the public code's, 1/4 labels)
+  config.mesh_shape = (-1, 1)  # (data, model); -1 takes the remaining devices
+  config.sharding = "replicate"  # or "fsdp": large arrays split along "model"
 
   # --mode=eval and --mode=predict (transkd_jax/evaluate.py, transkd_jax/predict.py).
   config.eval = ml_collections.ConfigDict()
-  config.eval.checkpoint = ""   # a run's workdir or an Orbax dir; empty: --workdir's best
-  config.eval.variant = ""      # the variant to load (of the trained model's arch); empty:
-                                # the run's trained model
-  config.eval.input_norm = ""   # what the weights expect ("unit" | "imagenet"); empty: what the
-                                # checkpoint records, else config.data.transforms' own
+  config.eval.checkpoint = ""  # a run's workdir or an Orbax dir; empty: --workdir's best
+  config.eval.variant = ""  # the variant to load (of the trained model's arch); empty:
+  # the run's trained model
+  config.eval.input_norm = ""  # what the weights expect ("unit" | "imagenet"); empty: what the
+  # checkpoint records, else config.data.transforms' own
   config.predict = ml_collections.ConfigDict()
-  config.predict.input = ""     # an image file, a directory (searched recursively) or a glob
+  config.predict.input = ""  # an image file, a directory (searched recursively) or a glob
   config.predict.output_dir = ""  # empty: WORKDIR/predictions
   config.predict.resize = True  # True: the model sees config.image_size; False: native size
   config.predict.cityscapes_format = False  # also write <name>_labelIds.png for the server
@@ -111,14 +111,22 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --mode=recipe (transkd_jax/recipe.py): the paper's table on one dataset.
   config.recipe = ml_collections.ConfigDict()
-  config.recipe.methods = ("student", "transkd_base", "transkd_gl", "transkd_ea", "kd", "cwd",
-                           "reviewkd", "fitnet")  # each trains the student for total_steps
+  config.recipe.methods = (
+    "student",
+    "transkd_base",
+    "transkd_gl",
+    "transkd_ea",
+    "kd",
+    "cwd",
+    "reviewkd",
+    "fitnet",
+  )  # each trains the student for total_steps
   config.recipe.teacher_steps = 0  # the teacher's training steps; 0: config.total_steps
   # The student-alone row's own budget (the public train_student.py: batch 4, 500 epochs;
   # configs/cityscapes.py and acdc.py set it). 0: the same as every other row.
-  config.recipe.student_batch_size = 0    # 0: config.batch_size
-  config.recipe.student_steps = 0         # 0: config.total_steps
-  config.recipe.student_decay_steps = 0   # 0: config.optimizer.decay_steps
+  config.recipe.student_batch_size = 0  # 0: config.batch_size
+  config.recipe.student_steps = 0  # 0: config.total_steps
+  config.recipe.student_decay_steps = 0  # 0: config.optimizer.decay_steps
   # Several teacher/student pairs, each its own table: ("TEACHER>STUDENT", ...) with models
   # written ARCH-VARIANT, e.g. ("segformer-b2>segformer-b0", "pvtv2-b2>pvtv2-b0",
   # "segformer-b2>lvt"). Empty: config.teacher -> config.student only. Pairs other than
@@ -155,8 +163,11 @@ def _positive_int(config, key, allow_zero=False):
   value = config
   for part in key.split("."):
     value = value[part]
-  ok = isinstance(value, int) and not isinstance(value, bool) and (
-      value >= 0 if allow_zero else value >= 1)
+  ok = (
+    isinstance(value, int)
+    and not isinstance(value, bool)
+    and (value >= 0 if allow_zero else value >= 1)
+  )
   _check(ok, key, "a non-negative integer" if allow_zero else "a positive integer", value)
 
 
@@ -169,11 +180,14 @@ def validate_config(config):
   """
   from transkd_jax.distill import get_method, loss_settings
   from transkd_jax.models import archs
+
   missing = sorted(_keys(base_config()) - _keys(config))
   if missing:
-    raise UserError(f"the config lacks {', '.join('config.' + k for k in missing[:8])}"
-                    f"{' ...' if len(missing) > 8 else ''}: config files start from "
-                    "transkd_jax.config.base_config() (see configs/cityscapes.py)")
+    raise UserError(
+      f"the config lacks {', '.join('config.' + k for k in missing[:8])}"
+      f"{' ...' if len(missing) > 8 else ''}: config files start from "
+      "transkd_jax.config.base_config() (see configs/cityscapes.py)"
+    )
   for role in ("teacher", "student"):
     try:
       archs.check_arch(config[role].arch)
@@ -182,20 +196,34 @@ def validate_config(config):
     try:
       archs.get_arch_variant(config[role].arch, config[role].variant)
     except ValueError as e:
-      raise UserError(f"config.{role}.variant (config.{role}.arch={config[role].arch!r}): "
-                      f"{e}") from None
+      raise UserError(
+        f"config.{role}.variant (config.{role}.arch={config[role].arch!r}): {e}"
+      ) from None
   _positive_int(config, "num_classes")
   size = tuple(config.image_size)
-  _check(len(size) == 2 and all(isinstance(s, int) and s >= 32 for s in size), "image_size",
-         "(height, width), each an integer >= 32", size)
+  _check(
+    len(size) == 2 and all(isinstance(s, int) and s >= 32 for s in size),
+    "image_size",
+    "(height, width), each an integer >= 32",
+    size,
+  )
   _check(config.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", config.dtype)
   from transkd_jax.models.kernels import SETTINGS
+
   _check(config.kernels in SETTINGS, "kernels", f"one of {SETTINGS}", config.kernels)
   for key in ("teacher", "eval"):
-    _check(config[key].input_norm in ("", "unit", "imagenet"), f"{key}.input_norm",
-           "'unit', 'imagenet' or '' (what the checkpoint records)", config[key].input_norm)
-  _check(config.teacher_dtype in _DTYPES + ("",), "teacher_dtype",
-         f"one of {_DTYPES} (or empty: config.dtype)", config.teacher_dtype)
+    _check(
+      config[key].input_norm in ("", "unit", "imagenet"),
+      f"{key}.input_norm",
+      "'unit', 'imagenet' or '' (what the checkpoint records)",
+      config[key].input_norm,
+    )
+  _check(
+    config.teacher_dtype in _DTYPES + ("",),
+    "teacher_dtype",
+    f"one of {_DTYPES} (or empty: config.dtype)",
+    config.teacher_dtype,
+  )
   try:
     loss_settings(get_method(config.method), config.distill)
     for name in (*config.recipe.methods, *config.recipe.pair_methods):
@@ -207,51 +235,95 @@ def validate_config(config):
     try:
       archs.get_arch_variant(config[role].arch, config.eval.variant)
     except ValueError as e:
-      raise UserError(f"config.eval.variant (config.{role}.arch={config[role].arch!r}): "
-                      f"{e}") from None
+      raise UserError(
+        f"config.eval.variant (config.{role}.arch={config[role].arch!r}): {e}"
+      ) from None
   weights = tuple(config.class_weights)
-  if weights and (len(weights) != config.num_classes or
-                  not all(isinstance(w, (int, float)) for w in weights)):
-    raise UserError(f"config.class_weights has {len(weights)} entries ({weights[:3]}...); "
-                    f"expected {config.num_classes} numbers (config.num_classes), or () for "
-                    "unweighted cross-entropy")
+  if weights and (
+    len(weights) != config.num_classes or not all(isinstance(w, (int, float)) for w in weights)
+  ):
+    raise UserError(
+      f"config.class_weights has {len(weights)} entries ({weights[:3]}...); "
+      f"expected {config.num_classes} numbers (config.num_classes), or () for "
+      "unweighted cross-entropy"
+    )
   for key in ("batch_size", "total_steps", "log_every", "keep_checkpoints"):
     _positive_int(config, key)
-  for key in ("eval_every", "checkpoint_every", "teacher.check_images", "optimizer.warmup_steps",
-              "optimizer.decay_steps", "recipe.teacher_steps", "recipe.student_batch_size",
-              "recipe.student_steps", "recipe.student_decay_steps", "recipe.pair_steps",
-              "recipe.pair_teacher_steps"):
+  for key in (
+    "eval_every",
+    "checkpoint_every",
+    "teacher.check_images",
+    "optimizer.warmup_steps",
+    "optimizer.decay_steps",
+    "recipe.teacher_steps",
+    "recipe.student_batch_size",
+    "recipe.student_steps",
+    "recipe.student_decay_steps",
+    "recipe.pair_steps",
+    "recipe.pair_teacher_steps",
+  ):
     _positive_int(config, key, allow_zero=True)
   if config.data.num_workers != "auto":
-    _check(isinstance(config.data.num_workers, int) and not isinstance(
-        config.data.num_workers, bool) and config.data.num_workers >= 0, "data.num_workers",
-        "a non-negative integer or 'auto'", config.data.num_workers)
+    _check(
+      isinstance(config.data.num_workers, int)
+      and not isinstance(config.data.num_workers, bool)
+      and config.data.num_workers >= 0,
+      "data.num_workers",
+      "a non-negative integer or 'auto'",
+      config.data.num_workers,
+    )
   _positive_int(config, "data.prefetch")
   from transkd_jax.recipe import pairs_of
+
   pairs_of(config)  # each entry names two models
   steps = tuple(config.profile_steps)
-  _check(not steps or (len(steps) == 2 and all(isinstance(s, int) for s in steps) and
-                       1 <= steps[0] <= steps[1]), "profile_steps",
-         "() or (first, last) with 1 <= first <= last", steps)
+  _check(
+    not steps
+    or (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 1 <= steps[0] <= steps[1]),
+    "profile_steps",
+    "() or (first, last) with 1 <= first <= last",
+    steps,
+  )
   student_steps = config.recipe.student_steps
   if student_steps and config.optimizer.warmup_steps > student_steps:
-    raise UserError(f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must not "
-                    f"exceed config.recipe.student_steps ({student_steps}), the student-alone "
-                    "row's steps")
+    raise UserError(
+      f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must not "
+      f"exceed config.recipe.student_steps ({student_steps}), the student-alone "
+      "row's steps"
+    )
   if config.optimizer.warmup_steps > config.total_steps:
-    raise UserError(f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must not "
-                    f"exceed config.total_steps ({config.total_steps})")
-  _check(config.eval_protocol in EVAL_PROTOCOLS, "eval_protocol", f"one of {EVAL_PROTOCOLS}",
-         config.eval_protocol)
+    raise UserError(
+      f"config.optimizer.warmup_steps ({config.optimizer.warmup_steps}) must not "
+      f"exceed config.total_steps ({config.total_steps})"
+    )
+  _check(
+    config.eval_protocol in EVAL_PROTOCOLS,
+    "eval_protocol",
+    f"one of {EVAL_PROTOCOLS}",
+    config.eval_protocol,
+  )
   from transkd_jax.sharding import RULES
+
   _check(config.sharding in RULES, "sharding", f"one of {tuple(RULES)}", config.sharding)
   shape = tuple(config.mesh_shape)
-  _check(len(shape) == 2 and shape.count(-1) <= 1 and all(
-      isinstance(s, int) and (s >= 1 or s == -1) for s in shape), "mesh_shape",
-      "(data, model): positive integers, at most one -1", shape)
+  _check(
+    len(shape) == 2
+    and shape.count(-1) <= 1
+    and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape),
+    "mesh_shape",
+    "(data, model): positive integers, at most one -1",
+    shape,
+  )
   _check(config.data.name in DATASETS, "data.name", f"one of {DATASETS}", config.data.name)
-  _check(config.data.transforms in TRANSFORMS, "data.transforms", f"one of {TRANSFORMS}",
-         config.data.transforms)
-  _check(config.data.eval_label_resolution in ("", "quarter", "full"),
-         "data.eval_label_resolution", "'quarter', 'full' or '' (follows eval_protocol)",
-         config.data.eval_label_resolution)
+  _check(
+    config.data.transforms in TRANSFORMS,
+    "data.transforms",
+    f"one of {TRANSFORMS}",
+    config.data.transforms,
+  )
+  _check(
+    config.data.eval_label_resolution in ("", "quarter", "full"),
+    "data.eval_label_resolution",
+    "'quarter', 'full' or '' (follows eval_protocol)",
+    config.data.eval_label_resolution,
+  )

@@ -55,24 +55,26 @@ import numpy as np
 from flax import traverse_util
 
 from transkd_jax.errors import UserError
-from transkd_jax.normalization import CONVERT_RECORD, NORMALIZATIONS
 from transkd_jax.models.lvt import LVT_VARIANTS, LVTVariant, get_lvt_variant
 from transkd_jax.models.pvtv2 import PVT_VARIANTS, get_pvt_variant
 from transkd_jax.models.variants import VARIANTS, MiTVariant, get_variant
+from transkd_jax.normalization import CONVERT_RECORD, NORMALIZATIONS
 
 IGNORE_LABEL_ROW = 19  # the public code's 20th class: the ignore label, loss weight 0
 META_FILE = CONVERT_RECORD
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
 FAMILIES = ("segformer", "pvtv2", "lvt")  # transkd_jax.models.archs.ARCHS' names
-ARCH_NAMES = ([f"mit_b{i}" for i in range(6)] + [f"pvt_v2_b{i}" for i in range(6)] + ["lvt"])
+ARCH_NAMES = [f"mit_b{i}" for i in range(6)] + [f"pvt_v2_b{i}" for i in range(6)] + ["lvt"]
 
 
 # --------------------------------------------------------------------------
 # Reading files
 # --------------------------------------------------------------------------
 
+
 def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
   from safetensors.numpy import load_file
+
   try:
     return dict(load_file(path))
   except Exception as e:  # safetensors raises its own error types
@@ -84,22 +86,30 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
     import torch
   except ImportError:
     raise UserError(
-        f"{path}: reading PyTorch checkpoints needs torch (pip install -e \".[torch]\"); "
-        "safetensors files need no torch") from None
+      f"{path}: reading PyTorch checkpoints needs torch (pip install -e \".[torch]\"); "
+      "safetensors files need no torch"
+    ) from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    raise UserError(
+      f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''})"
+    ) from None
   for key in ("state_dict", "model", "module"):
     if isinstance(obj, dict) and isinstance(obj.get(key), dict):
       obj = obj[key]
       break
   if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
-    raise UserError(f"{path}: expected a state dict (names -> tensors), possibly under "
-                    f"'state_dict' or 'model'; found {type(obj).__name__}")
-  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-          for k, v in obj.items() if torch.is_tensor(v)}
+    raise UserError(
+      f"{path}: expected a state dict (names -> tensors), possibly under "
+      f"'state_dict' or 'model'; found {type(obj).__name__}"
+    )
+  return {
+    k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+    for k, v in obj.items()
+    if torch.is_tensor(v)
+  }
 
 
 def _read_index(path: str, reader) -> Dict[str, np.ndarray]:
@@ -117,16 +127,19 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise UserError(f"--input {path}: no such file or directory")
   if os.path.isdir(path):
-    for name, reader in (("model.safetensors", _read_safetensors),
-                         ("model.safetensors.index.json",
-                          lambda p: _read_index(p, _read_safetensors)),
-                         ("pytorch_model.bin", _read_torch),
-                         ("pytorch_model.bin.index.json", lambda p: _read_index(p, _read_torch))):
+    for name, reader in (
+      ("model.safetensors", _read_safetensors),
+      ("model.safetensors.index.json", lambda p: _read_index(p, _read_safetensors)),
+      ("pytorch_model.bin", _read_torch),
+      ("pytorch_model.bin.index.json", lambda p: _read_index(p, _read_torch)),
+    ):
       if os.path.exists(os.path.join(path, name)):
         return reader(os.path.join(path, name))
-    raise UserError(f"--input {path}: a directory, but it holds none of model.safetensors, "
-                    "pytorch_model.bin (or their .index.json): expected a HuggingFace "
-                    "save_pretrained directory")
+    raise UserError(
+      f"--input {path}: a directory, but it holds none of model.safetensors, "
+      "pytorch_model.bin (or their .index.json): expected a HuggingFace "
+      "save_pretrained directory"
+    )
   if path.endswith(".safetensors"):
     return _read_safetensors(path)
   if path.endswith(".index.json"):
@@ -134,8 +147,10 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     return _read_index(path, reader)
   if path.endswith(TORCH_SUFFIXES):
     return _read_torch(path)
-  raise UserError(f"--input {path}: unknown checkpoint type; expected a .safetensors file, a "
-                  f"PyTorch file ({', '.join(TORCH_SUFFIXES)}) or a HuggingFace directory")
+  raise UserError(
+    f"--input {path}: unknown checkpoint type; expected a .safetensors file, a "
+    f"PyTorch file ({', '.join(TORCH_SUFFIXES)}) or a HuggingFace directory"
+  )
 
 
 # --------------------------------------------------------------------------
@@ -164,7 +179,7 @@ def resolve_arch(arch, family=None) -> Tuple[str, Any, str, str]:
   accepted = "mit_b0 .. mit_b5, pvt_v2_b0 .. pvt_v2_b5, lvt"
   try:
     if key.startswith("pvt_v2_"):
-      name = key[len("pvt_v2_"):]
+      name = key[len("pvt_v2_") :]
       return "pvtv2", get_pvt_variant(name), name, f"pvt_v2_{name}"
     if key.startswith("lvt"):
       return "lvt", get_lvt_variant(key), key, key
@@ -177,7 +192,7 @@ def resolve_arch(arch, family=None) -> Tuple[str, Any, str, str]:
 
 
 def model_label(family: str, arch_name: str) -> str:
-  """"PVTv2 pvt_v2_b0", "SegFormer mit_b2", "LVT lvt" (for messages)."""
+  """ "PVTv2 pvt_v2_b0", "SegFormer mit_b2", "LVT lvt" (for messages)."""
   return f"{LABELS[family]} {arch_name}"
 
 
@@ -192,36 +207,44 @@ def model_label(family: str, arch_name: str) -> str:
 # torch.save(model.state_dict()) holds (MEMORY: read only). The public code's
 # kv layer is k and v apart in HF: see _hf_to_public / public_to_hf.
 _HF_FILE_PREFIXES = [
-    ("encoder.patch_embeddings.{i}.proj.", "patch_embed{s}.proj."),
-    ("encoder.patch_embeddings.{i}.layer_norm.", "patch_embed{s}.norm."),
-    ("encoder.block.{i}.{j}.", "block{s}.{j}."),
-    ("encoder.layer_norm.{i}.", "norm{s}."),
-    ("decode_head.linear_c.{i}.proj.", "linear_c{s}.proj."),
-    ("decode_head.linear_fuse.", "linear_fuse.conv."),
-    ("decode_head.batch_norm.", "linear_fuse.bn."),
-    ("decode_head.classifier.", "linear_pred."),
+  ("encoder.patch_embeddings.{i}.proj.", "patch_embed{s}.proj."),
+  ("encoder.patch_embeddings.{i}.layer_norm.", "patch_embed{s}.norm."),
+  ("encoder.block.{i}.{j}.", "block{s}.{j}."),
+  ("encoder.layer_norm.{i}.", "norm{s}."),
+  ("decode_head.linear_c.{i}.proj.", "linear_c{s}.proj."),
+  ("decode_head.linear_fuse.", "linear_fuse.conv."),
+  ("decode_head.batch_norm.", "linear_fuse.bn."),
+  ("decode_head.classifier.", "linear_pred."),
 ]
 _HF_MEMORY_PREFIXES = [
-    ("stages.{i}.patch_embeddings.proj.", "patch_embed{s}.proj."),
-    ("stages.{i}.patch_embeddings.layer_norm.", "patch_embed{s}.norm."),
-    ("stages.{i}.blocks.{j}.", "block{s}.{j}."),
-    ("stages.{i}.layer_norm.", "norm{s}."),
-    ("decode_head.linear_projections.{i}.proj.", "linear_c{s}.proj."),
+  ("stages.{i}.patch_embeddings.proj.", "patch_embed{s}.proj."),
+  ("stages.{i}.patch_embeddings.layer_norm.", "patch_embed{s}.norm."),
+  ("stages.{i}.blocks.{j}.", "block{s}.{j}."),
+  ("stages.{i}.layer_norm.", "norm{s}."),
+  ("decode_head.linear_projections.{i}.proj.", "linear_c{s}.proj."),
 ]
 # Inside a block (names after the block prefix).
 _HF_FILE_BLOCK = [
-    (".layer_norm_1.", ".norm1."), (".layer_norm_2.", ".norm2."),
-    (".attention.self.query.", ".attn.q."), (".attention.self.key.", ".attn.k."),
-    (".attention.self.value.", ".attn.v."), (".attention.self.sr.", ".attn.sr."),
-    (".attention.self.layer_norm.", ".attn.norm."), (".attention.output.dense.", ".attn.proj."),
-    (".mlp.dense1.", ".mlp.fc1."), (".mlp.dense2.", ".mlp.fc2."),
+  (".layer_norm_1.", ".norm1."),
+  (".layer_norm_2.", ".norm2."),
+  (".attention.self.query.", ".attn.q."),
+  (".attention.self.key.", ".attn.k."),
+  (".attention.self.value.", ".attn.v."),
+  (".attention.self.sr.", ".attn.sr."),
+  (".attention.self.layer_norm.", ".attn.norm."),
+  (".attention.output.dense.", ".attn.proj."),
+  (".mlp.dense1.", ".mlp.fc1."),
+  (".mlp.dense2.", ".mlp.fc2."),
 ]
 _HF_MEMORY_BLOCK = [
-    (".layernorm_before.", ".norm1."), (".layernorm_after.", ".norm2."),
-    (".attention.q_proj.", ".attn.q."), (".attention.k_proj.", ".attn.k."),
-    (".attention.v_proj.", ".attn.v."), (".attention.o_proj.", ".attn.proj."),
-    (".attention.sequence_reduction.sequence_reduction.", ".attn.sr."),
-    (".attention.sequence_reduction.layer_norm.", ".attn.norm."),
+  (".layernorm_before.", ".norm1."),
+  (".layernorm_after.", ".norm2."),
+  (".attention.q_proj.", ".attn.q."),
+  (".attention.k_proj.", ".attn.k."),
+  (".attention.v_proj.", ".attn.v."),
+  (".attention.o_proj.", ".attn.proj."),
+  (".attention.sequence_reduction.sequence_reduction.", ".attn.sr."),
+  (".attention.sequence_reduction.layer_norm.", ".attn.norm."),
 ]
 # The HF model's top-level module of everything but the decode head.
 _HF_ENCODER_PREFIX = "segformer."
@@ -231,17 +254,22 @@ _HF_ENCODER_PREFIX = "segformer."
 # puts the encoder under ``pvt_v2.`` beside its ``classifier.``.
 _HF_PVT_PREFIX = "pvt_v2."
 _HF_PVT_PREFIXES = [
-    ("encoder.layers.{i}.patch_embedding.proj.", "backbone.patch_embed{s}.proj."),
-    ("encoder.layers.{i}.patch_embedding.layer_norm.", "backbone.patch_embed{s}.norm."),
-    ("encoder.layers.{i}.blocks.{j}.", "backbone.block{s}.{j}."),
-    ("encoder.layers.{i}.layer_norm.", "backbone.norm{s}."),
+  ("encoder.layers.{i}.patch_embedding.proj.", "backbone.patch_embed{s}.proj."),
+  ("encoder.layers.{i}.patch_embedding.layer_norm.", "backbone.patch_embed{s}.norm."),
+  ("encoder.layers.{i}.blocks.{j}.", "backbone.block{s}.{j}."),
+  ("encoder.layers.{i}.layer_norm.", "backbone.norm{s}."),
 ]
 _HF_PVT_BLOCK = [
-    (".layer_norm_1.", ".norm1."), (".layer_norm_2.", ".norm2."),
-    (".attention.query.", ".attn.q."), (".attention.key.", ".attn.k."),
-    (".attention.value.", ".attn.v."), (".attention.proj.", ".attn.proj."),
-    (".attention.spatial_reduction.", ".attn.sr."), (".attention.layer_norm.", ".attn.norm."),
-    (".mlp.dense1.", ".mlp.fc1."), (".mlp.dense2.", ".mlp.fc2."),
+  (".layer_norm_1.", ".norm1."),
+  (".layer_norm_2.", ".norm2."),
+  (".attention.query.", ".attn.q."),
+  (".attention.key.", ".attn.k."),
+  (".attention.value.", ".attn.v."),
+  (".attention.proj.", ".attn.proj."),
+  (".attention.spatial_reduction.", ".attn.sr."),
+  (".attention.layer_norm.", ".attn.norm."),
+  (".mlp.dense1.", ".mlp.fc1."),
+  (".mlp.dense2.", ".mlp.fc2."),
 ]
 
 
@@ -261,41 +289,45 @@ def _rename_prefix(name: str, pairs, forward: bool):
     if match:
       fields = match.groupdict()
       stage = int(fields["i"]) if "i" in fields else int(fields.get("s", 1)) - 1
-      return target.format(i=stage, s=stage + 1, j=fields.get("j")) + name[match.end():]
+      return target.format(i=stage, s=stage + 1, j=fields.get("j")) + name[match.end() :]
   return None
 
 
 _BN_COUNTER = (r"(^|\.)num_batches_tracked$", "BatchNorm step counters")
 # Tensors that are known and deliberately not imported, per family (public names).
 _IGNORED = {
-    "segformer": [
-        _BN_COUNTER,
-        (r"^head\.(weight|bias)$", "the MiT encoder's ImageNet classifier"),
-        (r"^classifier\.", "the HuggingFace MiT encoder's ImageNet classifier"),
-        (r"^conv_seg\.", "mmseg's unused conv_seg"),
-    ],
-    "pvtv2": [
-        _BN_COUNTER,
-        (r"^head\.(weight|bias)$", "the PVTv2 encoder's ImageNet classifier"),
-        (r"^classifier\.", "the HuggingFace PVTv2 encoder's ImageNet classifier"),
-    ],
-    "lvt": [
-        _BN_COUNTER,
-        (r"^(norm|head)\.(weight|bias)$", "LVT's ImageNet classifier (norm, head)"),
-    ],
+  "segformer": [
+    _BN_COUNTER,
+    (r"^head\.(weight|bias)$", "the MiT encoder's ImageNet classifier"),
+    (r"^classifier\.", "the HuggingFace MiT encoder's ImageNet classifier"),
+    (r"^conv_seg\.", "mmseg's unused conv_seg"),
+  ],
+  "pvtv2": [
+    _BN_COUNTER,
+    (r"^head\.(weight|bias)$", "the PVTv2 encoder's ImageNet classifier"),
+    (r"^classifier\.", "the HuggingFace PVTv2 encoder's ImageNet classifier"),
+  ],
+  "lvt": [
+    _BN_COUNTER,
+    (r"^(norm|head)\.(weight|bias)$", "LVT's ImageNet classifier (norm, head)"),
+  ],
 }
 # The public names of each family's decoder (all but the encoder), and of its classifier.
-DECODER_PREFIXES = {"segformer": ("linear_c", "linear_fuse.", "linear_pred."),
-                    "pvtv2": ("neck.", "head."),
-                    "lvt": ("linear_c", "linear_fuse.", "linear_pred.")}
+DECODER_PREFIXES = {
+  "segformer": ("linear_c", "linear_fuse.", "linear_pred."),
+  "pvtv2": ("neck.", "head."),
+  "lvt": ("linear_c", "linear_fuse.", "linear_pred."),
+}
 CLASSIFIER = {"segformer": "linear_pred.", "pvtv2": "head.conv_seg.", "lvt": "linear_pred."}
 _LVT_NAME = re.compile(r"^backbone\.\d\.[01]\.")
 _PVT_DECODER = ("neck.lateral_convs.", "neck.fpn_convs.", "head.scale_heads.", "head.conv_seg.")
 
 
 def _is_hf(names) -> bool:
-  return any(n.startswith(("segformer.", "encoder.patch_embeddings.", "encoder.block.",
-                            "stages.")) for n in names)
+  return any(
+    n.startswith(("segformer.", "encoder.patch_embeddings.", "encoder.block.", "stages."))
+    for n in names
+  )
 
 
 def _is_hf_pvt(names) -> bool:
@@ -342,11 +374,14 @@ def _unwrap(state):
   if any(k.startswith("student.") for k in state):
     rest = [k for k in state if not k.startswith("student.")]
     if rest:
-      notes.append(f"TransKD checkpoint: took student.*, left {len(rest)} tensors of the "
-                   "training-time modules (CSF, PEA, GL-Mixer, EA)")
+      notes.append(
+        f"TransKD checkpoint: took student.*, left {len(rest)} tensors of the "
+        "training-time modules (CSF, PEA, GL-Mixer, EA)"
+      )
     ignored += [(k, "TransKD training-time module") for k in rest]
-    state = _strip_module({k[len("student."):]: v for k, v in state.items()
-                           if k.startswith("student.")})
+    state = _strip_module(
+      {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
+    )
   return state, ignored, notes
 
 
@@ -362,8 +397,10 @@ def _rename(state, family: str):
       return _hf_pvt_to_public(state)
     if not any(k.startswith("backbone.") for k in state):
       # The official ImageNet encoder (pvt_v2_b*.pth): flat MiT names.
-      return {("backbone." + k if re.match(r"(patch_embed|block|norm)\d", k) else k): v
-              for k, v in state.items()}
+      return {
+        ("backbone." + k if re.match(r"(patch_embed|block|norm)\d", k) else k): v
+        for k, v in state.items()
+      }
   return dict(state)
 
 
@@ -387,14 +424,15 @@ def _join_kv(out):
     v_name = k_name.replace(".attn.k.", ".attn.v.")
     if v_name in out:
       out[k_name.replace(".attn.k.", ".attn.kv.")] = np.concatenate(
-          [out.pop(k_name), out.pop(v_name)], axis=0)
+        [out.pop(k_name), out.pop(v_name)], axis=0
+      )
   return out
 
 
 def _hf_to_public(state):
   out = {}
   for name, value in state.items():
-    name = name[len(_HF_ENCODER_PREFIX):] if name.startswith(_HF_ENCODER_PREFIX) else name
+    name = name[len(_HF_ENCODER_PREFIX) :] if name.startswith(_HF_ENCODER_PREFIX) else name
     name = _rename_prefix(name, _HF_MEMORY_PREFIXES + _HF_FILE_PREFIXES, forward=True) or name
     if name.startswith("block"):
       for old, new in _HF_FILE_BLOCK + _HF_MEMORY_BLOCK:
@@ -407,7 +445,7 @@ def _hf_pvt_to_public(state):
   """HuggingFace PvtV2 names -> the public PVTv2 wrapper's (``backbone.block1.0.attn.kv``)."""
   out = {}
   for name, value in state.items():
-    name = name[len(_HF_PVT_PREFIX):] if name.startswith(_HF_PVT_PREFIX) else name
+    name = name[len(_HF_PVT_PREFIX) :] if name.startswith(_HF_PVT_PREFIX) else name
     name = _rename_prefix(name, _HF_PVT_PREFIXES, forward=True) or name
     if name.startswith("backbone.block"):
       for old, new in _HF_PVT_BLOCK:
@@ -427,8 +465,10 @@ def public_to_hf(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   for name, value in state.items():
     if ".attn.kv." in name:
       k, v = np.split(value, 2, axis=0)
-      pieces = [(name.replace(".attn.kv.", ".attn.k."), k),
-                (name.replace(".attn.kv.", ".attn.v."), v)]
+      pieces = [
+        (name.replace(".attn.kv.", ".attn.k."), k),
+        (name.replace(".attn.kv.", ".attn.v."), v),
+      ]
     else:
       pieces = [(name, value)]
     for piece, array in pieces:
@@ -448,8 +488,13 @@ def public_to_hf(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 # The Flax tree <-> public names
 # --------------------------------------------------------------------------
 
-_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-           "var": "running_var"}
+_LEAVES = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
 
 
 def _mit_name(parts) -> str:
@@ -553,7 +598,7 @@ def to_public_state_dict(variables, family: str = "segformer") -> Dict[str, np.n
       value = value[:, :, None, None]
     out[name] = np.array(value, order="C")
     if name.endswith(".running_mean"):
-      out[name[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+      out[name[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
   return out
 
 
@@ -576,10 +621,13 @@ def _guess_mit_row(names, table, prefix: str) -> str:
   depths = _depths(names, prefix.replace(".", r"\.") + r"block{s}\.(\d+)\.")
   width = names.get(prefix + "patch_embed1.proj.weight")
   fc1 = names.get(prefix + "block1.0.mlp.fc1.weight")
-  found = [name for name, row in table.items() if tuple(row.depths) == depths
-           and (width is None or width.shape[0] == row.channels[0])
-           and (fc1 is None or width is None
-                or fc1.shape[0] == row.mlp_ratios[0] * row.channels[0])]
+  found = [
+    name
+    for name, row in table.items()
+    if tuple(row.depths) == depths
+    and (width is None or width.shape[0] == row.channels[0])
+    and (fc1 is None or width is None or fc1.shape[0] == row.mlp_ratios[0] * row.channels[0])
+  ]
   return found[0] if len(found) == 1 else ""
 
 
@@ -589,8 +637,9 @@ def _guess_family(names):
     return "lvt"
   if _is_hf_pvt(names) or any(n.startswith(_PVT_DECODER) for n in names):
     return "pvtv2"
-  if _is_hf(names) or any(n.startswith(("decode_head.", "linear_c", "linear_fuse.",
-                                        "linear_pred.")) for n in names):
+  if _is_hf(names) or any(
+    n.startswith(("decode_head.", "linear_c", "linear_fuse.", "linear_pred.")) for n in names
+  ):
     return "segformer"
   # A bare encoder: PVTv2 B0-B4's first Mix-FFNs are 8 times wider, MiT's 4 times.
   fc1 = names.get("block1.0.mlp.fc1.weight", names.get("backbone.block1.0.mlp.fc1.weight"))
@@ -623,6 +672,7 @@ def guess_arch(state) -> str:
 def model_for(family: str, spec, num_classes: int):
   """The flax module of ``family`` for a variant row (transkd_jax.models.archs' build)."""
   from transkd_jax.models import archs
+
   return archs.ARCHS[family].model(variant=spec, num_classes=num_classes)
 
 
@@ -630,6 +680,7 @@ def expected_shapes(spec, num_classes: int, family: str = "segformer"):
   """{flax path: shape} of the model's variables, from abstract evaluation only."""
   import jax
   import jax.numpy as jnp
+
   model = model_for(family, spec, num_classes)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(shapes).items()}
@@ -645,10 +696,10 @@ def fresh_decoder(spec, num_classes: int, seed: int, family: str = "segformer"):
   as the model initialises them: {"params": {"head", ["neck"]}, ["batch_stats": {"head"}]}."""
   import jax
   import jax.numpy as jnp
+
   model = model_for(family, spec, num_classes)
-  features = [jnp.zeros((1, 16 // 2 ** i, 16 // 2 ** i, c)) for i, c in enumerate(spec.channels)]
-  variables = jax.jit(functools.partial(model.init, method=_decode))(jax.random.key(seed),
-                                                                     features)
+  features = [jnp.zeros((1, 16 // 2**i, 16 // 2**i, c)) for i, c in enumerate(spec.channels)]
+  variables = jax.jit(functools.partial(model.init, method=_decode))(jax.random.key(seed), features)
   return jax.tree.map(np.asarray, variables)
 
 
@@ -667,8 +718,15 @@ def _summarise_ignored(ignored, log):
     log(f"dropped {len(names)} tensor{'s' if len(names) != 1 else ''} ({why}): {shown}")
 
 
-def convert(state: Dict[str, np.ndarray], arch, num_classes=None, seed: int = 0,
-            log=print, family=None, source: str = ""):
+def convert(
+  state: Dict[str, np.ndarray],
+  arch,
+  num_classes=None,
+  seed: int = 0,
+  log=print,
+  family=None,
+  source: str = "",
+):
   """Maps a state dict onto the model of ``arch``; returns ({"params", "batch_stats"},
   num_classes).
 
@@ -692,16 +750,19 @@ def convert(state: Dict[str, np.ndarray], arch, num_classes=None, seed: int = 0,
     num_classes = source_classes or 19
   if source_classes is not None and source_classes != num_classes:
     if (source_classes, num_classes) == (IGNORE_LABEL_ROW + 1, IGNORE_LABEL_ROW):
-      log(f"20-way head -> 19 classes: dropped row 19 of {classifier}* (the public code's "
-          "ignore class)")
+      log(
+        f"20-way head -> 19 classes: dropped row 19 of {classifier}* (the public code's "
+        "ignore class)"
+      )
       names[weight] = names[weight][:IGNORE_LABEL_ROW]
       if bias in names:
         names[bias] = names[bias][:IGNORE_LABEL_ROW]
     else:
       raise UserError(
-          f"{source + ': ' if source else ''}the checkpoint's head predicts {source_classes} "
-          f"classes but --num-classes is {num_classes}; only 20 -> 19 (dropping the ignore "
-          "class) is converted. Leave out --num-classes to keep the checkpoint's classes.")
+        f"{source + ': ' if source else ''}the checkpoint's head predicts {source_classes} "
+        f"classes but --num-classes is {num_classes}; only 20 -> 19 (dropping the ignore "
+        "class) is converted. Leave out --num-classes to keep the checkpoint's classes."
+      )
 
   expected = expected_shapes(spec, num_classes, family)
   flat, missing, mismatched = {}, [], []
@@ -716,29 +777,37 @@ def convert(state: Dict[str, np.ndarray], arch, num_classes=None, seed: int = 0,
     used.add(name)
     value = to_flax_layout(np.asarray(names[name], np.float32), len(shape))
     if value.shape != shape:
-      mismatched.append(f"{name}: checkpoint {tuple(names[name].shape)} -> "
-                        f"{value.shape}, {arch_name} needs {shape}")
+      mismatched.append(
+        f"{name}: checkpoint {tuple(names[name].shape)} -> {value.shape}, {arch_name} needs {shape}"
+      )
       continue
     flat[path] = value
   unexpected = sorted(set(names) - used)
   if missing or unexpected or mismatched:
-    lines = [f"{source + ': ' if source else ''}the checkpoint does not fit {what} "
-             f"(--arch={arch_name}) with {num_classes} classes; nothing was written."]
+    lines = [
+      f"{source + ': ' if source else ''}the checkpoint does not fit {what} "
+      f"(--arch={arch_name}) with {num_classes} classes; nothing was written."
+    ]
     guess = guess_arch(state)
     if guess:
       guessed_family, guessed_spec = resolve_arch(guess)[:2]
       if (guessed_family, guessed_spec) != (family, spec):
         lines.append(f"It looks like {guess}: try --arch={guess}.")
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("shape mismatch", mismatched)):
+    for title, items in (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("shape mismatch", mismatched),
+    ):
       if items:
         lines.append(f"{title} ({len(items)}):")
         lines += [f"  {item}" for item in items]
     raise UserError("\n".join(lines))
   if not has_decoder:
     parts = "the neck and the head" if family == "pvtv2" else "the head"
-    log(f"no decoder in the checkpoint (a bare encoder): {parts} ({num_classes} classes) "
-        f"freshly initialised with seed {seed}")
+    log(
+      f"no decoder in the checkpoint (a bare encoder): {parts} ({num_classes} classes) "
+      f"freshly initialised with seed {seed}"
+    )
     decoder = traverse_util.flatten_dict(fresh_decoder(spec, num_classes, seed, family))
     flat.update({path: decoder[path] for path in expected if path[1] != "encoder"})
   tree = traverse_util.unflatten_dict(flat)
@@ -746,17 +815,26 @@ def convert(state: Dict[str, np.ndarray], arch, num_classes=None, seed: int = 0,
   return tree, num_classes
 
 
-def record(arch, num_classes: int, source: str, layout: str, normalization: str,
-           family=None) -> dict:
+def record(
+  arch, num_classes: int, source: str, layout: str, normalization: str, family=None
+) -> dict:
   """The META_FILE record of a conversion: what ``transkd_jax.build.read_model`` and
   ``transkd_jax.export`` need (family and variant as transkd_jax.models.archs names them)."""
   family, _, variant, arch_name = resolve_arch(arch, family)
-  return {"arch": arch_name, "family": family, "variant": variant, "num_classes": num_classes,
-          "source": source, "source_format": layout, "normalization": normalization}
+  return {
+    "arch": arch_name,
+    "family": family,
+    "variant": variant,
+    "num_classes": num_classes,
+    "source": source,
+    "source_format": layout,
+    "normalization": normalization,
+  }
 
 
 def save(tree, output: str, meta: dict, overwrite: bool = False):
   import orbax.checkpoint as ocp
+
   output = os.path.abspath(output)
   if os.path.exists(output) and not overwrite:
     raise UserError(f"--output {output} exists; choose a new directory or pass --overwrite")
@@ -769,47 +847,59 @@ def save(tree, output: str, meta: dict, overwrite: bool = False):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog="python -m transkd_jax.convert",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Convert SegFormer, PVTv2 or LVT weights (PyTorch state dicts, HuggingFace\n"
-                  "directories) to an Orbax checkpoint of transkd_jax.models, with a\n"
-                  f"{META_FILE} record (arch, family, variant, classes, source, layout,\n"
-                  "input normalisation).",
-      epilog="inputs per --arch:\n"
-             "  mit_b*     official mit_b*.pth ImageNet encoders; mmseg SegFormer checkpoints;\n"
-             "             the public TransKD code's SegFormers; HuggingFace Segformer\n"
-             "  pvt_v2_b*  official pvt_v2_b*.pth ImageNet encoders (head.* dropped);\n"
-             "             HuggingFace PvtV2Model / PvtV2ForImageClassification; the public\n"
-             "             code's PVTv2 teachers / students (backbone.*, neck.*, head.*)\n"
-             "  lvt        lvt_imagenet_pretrained.pth.tar (backbone.*); the public code's\n"
-             "             LVT students (backbone.* + linear_c*, linear_fuse, linear_pred)\n"
-             "Any of them may carry DataParallel's module. and the distillation wrapper's\n"
-             "student. prefixes (its CSF / PEA tensors are dropped) and sit under\n"
-             "'state_dict' or 'model'. A bare encoder gets a fresh decoder (--seed).")
-  parser.add_argument("--input", required=True,
-                      help=".pth/.pth.tar/.bin/.safetensors file or HuggingFace directory")
-  parser.add_argument("--arch", required=True,
-                      help="mit_b0 .. mit_b5 (SegFormer), pvt_v2_b0 .. pvt_v2_b5 (PVTv2 + "
-                           "FPN), lvt")
+    prog="python -m transkd_jax.convert",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    description="Convert SegFormer, PVTv2 or LVT weights (PyTorch state dicts, HuggingFace\n"
+    "directories) to an Orbax checkpoint of transkd_jax.models, with a\n"
+    f"{META_FILE} record (arch, family, variant, classes, source, layout,\n"
+    "input normalisation).",
+    epilog="inputs per --arch:\n"
+    "  mit_b*     official mit_b*.pth ImageNet encoders; mmseg SegFormer checkpoints;\n"
+    "             the public TransKD code's SegFormers; HuggingFace Segformer\n"
+    "  pvt_v2_b*  official pvt_v2_b*.pth ImageNet encoders (head.* dropped);\n"
+    "             HuggingFace PvtV2Model / PvtV2ForImageClassification; the public\n"
+    "             code's PVTv2 teachers / students (backbone.*, neck.*, head.*)\n"
+    "  lvt        lvt_imagenet_pretrained.pth.tar (backbone.*); the public code's\n"
+    "             LVT students (backbone.* + linear_c*, linear_fuse, linear_pred)\n"
+    "Any of them may carry DataParallel's module. and the distillation wrapper's\n"
+    "student. prefixes (its CSF / PEA tensors are dropped) and sit under\n"
+    "'state_dict' or 'model'. A bare encoder gets a fresh decoder (--seed).",
+  )
+  parser.add_argument(
+    "--input", required=True, help=".pth/.pth.tar/.bin/.safetensors file or HuggingFace directory"
+  )
+  parser.add_argument(
+    "--arch",
+    required=True,
+    help="mit_b0 .. mit_b5 (SegFormer), pvt_v2_b0 .. pvt_v2_b5 (PVTv2 + FPN), lvt",
+  )
   parser.add_argument("--output", required=True, help="Orbax checkpoint directory to write")
-  parser.add_argument("--num-classes", type=int, default=None,
-                      help="classes of the head (default: the checkpoint's, 19 for bare "
-                           "encoders); 19 turns a 20-way head into 19 classes")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="seed of a freshly initialised decoder (bare encoders)")
-  parser.add_argument("--input-norm", choices=("auto",) + NORMALIZATIONS, default="auto",
-                      help="the input normalisation the weights expect, recorded with them: "
-                           "imagenet (mean/std on 0-255 pixels: official ImageNet encoders, "
-                           "HuggingFace, mmseg) or unit ([0, 1] pixels: the public TransKD "
-                           "code's teachers and students); auto guesses from the "
-                           "checkpoint's layout")
+  parser.add_argument(
+    "--num-classes",
+    type=int,
+    default=None,
+    help="classes of the head (default: the checkpoint's, 19 for bare "
+    "encoders); 19 turns a 20-way head into 19 classes",
+  )
+  parser.add_argument(
+    "--seed", type=int, default=0, help="seed of a freshly initialised decoder (bare encoders)"
+  )
+  parser.add_argument(
+    "--input-norm",
+    choices=("auto",) + NORMALIZATIONS,
+    default="auto",
+    help="the input normalisation the weights expect, recorded with them: "
+    "imagenet (mean/std on 0-255 pixels: official ImageNet encoders, "
+    "HuggingFace, mmseg) or unit ([0, 1] pixels: the public TransKD "
+    "code's teachers and students); auto guesses from the "
+    "checkpoint's layout",
+  )
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = parser.parse_args(argv)
   try:
     resolve_arch(args.arch)  # before reading a large file
     state = read_state_dict(args.input)
-    tree, num_classes = convert(state, args.arch, args.num_classes, args.seed,
-                                source=args.input)
+    tree, num_classes = convert(state, args.arch, args.num_classes, args.seed, source=args.input)
     layout, normalization = source_format(state)
     if args.input_norm != "auto":
       normalization = args.input_norm
@@ -818,8 +908,10 @@ def main(argv=None):
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {os.path.abspath(args.output)} ({meta['arch']}, {num_classes} classes, "
-        f"expects {meta['normalization']} input normalisation)")
+  print(
+    f"wrote {os.path.abspath(args.output)} ({meta['arch']}, {num_classes} classes, "
+    f"expects {meta['normalization']} input normalisation)"
+  )
   return 0
 
 

@@ -36,14 +36,17 @@ MODES = ("auto", "on", "off")
 def _cluster_detected() -> bool:
   if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ:
     return True
-  hosts = (os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
-           or "")
+  hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
   return "," in hosts  # a TPU pod slice lists several workers
 
 
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None,
-               heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT, mode: str = "auto") -> bool:
+def initialize(
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+  heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT,
+  mode: str = "auto",
+) -> bool:
   """Initialises JAX's multi-process runtime when needed; True if it did."""
   if heartbeat_timeout < 1:
     raise ValueError(f"--heartbeat_timeout={heartbeat_timeout} must be at least 1 second")
@@ -52,20 +55,26 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   explicit = (coordinator_address, num_processes, process_id)
   if mode == "off":
     if any(v is not None for v in explicit):
-      raise ValueError("--distributed=off contradicts --coordinator_address / "
-                       "--num_processes / --process_id")
+      raise ValueError(
+        "--distributed=off contradicts --coordinator_address / --num_processes / --process_id"
+      )
     return False
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
-      raise ValueError("--coordinator_address, --num_processes and --process_id go together; "
-                       f"got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
+      raise ValueError(
+        "--coordinator_address, --num_processes and --process_id go together; "
+        f"got {coordinator_address!r}, {num_processes!r}, {process_id!r}"
+      )
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
-                       f"{num_processes})")
+      raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
     if num_processes == 1:
       return False
-    _start(coordinator_address, num_processes=num_processes, process_id=process_id,
-           heartbeat_timeout_seconds=heartbeat_timeout)
+    _start(
+      coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      heartbeat_timeout_seconds=heartbeat_timeout,
+    )
     return True
   if mode == "on" or _cluster_detected():
     _start(heartbeat_timeout_seconds=heartbeat_timeout)
@@ -85,6 +94,7 @@ def barrier(name: str, timeout: int = BARRIER_TIMEOUT):
   """
   if jax.process_count() > 1:
     import orbax.checkpoint as ocp
+
     ocp.multihost.get_barrier_sync_fn()(key=f"transkd_jax:{name}", timeout_ms=timeout * 1000)
 
 
@@ -94,9 +104,13 @@ def _start(*args, **kwargs):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   # Orbax's own barriers through the coordination service too (they wait; gloo does not).
   from absl import flags
+
   if "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
     flags.FLAGS.experimental_orbax_use_distributed_barrier = True
   jax.distributed.initialize(*args, **kwargs)
-  print(f"process {jax.process_index()} of {jax.process_count()}: "
-        f"{jax.local_device_count()} local of {jax.device_count()} devices "
-        f"({jax.devices()[0].platform})", flush=True)
+  print(
+    f"process {jax.process_index()} of {jax.process_count()}: "
+    f"{jax.local_device_count()} local of {jax.device_count()} devices "
+    f"({jax.devices()[0].platform})",
+    flush=True,
+  )

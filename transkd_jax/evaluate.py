@@ -42,8 +42,8 @@ def confusion_matrix(pred, label, num_classes: int, valid=None):
   keep = (label >= 0) & (label < num_classes)
   if valid is not None:
     keep &= valid.reshape((-1,) + (1,) * (label.ndim - 1))
-  index = jnp.where(keep, label * num_classes + pred.astype(jnp.int32), num_classes ** 2)
-  counts = jnp.bincount(index.reshape(-1), length=num_classes ** 2 + 1)
+  index = jnp.where(keep, label * num_classes + pred.astype(jnp.int32), num_classes**2)
+  counts = jnp.bincount(index.reshape(-1), length=num_classes**2 + 1)
   return counts[:-1].reshape(num_classes, num_classes)
 
 
@@ -59,20 +59,30 @@ def predictions_at_sizes(logits, shape, sizes):
   The same sampling as ``predictions_at`` (half-pixel centres, edges clamped),
   with per-example sizes that may be traced (one compile for all sizes).
   """
+
   def one(example_logits, size):
     scale = size.astype(jnp.float32) / jnp.array(example_logits.shape[:2], jnp.float32)
     return jax.image.scale_and_translate(
-        example_logits, tuple(shape) + example_logits.shape[-1:], (0, 1), scale,
-        jnp.zeros(2, jnp.float32), "linear", antialias=False)
+      example_logits,
+      tuple(shape) + example_logits.shape[-1:],
+      (0, 1),
+      scale,
+      jnp.zeros(2, jnp.float32),
+      "linear",
+      antialias=False,
+    )
+
   return jnp.argmax(jax.vmap(one)(logits.astype(jnp.float32), sizes), axis=-1)
 
 
 def labels_at_sizes(labels, shape, sizes):
   """Padded labels to ``shape`` by PyTorch's nearest rule on each true ``sizes[i]``."""
+
   def one(label, size):
     ys = jnp.floor(jnp.arange(shape[0]) * size[0] / shape[0]).astype(jnp.int32)
     xs = jnp.floor(jnp.arange(shape[1]) * size[1] / shape[1]).astype(jnp.int32)
     return label[ys[:, None], xs[None, :]]
+
   return jax.vmap(one)(labels, sizes)
 
 
@@ -108,9 +118,12 @@ def miou_from_confusion(cm: np.ndarray, protocol: str = "standard") -> Dict[str,
   with np.errstate(invalid="ignore", divide="ignore"):
     iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan if protocol == "standard" else 0.0)
   present = ~np.isnan(iou)
-  return {"miou": float(np.mean(iou[present])) if present.any() else 0.0,
-          "per_class": iou, "pixel_acc": float(tp.sum() / max(cm.sum(), 1.0)),
-          "protocol": protocol}
+  return {
+    "miou": float(np.mean(iou[present])) if present.any() else 0.0,
+    "per_class": iou,
+    "pixel_acc": float(tp.sum() / max(cm.sum(), 1.0)),
+    "protocol": protocol,
+  }
 
 
 def make_eval_step(model, num_classes: int, protocol: str, mesh, input_norm):
@@ -123,6 +136,7 @@ def make_eval_step(model, num_classes: int, protocol: str, mesh, input_norm):
   (the pipeline's normalisation, the model's): uint8 pixels are normalised to the
   model's on the device (transkd_jax/normalization.py).
   """
+
   def step(variables, batch):
     # Whole variables on every device (split ones are gathered), activations split by batch.
     variables = jax.lax.with_sharding_constraint(variables, sharding.replicated(mesh))
@@ -130,8 +144,9 @@ def make_eval_step(model, num_classes: int, protocol: str, mesh, input_norm):
     logits = model.apply(variables, images, train=False)["logits"]
     valid = batch.get("valid")
     labels = batch["label"]
-    pred, compared = predictions_for(logits, labels, protocol, batch.get("label_size"),
-                                     model.kernels)
+    pred, compared = predictions_for(
+      logits, labels, protocol, batch.get("label_size"), model.kernels
+    )
     cm = confusion_matrix(pred, compared, num_classes, valid)
     small = labels
     if batch.get("label_size") is not None:
@@ -152,6 +167,7 @@ def evaluate_split(config, mesh, eval_step, variables, split: str, limit: int = 
   """Runs ``eval_step`` over ``split`` (its first ``limit`` images when > 0); scores +
   "loss", "num_images", "confusion"."""
   from transkd_jax import data
+
   cm = np.zeros((config.num_classes, config.num_classes), np.int64)
   ce, pixels, images, skipped = 0.0, 0, 0, 0
   for batch in data.make_eval_iterator(config, split=split, limit=limit):
@@ -163,16 +179,27 @@ def evaluate_split(config, mesh, eval_step, variables, split: str, limit: int = 
     pixels += int(b_px)
     images += int(b_images)
   scores = miou_from_confusion(cm, config.eval_protocol)
-  return {**scores, "loss": ce / max(pixels, 1), "num_images": images,
-          "skipped_bad_files": skipped, "confusion": cm}
+  return {
+    **scores,
+    "loss": ce / max(pixels, 1),
+    "num_images": images,
+    "skipped_bad_files": skipped,
+    "confusion": cm,
+  }
 
 
 def results_json(scores: dict, names) -> dict:
   """The eval_results.json fields; an IoU that is not defined (absent class) is null."""
-  per_class = {name: (None if math.isnan(v) else float(v))
-               for name, v in zip(names, scores["per_class"])}
-  return {"protocol": scores["protocol"], "miou": float(scores["miou"]), "per_class": per_class,
-          "pixel_acc": float(scores["pixel_acc"]), "num_images": int(scores["num_images"])}
+  per_class = {
+    name: (None if math.isnan(v) else float(v)) for name, v in zip(names, scores["per_class"])
+  }
+  return {
+    "protocol": scores["protocol"],
+    "miou": float(scores["miou"]),
+    "per_class": per_class,
+    "pixel_acc": float(scores["pixel_acc"]),
+    "num_images": int(scores["num_images"]),
+  }
 
 
 def format_table(results: dict) -> str:
@@ -181,8 +208,10 @@ def format_table(results: dict) -> str:
   lines = [f"{'class':{width}s} IoU"]
   for name, iou in results["per_class"].items():
     lines.append(f"{name:{width}s} {'  n/a' if iou is None else f'{100 * iou:5.2f}'}")
-  lines.append(f"{'mIoU':{width}s} {100 * results['miou']:5.2f}  ({results['protocol']} protocol, "
-               f"{results['num_images']} images)")
+  lines.append(
+    f"{'mIoU':{width}s} {100 * results['miou']:5.2f}  ({results['protocol']} protocol, "
+    f"{results['num_images']} images)"
+  )
   lines.append(f"{'pixel acc':{width}s} {100 * results['pixel_acc']:5.2f}")
   return "\n".join(lines)
 
@@ -191,17 +220,25 @@ def run_eval(config, workdir: str) -> dict:
   """``--mode=eval``: scores the configured weights on ``config.eval_split``."""
   from transkd_jax import build
   from transkd_jax.data.classes import class_names
+
   protocol, split = config.eval_protocol, config.eval_split
   served = build.serving(config, workdir)
-  print(f"evaluating {served.source} on {config.data.name} {split} ({protocol} protocol, "
-        f"{served.input_norm[1]} input normalisation: {served.input_norm_source})",
-        flush=True)
+  print(
+    f"evaluating {served.source} on {config.data.name} {split} ({protocol} protocol, "
+    f"{served.input_norm[1]} input normalisation: {served.input_norm_source})",
+    flush=True,
+  )
   variables = sharding.put_global(served.variables, sharding.replicated(served.mesh))
   step = build.make_eval_step(config, served.mesh, input_norm=served.input_norm)
   scores = evaluate_split(config, served.mesh, step, variables, split)
   results = results_json(scores, class_names(config.data, config.num_classes))
-  results.update(checkpoint=served.source, split=split, dataset=config.data.name,
-                 variant=str(served.variant), image_size=list(config.image_size))
+  results.update(
+    checkpoint=served.source,
+    split=split,
+    dataset=config.data.name,
+    variant=str(served.variant),
+    image_size=list(config.image_size),
+  )
   print(format_table(results), flush=True)
   if jax.process_index() == 0:
     path = storage.join(workdir, "eval_results.json")

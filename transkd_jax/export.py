@@ -52,8 +52,8 @@ from transkd_jax import convert, storage
 from transkd_jax import normalization as normalization_lib
 from transkd_jax.checkpoint import check_variables
 from transkd_jax.errors import UserError
-from transkd_jax.models.mit import EPS_BLOCK
 from transkd_jax.models.lvt import LVT_VARIANTS
+from transkd_jax.models.mit import EPS_BLOCK
 from transkd_jax.models.pvtv2 import PVT_VARIANTS
 from transkd_jax.models.variants import PATCH_GEOMETRY, VARIANTS, MiTVariant
 
@@ -61,8 +61,10 @@ FORMATS = ("hf", "pytorch", "public")  # public: the same as pytorch
 NORMALIZATIONS = ("auto", "unit", "imagenet")
 # SegformerImageProcessor's mean/std on [0, 1] pixels; ImageNet's is the mmseg transforms'
 # MEAN / STD (0-255 scale) over 255.
-IMAGE_STATS = {"unit": ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]),
-               "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+IMAGE_STATS = {
+  "unit": ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]),
+  "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
 PIL_BILINEAR = 2  # the reference transforms resize with PIL's bilinear filter
 IGNORE_INDEX = 255
 
@@ -71,21 +73,32 @@ IGNORE_INDEX = 255
 # The variant, from shapes
 # --------------------------------------------------------------------------
 
+
 def _fields(spec: MiTVariant) -> dict:
-  return {"channels": spec.channels, "depths": spec.depths, "decoder width": spec.decoder_width,
-          "mlp ratios": tuple(spec.mlp_ratios), "sr ratios": spec.sr_ratios}
+  return {
+    "channels": spec.channels,
+    "depths": spec.depths,
+    "decoder width": spec.decoder_width,
+    "mlp ratios": tuple(spec.mlp_ratios),
+    "sr ratios": spec.sr_ratios,
+  }
 
 
 def _param_shapes(variables, label: str, model: str):
   """({params path: shape}, shape(*path) raising UserError naming the missing parameter)."""
-  flat = {path: tuple(np.shape(leaf))
-          for path, leaf in traverse_util.flatten_dict(variables.get("params", {})).items()}
+  flat = {
+    path: tuple(np.shape(leaf))
+    for path, leaf in traverse_util.flatten_dict(variables.get("params", {})).items()
+  }
 
   def shape(*path):
     if path not in flat:
-      raise UserError(f"--checkpoint holds no {label} parameter params/{'/'.join(path)} "
-                      f"(expected the variables of transkd_jax.models.{model})")
+      raise UserError(
+        f"--checkpoint holds no {label} parameter params/{'/'.join(path)} "
+        f"(expected the variables of transkd_jax.models.{model})"
+      )
     return flat[path]
+
   return flat, shape
 
 
@@ -94,12 +107,16 @@ def _mit_encoder(flat, shape):
   channels = tuple(shape("encoder", f"patch_embed{s}", "proj", "kernel")[-1] for s in range(1, 5))
   depths, sr_ratios, mlp_ratios = [], [], []
   for s in range(1, 5):
-    blocks = {int(m.group(1)) for path in flat if path[0] == "encoder" and len(path) > 1
-              for m in [re.fullmatch(rf"block{s}_(\d+)", path[1])] if m}
+    blocks = {
+      int(m.group(1))
+      for path in flat
+      if path[0] == "encoder" and len(path) > 1
+      for m in [re.fullmatch(rf"block{s}_(\d+)", path[1])]
+      if m
+    }
     depths.append(len(blocks))
     if blocks != set(range(len(blocks))):
-      raise UserError(f"--checkpoint: stage {s}'s blocks are not numbered 0..n-1: "
-                      f"{sorted(blocks)}")
+      raise UserError(f"--checkpoint: stage {s}'s blocks are not numbered 0..n-1: {sorted(blocks)}")
     sr = flat.get(("encoder", f"block{s}_0", "attn", "sr", "kernel"))
     sr_ratios.append(sr[0] if sr else 1)
     ratios = set()
@@ -107,8 +124,10 @@ def _mit_encoder(flat, shape):
       fc1 = shape("encoder", f"block{s}_{j}", "mlp", "fc1", "kernel")
       ratios.add(fc1[1] / fc1[0])
     if len(ratios) > 1 or not float(next(iter(ratios), 4)).is_integer():
-      raise UserError(f"--checkpoint: stage {s}'s Mix-FFN widths are not one integer multiple "
-                      f"of its channels (ratios {sorted(ratios)})")
+      raise UserError(
+        f"--checkpoint: stage {s}'s Mix-FFN widths are not one integer multiple "
+        f"of its channels (ratios {sorted(ratios)})"
+      )
     mlp_ratios.append(int(next(iter(ratios), 4)))
   return channels, tuple(depths), tuple(sr_ratios), tuple(mlp_ratios)
 
@@ -125,16 +144,19 @@ def infer_variant(variables, heads: Optional[Tuple[int, ...]] = None):
   num_classes = shape("head", "linear_pred", "kernel")[-1]
   found = MiTVariant(channels, depths, (0, 0, 0, 0), decoder_width, mlp_ratios, sr_ratios)
 
-  name, row = next(((n, r) for n, r in VARIANTS.items() if _fields(r) == _fields(found)),
-                   ("", None))
+  name, row = next(
+    ((n, r) for n, r in VARIANTS.items() if _fields(r) == _fields(found)), ("", None)
+  )
   if heads is None:
     if row is None:
       raise UserError(_no_row_message(found))
     heads = row.heads
   heads = tuple(int(h) for h in heads)
   if len(heads) != 4 or any(h < 1 or c % h for h, c in zip(heads, channels)):
-    raise UserError(f"--heads={','.join(map(str, heads))}: expected 4 positive head counts, "
-                    f"each dividing its stage's channels {channels}")
+    raise UserError(
+      f"--heads={','.join(map(str, heads))}: expected 4 positive head counts, "
+      f"each dividing its stage's channels {channels}"
+    )
   if row is not None and row.heads != heads:
     name, row = "", None  # the table's shapes with other heads: a custom variant
   spec = row if row is not None else found._replace(heads=heads)
@@ -147,18 +169,23 @@ def _no_row_message(found: MiTVariant) -> str:
   differences = []
   for name, row in VARIANTS.items():
     theirs = _fields(row)
-    differences.append(([f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]],
-                        name))
+    differences.append(
+      ([f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]], name)
+    )
   closest, name = min(differences, key=lambda d: len(d[0]))
-  return (f"--checkpoint: its SegFormer (channels {found.channels}, depths {found.depths}, "
-          f"decoder width {found.decoder_width}) is no row of transkd_jax/models/variants.py; "
-          f"closest mit_{name} differs in {'; '.join(closest)}. Heads cannot be read off "
-          "the shapes: pass --heads=h1,h2,h3,h4 to export this custom variant")
+  return (
+    f"--checkpoint: its SegFormer (channels {found.channels}, depths {found.depths}, "
+    f"decoder width {found.decoder_width}) is no row of transkd_jax/models/variants.py; "
+    f"closest mit_{name} differs in {'; '.join(closest)}. Heads cannot be read off "
+    "the shapes: pass --heads=h1,h2,h3,h4 to export this custom variant"
+  )
 
 
 def _check_shapes(variables, spec, num_classes, what, family="segformer"):
-  expected = {path: jax.ShapeDtypeStruct(shape, np.float32)
-              for path, shape in convert.expected_shapes(spec, num_classes, family).items()}
+  expected = {
+    path: jax.ShapeDtypeStruct(shape, np.float32)
+    for path, shape in convert.expected_shapes(spec, num_classes, family).items()
+  }
   expected = traverse_util.unflatten_dict(expected)
   expected.setdefault("batch_stats", {})  # PVTv2 has none
   check_variables(variables, expected, "--checkpoint", f"{what} with {num_classes} classes")
@@ -199,14 +226,17 @@ def infer_model(variables, checkpoint: str = "", heads=None):
   recorded_family, variant = recorded_model(checkpoint) if checkpoint else (None, None)
   family = model_family(variables)
   if recorded_family is not None and recorded_family != family:
-    raise UserError(f"--checkpoint: its {convert.META_FILE} says {recorded_family} but its "
-                    f"parameters are a {family}'s")
+    raise UserError(
+      f"--checkpoint: its {convert.META_FILE} says {recorded_family} but its "
+      f"parameters are a {family}'s"
+    )
   if family == "segformer":
     name, spec, num_classes = infer_variant(variables, heads)
     return family, name, spec, num_classes
   if heads is not None:
-    raise UserError(f"--heads: only SegFormer variants need heads; --checkpoint holds a "
-                    f"{convert.LABELS[family]}")
+    raise UserError(
+      f"--heads: only SegFormer variants need heads; --checkpoint holds a {convert.LABELS[family]}"
+    )
   if family == "pvtv2":
     flat, shape = _param_shapes(variables, "PVTv2", "PVTv2")
     num_classes = shape("head", "conv_seg", "kernel")[-1]
@@ -217,11 +247,11 @@ def infer_model(variables, checkpoint: str = "", heads=None):
     infer = infer_pvt_variant if family == "pvtv2" else infer_lvt_variant
     variant = infer(flat, shape)
   try:
-    _, spec, _, name = convert.resolve_arch(f"pvt_v2_{variant}" if family == "pvtv2"
-                                            else variant)
+    _, spec, _, name = convert.resolve_arch(f"pvt_v2_{variant}" if family == "pvtv2" else variant)
   except UserError as e:
-    raise UserError(f"--checkpoint: its {convert.META_FILE} names no known {family} variant "
-                    f"({e})") from None
+    raise UserError(
+      f"--checkpoint: its {convert.META_FILE} names no known {family} variant ({e})"
+    ) from None
   _check_shapes(variables, spec, num_classes, convert.model_label(family, name), family)
   return family, name, spec, num_classes
 
@@ -231,26 +261,47 @@ def infer_pvt_variant(flat, shape) -> str:
   channels, depths, sr_ratios, mlp_ratios = _mit_encoder(flat, shape)
   neck_width = shape("neck", "lateral_convs_0", "kernel")[-1]
   found = MiTVariant(channels, depths, (0, 0, 0, 0), neck_width, mlp_ratios, sr_ratios)
-  return _table_row(found, PVT_VARIANTS, "PVTv2", "pvt_v2_", "PVT_VARIANTS in "
-                    "transkd_jax/models/pvtv2.py")
+  return _table_row(
+    found, PVT_VARIANTS, "PVTv2", "pvt_v2_", "PVT_VARIANTS in transkd_jax/models/pvtv2.py"
+  )
 
 
 def infer_lvt_variant(flat, shape) -> str:
   """The LVT_VARIANTS row an LVT's shapes are; UserError naming the closest."""
   channels = tuple(shape("encoder", f"patch_embed{s}", "proj", "kernel")[-1] for s in range(1, 5))
-  depths = tuple(len({p[1] for p in flat if p[0] == "encoder" and len(p) > 1
-                      and re.fullmatch(rf"block{s}_\d+", p[1])}) for s in range(1, 5))
-  fields = lambda row: {"channels": tuple(row.channels), "depths": tuple(row.depths),
-                        "decoder width": row.decoder_width}
-  mine = {"channels": channels, "depths": depths,
-          "decoder width": shape("head", "linear_fuse", "kernel")[-1]}
+  depths = tuple(
+    len(
+      {
+        p[1]
+        for p in flat
+        if p[0] == "encoder" and len(p) > 1 and re.fullmatch(rf"block{s}_\d+", p[1])
+      }
+    )
+    for s in range(1, 5)
+  )
+
+  def fields(row):
+    return {
+      "channels": tuple(row.channels),
+      "depths": tuple(row.depths),
+      "decoder width": row.decoder_width,
+    }
+
+  mine = {
+    "channels": channels,
+    "depths": depths,
+    "decoder width": shape("head", "linear_fuse", "kernel")[-1],
+  }
   for name, row in LVT_VARIANTS.items():
     if fields(row) == mine:
       return name
-  closest = "; ".join(f"{k} {mine[k]} vs {v}" for k, v in fields(LVT_VARIANTS["lvt"]).items()
-                      if mine[k] != v)
-  raise UserError(f"--checkpoint: its LVT is no row of LVT_VARIANTS in "
-                  f"transkd_jax/models/lvt.py; lvt differs in {closest}")
+  closest = "; ".join(
+    f"{k} {mine[k]} vs {v}" for k, v in fields(LVT_VARIANTS["lvt"]).items() if mine[k] != v
+  )
+  raise UserError(
+    f"--checkpoint: its LVT is no row of LVT_VARIANTS in "
+    f"transkd_jax/models/lvt.py; lvt differs in {closest}"
+  )
 
 
 def _table_row(found: MiTVariant, table, label: str, prefix: str, where: str) -> str:
@@ -263,14 +314,17 @@ def _table_row(found: MiTVariant, table, label: str, prefix: str, where: str) ->
       return name
     differences.append((wrong, name))
   closest, name = min(differences, key=lambda d: len(d[0]))
-  raise UserError(f"--checkpoint: its {label} (channels {found.channels}, depths "
-                  f"{found.depths}) is no row of {where}; closest {prefix}{name} differs in "
-                  f"{'; '.join(closest)}")
+  raise UserError(
+    f"--checkpoint: its {label} (channels {found.channels}, depths "
+    f"{found.depths}) is no row of {where}; closest {prefix}{name} differs in "
+    f"{'; '.join(closest)}"
+  )
 
 
 # --------------------------------------------------------------------------
 # What the checkpoint says about its inputs
 # --------------------------------------------------------------------------
+
 
 def input_settings(checkpoint: str, choice: str, source: str = ""):
   """(normalization, why, image_size or None, data config or None) for ``--normalization``."""
@@ -292,11 +346,12 @@ def input_settings(checkpoint: str, choice: str, source: str = ""):
 def class_names(num_classes: int, data_config=None):
   """The dataset's names; without a dataset, the one table with that many classes; else class_i."""
   import ml_collections
+
   from transkd_jax.data import classes
+
   if data_config:
     try:
-      return tuple(classes.class_names(ml_collections.ConfigDict(dict(data_config)),
-                                       num_classes))
+      return tuple(classes.class_names(ml_collections.ConfigDict(dict(data_config)), num_classes))
     except (AttributeError, KeyError):  # a config without the dataset's keys
       pass
   tables = {names for names in classes.CLASS_NAMES.values() if len(names) == num_classes}
@@ -309,33 +364,34 @@ def class_names(num_classes: int, data_config=None):
 # Writing
 # --------------------------------------------------------------------------
 
+
 def hf_config(spec: MiTVariant, num_classes: int, names, num_channels: int = 3) -> dict:
   """transformers' SegformerConfig fields for ``spec`` (as config.json holds them)."""
   return {
-      "architectures": ["SegformerForSemanticSegmentation"],
-      "model_type": "segformer",
-      "num_channels": num_channels,
-      "num_encoder_blocks": 4,
-      "depths": list(spec.depths),
-      "hidden_sizes": list(spec.channels),
-      "num_attention_heads": list(spec.heads),
-      "sr_ratios": list(spec.sr_ratios),
-      "mlp_ratios": list(spec.mlp_ratios),
-      "patch_sizes": [kernel for kernel, _, _ in PATCH_GEOMETRY],
-      "strides": [stride for _, stride, _ in PATCH_GEOMETRY],
-      "decoder_hidden_size": spec.decoder_width,
-      "hidden_act": "gelu",  # exact (erf) GELU, as the Flax model
-      "layer_norm_eps": EPS_BLOCK,
-      "hidden_dropout_prob": 0.0,
-      "attention_probs_dropout_prob": 0.0,
-      "classifier_dropout_prob": spec.head_dropout,
-      "drop_path_rate": spec.drop_path_rate,
-      "initializer_range": 0.02,
-      "reshape_last_stage": True,
-      "semantic_loss_ignore_index": IGNORE_INDEX,
-      "num_labels": num_classes,
-      "id2label": {str(i): name for i, name in enumerate(names)},
-      "label2id": {name: i for i, name in enumerate(names)},
+    "architectures": ["SegformerForSemanticSegmentation"],
+    "model_type": "segformer",
+    "num_channels": num_channels,
+    "num_encoder_blocks": 4,
+    "depths": list(spec.depths),
+    "hidden_sizes": list(spec.channels),
+    "num_attention_heads": list(spec.heads),
+    "sr_ratios": list(spec.sr_ratios),
+    "mlp_ratios": list(spec.mlp_ratios),
+    "patch_sizes": [kernel for kernel, _, _ in PATCH_GEOMETRY],
+    "strides": [stride for _, stride, _ in PATCH_GEOMETRY],
+    "decoder_hidden_size": spec.decoder_width,
+    "hidden_act": "gelu",  # exact (erf) GELU, as the Flax model
+    "layer_norm_eps": EPS_BLOCK,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "classifier_dropout_prob": spec.head_dropout,
+    "drop_path_rate": spec.drop_path_rate,
+    "initializer_range": 0.02,
+    "reshape_last_stage": True,
+    "semantic_loss_ignore_index": IGNORE_INDEX,
+    "num_labels": num_classes,
+    "id2label": {str(i): name for i, name in enumerate(names)},
+    "label2id": {name: i for i, name in enumerate(names)},
   }
 
 
@@ -344,16 +400,16 @@ def preprocessor_config(normalization: str, image_size=None) -> dict:
   mean, std = IMAGE_STATS[normalization]
   height, width = image_size or (512, 512)
   return {
-      "image_processor_type": "SegformerImageProcessor",
-      "do_resize": image_size is not None,
-      "size": {"height": int(height), "width": int(width)},
-      "resample": PIL_BILINEAR,
-      "do_rescale": True,
-      "rescale_factor": 1 / 255,
-      "do_normalize": True,
-      "image_mean": mean,
-      "image_std": std,
-      "do_reduce_labels": False,
+    "image_processor_type": "SegformerImageProcessor",
+    "do_resize": image_size is not None,
+    "size": {"height": int(height), "width": int(width)},
+    "resample": PIL_BILINEAR,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": mean,
+    "image_std": std,
+    "do_reduce_labels": False,
   }
 
 
@@ -366,23 +422,25 @@ def _write_json(path: str, obj):
 
 def write_hf(public, spec, num_classes, output, normalization, image_size, names):
   from safetensors.numpy import save_file
+
   tensors = {k: np.array(v, order="C") for k, v in convert.public_to_hf(public).items()}
   path = os.path.join(output, "model.safetensors")
   save_file(tensors, path + ".tmp", metadata={"format": "pt"})
   os.replace(path + ".tmp", path)
   in_channels = public["patch_embed1.proj.weight"].shape[1]
-  _write_json(os.path.join(output, "config.json"),
-              hf_config(spec, num_classes, names, in_channels))
-  _write_json(os.path.join(output, "preprocessor_config.json"),
-              preprocessor_config(normalization, image_size))
+  _write_json(os.path.join(output, "config.json"), hf_config(spec, num_classes, names, in_channels))
+  _write_json(
+    os.path.join(output, "preprocessor_config.json"), preprocessor_config(normalization, image_size)
+  )
 
 
 def _torch():
   try:
     import torch
   except ImportError:
-    raise UserError("--format=pytorch needs torch (pip install -e \".[torch]\"); "
-                    "--format=hf needs none") from None
+    raise UserError(
+      "--format=pytorch needs torch (pip install -e \".[torch]\"); --format=hf needs none"
+    ) from None
   return torch
 
 
@@ -393,17 +451,25 @@ def write_pytorch(public, output):
   os.replace(path + ".tmp", path)
 
 
-def export(checkpoint: str, fmt: str, output: str, normalization: str = "auto",
-           heads=None, overwrite: bool = False) -> str:
+def export(
+  checkpoint: str,
+  fmt: str,
+  output: str,
+  normalization: str = "auto",
+  heads=None,
+  overwrite: bool = False,
+) -> str:
   """Writes ``output``; returns the line saying what was written."""
   from transkd_jax.checkpoint import restore_model_variables
+
   if fmt not in FORMATS:
     raise UserError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
   if fmt in ("pytorch", "public"):
     _torch()  # before anything is written
   if normalization not in NORMALIZATIONS:
-    raise UserError(f"--normalization={normalization!r}: expected one of "
-                    f"{', '.join(NORMALIZATIONS)}")
+    raise UserError(
+      f"--normalization={normalization!r}: expected one of {', '.join(NORMALIZATIONS)}"
+    )
   output = os.path.abspath(os.path.expanduser(output))
   if os.path.exists(output) and not os.path.isdir(output):
     raise UserError(f"--output {output} is a file; expected a directory to write")
@@ -414,20 +480,24 @@ def export(checkpoint: str, fmt: str, output: str, normalization: str = "auto",
   family, name, spec, num_classes = infer_model(variables, checkpoint, heads)
   label = convert.LABELS[family]
   if fmt == "hf" and family != "segformer":
-    raise UserError(f"--format=hf: the HuggingFace export is for SegFormer only; --checkpoint "
-                    f"holds a {label} ({name}). --format=pytorch writes it in the public "
-                    "code's layout")
+    raise UserError(
+      f"--format=hf: the HuggingFace export is for SegFormer only; --checkpoint "
+      f"holds a {label} ({name}). --format=pytorch writes it in the public "
+      "code's layout"
+    )
   public = convert.to_public_state_dict(variables, family)
   what = f"{name or 'custom MiT ' + str(spec.channels)}, {num_classes} classes"
   os.makedirs(output, exist_ok=True)
   if fmt in ("pytorch", "public"):
     write_pytorch(public, output)
-    return (f"wrote {os.path.join(output, 'model.pth')} (public {label} layout; {what}) "
-            f"from {source}")
+    return (
+      f"wrote {os.path.join(output, 'model.pth')} (public {label} layout; {what}) from {source}"
+    )
   norm, why, image_size, data = input_settings(checkpoint, normalization, source)
   write_hf(public, spec, num_classes, output, norm, image_size, class_names(num_classes, data))
-  return (f"wrote {output} (HuggingFace SegFormer; {what}; {norm} normalisation from {why}) "
-          f"from {source}")
+  return (
+    f"wrote {output} (HuggingFace SegFormer; {what}; {norm} normalisation from {why}) from {source}"
+  )
 
 
 def _parse_heads(text: str):
@@ -442,30 +512,47 @@ def _parse_heads(text: str):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog="python -m transkd_jax.export",
-      description="Export a SegFormer, PVTv2 or LVT (a run's workdir or a transkd_jax.convert "
-                  "directory) as a public-layout PyTorch state dict (all three) or a "
-                  "HuggingFace transformers directory (SegFormer).")
-  parser.add_argument("--checkpoint", required=True,
-                      help="a training run's workdir or a directory transkd_jax.convert wrote")
-  parser.add_argument("--format", required=True,
-                      help="pytorch (alias public): model.pth with the public TransKD code's "
-                           "names, for SegFormer, PVTv2 and LVT; hf: a HuggingFace "
-                           "SegformerForSemanticSegmentation directory (SegFormer only)")
+    prog="python -m transkd_jax.export",
+    description="Export a SegFormer, PVTv2 or LVT (a run's workdir or a transkd_jax.convert "
+    "directory) as a public-layout PyTorch state dict (all three) or a "
+    "HuggingFace transformers directory (SegFormer).",
+  )
+  parser.add_argument(
+    "--checkpoint",
+    required=True,
+    help="a training run's workdir or a directory transkd_jax.convert wrote",
+  )
+  parser.add_argument(
+    "--format",
+    required=True,
+    help="pytorch (alias public): model.pth with the public TransKD code's "
+    "names, for SegFormer, PVTv2 and LVT; hf: a HuggingFace "
+    "SegformerForSemanticSegmentation directory (SegFormer only)",
+  )
   parser.add_argument("--output", required=True, help="directory to write")
-  parser.add_argument("--normalization", default="auto",
-                      help="hf: the inputs the model expects: auto (from the checkpoint), "
-                           "unit ([0, 1] pixels) or imagenet (mean/std)")
-  parser.add_argument("--heads", default=None,
-                      help="attention heads per stage, e.g. 1,2,5,8; needed only for SegFormer "
-                           "variants that are no row of transkd_jax/models/variants.py")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="write into an existing --output, replacing the files it writes")
+  parser.add_argument(
+    "--normalization",
+    default="auto",
+    help="hf: the inputs the model expects: auto (from the checkpoint), "
+    "unit ([0, 1] pixels) or imagenet (mean/std)",
+  )
+  parser.add_argument(
+    "--heads",
+    default=None,
+    help="attention heads per stage, e.g. 1,2,5,8; needed only for SegFormer "
+    "variants that are no row of transkd_jax/models/variants.py",
+  )
+  parser.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="write into an existing --output, replacing the files it writes",
+  )
   args = parser.parse_args(argv)
   try:
     heads = _parse_heads(args.heads) if args.heads is not None else None
-    line = export(args.checkpoint, args.format, args.output, args.normalization, heads,
-                  args.overwrite)
+    line = export(
+      args.checkpoint, args.format, args.output, args.normalization, heads, args.overwrite
+    )
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 
 from transkd_jax import storage
 
-FLOPS_NOTE = ("GFLOPs from XLA's cost analysis of one image's forward pass: FLOPs, i.e. "
-              "about 2 x multiply-adds; the model zoo's numbers (113.84 for B2, 13.67 for B0) "
-              "count multiply-adds and leave some ops out")
+FLOPS_NOTE = (
+  "GFLOPs from XLA's cost analysis of one image's forward pass: FLOPs, i.e. "
+  "about 2 x multiply-adds; the model zoo's numbers (113.84 for B2, 13.67 for B0) "
+  "count multiply-adds and leave some ops out"
+)
 
 
 def count_params(tree) -> int:
@@ -37,26 +39,35 @@ def run_info(config, workdir: str) -> dict:
   """``--mode=info``: prints and writes WORKDIR/info.json (params and GFLOPs of the models)."""
   from transkd_jax import build
   from transkd_jax.models import archs
+
   size = tuple(config.image_size)
   info = {}
   for role in ("teacher", "student"):
     arch, variant = config[role].arch, config[role].variant
     model = archs.build(arch, variant, config.num_classes, dtype=jnp.dtype(config.dtype))
-    info[role] = {"arch": arch, "variant": str(variant),
-                  "model": build.model_name(arch, variant), **model_info(model, size)}
+    info[role] = {
+      "arch": arch,
+      "variant": str(variant),
+      "model": build.model_name(arch, variant),
+      **model_info(model, size),
+    }
   method = build.method_of(config)
-  info["distiller"] = {"method": method.name, "description": method.description,
-                       **model_info(build.distiller(config), size)}
+  info["distiller"] = {
+    "method": method.name,
+    "description": method.description,
+    **model_info(build.distiller(config), size),
+  }
   info["input_size"] = list(size)
   info["note"] = FLOPS_NOTE
   print(f"input {size[0]}x{size[1]}, {config.num_classes} classes")
   for role in ("teacher", "student"):
     row = info[role]
-    print(f"  {role:8s} {row['model']}: {row['params']:,} parameters, "
-          f"{row['gflops']:.2f} GFLOPs")
+    print(f"  {role:8s} {row['model']}: {row['params']:,} parameters, {row['gflops']:.2f} GFLOPs")
   row = info["distiller"]
-  print(f"  training-time model ({row['method']}: {row['description']}): "
-        f"{row['params']:,} parameters, {row['gflops']:.2f} GFLOPs")
+  print(
+    f"  training-time model ({row['method']}: {row['description']}): "
+    f"{row['params']:,} parameters, {row['gflops']:.2f} GFLOPs"
+  )
   print(f"  ({FLOPS_NOTE})")
   if jax.process_index() == 0:
     path = storage.join(workdir, "info.json")

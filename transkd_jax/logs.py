@@ -17,7 +17,6 @@ from transkd_jax import storage
 
 
 class MetricWriter:
-
   def __init__(self, workdir: str, enabled: bool = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
@@ -26,6 +25,7 @@ class MetricWriter:
       storage.makedirs(workdir)
       self._file = storage.LineFile(storage.join(workdir, "metrics.jsonl"))
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, scalars: Dict[str, float]):

@@ -22,6 +22,7 @@ Every mode starts the same way: the config is validated once, then
 
 if __name__ == "__main__":  # before the imports below, which a re-exec would repeat
   from transkd_jax import hugepages
+
   hugepages.reexec()  # huge pages for XLA:CPU's buffers (transkd_jax/hugepages.py)
 
 import os
@@ -45,43 +46,61 @@ def _bad_override(error):
   the config does not have; say which override and what to do instead.
   """
   overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
-  print(f"error: cannot apply config override(s) {', '.join(overrides)}: {error!s}. "
-        "Overrides must name keys the config file defines, with values of their type "
-        "(read the config file).", file=sys.stderr)
+  print(
+    f"error: cannot apply config override(s) {', '.join(overrides)}: {error!s}. "
+    "Overrides must name keys the config file defines, with values of their type "
+    "(read the config file).",
+    file=sys.stderr,
+  )
   sys.exit(2)
 
 
 try:  # the default config is loaded, and overridden from sys.argv, right here
   _CONFIG = config_flags.DEFINE_config_file(
-      "config", str(_REPO_CONFIG) if _REPO_CONFIG.exists() else None,
-      "Path to a config file (configs/*.py); override values with --config.key=value.",
-      lock_config=True)
+    "config",
+    str(_REPO_CONFIG) if _REPO_CONFIG.exists() else None,
+    "Path to a config file (configs/*.py); override values with --config.key=value.",
+    lock_config=True,
+  )
 except (KeyError, AttributeError) as e:
   _bad_override(e)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
 MODES = ("train", "eval", "predict", "info", "recipe")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run (default: train).")
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ("auto", "on", "off"), "Multi-process start-up: 'on' lets JAX find "
-    "the cluster (Cloud TPU VM slices, GKE, SLURM, MPI); 'auto' does so when the environment "
-    "lists several processes (SLURM, TPU_WORKER_HOSTNAMES); 'off': one process.")
+  "distributed",
+  "auto",
+  ("auto", "on", "off"),
+  "Multi-process start-up: 'on' lets JAX find "
+  "the cluster (Cloud TPU VM slices, GKE, SLURM, MPI); 'auto' does so when the environment "
+  "lists several processes (SLURM, TPU_WORKER_HOSTNAMES); 'off': one process.",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0, for multi-process runs started by "
-    "hand (TPU slices and SLURM need no address: see --distributed).")
+  "coordinator_address",
+  None,
+  "HOST:PORT of process 0, for multi-process runs started by "
+  "hand (TPU slices and SLURM need no address: see --distributed).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _HEARTBEAT = flags.DEFINE_integer(
-    "heartbeat_timeout", 100, "Multi-process runs: seconds after which a process that sent no "
-    "heartbeat counts as dead and the others stop with an error.")
+  "heartbeat_timeout",
+  100,
+  "Multi-process runs: seconds after which a process that sent no "
+  "heartbeat counts as dead and the others stop with an error.",
+)
 
 
 def run_train(config, workdir: str) -> dict:
   from transkd_jax.train import train
+
   summary = train(config, workdir)
   line = f"{summary['status']}: step {summary['step']}, checkpoints in {summary['checkpoint_dir']}"
   if "val" in summary:
-    line += (f"; val mIoU {summary['val']['miou']:.4f} ({config.eval_protocol} protocol) on "
-             f"{summary['val']['images']} images")
+    line += (
+      f"; val mIoU {summary['val']['miou']:.4f} ({config.eval_protocol} protocol) on "
+      f"{summary['val']['images']} images"
+    )
   print(line, flush=True)
   return summary
 
@@ -92,14 +111,18 @@ def _mode_runner(mode: str):
     return run_train
   if mode == "info":
     from transkd_jax.info import run_info
+
     return run_info
   if mode == "eval":
     from transkd_jax.evaluate import run_eval
+
     return run_eval
   if mode == "predict":
     from transkd_jax.predict import run_predict
+
     return run_predict
   from transkd_jax.recipe import run_recipe
+
   return run_recipe
 
 
@@ -116,15 +139,23 @@ def main(argv):
       raise UserError("--workdir is required (a directory for outputs)")
     validate_config(config)
     from transkd_jax import distributed
+
     try:
-      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                             _HEARTBEAT.value, _DISTRIBUTED.value)
+      distributed.initialize(
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        _HEARTBEAT.value,
+        _DISTRIBUTED.value,
+      )
     except ValueError as e:
       raise UserError(str(e)) from None
     import jax
+
     if jax.process_index() != 0:  # one console: process 0 prints; errors (stderr) from all
       sys.stdout = open(os.devnull, "w")
     from transkd_jax import storage
+
     storage.makedirs(_WORKDIR.value)  # a local directory or a gs:// URI
     _mode_runner(_MODE.value)(config, _WORKDIR.value)
   except UserError as e:
@@ -135,9 +166,13 @@ def main(argv):
     if not _multi_process():
       raise
     import jax
+
     traceback.print_exc()
-    print(f"error: process {jax.process_index()} of {jax.process_count()} failed (above); "
-          "when another process died first, its output names the cause", file=sys.stderr)
+    print(
+      f"error: process {jax.process_index()} of {jax.process_count()} failed (above); "
+      "when another process died first, its output names the cause",
+      file=sys.stderr,
+    )
     _exit(1)
 
 

@@ -68,8 +68,10 @@ def run_config(path: str, source: str = "") -> Optional[dict]:
   if not storage.isdir(directory):
     return None
   from etils import epath
-  steps = sorted((int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()),
-                 reverse=True)
+
+  steps = sorted(
+    (int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()), reverse=True
+  )
   match = re.search(r"checkpoints/(\d+)", source)
   if match:
     steps.insert(0, int(match.group(1)))

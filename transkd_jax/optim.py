@@ -17,11 +17,13 @@ def make_schedule(opt, total_steps: int):
   total_steps = max(int(total_steps), 1)
   warmup = int(opt.warmup_steps)
   if warmup > total_steps:
-    raise ValueError(f"config.optimizer.warmup_steps ({warmup}) must not exceed "
-                     f"config.total_steps ({total_steps})")
+    raise ValueError(
+      f"config.optimizer.warmup_steps ({warmup}) must not exceed config.total_steps ({total_steps})"
+    )
   horizon = int(opt.decay_steps) or total_steps
-  decay = optax.polynomial_schedule(opt.lr, opt.end_lr, opt.decay_power,
-                                    transition_steps=max(horizon - warmup, 1))
+  decay = optax.polynomial_schedule(
+    opt.lr, opt.end_lr, opt.decay_power, transition_steps=max(horizon - warmup, 1)
+  )
   if not warmup:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), decay], [warmup])
@@ -35,8 +37,9 @@ def make_optimizer(opt, total_steps: int):
   """(optax transformation, learning-rate schedule) from ``config.optimizer``."""
   schedule = make_schedule(opt, total_steps)
   mask = _decay_mask if opt.no_decay_norms_biases else None
-  tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                   mask=mask)
+  tx = optax.adamw(
+    schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=mask
+  )
   clip = float(opt.grad_clip_norm)
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)

@@ -42,8 +42,7 @@ from PIL import Image
 
 from transkd_jax import normalization, storage
 from transkd_jax.data import transforms
-from transkd_jax.data.classes import (CITYSCAPES_NAMES, CITYSCAPES_TRAIN_TO_ID, class_names,
-                                      palette)
+from transkd_jax.data.classes import CITYSCAPES_NAMES, CITYSCAPES_TRAIN_TO_ID, class_names, palette
 from transkd_jax.data.sources import read_image
 from transkd_jax.errors import UserError
 from transkd_jax.evaluate import predictions_at
@@ -55,27 +54,33 @@ _NAME_SUFFIXES = ("_leftImg8bit", "_rgb_anon")
 def list_inputs(pattern: str):
   """[(path, output stem relative to the output dir)] for a file, directory or glob."""
   if not pattern:
-    raise UserError("config.predict.input is empty: set it to an image file, a directory or a "
-                    "glob, e.g. --config.predict.input='/data/images/*.png'")
+    raise UserError(
+      "config.predict.input is empty: set it to an image file, a directory or a "
+      "glob, e.g. --config.predict.input='/data/images/*.png'"
+    )
   pattern = os.path.expanduser(pattern)
   if os.path.isdir(pattern):
-    paths = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-                   if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
+    paths = sorted(
+      p
+      for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+      if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p)
+    )
     base = pattern
   else:
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     base = None
   if not paths:
     what = "holds no images" if base else "matches no files"
-    raise UserError(f"config.predict.input={pattern!r} {what} (looked for "
-                    f"{', '.join(IMAGE_EXTENSIONS)})")
+    raise UserError(
+      f"config.predict.input={pattern!r} {what} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+    )
   out = []
   for path in paths:
     rel = os.path.relpath(path, base) if base else os.path.basename(path)
     stem = os.path.splitext(rel)[0]
     for suffix in _NAME_SUFFIXES:
       if stem.endswith(suffix):
-        stem = stem[:-len(suffix)]
+        stem = stem[: -len(suffix)]
     out.append((path, stem))
   return out
 
@@ -97,13 +102,15 @@ def make_predict_fn(model, resize: bool, input_norm=("unit", "unit")):
 
   ``input_norm``: (the images' normalisation, the weights'), as ``build.Serving.input_norm``.
   """
+
   def predict(variables, images, size):
     images = normalization.renormalize(images, *input_norm)
     logits = model.apply(variables, images, train=False)["logits"]
     if resize:
       return predictions_at(logits, size, model.kernels)
     full = (images.shape[1], images.shape[2])
-    return predictions_at(logits, full, model.kernels)[:, :size[0], :size[1]]
+    return predictions_at(logits, full, model.kernels)[:, : size[0], : size[1]]
+
   return jax.jit(predict, static_argnums=2)
 
 
@@ -116,13 +123,23 @@ def overlay(image: np.ndarray, colour: np.ndarray, alpha: float) -> np.ndarray:
   return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
 
 
-def write_outputs(out_dir: str, stem: str, image: np.ndarray, ids: np.ndarray, colours,
-                  alpha: float, cityscapes_format: bool):
+def write_outputs(
+  out_dir: str,
+  stem: str,
+  image: np.ndarray,
+  ids: np.ndarray,
+  colours,
+  alpha: float,
+  cityscapes_format: bool,
+):
   """Writes the PNGs of one image (to a local directory or a gs:// one); returns their paths."""
   base = storage.join(out_dir, stem)
   colour = colorize(ids, colours)
-  pngs = {base + "_trainIds.png": ids.astype(np.uint8), base + "_color.png": colour,
-          base + "_overlay.png": overlay(image, colour, alpha)}
+  pngs = {
+    base + "_trainIds.png": ids.astype(np.uint8),
+    base + "_color.png": colour,
+    base + "_overlay.png": overlay(image, colour, alpha),
+  }
   if cityscapes_format:
     pngs[storage.join(out_dir, "cityscapes", stem + "_labelIds.png")] = CITYSCAPES_TRAIN_TO_ID[ids]
   for path, array in pngs.items():
@@ -138,10 +155,13 @@ def run_predict(config, workdir: str) -> dict:
   inputs = list_inputs(config.predict.input)
   names = class_names(config.data, config.num_classes)
   if config.predict.cityscapes_format and tuple(names) != CITYSCAPES_NAMES:
-    raise UserError(f"config.predict.cityscapes_format=True needs Cityscapes' 19 classes; "
-                    f"config.data.name={config.data.name!r} with config.num_classes="
-                    f"{config.num_classes} has other classes")
+    raise UserError(
+      f"config.predict.cityscapes_format=True needs Cityscapes' 19 classes; "
+      f"config.data.name={config.data.name!r} with config.num_classes="
+      f"{config.num_classes} has other classes"
+    )
   from transkd_jax import build
+
   served = build.serving(config, workdir)
   model, source = served.model, served.source
   variables = jax.device_put(served.variables)  # once, not per batch (each process its own)
@@ -151,6 +171,7 @@ def run_predict(config, workdir: str) -> dict:
   writer = jax.process_index() == 0
   print(f"predicting {len(inputs)} images with {source} -> {out_dir}", flush=True)
   from tqdm import tqdm
+
   bar = tqdm(total=len(inputs), unit="img", disable=not writer, dynamic_ncols=True)
   start = time.perf_counter()
   pending = []  # (stem, image) of one size
@@ -161,8 +182,15 @@ def run_predict(config, workdir: str) -> dict:
     ids = np.asarray(predict(variables, jnp.asarray(batch), size))
     for (stem, image), pred in zip(pending, ids):
       if writer:
-        write_outputs(out_dir, stem, image, pred, colours, float(config.predict.overlay_alpha),
-                      bool(config.predict.cityscapes_format))
+        write_outputs(
+          out_dir,
+          stem,
+          image,
+          pred,
+          colours,
+          float(config.predict.overlay_alpha),
+          bool(config.predict.cityscapes_format),
+        )
     bar.update(len(pending))
     pending.clear()
 
@@ -174,6 +202,8 @@ def run_predict(config, workdir: str) -> dict:
   flush()
   bar.close()
   elapsed = time.perf_counter() - start
-  print(f"wrote predictions of {len(inputs)} images to {out_dir} ({len(inputs) / elapsed:.2f} "
-        "img/s)", flush=True)
+  print(
+    f"wrote predictions of {len(inputs)} images to {out_dir} ({len(inputs) / elapsed:.2f} img/s)",
+    flush=True,
+  )
   return {"images": len(inputs), "output_dir": out_dir, "imgs_per_s": len(inputs) / elapsed}

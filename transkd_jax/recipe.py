@@ -53,32 +53,39 @@ ModelSpec = Tuple[str, str]  # (arch, variant)
 @dataclasses.dataclass(frozen=True)
 class Pair:
   """One teacher/student pair of the recipe."""
+
   teacher: ModelSpec
   student: ModelSpec
-  subdir: str            # "" for the config's own pair, else "<teacher>_to_<student>"
+  subdir: str  # "" for the config's own pair, else "<teacher>_to_<student>"
 
   @property
   def title(self) -> str:
     from transkd_jax.build import model_name
+
     return f"{model_name(*self.teacher)} -> {model_name(*self.student)}"
 
 
 def parse_model(text: str, what: str) -> ModelSpec:
-  """"segformer-b2" -> ("segformer", "b2"); "lvt" -> ("lvt", "lvt"); errors name ``what``."""
+  """ "segformer-b2" -> ("segformer", "b2"); "lvt" -> ("lvt", "lvt"); errors name ``what``."""
   from transkd_jax.models import archs
+
   arch, _, variant = str(text).strip().lower().partition("-")
   variant = variant or arch
   try:
     archs.get_arch_variant(archs.check_arch(arch), variant)
   except ValueError as e:
-    raise UserError(f"{what}: {text!r} is not a model ({e}); write ARCH-VARIANT, e.g. "
-                    "'segformer-b2', 'pvtv2-b0', or 'lvt'") from None
+    raise UserError(
+      f"{what}: {text!r} is not a model ({e}); write ARCH-VARIANT, e.g. "
+      "'segformer-b2', 'pvtv2-b0', or 'lvt'"
+    ) from None
   return arch, variant
 
 
 def _own(config) -> Tuple[ModelSpec, ModelSpec]:
-  return ((config.teacher.arch, str(config.teacher.variant)),
-          (config.student.arch, str(config.student.variant)))
+  return (
+    (config.teacher.arch, str(config.teacher.variant)),
+    (config.student.arch, str(config.student.variant)),
+  )
 
 
 def _slug(spec: ModelSpec) -> str:
@@ -109,18 +116,21 @@ def pairs_of(config) -> list:
 def _with_models(config, pair: Pair):
   """``config`` with the pair's teacher and student, and the pair's budget."""
   import ml_collections
+
   run = copy.deepcopy(config)
   with run.unlocked():
     for role, (arch, variant) in (("teacher", pair.teacher), ("student", pair.student)):
       if (run[role].arch, str(run[role].variant)) != (arch, variant):
         # A new dict: variant may be a row (tests) where the pair names a string.
-        run[role] = ml_collections.ConfigDict({**run[role].to_dict(), "arch": arch,
-                                               "variant": variant, "init": ""})
+        run[role] = ml_collections.ConfigDict(
+          {**run[role].to_dict(), "arch": arch, "variant": variant, "init": ""}
+        )
     if pair.subdir:
       run.total_steps = int(config.recipe.pair_steps or config.total_steps)
       run.recipe.methods = tuple(config.recipe.pair_methods or config.recipe.methods)
-      run.recipe.teacher_steps = int(config.recipe.pair_teacher_steps or
-                                     config.recipe.teacher_steps)
+      run.recipe.teacher_steps = int(
+        config.recipe.pair_teacher_steps or config.recipe.teacher_steps
+      )
       run.teacher.checkpoint = ""
   return run
 
@@ -162,28 +172,37 @@ def run_one(name: str, config, workdir: str) -> dict:
   """Trains (or resumes) and evaluates one run; a finished run is only read."""
   from transkd_jax.evaluate import run_eval
   from transkd_jax.train import train
+
   results = _read_json(storage.join(workdir, "eval_results.json"))
   record = _read_json(storage.join(workdir, RUN_FILE)) or {"train_time_s": 0.0}
   if results is not None and record.get("status") == "done":
-    print(f"[{name}] finished earlier: mIoU {100 * results['miou']:.2f} "
-          f"({results['protocol']} protocol); skipped", flush=True)
+    print(
+      f"[{name}] finished earlier: mIoU {100 * results['miou']:.2f} "
+      f"({results['protocol']} protocol); skipped",
+      flush=True,
+    )
     return {**record, "eval": results}
-  print(f"[{name}] training {config.total_steps} steps (method {config.method}) in {workdir}",
-        flush=True)
+  print(
+    f"[{name}] training {config.total_steps} steps (method {config.method}) in {workdir}",
+    flush=True,
+  )
   start = time.perf_counter()
   summary = train(config, workdir)
   record["train_time_s"] += time.perf_counter() - start
   record.update(status=summary["status"], steps=summary["step"])
   _write_json(storage.join(workdir, RUN_FILE), record)
   if summary["status"] != "done":
-    raise UserError(f"[{name}] stopped at step {summary['step']} ({summary['status']}); run "
-                    "the recipe again to resume it")
+    raise UserError(
+      f"[{name}] stopped at step {summary['step']} ({summary['status']}); run "
+      "the recipe again to resume it"
+    )
   results = run_eval(config, workdir)
   return {**record, "eval": results}
 
 
 def _write_json(path, value):
   import jax
+
   if jax.process_index() == 0:
     storage.write_json(path, value, indent=2)
 
@@ -191,9 +210,11 @@ def _write_json(path, value):
 def model_rows(config, teacher_source: str) -> dict:
   """Params and GFLOPs of the deployed teacher and student at config.image_size."""
   import jax.numpy as jnp
-  from transkd_jax.info import model_info
+
   from transkd_jax.build import model_name
+  from transkd_jax.info import model_info
   from transkd_jax.models import archs
+
   size = tuple(config.image_size)
   rows = {}
   for role in ("teacher", "student"):
@@ -208,8 +229,10 @@ def results_table(config, runs: dict, models: dict) -> str:
   """The markdown table of DIR/results.md."""
   protocol = next(iter(runs.values()))["eval"]["protocol"]
   baseline = runs.get(BASELINE)
-  header = ("| method | model | params | GFLOPs | mIoU (%) | vs student | steps | train time |\n"
-            "|---|---|---|---|---|---|---|---|")
+  header = (
+    "| method | model | params | GFLOPs | mIoU (%) | vs student | steps | train time |\n"
+    "|---|---|---|---|---|---|---|---|"
+  )
   lines = [header]
   for name, run in runs.items():
     role = get_method(name).trains
@@ -217,31 +240,36 @@ def results_table(config, runs: dict, models: dict) -> str:
     compared = baseline is not None and name != BASELINE and role == get_method(BASELINE).trains
     delta = f"{miou - 100 * baseline['eval']['miou']:+.2f}" if compared else ""
     time_s = run.get("train_time_s")
-    lines.append(f"| {name} | {models[role]['model']} | {models[role]['params'] / 1e6:.2f} M | "
-                 f"{models[role]['gflops']:.2f} | {miou:.2f} | {delta} | "
-                 f"{run.get('steps') or ''} | "
-                 f"{'given' if time_s is None else f'{time_s / 60:.1f} min'} |")
+    lines.append(
+      f"| {name} | {models[role]['model']} | {models[role]['params'] / 1e6:.2f} M | "
+      f"{models[role]['gflops']:.2f} | {miou:.2f} | {delta} | "
+      f"{run.get('steps') or ''} | "
+      f"{'given' if time_s is None else f'{time_s / 60:.1f} min'} |"
+    )
   size = "x".join(str(s) for s in config.image_size)
   notes = [
-      f"mIoU: `{protocol}` protocol, {config.data.name} `{config.eval_split}` "
-      f"split ({runs[next(iter(runs))]['eval']['num_images']} images), each run's best "
-      "checkpoint by validation mIoU.",
-      f"Students: {config.total_steps} steps each, batch {config.batch_size}, {size} inputs, "
-      f"seed {config.seed}; the teacher: {models['teacher']['source']}.",
-      "Params and GFLOPs (XLA's count: about 2 x multiply-adds, one image at "
-      f"{size}) are the deployed model's; training-time modules are dropped after training.",
+    f"mIoU: `{protocol}` protocol, {config.data.name} `{config.eval_split}` "
+    f"split ({runs[next(iter(runs))]['eval']['num_images']} images), each run's best "
+    "checkpoint by validation mIoU.",
+    f"Students: {config.total_steps} steps each, batch {config.batch_size}, {size} inputs, "
+    f"seed {config.seed}; the teacher: {models['teacher']['source']}.",
+    "Params and GFLOPs (XLA's count: about 2 x multiply-adds, one image at "
+    f"{size}) are the deployed model's; training-time modules are dropped after training.",
   ]
   recipe = config.recipe
   if BASELINE in runs and (recipe.student_batch_size or recipe.student_steps):
-    notes.append(f"The student-alone row has its own budget, as the public train_student.py: "
-                 f"batch {recipe.student_batch_size or config.batch_size}, "
-                 f"{recipe.student_steps or config.total_steps} steps.")
+    notes.append(
+      f"The student-alone row has its own budget, as the public train_student.py: "
+      f"batch {recipe.student_batch_size or config.batch_size}, "
+      f"{recipe.student_steps or config.total_steps} steps."
+    )
   return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def bar_chart(path: str, runs: dict, protocol: str):
   """DIR/results.png: one bar of mIoU per run (PIL only; no plotting library needed)."""
   from PIL import Image, ImageDraw
+
   names = list(runs)
   values = [100 * runs[n]["eval"]["miou"] for n in names]
   width, height, left, bottom, top = 120 + 90 * len(names), 420, 60, 60, 40
@@ -254,8 +282,11 @@ def bar_chart(path: str, runs: dict, protocol: str):
   for i, (name, value) in enumerate(zip(names, values)):
     x0 = left + 20 + 90 * i
     y0 = height - bottom - value * scale
-    colour = (120, 120, 120) if get_method(name).trains != get_method(BASELINE).trains else (
-        (200, 90, 60) if name == BASELINE else (60, 110, 190))
+    colour = (
+      (120, 120, 120)
+      if get_method(name).trains != get_method(BASELINE).trains
+      else ((200, 90, 60) if name == BASELINE else (60, 110, 190))
+    )
     draw.rectangle((x0, y0, x0 + 60, height - bottom), fill=colour)
     draw.text((x0 + 8, y0 - 14), f"{value:.1f}", fill="black")
     draw.text((x0, height - bottom + 8), name[:12], fill="black")
@@ -290,8 +321,12 @@ def _run_pair(config, pair: Pair, workdir: str, teachers: dict) -> dict:
   else:
     source = f"given ({config.teacher.checkpoint})"
   models = model_rows(config, source)
-  return {"runs": runs, "models": models, "table": results_table(config, runs, models),
-          "protocol": runs["teacher"]["eval"]["protocol"]}
+  return {
+    "runs": runs,
+    "models": models,
+    "table": results_table(config, runs, models),
+    "protocol": runs["teacher"]["eval"]["protocol"],
+  }
 
 
 def run_recipe(config, workdir: str) -> dict:
@@ -306,10 +341,13 @@ def run_recipe(config, workdir: str) -> dict:
   teachers, results = {}, {}
   for pair in pairs:
     if len(pairs) > 1:
-      print(f"== pair {pair.title} ({storage.join(workdir, pair.subdir) if pair.subdir else workdir})",
-            flush=True)
-    results[pair] = _run_pair(config, pair, storage.join(workdir, pair.subdir)
-                              if pair.subdir else workdir, teachers)
+      print(
+        f"== pair {pair.title} ({storage.join(workdir, pair.subdir) if pair.subdir else workdir})",
+        flush=True,
+      )
+    results[pair] = _run_pair(
+      config, pair, storage.join(workdir, pair.subdir) if pair.subdir else workdir, teachers
+    )
   if len(pairs) == 1:
     table = results[pairs[0]]["table"]
   else:
@@ -318,25 +356,40 @@ def run_recipe(config, workdir: str) -> dict:
   if _is_chief():
     storage.write_text(storage.join(workdir, "results.md"), table)
     bar_chart(storage.join(workdir, "results.png"), first["runs"], first["protocol"])
-  summary = {"runs": first["runs"], "models": first["models"],
-             "pairs": {pair.title: {"dir": pair.subdir, "runs": results[pair]["runs"],
-                                    "models": results[pair]["models"]} for pair in pairs}}
-  _write_json(storage.join(workdir, "results.json"),
-              {**summary, "wall_time_s": time.perf_counter() - wall})
+  summary = {
+    "runs": first["runs"],
+    "models": first["models"],
+    "pairs": {
+      pair.title: {
+        "dir": pair.subdir,
+        "runs": results[pair]["runs"],
+        "models": results[pair]["models"],
+      }
+      for pair in pairs
+    },
+  }
+  _write_json(
+    storage.join(workdir, "results.json"), {**summary, "wall_time_s": time.perf_counter() - wall}
+  )
   print("\n" + table, flush=True)
-  print(f"wrote {storage.join(workdir, 'results.md')}, results.json and results.png "
-        f"({(time.perf_counter() - wall) / 60:.1f} min in all)", flush=True)
+  print(
+    f"wrote {storage.join(workdir, 'results.md')}, results.json and results.png "
+    f"({(time.perf_counter() - wall) / 60:.1f} min in all)",
+    flush=True,
+  )
   return summary
 
 
 def _is_chief():
   import jax
+
   return jax.process_index() == 0
 
 
 def _given_teacher(config, workdir: str) -> dict:
   """Evaluates config.teacher.checkpoint (once) for the table's teacher row."""
   from transkd_jax.evaluate import run_eval
+
   run_dir = storage.join(workdir, "teacher_given")
   storage.makedirs(run_dir)
   results = _read_json(storage.join(run_dir, "eval_results.json"))
@@ -352,4 +405,5 @@ def _given_teacher(config, workdir: str) -> dict:
 
 if __name__ == "__main__":  # the older spelling of --mode=recipe
   from transkd_jax import main as entry
+
   entry.run(default_mode="recipe")

@@ -21,10 +21,11 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "model")
-FSDP_MIN_SIZE = 2 ** 16  # arrays smaller than this stay replicated under "fsdp"
+FSDP_MIN_SIZE = 2**16  # arrays smaller than this stay replicated under "fsdp"
 
 
 def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices=None) -> Mesh:
@@ -32,21 +33,23 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = list(mesh_shape)
   if len(shape) != 2 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"config.mesh_shape must be (data, model) with at most one -1, got "
-                     f"{tuple(mesh_shape)}")
+    raise ValueError(
+      f"config.mesh_shape must be (data, model) with at most one -1, got {tuple(mesh_shape)}"
+    )
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
     if len(devices) % known:
-      raise ValueError(f"config.mesh_shape {tuple(mesh_shape)} does not divide the "
-                       f"{len(devices)} devices")
+      raise ValueError(
+        f"config.mesh_shape {tuple(mesh_shape)} does not divide the {len(devices)} devices"
+      )
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f"config.mesh_shape {tuple(shape)} needs {math.prod(shape)} devices; "
-                     f"there are {len(devices)}")
+    raise ValueError(
+      f"config.mesh_shape {tuple(shape)} needs {math.prod(shape)} devices; there are {len(devices)}"
+    )
   # jax.make_mesh orders the devices by the physical topology (ICI rings on TPU);
   # Auto axes: the program's sharding is propagated, not part of the types.
-  return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES),
-                       devices=devices)
+  return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -92,9 +95,11 @@ def put_global(tree, shardings):
   places only its own devices' shards, so this works across processes, where
   ``jax.device_put`` of a single-device array would need cross-host transfers.
   """
+
   def put(x, s):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: put(x, shardings), tree)
   return jax.tree.map(put, tree, shardings)
@@ -107,5 +112,6 @@ def global_batch(local_batch, mesh: Mesh):
   assembles the global batch (one process: the batch itself).
   """
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local_batch)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )

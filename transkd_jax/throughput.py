@@ -15,28 +15,26 @@
 import dataclasses
 from typing import Optional
 
-import jax
-
 from transkd_jax.models import kernels
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  hbm_gib: float        # memory per device
-  bf16_tflops: float    # dense peak per device
+  hbm_gib: float  # memory per device
+  bf16_tflops: float  # dense peak per device
   hbm_gb_per_s: float
 
 
 # Per device as JAX sees it (a v4 / v5p megacore is one device). Published figures.
 CHIPS = {
-    "TPU v3": Chip(16, 61.5, 450),          # per core (two per chip)
-    "TPU v4": Chip(32, 275, 1228),
-    "TPU v5 lite": Chip(16, 197, 819),      # v5e
-    "TPU v5": Chip(95, 459, 2765),          # v5p
-    "TPU v6 lite": Chip(32, 918, 1640),     # v6e (Trillium)
-    "H100": Chip(80, 989, 3350),            # SXM
-    "H200": Chip(141, 989, 4800),
-    "A100": Chip(80, 312, 2039),            # SXM 80 GB
+  "TPU v3": Chip(16, 61.5, 450),  # per core (two per chip)
+  "TPU v4": Chip(32, 275, 1228),
+  "TPU v5 lite": Chip(16, 197, 819),  # v5e
+  "TPU v5": Chip(95, 459, 2765),  # v5p
+  "TPU v6 lite": Chip(32, 918, 1640),  # v6e (Trillium)
+  "H100": Chip(80, 989, 3350),  # SXM
+  "H200": Chip(141, 989, 4800),
+  "A100": Chip(80, 312, 2039),  # SXM 80 GB
 }
 
 

@@ -67,6 +67,7 @@ class _Preemption:
     """Whether to save and stop after ``step``; call once per step, on every process."""
     if self._multi:
       from jax.experimental import multihost_utils
+
       self.requested = multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
@@ -87,10 +88,11 @@ def check_finite(rows, first_step: int, checkpoints=None):
       checkpoints.wait()
       last = checkpoints.latest_step()
     raise TrainingDiverged(
-        f"the loss became {loss} at step {first_step + i} "
-        f"({', '.join(f'{k}={float(v):.4g}' for k, v in metrics.items())}); no non-finite "
-        f"state was saved; last good checkpoint: "
-        f"{'none' if last is None else f'{checkpoints.directory}/{last}'}")
+      f"the loss became {loss} at step {first_step + i} "
+      f"({', '.join(f'{k}={float(v):.4g}' for k, v in metrics.items())}); no non-finite "
+      f"state was saved; last good checkpoint: "
+      f"{'none' if last is None else f'{checkpoints.directory}/{last}'}"
+    )
 
 
 class _Speed:
@@ -114,8 +116,11 @@ class _Speed:
     if not self.steps:
       return {}
     seconds = max(time.perf_counter() - self.start, 1e-9)
-    out = {"steps_per_s": self.steps / seconds, "imgs_per_s": self.steps * batch_size / seconds,
-           "data_wait": self.data_wait / seconds}
+    out = {
+      "steps_per_s": self.steps / seconds,
+      "imgs_per_s": self.steps * batch_size / seconds,
+      "data_wait": self.data_wait / seconds,
+    }
     if math.isfinite(flops):
       out.update(throughput.rates(flops * self.steps, seconds, devices))
     return out
@@ -140,8 +145,11 @@ def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
   if run.config.count_flops:
     flops = throughput.step_flops(run.train_step, state, teacher_vars, batch, compiled=compiled)
   if chief:
-    work = f" ({flops / 1e9 / run.config.batch_size:.1f} GFLOP per image)" if math.isfinite(
-        flops) else ""
+    work = (
+      f" ({flops / 1e9 / run.config.batch_size:.1f} GFLOP per image)"
+      if math.isfinite(flops)
+      else ""
+    )
     print(f"compiled the train step in {time.perf_counter() - start:.1f} s{work}", flush=True)
   return compiled, flops
 
@@ -183,20 +191,38 @@ def check_teacher(run: build.Training) -> Optional[dict]:
   if run.teacher is None or run.teacher_variables is None or not config.teacher.check_images:
     return None
   from transkd_jax import normalization
+
   student_norm = normalization.of_transforms(config.data.transforms)
-  step = evaluate.make_eval_step(run.teacher, config.num_classes, config.eval_protocol, run.mesh,
-                                 input_norm=(student_norm, run.teacher_norm))
-  scores = evaluate.evaluate_split(config, run.mesh, step, run.teacher_variables,
-                                   config.eval_split, limit=config.teacher.check_images)
+  step = evaluate.make_eval_step(
+    run.teacher,
+    config.num_classes,
+    config.eval_protocol,
+    run.mesh,
+    input_norm=(student_norm, run.teacher_norm),
+  )
+  scores = evaluate.evaluate_split(
+    config,
+    run.mesh,
+    step,
+    run.teacher_variables,
+    config.eval_split,
+    limit=config.teacher.check_images,
+  )
   return {"miou": scores["miou"], "images": scores["num_images"]}
 
 
 def run_validation(run: build.Training, state) -> dict:
   config = run.config
-  scores = evaluate.evaluate_split(config, run.mesh, run.eval_step, run.deployed(state),
-                                   config.eval_split)
-  return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "loss": scores["loss"],
-          "images": scores["num_images"], "skipped_bad_files": scores["skipped_bad_files"]}
+  scores = evaluate.evaluate_split(
+    config, run.mesh, run.eval_step, run.deployed(state), config.eval_split
+  )
+  return {
+    "miou": scores["miou"],
+    "pixel_acc": scores["pixel_acc"],
+    "loss": scores["loss"],
+    "images": scores["num_images"],
+    "skipped_bad_files": scores["skipped_bad_files"],
+  }
 
 
 def train(config, workdir: str) -> dict:
@@ -206,25 +232,31 @@ def train(config, workdir: str) -> dict:
   chief = jax.process_index() == 0  # the one process that prints and writes logs
   run = build.training(config)  # the teacher is checked before anything compiles
   if chief and run.teacher is not None:
-    print(f"teacher input: {run.teacher_norm} normalisation ({run.teacher_norm_source})",
-          flush=True)
+    print(
+      f"teacher input: {run.teacher_norm} normalisation ({run.teacher_norm_source})", flush=True
+    )
   total_steps = config.total_steps
   train_iter = data.make_train_iterator(config)
-  checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints,
-                                        best_metric="val_miou", best_mode="max")
+  checkpoints = ckpt_lib.RunCheckpoints(
+    workdir, keep=config.keep_checkpoints, best_metric="val_miou", best_mode="max"
+  )
   restored, restored_step = checkpoints.restore(run.abstract_state.as_dict(), train_iter)
   checked = None  # the teacher check, on a fresh start only
   if restored is not None:
     state = TrainState(**restored)
     if chief:
-      print(f"resumed from {checkpoints.directory}/{restored_step} (step {int(state.step)})",
-            flush=True)
+      print(
+        f"resumed from {checkpoints.directory}/{restored_step} (step {int(state.step)})", flush=True
+      )
   else:
     state = run.new_state()
     checked = check_teacher(run)
     if checked is not None and chief:
-      print(f"teacher check: mIoU {100 * checked['miou']:.2f} ({config.eval_protocol} protocol) "
-            f"on the first {checked['images']} {config.eval_split} images", flush=True)
+      print(
+        f"teacher check: mIoU {100 * checked['miou']:.2f} ({config.eval_protocol} protocol) "
+        f"on the first {checked['images']} {config.eval_split} images",
+        flush=True,
+      )
   teacher_vars, mesh = run.teacher_variables, run.mesh
 
   writer = MetricWriter(workdir)
@@ -237,10 +269,17 @@ def train(config, workdir: str) -> dict:
   last_val = None
   skipped = 0  # bad files passed over by this process (config.data.skip_bad_files)
   from tqdm import tqdm
+
   # A progress bar on a terminal; in a log file (SLURM, nohup) one plain line per log step.
   interactive = sys.stdout.isatty()
-  bar = tqdm(total=total_steps, initial=start, disable=not (chief and interactive),
-             unit="step", dynamic_ncols=True, mininterval=1.0)
+  bar = tqdm(
+    total=total_steps,
+    initial=start,
+    disable=not (chief and interactive),
+    unit="step",
+    dynamic_ncols=True,
+    mininterval=1.0,
+  )
   profile = _Profile(config.profile_steps, storage.join(workdir, "profile"))
   step_fn, flops = None, float("nan")
   distributed.barrier("train:loop")  # gloo's first collective waits only 30 s for the others
@@ -262,12 +301,15 @@ def train(config, workdir: str) -> dict:
       profile.after(step, state)
       window.append(metrics)  # device arrays: no host sync per step (dispatch runs ahead)
       bar.update(1)
-      eval_now = bool(config.eval_every) and (step % config.eval_every == 0 or
-                                              step == total_steps)
+      eval_now = bool(config.eval_every) and (step % config.eval_every == 0 or step == total_steps)
       log_now = step % config.log_every == 0 or step == total_steps
       preempted = preemption.reached(step)
-      save_now = (eval_now or step == total_steps or preempted or
-                  bool(config.checkpoint_every and step % config.checkpoint_every == 0))
+      save_now = (
+        eval_now
+        or step == total_steps
+        or preempted
+        or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+      )
       if log_now or save_now:
         # One sync: the window's metrics come to the host and are checked, so a
         # non-finite state is never evaluated or saved.
@@ -280,8 +322,11 @@ def train(config, workdir: str) -> dict:
         writer.write(step, "train", scalars)
         bar.set_postfix(loss=f"{float(window[-1]['loss']):.4f}", refresh=False)
         if chief and not interactive:
-          print(f"step {step}/{total_steps}: loss {scalars['loss']:.4f}, lr {scalars['lr']:.3g}"
-                f"{_speed_text(scalars)}", flush=True)
+          print(
+            f"step {step}/{total_steps}: loss {scalars['loss']:.4f}, lr {scalars['lr']:.3g}"
+            f"{_speed_text(scalars)}",
+            flush=True,
+          )
         window = []
         speed.restart()
       val = None
@@ -289,13 +334,21 @@ def train(config, workdir: str) -> dict:
         val = run_validation(run, state)
         writer.write(step, "val", val)
         if chief:
-          bar.write(f"step {step}: val mIoU {val['miou']:.4f} "
-                    f"({config.eval_protocol} protocol), "
-                    f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}")
+          bar.write(
+            f"step {step}: val mIoU {val['miou']:.4f} "
+            f"({config.eval_protocol} protocol), "
+            f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}"
+          )
         last_val = val
       if save_now:
-        checkpoints.save(step, state.as_dict(), train_iter, config,
-                         metrics={"val_miou": val["miou"]} if val else None, force=True)
+        checkpoints.save(
+          step,
+          state.as_dict(),
+          train_iter,
+          config,
+          metrics={"val_miou": val["miou"]} if val else None,
+          force=True,
+        )
       if eval_now or save_now:
         speed.restart()  # throughput counts training steps only, not evaluation or saving
       if preempted:
@@ -309,9 +362,12 @@ def train(config, workdir: str) -> dict:
   writer.close()
   summary.update(step=int(step), checkpoint_dir=checkpoints.directory, skipped_bad_files=skipped)
   if skipped:
-    print(f"process {jax.process_index()} skipped {skipped} reads of unreadable training files "
-          "(a bad file counts once per epoch; config.data.skip_bad_files=True; the warnings "
-          "above name them)", flush=True)
+    print(
+      f"process {jax.process_index()} skipped {skipped} reads of unreadable training files "
+      "(a bad file counts once per epoch; config.data.skip_bad_files=True; the warnings "
+      "above name them)",
+      flush=True,
+    )
   if last_val:
     summary["val"] = last_val
   return summary

@@ -29,12 +29,17 @@ class TrainState:
 
   def as_dict(self) -> Dict[str, Any]:
     """The plain pytree checkpoints store."""
-    return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
-            "opt_state": self.opt_state}
+    return {
+      "step": self.step,
+      "params": self.params,
+      "batch_stats": self.batch_stats,
+      "opt_state": self.opt_state,
+    }
 
 
-def init_state(model: Distiller, optimizer, image_shape, seed: int,
-               initial_model: Optional[dict] = None) -> TrainState:
+def init_state(
+  model: Distiller, optimizer, image_shape, seed: int, initial_model: Optional[dict] = None
+) -> TrainState:
   """A fresh state (parameters from ``seed``; optionally the trained model's replaced)."""
   variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape, 3), jnp.float32))
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -43,8 +48,12 @@ def init_state(model: Distiller, optimizer, image_shape, seed: int,
     params = {**params, role: initial_model["params"]}
     if initial_model.get("batch_stats"):  # PVTv2 has no BatchNorm
       batch_stats = {**batch_stats, role: initial_model["batch_stats"]}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=optimizer.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=optimizer.init(params),
+  )
 
 
 def logits_for_ce(logits, labels, kernels: str = "native"):
@@ -59,10 +68,19 @@ def logits_for_ce(logits, labels, kernels: str = "native"):
   return resize_bilinear(logits, labels.shape[1:3], kernels)
 
 
-def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Method,
-                    settings: Dict[str, Any], optimizer, schedule, seed: int,
-                    class_weights=None, mesh=None, teacher_input=("unit", "unit"),
-                    param_shardings=None) -> Callable:
+def make_train_step(
+  model: Distiller,
+  teacher: Optional[SegFormer],
+  method: Method,
+  settings: Dict[str, Any],
+  optimizer,
+  schedule,
+  seed: int,
+  class_weights=None,
+  mesh=None,
+  teacher_input=("unit", "unit"),
+  param_shardings=None,
+) -> Callable:
   """step(state, teacher_variables, batch) -> (state, metrics); not yet jitted.
 
   With a ``mesh``, the variables are gathered whole onto every device where
@@ -103,28 +121,46 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
     teacher_out = None
     if teacher_call is not None:
       teacher_images = normalization.renormalize(pixels, *teacher_input)
-      teacher_out = teacher.apply(whole(teacher_variables), teacher_images,
-                                  method="encode" if teacher_call == "encode" else None)
+      teacher_out = teacher.apply(
+        whole(teacher_variables),
+        teacher_images,
+        method="encode" if teacher_call == "encode" else None,
+      )
       teacher_out = jax.lax.stop_gradient(teacher_out)
     key = jax.random.fold_in(base_key, state.step)
 
     def loss_fn(params):
-      out, updated = model.apply({"params": gathered(params), "batch_stats": state.batch_stats},
-                                 images, train=True, rngs={"dropout": key},
-                                 mutable=["batch_stats"])
+      out, updated = model.apply(
+        {"params": gathered(params), "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        rngs={"dropout": key},
+        mutable=["batch_stats"],
+      )
       labels = batch["label"]
-      total, terms = objective(method, settings, out, teacher_out, labels, class_weights,
-                               ce_logits=logits_for_ce(out["logits"], labels, model.kernels))
+      total, terms = objective(
+        method,
+        settings,
+        out,
+        teacher_out,
+        labels,
+        class_weights,
+        ce_logits=logits_for_ce(out["logits"], labels, model.kernels),
+      )
       return total, (terms, updated.get("batch_stats", {}))
 
-    (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": total, **terms, "grad_norm": optax.global_norm(grads),
-               "lr": schedule(state.step)}
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+    metrics = {
+      "loss": total,
+      **terms,
+      "grad_norm": optax.global_norm(grads),
+      "lr": schedule(state.step),
+    }
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     return new_state, metrics
 
   return step
@@ -132,7 +168,9 @@ def make_train_step(model: Distiller, teacher: Optional[SegFormer], method: Meth
 
 def jit_train_step(step: Callable, mesh, state_sharding, teacher_sharding):
   """The step under jit: state donated, batch over every device, metrics replicated."""
-  return jax.jit(step,
-                 in_shardings=(state_sharding, teacher_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+  return jax.jit(
+    step,
+    in_shardings=(state_sharding, teacher_sharding, sharding.batch_sharding(mesh)),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )

@@ -14,18 +14,28 @@ WHAT = ("step", "data", "eval", "model", "compile")
 _DEFAULT = pathlib.Path(__file__).resolve().parents[2] / "configs" / "cityscapes.py"
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT) if _DEFAULT.exists() else None,
-    "Config file (configs/*.py); override values with --config.key=value.", lock_config=True)
+  "config",
+  str(_DEFAULT) if _DEFAULT.exists() else None,
+  "Config file (configs/*.py); override values with --config.key=value.",
+  lock_config=True,
+)
 _STEPS = flags.DEFINE_integer("steps", 5, "step, eval, model: timed calls after warm-up.")
-_WORKERS = flags.DEFINE_string("workers", "0,1,2", "data: grain worker counts to time "
-                               "('auto': config.data.num_workers='auto').")
-_KERNELS = flags.DEFINE_string("kernels", "cpu,native",
-                               "model: kernel forms to time (transkd_jax/models/kernels.py).")
-_TOPOLOGY = flags.DEFINE_string("topology", "local", "compile: a TPU topology (v5e:2x2, "
-                                 "v5e:4x4, v4:2x2x2, v5p:2x2x2 ...) or 'local' (this "
-                                 "process's devices).")
-_PROFILE = flags.DEFINE_integer("profile", 0, "model: also print the N most expensive ops of "
-                                "the student step.")
+_WORKERS = flags.DEFINE_string(
+  "workers", "0,1,2", "data: grain worker counts to time ('auto': config.data.num_workers='auto')."
+)
+_KERNELS = flags.DEFINE_string(
+  "kernels", "cpu,native", "model: kernel forms to time (transkd_jax/models/kernels.py)."
+)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology",
+  "local",
+  "compile: a TPU topology (v5e:2x2, "
+  "v5e:4x4, v4:2x2x2, v5p:2x2x2 ...) or 'local' (this "
+  "process's devices).",
+)
+_PROFILE = flags.DEFINE_integer(
+  "profile", 0, "model: also print the N most expensive ops of the student step."
+)
 
 
 def _print(row):
@@ -34,24 +44,30 @@ def _print(row):
 
 def _main(argv):
   if len(argv) != 2 or argv[1] not in WHAT:
-    raise app.UsageError(f"usage: python -m transkd_jax.benchmark {{{'|'.join(WHAT)}}} "
-                         "--config=FILE [--config.key=value] [flags]")
+    raise app.UsageError(
+      f"usage: python -m transkd_jax.benchmark {{{'|'.join(WHAT)}}} "
+      "--config=FILE [--config.key=value] [flags]"
+    )
   what, config = argv[1], _CONFIG.value
   try:
     validate_config(config)
     if what == "step":
       from transkd_jax.bench.step import bench_step
+
       _print(bench_step(config, steps=_STEPS.value))
     elif what == "eval":
       from transkd_jax.bench.eval import bench_eval
+
       for protocol in ("standard", "reference"):
         _print(bench_eval(config, protocol, _STEPS.value))
     elif what == "data":
       from transkd_jax.bench.data import bench_data
+
       for count in _WORKERS.value.split(","):
         _print(bench_data(config, count if count == "auto" else int(count)))
     elif what == "compile":
       from transkd_jax.bench.compile import compile_report, does_not_fit
+
       row = compile_report(config, _TOPOLOGY.value)
       _print(row)
       problem = does_not_fit(row)
@@ -60,6 +76,7 @@ def _main(argv):
         sys.exit(1)
     else:
       from transkd_jax.bench.model import bench_model
+
       bench_model(config, _KERNELS.value.split(","), _STEPS.value, _PROFILE.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -26,17 +26,31 @@ from typing import Optional
 import jax
 
 from transkd_jax import build
-from transkd_jax.throughput import Chip, chip_of
 from transkd_jax.errors import UserError
+from transkd_jax.throughput import Chip, chip_of
 
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
-               "all-to-all")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (.*?) ([a-z][a-z0-9\-]*)\(")
 _FUSED_REDUCE_SCATTER = re.compile(r"^%all-reduce-scatter[\w.]* \(")
 _ARRAY = re.compile(r"\b(pred|[suf](?:8|16|32|64)|bf16|c64|c128)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "f8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 
 
 def topology_devices(name: str):
@@ -44,16 +58,20 @@ def topology_devices(name: str):
   if name == "local":
     return jax.devices()
   from jax.experimental import topologies
+
   try:
     devices = topologies.get_topology_desc(name, platform="tpu").devices
     if any(getattr(d, "core_on_chip", 0) for d in devices):  # v4 / v5p: one device per chip
-      devices = topologies.get_topology_desc(name, platform="tpu",
-                                             chip_config_name="megacore").devices
+      devices = topologies.get_topology_desc(
+        name, platform="tpu", chip_config_name="megacore"
+      ).devices
   except Exception as e:  # libtpu absent, or a name it does not know
-    raise UserError(f"--topology={name}: cannot describe it ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}); expected a TPU topology "
-                    "such as v5e:2x2, v5e:4x4, v4:2x2x2 or v5p:2x2x2 (needs libtpu: pip install "
-                    "-e '.[tpu]' or '.[test]'), or 'local'") from None
+    raise UserError(
+      f"--topology={name}: cannot describe it ({type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''}); expected a TPU topology "
+      "such as v5e:2x2, v5e:4x4, v4:2x2x2 or v5p:2x2x2 (needs libtpu: pip install "
+      "-e '.[tpu]' or '.[test]'), or 'local'"
+    ) from None
   return devices
 
 
@@ -104,12 +122,11 @@ def hlo_summary(hlo_text: str) -> dict:
 def _kernels(form: str, ops: dict) -> dict:
   native = form == "native"
   return {
-      "form": form,
-      "depthwise_conv": "grouped convolution" if native else "nine shifted multiply-adds",
-      "attention": "jax.nn.dot_product_attention" if native else
-                   "einsums + hand-written softmax VJP",
-      "resize": "interpolation-matrix contractions" if native else "gathers + gather VJP",
-      "compiled_ops": ops,
+    "form": form,
+    "depthwise_conv": "grouped convolution" if native else "nine shifted multiply-adds",
+    "attention": "jax.nn.dot_product_attention" if native else "einsums + hand-written softmax VJP",
+    "resize": "interpolation-matrix contractions" if native else "gathers + gather VJP",
+    "compiled_ops": ops,
   }
 
 
@@ -117,9 +134,10 @@ def _memory_gib(compiled) -> float:
   m = compiled.memory_analysis()
   if m is None:
     return float("nan")
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
-           m.alias_size_in_bytes)
-  return total / 2 ** 30
+  total = (
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
+  return total / 2**30
 
 
 def _cost(compiled) -> dict:
@@ -134,7 +152,7 @@ def _capacity_gib(device, chip: Optional[Chip]) -> Optional[float]:
   except Exception:
     stats = None
   if stats and stats.get("bytes_limit"):
-    return stats["bytes_limit"] / 2 ** 30
+    return stats["bytes_limit"] / 2**30
   return chip.hbm_gib if chip else None
 
 
@@ -147,14 +165,16 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
   per_device_batch = config.batch_size / mesh.size
 
   start = time.perf_counter()
-  compiled = run.train_step.lower(run.abstract_state, run.abstract_teacher,
-                                  build.batch_spec(config, mesh)).compile()
+  compiled = run.train_step.lower(
+    run.abstract_state, run.abstract_teacher, build.batch_spec(config, mesh)
+  ).compile()
   compile_s = time.perf_counter() - start
   eval_compiled, eval_compile_s = None, float("nan")
   if with_eval:
     start = time.perf_counter()
-    eval_compiled = run.eval_step.lower(run.deployed(run.abstract_state),
-                                        eval_batch_spec(config, mesh)).compile()
+    eval_compiled = run.eval_step.lower(
+      run.deployed(run.abstract_state), eval_batch_spec(config, mesh)
+    ).compile()
     eval_compile_s = time.perf_counter() - start
 
   chip = chip_of(device)
@@ -164,31 +184,41 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
   flops = float(cost.get("flops", float("nan")))
   summary = hlo_summary(compiled.as_text())
   row = {
-      "bench": "compile", "method": config.method, "platform": device.platform,
-      "device_kind": device.device_kind, "topology": topology, "devices": mesh.size,
-      "hosts": len({d.process_index for d in mesh.devices.flat}),
-      "mesh_shape": [mesh.shape["data"], mesh.shape["model"]], "sharding": config.sharding,
-      "batch_size": config.batch_size, "height": config.image_size[0],
-      "width": config.image_size[1], "dtype": config.dtype,
-      "teacher_dtype": config.teacher_dtype or config.dtype,
-      "compile_s": round(compile_s, 2),
-      "eval_compile_s": round(eval_compile_s, 2) if with_eval else None,
-      "hbm_gib_per_device": round(hbm, 3),
-      "eval_hbm_gib_per_device": round(_memory_gib(eval_compiled), 3) if with_eval else None,
-      "hbm_capacity_gib": capacity, "fits": None if capacity is None else hbm <= capacity,
-      "tflops_per_step_per_device": float(f"{flops / 1e12:.4g}"),
-      "collectives": summary["collectives"],
-      "kernels": _kernels(run.kernels, summary["ops"]),
+    "bench": "compile",
+    "method": config.method,
+    "platform": device.platform,
+    "device_kind": device.device_kind,
+    "topology": topology,
+    "devices": mesh.size,
+    "hosts": len({d.process_index for d in mesh.devices.flat}),
+    "mesh_shape": [mesh.shape["data"], mesh.shape["model"]],
+    "sharding": config.sharding,
+    "batch_size": config.batch_size,
+    "height": config.image_size[0],
+    "width": config.image_size[1],
+    "dtype": config.dtype,
+    "teacher_dtype": config.teacher_dtype or config.dtype,
+    "compile_s": round(compile_s, 2),
+    "eval_compile_s": round(eval_compile_s, 2) if with_eval else None,
+    "hbm_gib_per_device": round(hbm, 3),
+    "eval_hbm_gib_per_device": round(_memory_gib(eval_compiled), 3) if with_eval else None,
+    "hbm_capacity_gib": capacity,
+    "fits": None if capacity is None else hbm <= capacity,
+    "tflops_per_step_per_device": float(f"{flops / 1e12:.4g}"),
+    "collectives": summary["collectives"],
+    "kernels": _kernels(run.kernels, summary["ops"]),
   }
   if chip is not None:
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
     seconds = max(flops / (chip.bf16_tflops * 1e12), bytes_accessed / (chip.hbm_gb_per_s * 1e9))
-    row.update({
+    row.update(
+      {
         "est_step_ms": round(seconds * 1e3, 3),
         "est_imgs_per_s_per_chip": round(per_device_batch / seconds, 2) if seconds else None,
         "est_note": "roofline bounds from the chip's peak bfloat16 FLOP/s and HBM bandwidth: "
-                    "the step takes at least est_step_ms, so at most est_imgs_per_s_per_chip",
-    })
+        "the step takes at least est_step_ms, so at most est_imgs_per_s_per_chip",
+      }
+    )
   return row
 
 
@@ -199,10 +229,12 @@ def eval_batch_spec(config, mesh) -> dict:
   spec = build.batch_spec(config, mesh)
   if config.eval_protocol == "standard":  # labels at the input's size
     label = spec["label"]
-    spec["label"] = jax.ShapeDtypeStruct((config.batch_size, *config.image_size), label.dtype,
-                                         sharding=label.sharding)
-  spec["valid"] = jax.ShapeDtypeStruct((config.batch_size,), jax.numpy.bool_,
-                                       sharding=spec["image"].sharding)
+    spec["label"] = jax.ShapeDtypeStruct(
+      (config.batch_size, *config.image_size), label.dtype, sharding=label.sharding
+    )
+  spec["valid"] = jax.ShapeDtypeStruct(
+    (config.batch_size,), jax.numpy.bool_, sharding=spec["image"].sharding
+  )
   return spec
 
 
@@ -214,9 +246,13 @@ def does_not_fit(row: dict) -> Optional[str]:
   per_device = row["batch_size"] // (row["mesh_shape"][0] * row["mesh_shape"][1])
   hints = [f"--config.batch_size (now {per_device} per device)"]
   if row["sharding"] != "fsdp" or row["mesh_shape"][1] == 1:
-    hints.append("--config.sharding=fsdp --config.mesh_shape=(-1,N) to split parameters and "
-                 "optimiser state N ways")
+    hints.append(
+      "--config.sharding=fsdp --config.mesh_shape=(-1,N) to split parameters and "
+      "optimiser state N ways"
+    )
   if row["dtype"] != "bfloat16":
     hints.append("--config.dtype=bfloat16")
-  return (f"the step needs {need:.2f} GiB per device, {need - have:.2f} GiB more than the "
-          f"{row['device_kind']}'s {have:.1f} GiB: lower " + ", or ".join(hints))
+  return (
+    f"the step needs {need:.2f} GiB per device, {need - have:.2f} GiB more than the "
+    f"{row['device_kind']}'s {have:.1f} GiB: lower " + ", or ".join(hints)
+  )

@@ -92,6 +92,7 @@ def bench_data(config, workers, batches: int = 20, stall_s: float = 3.0) -> dict
       if not config.data.root:
         config.data.root = os.path.join(tempfile.gettempdir(), "transkd_bench_cityscapes_size")
   from transkd_jax.data.pipeline import num_workers
+
   with PeakMemory() as memory:
     it = data.make_train_iterator(config)
     next(it)  # start workers, warm caches
@@ -103,7 +104,14 @@ def bench_data(config, workers, batches: int = 20, stall_s: float = 3.0) -> dict
     del it
   rate = batches * int(config.batch_size) / elapsed
   count = num_workers(config)
-  return {"bench": "data", "dataset": config.data.name, "workers": count,
-          "imgs_per_s": round(rate, 2), "per_worker": round(rate / max(count, 1), 2),
-          "peak_host_mb": round(memory.peak_mb, 1), "prefetch": int(config.data.prefetch),
-          "image_size": list(config.image_size), "batch_size": int(config.batch_size)}
+  return {
+    "bench": "data",
+    "dataset": config.data.name,
+    "workers": count,
+    "imgs_per_s": round(rate, 2),
+    "per_worker": round(rate / max(count, 1), 2),
+    "peak_host_mb": round(memory.peak_mb, 1),
+    "prefetch": int(config.data.prefetch),
+    "image_size": list(config.image_size),
+    "batch_size": int(config.batch_size),
+  }

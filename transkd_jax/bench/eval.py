@@ -28,9 +28,11 @@ def bench_eval(config, protocol: str, steps: int = 5) -> dict:
   variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
   label_size = (2 * h, 2 * w) if protocol == "standard" else (h // 4, w // 4)
   rng = np.random.default_rng(0)
-  local = {"image": rng.integers(0, 256, size=(batch, h, w, 3)).astype(np.uint8),
-           "label": rng.integers(0, config.num_classes, (batch,) + label_size).astype(np.int32),
-           "valid": np.ones(batch, bool)}
+  local = {
+    "image": rng.integers(0, 256, size=(batch, h, w, 3)).astype(np.uint8),
+    "label": rng.integers(0, config.num_classes, (batch,) + label_size).astype(np.int32),
+    "valid": np.ones(batch, bool),
+  }
   inputs = sharding.global_batch(local, mesh)
   step = build.make_eval_step(config, mesh, protocol)
   start = time.perf_counter()
@@ -42,9 +44,17 @@ def bench_eval(config, protocol: str, steps: int = 5) -> dict:
     jax.block_until_ready(step(variables, inputs))
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
-  return {"bench": "eval", "variant": str(model.variant), "protocol": protocol,
-          "imgs_per_s": round(batch / median, 3), "step_ms_median": round(1000 * median, 1),
-          "compile_s": round(compile_s, 1), "height": h, "width": w,
-          "label_size": list(label_size), "batch_size": batch, "dtype": config.dtype,
-          "device": jax.devices()[0].device_kind}
-
+  return {
+    "bench": "eval",
+    "variant": str(model.variant),
+    "protocol": protocol,
+    "imgs_per_s": round(batch / median, 3),
+    "step_ms_median": round(1000 * median, 1),
+    "compile_s": round(compile_s, 1),
+    "height": h,
+    "width": w,
+    "label_size": list(label_size),
+    "batch_size": batch,
+    "dtype": config.dtype,
+    "device": jax.devices()[0].device_kind,
+  }

@@ -69,7 +69,9 @@ def _op_names(hlo_text):
       args = re.search(r"fusion\(([^)]*)\)", line)
       operands[match.group(2)] = re.findall(r"%([\w.\-]+)", args.group(1)) if args else []
     if op:
-      key = 0 if match.group(3) in ("dot", "convolution", "reduce") else (1 if match.group(1) else 2)
+      key = (
+        0 if match.group(3) in ("dot", "convolution", "reduce") else (1 if match.group(1) else 2)
+      )
       computation_ops[computation].append((key, op))
   for name, called in calls.items():
     if not names[name] and computation_ops.get(called):
@@ -104,8 +106,10 @@ def profile_ops(fn, args, top, steps=3):
     op = re.sub(r"block(\d)_\d+", r"block\1_*", op) or f"({event['name'].rsplit('.', 1)[0]})"
     totals[("bwd" if backward else "fwd", op)] += event["dur"] / 1000 / steps
   grand = sum(totals.values())
-  rows = [{"pass": p, "where": w, "ms": round(t, 2), "share": round(t / grand, 4)}
-          for (p, w), t in totals.most_common(top)]
+  rows = [
+    {"pass": p, "where": w, "ms": round(t, 2), "share": round(t / grand, 4)}
+    for (p, w), t in totals.most_common(top)
+  ]
   return rows, grand
 
 
@@ -116,35 +120,65 @@ def bench_model(config, forms, repeats, profile=0):
   images = jnp.asarray(np.random.RandomState(0).rand(batch, *size, 3), jnp.float32)
   labels = jnp.zeros((batch, size[0] // 4, size[1] // 4), jnp.int32)
   for form in forms:
-    teacher, student = (archs.build(config[role].arch, config[role].variant, config.num_classes,
-                                    dtype=dtype, kernels=form) for role in ("teacher", "student"))
+    teacher, student = (
+      archs.build(
+        config[role].arch, config[role].variant, config.num_classes, dtype=dtype, kernels=form
+      )
+      for role in ("teacher", "student")
+    )
     t_vars = jax.jit(teacher.init)(jax.random.key(0), images[:1])
     s_vars = jax.jit(student.init)(jax.random.key(1), images[:1])
 
-    encode = jax.jit(lambda v, x: teacher.apply(v, x, method="encode"))
+    encode = jax.jit(lambda v, x, teacher=teacher: teacher.apply(v, x, method="encode"))
 
-    def loss(params, state, x, y):
-      out, _ = student.apply({"params": params, **state}, x, train=True,
-                             rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+    def loss(params, state, x, y, student=student):
+      out, _ = student.apply(
+        {"params": params, **state},
+        x,
+        train=True,
+        rngs={"dropout": jax.random.key(0)},
+        mutable=["batch_stats"],
+      )
       logp = jax.nn.log_softmax(out["logits"])
       return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
 
     grad = jax.jit(jax.grad(loss))
     state = {"batch_stats": s_vars.get("batch_stats", {})}
     rows = {
-        "teacher_encode_s": median_seconds(encode, t_vars, images, repeats=repeats),
-        "student_fwd_bwd_s": median_seconds(grad, s_vars["params"], state, images, labels,
-                                   repeats=repeats),
+      "teacher_encode_s": median_seconds(encode, t_vars, images, repeats=repeats),
+      "student_fwd_bwd_s": median_seconds(
+        grad, s_vars["params"], state, images, labels, repeats=repeats
+      ),
     }
-    print(json.dumps({"bench": "model", "backend": jax.default_backend(),
-                      "device": jax.devices()[0].device_kind, "size": list(size),
-                      "batch": batch, "dtype": dtype.name, "kernels": form,
-                      "teacher": f"{config.teacher.arch} {config.teacher.variant}",
-                      "student": f"{config.student.arch} {config.student.variant}",
-                      **{k: round(v, 5) for k, v in rows.items()}}), flush=True)
+    print(
+      json.dumps(
+        {
+          "bench": "model",
+          "backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind,
+          "size": list(size),
+          "batch": batch,
+          "dtype": dtype.name,
+          "kernels": form,
+          "teacher": f"{config.teacher.arch} {config.teacher.variant}",
+          "student": f"{config.student.arch} {config.student.variant}",
+          **{k: round(v, 5) for k, v in rows.items()},
+        }
+      ),
+      flush=True,
+    )
     if profile:
       ops, total = profile_ops(grad, (s_vars["params"], state, images, labels), profile)
-      print(json.dumps({"bench": "profile", "model": "student_fwd_bwd", "kernels": form,
-                        "op_time_ms_per_step": round(total, 2)}), flush=True)
+      print(
+        json.dumps(
+          {
+            "bench": "profile",
+            "model": "student_fwd_bwd",
+            "kernels": form,
+            "op_time_ms_per_step": round(total, 2),
+          }
+        ),
+        flush=True,
+      )
       for row in ops:
         print(json.dumps(row), flush=True)

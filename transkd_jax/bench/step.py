@@ -35,10 +35,11 @@ def matmul_gflops_per_s(dtype, devices) -> float:
   n = 2048 if devices[0].platform == "cpu" else 8192
   mesh = jax.sharding.Mesh(np.array(devices), ("d",))
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-  a = jax.device_put(np.random.default_rng(0).standard_normal((len(devices), n, n),
-                                                              np.float32).astype(dtype), spec)
+  a = jax.device_put(
+    np.random.default_rng(0).standard_normal((len(devices), n, n), np.float32).astype(dtype), spec
+  )
   seconds = median_seconds(jax.jit(lambda x: x @ x), a, repeats=3)
-  return 2 * n ** 3 * len(devices) / seconds / 1e9
+  return 2 * n**3 * len(devices) / seconds / 1e9
 
 
 def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
@@ -49,16 +50,18 @@ def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
   teacher_variables = run.random_teacher()
   rng = np.random.default_rng(0)
   spec = build.batch_spec(config)  # the shapes the data pipeline gives for config.data
-  batch = sharding.global_batch({
+  batch = sharding.global_batch(
+    {
       "image": rng.integers(0, 256, size=spec["image"].shape).astype(np.uint8),
-      "label": rng.integers(0, config.num_classes, size=spec["label"].shape).astype(np.int32)},
-      run.mesh)
+      "label": rng.integers(0, config.num_classes, size=spec["label"].shape).astype(np.int32),
+    },
+    run.mesh,
+  )
 
   start = time.perf_counter()
   compiled = run.train_step.lower(state, teacher_variables, batch).compile()
   compile_s = time.perf_counter() - start
-  flops = throughput.step_flops(run.train_step, state, teacher_variables, batch,
-                                compiled=compiled)
+  flops = throughput.step_flops(run.train_step, state, teacher_variables, batch, compiled=compiled)
   for _ in range(warmup):
     state, metrics = compiled(state, teacher_variables, batch)
   jax.block_until_ready(state)
@@ -72,22 +75,32 @@ def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
   devices = list(run.mesh.devices.flat)
   matmul = matmul_gflops_per_s(jnp.dtype(config.dtype), devices)
   rates = throughput.rates(flops, median, devices)
-  row = {"bench": "step", "method": config.method, "backend": jax.default_backend(),
-         "device": devices[0].device_kind, "devices": len(devices),
-         "height": size[0], "width": size[1], "batch_size": batch_size,
-         "dtype": config.dtype, "teacher_dtype": config.teacher_dtype or config.dtype,
-         "kernels": run.kernels, "huge_pages": hugepages.enabled(),
-         "imgs_per_s": round(batch_size / median, 3), "step_ms_median": round(1e3 * median, 2),
-         "compile_s": round(compile_s, 2),
-         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-         "gflops_per_img": round(flops / 1e9 / batch_size, 2),
-         "gflops_per_s": round(flops / median / 1e9, 1),
-         "matmul_gflops_per_s": round(matmul, 1),
-         "fraction_of_matmul": round(flops / median / 1e9 / matmul, 3),
-         "tflops_per_device": round(rates["tflops_per_device"], 4)}
+  row = {
+    "bench": "step",
+    "method": config.method,
+    "backend": jax.default_backend(),
+    "device": devices[0].device_kind,
+    "devices": len(devices),
+    "height": size[0],
+    "width": size[1],
+    "batch_size": batch_size,
+    "dtype": config.dtype,
+    "teacher_dtype": config.teacher_dtype or config.dtype,
+    "kernels": run.kernels,
+    "huge_pages": hugepages.enabled(),
+    "imgs_per_s": round(batch_size / median, 3),
+    "step_ms_median": round(1e3 * median, 2),
+    "compile_s": round(compile_s, 2),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    "gflops_per_img": round(flops / 1e9 / batch_size, 2),
+    "gflops_per_s": round(flops / median / 1e9, 1),
+    "matmul_gflops_per_s": round(matmul, 1),
+    "fraction_of_matmul": round(flops / median / 1e9 / matmul, 3),
+    "tflops_per_device": round(rates["tflops_per_device"], 4),
+  }
   if "mfu" in rates:
     row["mfu"] = round(rates["mfu"], 4)
   stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
-    row["device_peak_mb"] = round(stats["peak_bytes_in_use"] / 2 ** 20, 1)
+    row["device_peak_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
   return row

@@ -32,39 +32,47 @@ from transkd_jax.data.sources import make_source
 
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
   """Every ``config.data`` key with its default (the generated dataset)."""
-  config = ml_collections.ConfigDict({
-      "name": "generated",          # cityscapes | acdc | nyuv2 | voc | tfds | generated
-      "root": "",                   # dataset root; for generated: where it is written
-      "conditions": "all",          # ACDC: "all" or a comma list of fog, night, rain, snow
-      "transforms": "reference",    # train + eval transforms: "reference" (the public code's,
-                                    # bug-compatible), "aligned" (its shift without the
-                                    # misregistration) or "mmseg" (SegFormer's mmseg config)
+  config = ml_collections.ConfigDict(
+    {
+      "name": "generated",  # cityscapes | acdc | nyuv2 | voc | tfds | generated
+      "root": "",  # dataset root; for generated: where it is written
+      "conditions": "all",  # ACDC: "all" or a comma list of fog, night, rain, snow
+      "transforms": "reference",  # train + eval transforms: "reference" (the public code's,
+      # bug-compatible), "aligned" (its shift without the
+      # misregistration) or "mmseg" (SegFormer's mmseg config)
       "eval_label_resolution": "",  # reference protocol: "quarter" | "full" (dataset's own
-                                    # size); empty: full for eval_protocol standard, else quarter
-      "eval_label_pad": (0, 0),     # standard protocol: pad full-size labels to (h, w) when
-                                    # a split's sizes differ (VOC); (0, 0): the first label's
+      # size); empty: full for eval_protocol standard, else quarter
+      "eval_label_pad": (0, 0),  # standard protocol: pad full-size labels to (h, w) when
+      # a split's sizes differ (VOC); (0, 0): the first label's
       "mmseg_scale": (1024, 2048),  # mmseg: (height, width) base scale; aspect ratio kept
       "mmseg_ratio_range": (0.5, 2.0),  # mmseg train: scale times a uniform ratio in this range
       "mmseg_cat_max_ratio": 0.75,  # mmseg train: redraw crops where one class covers >= this
       # grain worker processes: 0 (in-process threads), N, or "auto" (0 on CPU devices,
       # else the CPUs less one, at most 16); an int or a string, so typed as object
       "num_workers": ml_collections.FieldReference("auto", field_type=object),
-      "prefetch": 2,                # batches buffered (and threads reading) per process
-      "skip_bad_files": False,      # undecodable files: error (False) or skip with a warning
-      "tfds_name": "",              # tfds: name[/config][:version] (data/tfds_source.py)
+      "prefetch": 2,  # batches buffered (and threads reading) per process
+      "skip_bad_files": False,  # undecodable files: error (False) or skip with a warning
+      "tfds_name": "",  # tfds: name[/config][:version] (data/tfds_source.py)
       "tfds_image_key": "image",
       "tfds_label_key": "segmentation_mask",
-      "tfds_name_key": "",          # tfds: a feature naming each example ("": split_index)
+      "tfds_name_key": "",  # tfds: a feature naming each example ("": split_index)
       "tfds_label_mapping": "train_ids",  # tfds: train_ids | cityscapes_ids | nyu40
-      "tfds_num_classes": 0,        # tfds: 0 is the mapping's own (19; 40 for nyu40)
-      "num_train": 200,             # generated dataset: images per split
+      "tfds_num_classes": 0,  # tfds: 0 is the mapping's own (19; 40 for nyu40)
+      "num_train": 200,  # generated dataset: images per split
       "num_val": 50,
       "generated_size": (256, 512),  # (height, width) of generated images
       "generated_seed": 0,
-  })
+    }
+  )
   config.update(overrides)
   return config
 
 
-__all__ = ["CLASS_NAMES", "PALETTES", "default_data_config", "make_eval_iterator",
-           "make_source", "make_train_iterator"]
+__all__ = [
+  "CLASS_NAMES",
+  "PALETTES",
+  "default_data_config",
+  "make_eval_iterator",
+  "make_source",
+  "make_train_iterator",
+]

@@ -9,9 +9,11 @@ from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 
 IGNORE = 255
 
-_TRAIN = sorted((l for l in _CITYSCAPES_LABELS if 0 <= l.trainId < 255), key=lambda l: l.trainId)
-CITYSCAPES_NAMES = tuple(l.name for l in _TRAIN)
-CITYSCAPES_PALETTE = np.array([l.color for l in _TRAIN], np.uint8)
+_TRAIN = sorted(
+  (lab for lab in _CITYSCAPES_LABELS if 0 <= lab.trainId < 255), key=lambda lab: lab.trainId
+)
+CITYSCAPES_NAMES = tuple(lab.name for lab in _TRAIN)
+CITYSCAPES_PALETTE = np.array([lab.color for lab in _TRAIN], np.uint8)
 
 
 def _cityscapes_lut() -> np.ndarray:
@@ -25,18 +27,55 @@ def _cityscapes_lut() -> np.ndarray:
 # labelIds (0..33) -> train ids (0..18, 255 ignored).
 CITYSCAPES_ID_TO_TRAIN = _cityscapes_lut()
 # train ids -> labelIds (for the generator and the submission format).
-CITYSCAPES_TRAIN_TO_ID = np.array([l.id for l in _TRAIN], np.uint8)
+CITYSCAPES_TRAIN_TO_ID = np.array([lab.id for lab in _TRAIN], np.uint8)
 
 # The public TransKD code's ENet-style cross-entropy weights for the 19 Cityscapes train ids
 # (it uses them for Cityscapes and ACDC).
 CITYSCAPES_CLASS_WEIGHTS = (
-    2.5959737, 6.741505, 3.5353868, 9.866315, 9.690922, 9.369371, 10.289124, 9.953209,
-    4.3098087, 9.490392, 7.674411, 9.396925, 10.347794, 6.3928986, 10.226673, 10.241072,
-    10.28059, 10.396977, 10.05567)
+  2.5959737,
+  6.741505,
+  3.5353868,
+  9.866315,
+  9.690922,
+  9.369371,
+  10.289124,
+  9.953209,
+  4.3098087,
+  9.490392,
+  7.674411,
+  9.396925,
+  10.347794,
+  6.3928986,
+  10.226673,
+  10.241072,
+  10.28059,
+  10.396977,
+  10.05567,
+)
 
-VOC_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-             "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
-             "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+VOC_NAMES = (
+  "background",
+  "aeroplane",
+  "bicycle",
+  "bird",
+  "boat",
+  "bottle",
+  "bus",
+  "car",
+  "cat",
+  "chair",
+  "cow",
+  "diningtable",
+  "dog",
+  "horse",
+  "motorbike",
+  "person",
+  "pottedplant",
+  "sheep",
+  "sofa",
+  "train",
+  "tvmonitor",
+)
 
 
 def _voc_palette(n=21):
@@ -56,19 +95,65 @@ VOC_PALETTE = _voc_palette()
 
 # NYUv2's 40 classes (Gupta et al. 2013), train ids 0-39 = label values 1-40.
 NYUV2_NAMES = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
-    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
-    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
-    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")
+  "wall",
+  "floor",
+  "cabinet",
+  "bed",
+  "chair",
+  "sofa",
+  "table",
+  "door",
+  "window",
+  "bookshelf",
+  "picture",
+  "counter",
+  "blinds",
+  "desk",
+  "shelves",
+  "curtain",
+  "dresser",
+  "pillow",
+  "mirror",
+  "floor mat",
+  "clothes",
+  "ceiling",
+  "books",
+  "refrigerator",
+  "television",
+  "paper",
+  "towel",
+  "shower curtain",
+  "box",
+  "whiteboard",
+  "person",
+  "night stand",
+  "toilet",
+  "sink",
+  "lamp",
+  "bathtub",
+  "bag",
+  "otherstructure",
+  "otherfurniture",
+  "otherprop",
+)
 # The bit-interleaved colour map (as VOC's) indexed by the raw 1-40 label value, as NYUv2
 # toolkits colour the labels40 PNGs (the public code indexes it by train id, painting walls black).
 NYUV2_PALETTE = _voc_palette(41)[1:]
 
-CLASS_NAMES = {"cityscapes": CITYSCAPES_NAMES, "acdc": CITYSCAPES_NAMES,
-               "generated": CITYSCAPES_NAMES, "voc": VOC_NAMES, "nyuv2": NYUV2_NAMES}
-PALETTES = {"cityscapes": CITYSCAPES_PALETTE, "acdc": CITYSCAPES_PALETTE,
-            "generated": CITYSCAPES_PALETTE, "voc": VOC_PALETTE, "nyuv2": NYUV2_PALETTE}
+CLASS_NAMES = {
+  "cityscapes": CITYSCAPES_NAMES,
+  "acdc": CITYSCAPES_NAMES,
+  "generated": CITYSCAPES_NAMES,
+  "voc": VOC_NAMES,
+  "nyuv2": NYUV2_NAMES,
+}
+PALETTES = {
+  "cityscapes": CITYSCAPES_PALETTE,
+  "acdc": CITYSCAPES_PALETTE,
+  "generated": CITYSCAPES_PALETTE,
+  "voc": VOC_PALETTE,
+  "nyuv2": NYUV2_PALETTE,
+}
 
 
 def _dataset_key(data_config) -> str:

@@ -35,13 +35,26 @@ TRAIN, MOTORCYCLE, BICYCLE, EGO = 31, 32, 33, 1
 
 # Base colours (RGB, 0..1) with a per-object jitter, loosely like real scenes.
 _BASE = {
-    ROAD: (0.33, 0.32, 0.34), SIDEWALK: (0.62, 0.56, 0.55), BUILDING: (0.45, 0.42, 0.40),
-    WALL: (0.55, 0.50, 0.42), FENCE: (0.50, 0.45, 0.38), POLE: (0.40, 0.40, 0.42),
-    LIGHT: (0.12, 0.12, 0.12), SIGN: (0.85, 0.75, 0.15), VEGETATION: (0.22, 0.42, 0.15),
-    TERRAIN: (0.45, 0.55, 0.25), SKY: (0.55, 0.70, 0.90), PERSON: (0.50, 0.25, 0.25),
-    RIDER: (0.60, 0.20, 0.20), CAR: (0.20, 0.25, 0.55), TRUCK: (0.55, 0.55, 0.60),
-    BUS: (0.75, 0.60, 0.15), TRAIN: (0.70, 0.72, 0.75), MOTORCYCLE: (0.15, 0.15, 0.20),
-    BICYCLE: (0.35, 0.10, 0.12), EGO: (0.05, 0.05, 0.06),
+  ROAD: (0.33, 0.32, 0.34),
+  SIDEWALK: (0.62, 0.56, 0.55),
+  BUILDING: (0.45, 0.42, 0.40),
+  WALL: (0.55, 0.50, 0.42),
+  FENCE: (0.50, 0.45, 0.38),
+  POLE: (0.40, 0.40, 0.42),
+  LIGHT: (0.12, 0.12, 0.12),
+  SIGN: (0.85, 0.75, 0.15),
+  VEGETATION: (0.22, 0.42, 0.15),
+  TERRAIN: (0.45, 0.55, 0.25),
+  SKY: (0.55, 0.70, 0.90),
+  PERSON: (0.50, 0.25, 0.25),
+  RIDER: (0.60, 0.20, 0.20),
+  CAR: (0.20, 0.25, 0.55),
+  TRUCK: (0.55, 0.55, 0.60),
+  BUS: (0.75, 0.60, 0.15),
+  TRAIN: (0.70, 0.72, 0.75),
+  MOTORCYCLE: (0.15, 0.15, 0.20),
+  BICYCLE: (0.35, 0.10, 0.12),
+  EGO: (0.05, 0.05, 0.06),
 }
 
 
@@ -54,13 +67,15 @@ class _Canvas:
     self.lab = np.zeros((height, width), np.uint8)
     # Block noise (texture at 1/8 scale) and fine noise, shared by every surface.
     bh, bw = -(-height // 8), -(-width // 8)
-    self.block = np.repeat(np.repeat(rng.standard_normal((bh, bw)).astype(np.float32), 8, 0),
-                           8, 1)[:height, :width]
+    self.block = np.repeat(np.repeat(rng.standard_normal((bh, bw)).astype(np.float32), 8, 0), 8, 1)[
+      :height, :width
+    ]
     self.fine = rng.standard_normal((height, width)).astype(np.float32)
 
   def colour(self, cls, jitter=0.08):
-    return np.clip(np.asarray(_BASE[cls], np.float32) +
-                   self.rng.normal(0, jitter, 3).astype(np.float32), 0, 1)
+    return np.clip(
+      np.asarray(_BASE[cls], np.float32) + self.rng.normal(0, jitter, 3).astype(np.float32), 0, 1
+    )
 
   def fill(self, mask, cls, colour=None, texture=0.05, ys=None, xs=None):
     """Paints ``mask`` (bool array, or over the window ys x xs) with a textured colour."""
@@ -69,7 +84,7 @@ class _Canvas:
     xs = slice(None) if xs is None else xs
     tex = texture * (self.block[ys, xs] + 0.5 * self.fine[ys, xs])
     patch = self.img[ys, xs]
-    patch[mask] = (colour[None, :] + tex[mask][:, None])
+    patch[mask] = colour[None, :] + tex[mask][:, None]
     self.lab[ys, xs][mask] = cls
 
   def rect(self, y0, y1, x0, x1, cls, colour=None, texture=0.05):
@@ -110,11 +125,12 @@ def _sky_and_background(c: _Canvas, horizon: int, vx: float):
         wy, wx = np.ogrid[ys, xs]
         py, px = int(rng.integers(6, 12)), int(rng.integers(6, 14))
         grid = ((wy - top_y) % py > py // 2) & ((wx - x) % px > px // 2) & (wy < horizon - 4)
-        shade = (0.15 if rng.uniform() < 0.5 else 0.75)
+        shade = 0.15 if rng.uniform() < 0.5 else 0.75
         c.img[ys, xs][grid] = shade + 0.05 * c.fine[ys, xs][grid][:, None]
     else:  # a gap filled by trees
-      c.ellipse(horizon - 0.25 * horizon, x + bw / 2, 0.3 * horizon, bw / 2, VEGETATION,
-                texture=0.12)
+      c.ellipse(
+        horizon - 0.25 * horizon, x + bw / 2, 0.3 * horizon, bw / 2, VEGETATION, texture=0.12
+      )
     x += bw
   # Low walls or fences in front of some buildings.
   for _ in range(rng.integers(0, 3)):
@@ -171,8 +187,9 @@ def _poles(c: _Canvas, horizon: int, vx: float, walk_fn):
       c.rect(top, top + size, x - size / 2, x + size / 2, SIGN, texture=0.02)
     elif kind < 0.8:
       c.rect(top, top + 2.2 * size, x - 0.45 * size, x + 0.45 * size, LIGHT, texture=0.02)
-      lamp = np.array([(0.9, 0.1, 0.1), (0.9, 0.7, 0.1), (0.1, 0.8, 0.2)][rng.integers(3)],
-                      np.float32)
+      lamp = np.array(
+        [(0.9, 0.1, 0.1), (0.9, 0.7, 0.1), (0.1, 0.8, 0.2)][rng.integers(3)], np.float32
+      )
       c.ellipse(top + 0.5 * size, x, 0.3 * size, 0.3 * size, LIGHT, colour=lamp, texture=0.0)
 
 
@@ -186,21 +203,43 @@ def _vehicle(c: _Canvas, base, x, scale, cls):
   # Windows (darker band) and wheels: part of the vehicle's class, as in Cityscapes.
   glass = np.array([0.15, 0.18, 0.22], np.float32) + rng.normal(0, 0.03, 3).astype(np.float32)
   top = base - height
-  c.rect(top + 0.1 * height, top + 0.45 * height, x - 0.4 * length, x + 0.4 * length, cls,
-         colour=glass, texture=0.02)
+  c.rect(
+    top + 0.1 * height,
+    top + 0.45 * height,
+    x - 0.4 * length,
+    x + 0.4 * length,
+    cls,
+    colour=glass,
+    texture=0.02,
+  )
   for wx in (x - 0.3 * length, x + 0.3 * length):
-    c.ellipse(base - 0.1 * scale, wx, 0.12 * scale, 0.12 * scale, cls,
-              colour=np.array([0.05, 0.05, 0.05], np.float32), texture=0.01)
+    c.ellipse(
+      base - 0.1 * scale,
+      wx,
+      0.12 * scale,
+      0.12 * scale,
+      cls,
+      colour=np.array([0.05, 0.05, 0.05], np.float32),
+      texture=0.01,
+    )
 
 
 def _person(c: _Canvas, base, x, scale, cls=PERSON):
   height = 0.9 * scale
   width = 0.22 * scale
   c.rect(base - 0.85 * height, base - 0.45 * height, x - width / 2, x + width / 2, cls)
-  c.rect(base - 0.45 * height, base, x - 0.4 * width, x + 0.4 * width, cls,
-         colour=c.colour(cls) * 0.6)
-  c.ellipse(base - 0.92 * height, x, 0.08 * height, 0.08 * height, cls,
-            colour=np.array([0.85, 0.65, 0.5], np.float32), texture=0.02)
+  c.rect(
+    base - 0.45 * height, base, x - 0.4 * width, x + 0.4 * width, cls, colour=c.colour(cls) * 0.6
+  )
+  c.ellipse(
+    base - 0.92 * height,
+    x,
+    0.08 * height,
+    0.08 * height,
+    cls,
+    colour=np.array([0.85, 0.65, 0.5], np.float32),
+    texture=0.02,
+  )
 
 
 def _rider(c: _Canvas, base, x, scale):
@@ -255,8 +294,9 @@ def generate_scene(seed: int, index: int, size: Tuple[int, int] = (256, 512)):
     c.rect(0.92 * h, h, 0, w, EGO, texture=0.02)
   # Lighting: global light level, colour cast, and a soft diagonal shadow.
   yy, xx = np.ogrid[0:h, 0:w]
-  shadow = 1.0 - rng.uniform(0.0, 0.35) * (np.sin((xx / w * rng.uniform(1, 3) + yy / h) *
-                                                 np.pi + rng.uniform(0, 6)) > 0.3)
+  shadow = 1.0 - rng.uniform(0.0, 0.35) * (
+    np.sin((xx / w * rng.uniform(1, 3) + yy / h) * np.pi + rng.uniform(0, 6)) > 0.3
+  )
   light = rng.uniform(0.6, 1.25) * np.asarray(1 + rng.normal(0, 0.06, 3), np.float32)
   img = c.img * light[None, None, :] * shadow[..., None].astype(np.float32)
   img += rng.normal(0, 0.02, img.shape).astype(np.float32) if rng.uniform() < 0.5 else 0.0
@@ -265,8 +305,10 @@ def generate_scene(seed: int, index: int, size: Tuple[int, int] = (256, 512)):
 
 def _names(split: str, index: int) -> Tuple[str, str]:
   stem = f"{CITY}_{index // 1000:06d}_{index % 1000:06d}"
-  return (os.path.join("leftImg8bit", split, CITY, f"{stem}_leftImg8bit.png"),
-          os.path.join("gtFine", split, CITY, f"{stem}_gtFine_labelIds.png"))
+  return (
+    os.path.join("leftImg8bit", split, CITY, f"{stem}_leftImg8bit.png"),
+    os.path.join("gtFine", split, CITY, f"{stem}_gtFine_labelIds.png"),
+  )
 
 
 def write_dataset(root: str, num_train: int, num_val: int, size=(256, 512), seed: int = 0):
@@ -276,24 +318,33 @@ def write_dataset(root: str, num_train: int, num_val: int, size=(256, 512), seed
   complete, so an interrupted run never leaves a half-written tree behind, and
   concurrent writers (several processes) end with one complete tree.
   """
-  settings = {"num_train": int(num_train), "num_val": int(num_val), "size": list(size),
-              "seed": int(seed), "version": 1}
+  settings = {
+    "num_train": int(num_train),
+    "num_val": int(num_val),
+    "size": list(size),
+    "seed": int(seed),
+    "version": 1,
+  }
   marker = os.path.join(root, _MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
       existing = json.load(f)
     if existing != settings:
-      raise ValueError(f"{root} holds a generated dataset with other settings ({existing}); "
-                       f"wanted {settings}: choose another config.data.root")
+      raise ValueError(
+        f"{root} holds a generated dataset with other settings ({existing}); "
+        f"wanted {settings}: choose another config.data.root"
+      )
     return root
   if os.path.exists(root) and os.listdir(root):
-    raise ValueError(f"{root} is not empty and holds no generated dataset ({_MARKER} missing); "
-                     "config.data.root for 'generated' must be an empty or new directory")
+    raise ValueError(
+      f"{root} is not empty and holds no generated dataset ({_MARKER} missing); "
+      "config.data.root for 'generated' must be an empty or new directory"
+    )
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".generating-", dir=parent)
   try:
-    for split, count, offset in (("train", num_train, 0), ("val", num_val, 10 ** 6)):
+    for split, count, offset in (("train", num_train, 0), ("val", num_val, 10**6)):
       for i in range(count):
         image, label = generate_scene(seed, offset + i, tuple(size))
         img_path, lab_path = (os.path.join(tmp, p) for p in _names(split, i))

@@ -36,14 +36,17 @@ from transkd_jax.errors import UserError
 
 
 def _process(process_index, process_count):
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
+  return (
+    jax.process_index() if process_index is None else process_index,
+    jax.process_count() if process_count is None else process_count,
+  )
 
 
 def _local_batch(config, process_count):
   if config.batch_size % process_count:
-    raise UserError(f"config.batch_size={config.batch_size} does not divide over "
-                    f"{process_count} processes")
+    raise UserError(
+      f"config.batch_size={config.batch_size} does not divide over {process_count} processes"
+    )
   return config.batch_size // process_count
 
 
@@ -82,8 +85,7 @@ def _loader(ds: grain.MapDataset, config) -> grain.IterDataset:
   ds = ds.to_iter_dataset(read_options(config))
   workers = num_workers(config)
   if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=1))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1))
   return ds
 
 
@@ -94,8 +96,10 @@ def make_train_iterator(config, process_index=None, process_count=None):
   source = make_source(config.data, config.train_split)
   ds = grain.MapDataset.source(source)
   if len(ds) < config.batch_size:
-    raise UserError(f"the {config.train_split} split holds {len(ds)} examples, "
-                    f"fewer than config.batch_size={config.batch_size}")
+    raise UserError(
+      f"the {config.train_split} split holds {len(ds)} examples, "
+      f"fewer than config.batch_size={config.batch_size}"
+    )
   ds = ds.shuffle(seed=config.seed).repeat(None)
   ds = ds.random_map(_strip(_train_transform(config)), seed=config.seed)
   # Blocks of `local` consecutive examples; block b belongs to process b % count,
@@ -106,15 +110,18 @@ def make_train_iterator(config, process_index=None, process_count=None):
 
 def _strip(fn):
   """Applies ``fn`` to image + label; keeps the example's count of skipped bad files."""
+
   def apply(example, rng):
     out = fn({"image": example["image"], "label": example["label"]}, rng)
     out["skipped"] = np.int32(example.get("skipped", 0))
     return out
+
   return apply
 
 
-def make_eval_iterator(config, split: str = "val", process_index=None, process_count=None,
-                       limit: int = 0):
+def make_eval_iterator(
+  config, split: str = "val", process_index=None, process_count=None, limit: int = 0
+):
   """One pass over ``split`` (its first ``limit`` examples when > 0): batches {"image",
   "label", "valid"}, padded to whole batches.
 
@@ -139,10 +146,12 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
     example = shard[min(i, len(shard) - 1)] if len(shard) else source[0]
     out = transform(example)
     if local > 1 and image_shape is not None and out["image"].shape != image_shape:
-      raise UserError(f"evaluation images differ in size after the {config.data.transforms} "
-                      f"transform ({example.get('name', i)}: {out['image'].shape[:2]}, first: "
-                      f"{image_shape[:2]}); batches need one size: evaluate with "
-                      "--config.batch_size=1 (one compile per size) or the reference protocol")
+      raise UserError(
+        f"evaluation images differ in size after the {config.data.transforms} "
+        f"transform ({example.get('name', i)}: {out['image'].shape[:2]}, first: "
+        f"{image_shape[:2]}); batches need one size: evaluate with "
+        "--config.batch_size=1 (one compile per size) or the reference protocol"
+      )
     if pad is not None:
       out = _pad_label(out, pad, example.get("name", i))
     out["valid"] = np.bool_(i < len(shard))
@@ -156,8 +165,9 @@ def make_eval_iterator(config, split: str = "val", process_index=None, process_c
 def _label_pad(config, source, transform):
   """(h, w) full-resolution labels are padded to, or None (labels at a fixed size)."""
   if config.eval_protocol != "standard" or (
-      transforms.transforms_of(config) != "mmseg" and
-      transforms.eval_label_resolution(config) == "quarter"):
+    transforms.transforms_of(config) != "mmseg"
+    and transforms.eval_label_resolution(config) == "quarter"
+  ):
     return None
   chosen = tuple(config.data.eval_label_pad)
   if chosen and any(chosen):
@@ -168,9 +178,11 @@ def _label_pad(config, source, transform):
 def _pad_label(out, pad, name):
   h, w = out["label"].shape
   if h > pad[0] or w > pad[1]:
-    raise UserError(f"the label of {name} is {h}x{w} (height x width), larger than the "
-                    f"{pad[0]}x{pad[1]} evaluation labels are padded to: set "
-                    "--config.data.eval_label_pad='(H, W)' to the largest label size of the split")
+    raise UserError(
+      f"the label of {name} is {h}x{w} (height x width), larger than the "
+      f"{pad[0]}x{pad[1]} evaluation labels are padded to: set "
+      "--config.data.eval_label_pad='(H, W)' to the largest label size of the split"
+    )
   out["label"] = transforms.pad_to(out["label"], pad, IGNORE)
   out["label_size"] = np.array([h, w], np.int32)
   return out

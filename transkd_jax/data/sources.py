@@ -34,9 +34,11 @@ from transkd_jax.data import generated
 from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN, IGNORE
 from transkd_jax.errors import UserError
 
-CITYSCAPES_LAYOUT = ("ROOT/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
-                     "ROOT/gtFine/<split>/<city>/<name>_gtFine_labelIds.png "
-                     "(or _gtFine_labelTrainIds.png)")
+CITYSCAPES_LAYOUT = (
+  "ROOT/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
+  "ROOT/gtFine/<split>/<city>/<name>_gtFine_labelIds.png "
+  "(or _gtFine_labelTrainIds.png)"
+)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -54,8 +56,9 @@ def read_label(path: str) -> np.ndarray:
   except Exception as e:
     raise UserError(f"cannot decode label {path} ({type(e).__name__}: {e})") from None
   if label.ndim != 2:
-    raise UserError(f"label {path} has shape {label.shape}; expected a single-channel "
-                    "(H x W) PNG of class ids")
+    raise UserError(
+      f"label {path} has shape {label.shape}; expected a single-channel (H x W) PNG of class ids"
+    )
   return label
 
 
@@ -69,21 +72,27 @@ def to_train_ids(label: np.ndarray, mapping: str, num_classes: int, where: str) 
   """
   if mapping == "cityscapes_ids":
     if label.max() > 33:
-      raise UserError(f"label {where} holds label ids up to {int(label.max())}; expected "
-                      "Cityscapes label ids 0-33 (or use *_labelTrainIds.png)")
+      raise UserError(
+        f"label {where} holds label ids up to {int(label.max())}; expected "
+        "Cityscapes label ids 0-33 (or use *_labelTrainIds.png)"
+      )
     return CITYSCAPES_ID_TO_TRAIN[label]
   if mapping == "nyu40":
     if label.max() > num_classes:
       bad = sorted(set(label[label > num_classes].tolist()))[:5]
-      raise UserError(f"label {where} holds values {bad}; expected 0 (unlabelled) or the "
-                      f"40-class ids 1-{num_classes}")
+      raise UserError(
+        f"label {where} holds values {bad}; expected 0 (unlabelled) or the "
+        f"40-class ids 1-{num_classes}"
+      )
     return (label.astype(np.int32) - 1).astype(np.uint8)  # 0 wraps to 255
   if mapping not in ("train_ids", "classes"):
     raise ValueError(f"unknown label mapping {mapping!r}")
   bad = (label >= num_classes) & (label != IGNORE)
   if bad.any():
-    raise UserError(f"label {where} holds values {sorted(set(label[bad].tolist()))[:5]}; "
-                    f"expected classes 0-{num_classes - 1} or {IGNORE}")
+    raise UserError(
+      f"label {where} holds values {sorted(set(label[bad].tolist()))[:5]}; "
+      f"expected classes 0-{num_classes - 1} or {IGNORE}"
+    )
   return label
 
 
@@ -113,16 +122,24 @@ class PairedSource:
       except UserError as e:
         if not self.skip_bad_files:
           raise
-        warnings.warn(f"skipping a bad file (config.data.skip_bad_files=True): {e}")
+        warnings.warn(f"skipping a bad file (config.data.skip_bad_files=True): {e}", stacklevel=2)
     else:
-      raise UserError(f"every one of the {len(self.items)} files of this split failed to "
-                      "decode (config.data.skip_bad_files=True skipped them all)")
+      raise UserError(
+        f"every one of the {len(self.items)} files of this split failed to "
+        "decode (config.data.skip_bad_files=True skipped them all)"
+      )
     if image.shape[:2] != label.shape:
-      raise UserError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
-                      f"{label_path} is {label.shape[1]}x{label.shape[0]}")
+      raise UserError(
+        f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
+        f"{label_path} is {label.shape[1]}x{label.shape[0]}"
+      )
     label = to_train_ids(label, mapping, self.num_classes, label_path)
-    return {"image": image, "label": label.astype(np.uint8), "name": name,
-            "skipped": np.int32(skipped)}
+    return {
+      "image": image,
+      "label": label.astype(np.uint8),
+      "name": name,
+      "skipped": np.int32(skipped),
+    }
 
 
 def _need_dir(path, what, layout):
@@ -135,22 +152,27 @@ def cityscapes_items(root: str, split: str):
   _need_dir(root, "config.data.root", CITYSCAPES_LAYOUT)
   image_dir = os.path.join(root, "leftImg8bit", split)
   if not os.path.isdir(image_dir):
-    raise UserError(f"no split {split!r} under {root}: {image_dir} is missing; expected "
-                    f"{CITYSCAPES_LAYOUT}")
+    raise UserError(
+      f"no split {split!r} under {root}: {image_dir} is missing; expected {CITYSCAPES_LAYOUT}"
+    )
   images = sorted(glob.glob(os.path.join(image_dir, "*", "*_leftImg8bit.png")))
   if not images:
     raise UserError(f"{image_dir} holds no */*_leftImg8bit.png; expected {CITYSCAPES_LAYOUT}")
   label_dir = os.path.join(root, "gtFine", split)
-  return _pair(images, image_dir, "_leftImg8bit.png", label_dir,
-               [("_gtFine_labelTrainIds.png", "train_ids"), ("_gtFine_labelIds.png",
-                                                               "cityscapes_ids")])
+  return _pair(
+    images,
+    image_dir,
+    "_leftImg8bit.png",
+    label_dir,
+    [("_gtFine_labelTrainIds.png", "train_ids"), ("_gtFine_labelIds.png", "cityscapes_ids")],
+  )
 
 
 def _pair(images, image_dir, image_suffix, label_dir, label_kinds):
   """Matches every image with its label (first existing kind); names what is missing."""
   items, stems = [], set()
   for image in images:
-    stem = os.path.relpath(image, image_dir)[:-len(image_suffix)]
+    stem = os.path.relpath(image, image_dir)[: -len(image_suffix)]
     stems.add(stem)
     for suffix, mapping in label_kinds:
       label = os.path.join(label_dir, stem + suffix)
@@ -159,21 +181,26 @@ def _pair(images, image_dir, image_suffix, label_dir, label_kinds):
         break
     else:
       expected = os.path.join(label_dir, stem + label_kinds[-1][0])
-      raise UserError(f"image {image} has no label: expected {expected} (or "
-                      f"{' / '.join(s for s, _ in label_kinds[:-1])})")
+      raise UserError(
+        f"image {image} has no label: expected {expected} (or "
+        f"{' / '.join(s for s, _ in label_kinds[:-1])})"
+      )
   for suffix, _ in label_kinds:
     for label in glob.glob(os.path.join(label_dir, "**", "*" + suffix), recursive=True):
-      stem = os.path.relpath(label, label_dir)[:-len(suffix)]
+      stem = os.path.relpath(label, label_dir)[: -len(suffix)]
       if stem not in stems:
-        raise UserError(f"label {label} has no image: expected "
-                        f"{os.path.join(image_dir, stem + image_suffix)}")
+        raise UserError(
+          f"label {label} has no image: expected {os.path.join(image_dir, stem + image_suffix)}"
+        )
   return items
 
 
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
-ACDC_LAYOUT = ("ROOT/rgb_anon/<condition>/<split>/<sequence>/<name>_rgb_anon.png and "
-               "ROOT/gt/<condition>/<split>/<sequence>/<name>_gt_labelTrainIds.png "
-               "(or _gt_labelIds.png)")
+ACDC_LAYOUT = (
+  "ROOT/rgb_anon/<condition>/<split>/<sequence>/<name>_rgb_anon.png and "
+  "ROOT/gt/<condition>/<split>/<sequence>/<name>_gt_labelTrainIds.png "
+  "(or _gt_labelIds.png)"
+)
 
 
 def acdc_items(root: str, split: str, conditions="all"):
@@ -185,26 +212,36 @@ def acdc_items(root: str, split: str, conditions="all"):
     conditions = tuple(c.strip() for c in conditions.split(","))
   unknown = set(conditions) - set(ACDC_CONDITIONS)
   if unknown:
-    raise UserError(f"config.data.conditions: unknown ACDC condition(s) {sorted(unknown)}; "
-                    f"expected some of {', '.join(ACDC_CONDITIONS)} or 'all'")
+    raise UserError(
+      f"config.data.conditions: unknown ACDC condition(s) {sorted(unknown)}; "
+      f"expected some of {', '.join(ACDC_CONDITIONS)} or 'all'"
+    )
   items = []
   for condition in conditions:
     image_dir = os.path.join(root, "rgb_anon", condition, split)
     if not os.path.isdir(image_dir):
-      raise UserError(f"no split {split!r} for condition {condition!r}: {image_dir} is "
-                      f"missing; expected {ACDC_LAYOUT}")
+      raise UserError(
+        f"no split {split!r} for condition {condition!r}: {image_dir} is "
+        f"missing; expected {ACDC_LAYOUT}"
+      )
     images = sorted(glob.glob(os.path.join(image_dir, "*", "*_rgb_anon.png")))
-    items += _pair(images, image_dir, "_rgb_anon.png", os.path.join(root, "gt", condition, split),
-                   [("_gt_labelTrainIds.png", "train_ids"), ("_gt_labelIds.png",
-                                                             "cityscapes_ids")])
+    items += _pair(
+      images,
+      image_dir,
+      "_rgb_anon.png",
+      os.path.join(root, "gt", condition, split),
+      [("_gt_labelTrainIds.png", "train_ids"), ("_gt_labelIds.png", "cityscapes_ids")],
+    )
   if not items:
     raise UserError(f"no ACDC images for split {split!r} under {root}; expected {ACDC_LAYOUT}")
   return items
 
 
-VOC_LAYOUT = ("ROOT/JPEGImages/<name>.jpg, ROOT/SegmentationClassAug/<name>.png (or "
-              "SegmentationClass/), ROOT/ImageSets/Segmentation/<split>.txt "
-              "(e.g. train_aug.txt, train.txt, val.txt)")
+VOC_LAYOUT = (
+  "ROOT/JPEGImages/<name>.jpg, ROOT/SegmentationClassAug/<name>.png (or "
+  "SegmentationClass/), ROOT/ImageSets/Segmentation/<split>.txt "
+  "(e.g. train_aug.txt, train.txt, val.txt)"
+)
 
 
 def voc_items(root: str, split: str):
@@ -215,11 +252,13 @@ def voc_items(root: str, split: str):
     raise UserError(f"no split {split!r}: {listing} is missing; expected {VOC_LAYOUT}")
   with open(listing) as f:
     names = [line.split()[0] for line in f if line.strip()]
-  label_dirs = [d for d in ("SegmentationClassAug", "SegmentationClass")
-                if os.path.isdir(os.path.join(root, d))]
+  label_dirs = [
+    d for d in ("SegmentationClassAug", "SegmentationClass") if os.path.isdir(os.path.join(root, d))
+  ]
   if not label_dirs:
-    raise UserError(f"{root} has neither SegmentationClassAug/ nor SegmentationClass/; "
-                    f"expected {VOC_LAYOUT}")
+    raise UserError(
+      f"{root} has neither SegmentationClassAug/ nor SegmentationClass/; expected {VOC_LAYOUT}"
+    )
   items = []
   for name in names:
     image = os.path.join(root, "JPEGImages", name + ".jpg")
@@ -233,9 +272,11 @@ def voc_items(root: str, split: str):
   return items
 
 
-NYUV2_LAYOUT = ("ROOT/images/<name>.jpg (or .png), ROOT/labels40/<name>.png (0 unlabelled, "
-                "1-40 the 40 classes), ROOT/<split>.txt listing one <name> per line "
-                "(train.txt, test.txt)")
+NYUV2_LAYOUT = (
+  "ROOT/images/<name>.jpg (or .png), ROOT/labels40/<name>.png (0 unlabelled, "
+  "1-40 the 40 classes), ROOT/<split>.txt listing one <name> per line "
+  "(train.txt, test.txt)"
+)
 
 
 def nyuv2_items(root: str, split: str):
@@ -269,8 +310,9 @@ def generated_root(data_config) -> str:
     return os.path.expanduser(data_config.root)
   h, w = data_config.generated_size
   return os.path.expanduser(
-      f"~/.cache/transkd_jax/generated-{data_config.num_train}-{data_config.num_val}-"
-      f"{h}x{w}-seed{data_config.generated_seed}")
+    f"~/.cache/transkd_jax/generated-{data_config.num_train}-{data_config.num_val}-"
+    f"{h}x{w}-seed{data_config.generated_seed}"
+  )
 
 
 def make_source(data_config, split: str):
@@ -289,13 +331,21 @@ def make_source(data_config, split: str):
   if name == "generated":
     root = generated_root(data_config)
     try:
-      generated.write_dataset(root, data_config.num_train, data_config.num_val,
-                              tuple(data_config.generated_size), data_config.generated_seed)
+      generated.write_dataset(
+        root,
+        data_config.num_train,
+        data_config.num_val,
+        tuple(data_config.generated_size),
+        data_config.generated_seed,
+      )
     except ValueError as e:
       raise UserError(str(e)) from None
     return PairedSource(cityscapes_items(root, split), 19, skip)
   if name == "tfds":
     from transkd_jax.data.tfds_source import tfds_source
+
     return tfds_source(data_config, split)
-  raise UserError(f"config.data.name={name!r} is not known; expected one of "
-                  "cityscapes, acdc, nyuv2, voc, tfds, generated")
+  raise UserError(
+    f"config.data.name={name!r} is not known; expected one of "
+    "cityscapes, acdc, nyuv2, voc, tfds, generated"
+  )

@@ -49,35 +49,47 @@ from transkd_jax.data.sources import to_train_ids
 from transkd_jax.errors import UserError
 
 MAPPINGS = ("train_ids", "classes", "cityscapes_ids", "nyu40")
-PREPARED_LAYOUT = ("<data_dir>/<name>/<config>/<version>/ with dataset_info.json, "
-                   "features.json and <name>-<split>.array_record-* files")
+PREPARED_LAYOUT = (
+  "<data_dir>/<name>/<config>/<version>/ with dataset_info.json, "
+  "features.json and <name>-<split>.array_record-* files"
+)
 
 
 def _data_dir_text(data_dir: str) -> str:
   if data_dir:
     return repr(data_dir)
   from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
+
   return f"'' (TFDS's default, {constants.DATA_DIR})"
 
 
 def open_tfds(name: str, data_dir: str, split: str):
   """``tfds.data_source`` for one split; a missing dataset or split is a ``UserError``."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  where = (f"config.data.tfds_name={name!r} split {split!r} under config.data.root="
-           f"{_data_dir_text(data_dir)}")
+
+  where = (
+    f"config.data.tfds_name={name!r} split {split!r} under config.data.root="
+    f"{_data_dir_text(data_dir)}"
+  )
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except tfds.core.DatasetNotFoundError:
-    raise UserError(f"no TFDS dataset {where}: neither a registered TFDS name nor prepared "
-                    f"there; expected {PREPARED_LAYOUT}") from None
+    raise UserError(
+      f"no TFDS dataset {where}: neither a registered TFDS name nor prepared "
+      f"there; expected {PREPARED_LAYOUT}"
+    ) from None
   except (ValueError, NotImplementedError, AssertionError, OSError) as e:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if _is_prepared(tfds, name, data_dir) is False:  # TFDS's own error would be misleading
-      raise UserError(f"TFDS dataset {where} is not prepared: expected {PREPARED_LAYOUT} "
-                      f"(e.g. `tfds build {name.split(':')[0]} --file_format=array_record"
-                      f"{' --data_dir ' + data_dir if data_dir else ''}`)") from None
-    raise UserError(f"cannot read TFDS dataset {where} ({type(e).__name__}: {reason}); "
-                    "expected an existing split of a prepared array_record dataset") from None
+      raise UserError(
+        f"TFDS dataset {where} is not prepared: expected {PREPARED_LAYOUT} "
+        f"(e.g. `tfds build {name.split(':')[0]} --file_format=array_record"
+        f"{' --data_dir ' + data_dir if data_dir else ''}`)"
+      ) from None
+    raise UserError(
+      f"cannot read TFDS dataset {where} ({type(e).__name__}: {reason}); "
+      "expected an existing split of a prepared array_record dataset"
+    ) from None
 
 
 def _is_prepared(tfds, name: str, data_dir: str):
@@ -98,8 +110,10 @@ def to_image(value, where: str) -> np.ndarray:
   if image.ndim == 3 and image.shape[-1] == 4:
     image = image[..., :3]
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise UserError(f"image {where} is {image.dtype} with shape {image.shape}; expected uint8 "
-                    "H x W x 3 (or grey H x W x 1 / H x W)")
+    raise UserError(
+      f"image {where} is {image.dtype} with shape {image.shape}; expected uint8 "
+      "H x W x 3 (or grey H x W x 1 / H x W)"
+    )
   return image
 
 
@@ -109,12 +123,16 @@ def to_label(value, where: str) -> np.ndarray:
   if label.ndim == 3 and label.shape[-1] == 1:
     label = label[..., 0]
   if label.ndim != 2 or not np.issubdtype(label.dtype, np.integer):
-    raise UserError(f"label {where} is {label.dtype} with shape {label.shape}; expected "
-                    "integer class values, H x W or H x W x 1")
+    raise UserError(
+      f"label {where} is {label.dtype} with shape {label.shape}; expected "
+      "integer class values, H x W or H x W x 1"
+    )
   bad = (label < 0) | (label > 255)
   if bad.any():
-    raise UserError(f"label {where} holds values {sorted(set(label[bad].tolist()))[:5]}; "
-                    "expected class values 0-255")
+    raise UserError(
+      f"label {where} holds values {sorted(set(label[bad].tolist()))[:5]}; "
+      "expected class values 0-255"
+    )
   return label
 
 
@@ -141,8 +159,7 @@ class TfdsSource:
   source on first use.
   """
 
-  def __init__(self, name, data_dir, split, image_key, label_key, name_key, mapping,
-               num_classes):
+  def __init__(self, name, data_dir, split, image_key, label_key, name_key, mapping, num_classes):
     self.tfds_name, self.data_dir, self.split = name, data_dir, split
     self.image_key, self.label_key, self.name_key = image_key, label_key, name_key
     self.mapping, self.num_classes = mapping, num_classes
@@ -151,8 +168,10 @@ class TfdsSource:
     keys = sorted(self._source.dataset_info.features.keys())
     for what, key in (("image", image_key), ("label", label_key), ("name", name_key)):
       if key and key not in keys:
-        raise UserError(f"config.data.tfds_{what}_key={key!r} is not a feature of TFDS dataset "
-                        f"{name!r}; expected one of {', '.join(keys)}")
+        raise UserError(
+          f"config.data.tfds_{what}_key={key!r} is not a feature of TFDS dataset "
+          f"{name!r}; expected one of {', '.join(keys)}"
+        )
 
   def __getstate__(self):
     return {k: v for k, v in self.__dict__.items() if k != "_source"}
@@ -173,24 +192,35 @@ class TfdsSource:
     image = to_image(example[self.image_key], where)
     label = to_label(example[self.label_key], where)
     if image.shape[:2] != label.shape:
-      raise UserError(f"image {where} is {image.shape[1]}x{image.shape[0]} but its label is "
-                      f"{label.shape[1]}x{label.shape[0]}; expected the same size")
+      raise UserError(
+        f"image {where} is {image.shape[1]}x{image.shape[0]} but its label is "
+        f"{label.shape[1]}x{label.shape[0]}; expected the same size"
+      )
     label = to_train_ids(label, self.mapping, self.num_classes, where)
-    return {"image": image, "label": label.astype(np.uint8), "name": name,
-            "skipped": np.int32(0)}
+    return {"image": image, "label": label.astype(np.uint8), "name": name, "skipped": np.int32(0)}
 
 
 def tfds_source(data_config, split: str):
   """The ``TfdsSource`` of ``config.data`` (name "tfds") for ``split``."""
   name = data_config.tfds_name
   if not name:
-    raise UserError("config.data.tfds_name is empty; expected a prepared TFDS dataset "
-                    "name[/config][:version], e.g. cityscapes/semantic_segmentation")
+    raise UserError(
+      "config.data.tfds_name is empty; expected a prepared TFDS dataset "
+      "name[/config][:version], e.g. cityscapes/semantic_segmentation"
+    )
   mapping = data_config.tfds_label_mapping
   if mapping not in MAPPINGS:
-    raise UserError(f"config.data.tfds_label_mapping={mapping!r}; expected one of "
-                    f"{', '.join(MAPPINGS)}")
+    raise UserError(
+      f"config.data.tfds_label_mapping={mapping!r}; expected one of {', '.join(MAPPINGS)}"
+    )
   num_classes = int(data_config.tfds_num_classes) or (40 if mapping == "nyu40" else 19)
   return TfdsSource(
-      name, os.path.expanduser(data_config.root), split, data_config.tfds_image_key,
-      data_config.tfds_label_key, data_config.tfds_name_key, mapping, num_classes)
+    name,
+    os.path.expanduser(data_config.root),
+    split,
+    data_config.tfds_image_key,
+    data_config.tfds_label_key,
+    data_config.tfds_name_key,
+    mapping,
+    num_classes,
+  )

@@ -120,11 +120,13 @@ def public_shift(x: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
   """
   h, w = x.shape[:2]
   out = np.zeros_like(x)
-  out[:h + min(dy, 0), :w + min(dx, 0)] = fill  # inside the expanded canvas
+  out[: h + min(dy, 0), : w + min(dx, 0)] = fill  # inside the expanded canvas
   src_y = slice(max(-dy, 0), h - max(dy, 0))
   src_x = slice(max(-dx, 0), w - max(dx, 0))
-  out[max(dy, 0):max(dy, 0) + src_y.stop - src_y.start,
-      max(dx, 0):max(dx, 0) + src_x.stop - src_x.start] = x[src_y, src_x]
+  out[
+    max(dy, 0) : max(dy, 0) + src_y.stop - src_y.start,
+    max(dx, 0) : max(dx, 0) + src_x.stop - src_x.start,
+  ] = x[src_y, src_x]
   return out
 
 
@@ -174,13 +176,13 @@ def reference_eval(example, size, label_resolution: str = "quarter"):
   elif label_resolution == "full":
     label = example["label"]
   else:
-    raise ValueError(f"config.data.eval_label_resolution must be 'quarter' or 'full', got "
-                     f"{label_resolution!r}")
+    raise ValueError(
+      f"config.data.eval_label_resolution must be 'quarter' or 'full', got {label_resolution!r}"
+    )
   return {"image": image, "label": label.astype(np.int32)}
 
 
 # --- mmseg protocol -------------------------------------------------------------------------
-
 
 
 def rescale_size(shape, scale, ratio: float = 1.0):
@@ -212,7 +214,7 @@ def resize_window(image: np.ndarray, size, top: int = 0, left: int = 0, window=N
   """
   window = size if window is None else window
   if tuple(size) == image.shape[:2]:
-    return image[top:top + window[0], left:left + window[1]]
+    return image[top : top + window[0], left : left + window[1]]
   r0, r1, wr = linear_taps(image.shape[0], size[0], top, window[0])
   c0, c1, wc = linear_taps(image.shape[1], size[1], left, window[1])
   lo, hi = int(c0[0]), int(c1[-1]) + 1  # the source columns the window reads
@@ -227,8 +229,8 @@ def resize_window(image: np.ndarray, size, top: int = 0, left: int = 0, window=N
 def label_window(label: np.ndarray, size, top: int = 0, left: int = 0, window=None):
   """``window`` of ``label`` resized to ``size`` by nearest neighbour (cv2's floor rule)."""
   window = size if window is None else window
-  rows = nearest_indices(label.shape[0], size[0])[top:top + window[0]]
-  cols = nearest_indices(label.shape[1], size[1])[left:left + window[1]]
+  rows = nearest_indices(label.shape[0], size[0])[top : top + window[0]]
+  cols = nearest_indices(label.shape[1], size[1])[left : left + window[1]]
   return label[rows][:, cols]
 
 
@@ -240,8 +242,9 @@ def crop_is_balanced(label: np.ndarray, cat_max_ratio: float) -> bool:
   return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
-def random_crop_box(label_at, shape, crop_size, rng: np.random.Generator,
-                    cat_max_ratio: float = 1.0, tries: int = 10):
+def random_crop_box(
+  label_at, shape, crop_size, rng: np.random.Generator, cat_max_ratio: float = 1.0, tries: int = 10
+):
   """(top, left, (h, w)) of a crop of an image of ``shape``, as mmseg's RandomCrop.
 
   ``label_at(top, left, window)`` gives the crop's label; while a crop fails
@@ -251,8 +254,10 @@ def random_crop_box(label_at, shape, crop_size, rng: np.random.Generator,
   window = min(crop_size[0], shape[0]), min(crop_size[1], shape[1])
 
   def draw():
-    return (int(rng.integers(0, shape[0] - window[0] + 1)),
-            int(rng.integers(0, shape[1] - window[1] + 1)))
+    return (
+      int(rng.integers(0, shape[0] - window[0] + 1)),
+      int(rng.integers(0, shape[1] - window[1] + 1)),
+    )
 
   top, left = draw()
   if cat_max_ratio < 1.0:
@@ -275,8 +280,9 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
   eps = np.float32(np.finfo(np.float32).eps)
   s = diff / (np.abs(v) + eps)
   scale = np.float32(60.0) / (diff + eps)
-  h = np.where(v == r, (g - b) * scale,
-               np.where(v == g, (b - r) * scale + 120, (r - g) * scale + 240))
+  h = np.where(
+    v == r, (g - b) * scale, np.where(v == g, (b - r) * scale + 120, (r - g) * scale + 240)
+  )
   h = np.where(h < 0, h + 360, h)
   return np.stack([h, s, v], axis=-1)
 
@@ -336,9 +342,14 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
   return lut.astype(np.uint8)[x]
 
 
-def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
-                           brightness_delta: float = 32, contrast_range=(0.5, 1.5),
-                           saturation_range=(0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
+def photometric_distortion(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  brightness_delta: float = 32,
+  contrast_range=(0.5, 1.5),
+  saturation_range=(0.5, 1.5),
+  hue_delta: int = 18,
+) -> np.ndarray:
   """mmseg's PhotoMetricDistortion on a uint8 RGB image (each step with p 0.5).
 
   Brightness, then contrast either first (mode 1) or last (mode 0), saturation and
@@ -378,8 +389,14 @@ def pad_to(x: np.ndarray, size, fill) -> np.ndarray:
   return out
 
 
-def mmseg_train(example, rng: np.random.Generator, crop_size, scale=(1024, 2048),
-                ratio_range=(0.5, 2.0), cat_max_ratio: float = 0.75):
+def mmseg_train(
+  example,
+  rng: np.random.Generator,
+  crop_size,
+  scale=(1024, 2048),
+  ratio_range=(0.5, 2.0),
+  cat_max_ratio: float = 0.75,
+):
   """mmseg's train pipeline; {"image": uint8 crop_size x 3, "label": int32 crop_size}.
 
   Normalisation (ImageNet mean/std) is left to the step, on the device. Padding
@@ -390,15 +407,17 @@ def mmseg_train(example, rng: np.random.Generator, crop_size, scale=(1024, 2048)
   ratio = rng.uniform() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
   size = rescale_size(image.shape, scale, ratio)
   top, left, window = random_crop_box(
-      lambda t, l, win: label_window(label, size, t, l, win), size, crop_size, rng,
-      cat_max_ratio)
+    lambda t, x0, win: label_window(label, size, t, x0, win), size, crop_size, rng, cat_max_ratio
+  )
   image = resize_window(image, size, top, left, window)
   label = label_window(label, size, top, left, window)
   if rng.uniform() < 0.5:
     image, label = image[:, ::-1], label[:, ::-1]
   image = photometric_distortion(image, rng)
-  return {"image": pad_to(image, crop_size, MEAN_PIXEL),
-          "label": pad_to(label, crop_size, IGNORE).astype(np.int32)}
+  return {
+    "image": pad_to(image, crop_size, MEAN_PIXEL),
+    "label": pad_to(label, crop_size, IGNORE).astype(np.int32),
+  }
 
 
 def mmseg_eval(example, scale=(1024, 2048)):
@@ -420,8 +439,10 @@ def _pair(config, key, increasing=False):
   except (TypeError, ValueError):
     raise UserError(f"config.data.{key} must be two numbers, got {value!r}") from None
   if not (0 < a <= b if increasing else a > 0 and b > 0):
-    raise UserError(f"config.data.{key}={tuple(value)!r} must be positive"
-                    + (" and increasing" if increasing else ""))
+    raise UserError(
+      f"config.data.{key}={tuple(value)!r} must be positive"
+      + (" and increasing" if increasing else "")
+    )
   return a, b
 
 
@@ -429,8 +450,9 @@ def _mmseg_settings(config):
   scale = tuple(int(v) for v in _pair(config, "mmseg_scale"))
   cat_max_ratio = float(config.data.mmseg_cat_max_ratio)
   if not cat_max_ratio > 0:
-    raise UserError(f"config.data.mmseg_cat_max_ratio={cat_max_ratio!r} must be > 0 "
-                    "(>= 1 turns the test off)")
+    raise UserError(
+      f"config.data.mmseg_cat_max_ratio={cat_max_ratio!r} must be > 0 (>= 1 turns the test off)"
+    )
   ratio_range = _pair(config, "mmseg_ratio_range", increasing=True)
   return {"scale": scale, "ratio_range": ratio_range, "cat_max_ratio": cat_max_ratio}
 
@@ -439,8 +461,9 @@ def transforms_of(config) -> str:
   """``config.data.transforms``: "reference" (the public code's), "aligned" or "mmseg"."""
   name = config.data.transforms
   if name not in TRANSFORMS:
-    raise UserError(f"config.data.transforms={name!r} is not known; expected one of "
-                    f"{', '.join(TRANSFORMS)}")
+    raise UserError(
+      f"config.data.transforms={name!r} is not known; expected one of {', '.join(TRANSFORMS)}"
+    )
   return name
 
 
@@ -457,8 +480,9 @@ def eval_transform(config):
   """fn(example) for ``config.data.transforms`` (the model sees what it trained on)."""
   if transforms_of(config) == "mmseg":
     return functools.partial(mmseg_eval, scale=_mmseg_settings(config)["scale"])
-  return functools.partial(reference_eval, size=tuple(config.image_size),
-                           label_resolution=eval_label_resolution(config))
+  return functools.partial(
+    reference_eval, size=tuple(config.image_size), label_resolution=eval_label_resolution(config)
+  )
 
 
 def eval_label_resolution(config) -> str:

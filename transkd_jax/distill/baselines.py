@@ -23,6 +23,7 @@ Dtype = Any
 
 class ABFUnit(nn.Module):
   """ReviewKD's attention-based fusion: a per-pixel, two-way sigmoid gate."""
+
   mid: int
   out: int
   fuse: bool
@@ -38,8 +39,16 @@ class ABFUnit(nn.Module):
       if deeper is None:
         raise ValueError("a fusing ABF unit needs the deeper unit's map")
       y = resize_nearest(deeper, x.shape[1:3], self.kernels)
-      z = conv(2, 1, "att_conv", dt, pdt, use_bias=True, kernel_init=init.torch_default_kernel,
-               fan_in=2 * self.mid)(jnp.concatenate([x, y], axis=-1))
+      z = conv(
+        2,
+        1,
+        "att_conv",
+        dt,
+        pdt,
+        use_bias=True,
+        kernel_init=init.torch_default_kernel,
+        fan_in=2 * self.mid,
+      )(jnp.concatenate([x, y], axis=-1))
       z = jax.nn.sigmoid(z)
       x = x * z[..., 0:1] + y * z[..., 1:2]
     out = batch_norm(train, "conv2_bn", dt, pdt)(conv(self.out, 3, "conv2", dt, pdt)(x))
@@ -48,6 +57,7 @@ class ABFUnit(nn.Module):
 
 class ReviewFusion(nn.Module):
   """Four ABF units, deepest first; outputs in stage order (shallow -> deep)."""
+
   teacher_channels: Sequence[int]
   mid: int = 64
   kernels: str = "native"
@@ -60,15 +70,22 @@ class ReviewFusion(nn.Module):
     outputs = [None] * 4
     carried = None
     for stage in (3, 2, 1, 0):
-      unit = ABFUnit(self.mid, self.teacher_channels[stage], fuse=stage < 3,
-                     kernels=self.kernels, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name=f"stage{stage + 1}")
+      unit = ABFUnit(
+        self.mid,
+        self.teacher_channels[stage],
+        fuse=stage < 3,
+        kernels=self.kernels,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"stage{stage + 1}",
+      )
       outputs[stage], carried = unit(student_maps[stage], carried, train)
     return tuple(outputs)
 
 
 class FitNetAdapters(nn.Module):
   """A 1x1 convolution (with bias) per stage, student -> teacher channels."""
+
   teacher_channels: Sequence[int]
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -77,6 +94,15 @@ class FitNetAdapters(nn.Module):
   def __call__(self, student_maps, train: bool = False):
     check_stage_count("FitNetAdapters", student_maps)
     return tuple(
-        conv(self.teacher_channels[i], 1, f"stage{i + 1}", self.dtype, self.param_dtype,
-             use_bias=True, kernel_init=init.torch_default_kernel, fan_in=m.shape[-1])(m)
-        for i, m in enumerate(student_maps))
+      conv(
+        self.teacher_channels[i],
+        1,
+        f"stage{i + 1}",
+        self.dtype,
+        self.param_dtype,
+        use_bias=True,
+        kernel_init=init.torch_default_kernel,
+        fan_in=m.shape[-1],
+      )(m)
+      for i, m in enumerate(student_maps)
+    )

@@ -30,6 +30,7 @@ Dtype = Any
 
 class CSFUnit(nn.Module):
   """One fusion unit. Returns (teacher-width output, width-``mid`` map passed on)."""
+
   mid: int
   out: int
   fuse: bool
@@ -52,10 +53,21 @@ class CSFUnit(nn.Module):
       z = nn.relu(batch_norm(train, "fc_bn", dt, pdt)(z))
       # The public code's batch-of-one branch: declared for parity, never used.
       self.param("fc_single", init.torch_default_kernel, (1, 1, self.mid, width), pdt)
-      a = jnp.stack([
-          conv(self.mid, 1, f"fcs_{i}", dt, pdt, use_bias=True,
-               kernel_init=init.torch_default_kernel, fan_in=width)(z)
-          for i in range(2)])
+      a = jnp.stack(
+        [
+          conv(
+            self.mid,
+            1,
+            f"fcs_{i}",
+            dt,
+            pdt,
+            use_bias=True,
+            kernel_init=init.torch_default_kernel,
+            fan_in=width,
+          )(z)
+          for i in range(2)
+        ]
+      )
       a = jax.nn.softmax(a.astype(jnp.float32), axis=0).astype(x.dtype)  # across branches
       self.sow("intermediates", "branch_weights", a)
       x = a[0] * x + a[1] * y
@@ -66,6 +78,7 @@ class CSFUnit(nn.Module):
 
 class CrossSelectiveFusion(nn.Module):
   """Four CSF units; maps student stage maps (shallow -> deep) to teacher widths."""
+
   teacher_channels: Sequence[int]
   mid: int = 64
   kernels: str = "native"
@@ -79,8 +92,14 @@ class CrossSelectiveFusion(nn.Module):
     outputs = [None] * 4
     carried = None
     for stage in (3, 2, 1, 0):
-      unit = CSFUnit(self.mid, self.teacher_channels[stage], fuse=stage < 3,
-                     kernels=self.kernels, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name=f"stage{stage + 1}")
+      unit = CSFUnit(
+        self.mid,
+        self.teacher_channels[stage],
+        fuse=stage < 3,
+        kernels=self.kernels,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"stage{stage + 1}",
+      )
       outputs[stage], carried = unit(student_maps[stage], carried, train)
     return tuple(outputs)

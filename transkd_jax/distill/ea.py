@@ -33,21 +33,33 @@ class EmbeddingAssistant(nn.Module):
     out = []
     for stage, x in enumerate(inputs):
       kernel, stride, padding = PATCH_GEOMETRY[stage]
-      tokens, _ = OverlapPatchEmbed(self.teacher_channels[stage], kernel, stride, padding,
-                                    self.dtype, self.param_dtype,
-                                    name=f"patch_embed{stage + 1}")(x.astype(self.dtype))
+      tokens, _ = OverlapPatchEmbed(
+        self.teacher_channels[stage],
+        kernel,
+        stride,
+        padding,
+        self.dtype,
+        self.param_dtype,
+        name=f"patch_embed{stage + 1}",
+      )(x.astype(self.dtype))
       out.append(tokens)
     return tuple(out)
 
 
 class EmbeddingFuse(nn.Module):
   """w_i * projected_i + w_{i+4} * assistant_i, with w initialised 0.1 .. 0.8."""
+
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, projected, assistant):
-    w = self.param("fuse_weights",
-                   lambda key, shape, dtype: jnp.asarray(np.arange(1, 9) / 10, dtype),
-                   (8,), self.param_dtype)
-    return tuple(w[i].astype(p.dtype) * p + w[i + 4].astype(a.dtype) * a
-                 for i, (p, a) in enumerate(zip(projected, assistant)))
+    w = self.param(
+      "fuse_weights",
+      lambda key, shape, dtype: jnp.asarray(np.arange(1, 9) / 10, dtype),
+      (8,),
+      self.param_dtype,
+    )
+    return tuple(
+      w[i].astype(p.dtype) * p + w[i + 4].astype(a.dtype) * a
+      for i, (p, a) in enumerate(zip(projected, assistant))
+    )

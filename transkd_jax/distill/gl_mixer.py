@@ -39,14 +39,22 @@ class GLMixer(nn.Module):
     # qkv laid out as the public code's (3, heads, head_dim) for checkpoint parity.
     qkv = dense(3 * dim, dim, "qkv", dt, pdt, use_bias=False)(e)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    attended = kernels.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                 self.kernels)  # scale head_dim ** -0.5
+    attended = kernels.attention(
+      qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.kernels
+    )  # scale head_dim ** -0.5
     glob = dense(dim, dim, "proj", dt, pdt)(attended.reshape(batch, tokens, dim))
 
     def conv1d(name):
-      return nn.Conv(dim, (3,), padding=((1, 1),), kernel_init=init.torch_default_kernel,
-                     bias_init=init.torch_default_bias(3 * dim), dtype=dt,
-                     param_dtype=pdt, name=name)
+      return nn.Conv(
+        dim,
+        (3,),
+        padding=((1, 1),),
+        kernel_init=init.torch_default_kernel,
+        bias_init=init.torch_default_bias(3 * dim),
+        dtype=dt,
+        param_dtype=pdt,
+        name=name,
+      )
 
     local = conv1d("conv1")(e) * jax.nn.sigmoid(conv1d("conv2")(e))
     a = self.param("atten_weight", nn.initializers.constant(self.mix_init[0]), (1,), pdt)

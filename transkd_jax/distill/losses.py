@@ -41,8 +41,9 @@ def adaptive_avg_pool(x, size: int):
   """Adaptive average pooling of an NHWC map to size x size (PyTorch's bins)."""
   ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], size))
   pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], size))
-  return jnp.einsum("ih,nhwc,jw->nijc", ph, jnp.asarray(x, jnp.float32), pw,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum(
+    "ih,nhwc,jw->nijc", ph, jnp.asarray(x, jnp.float32), pw, precision=jax.lax.Precision.HIGHEST
+  )
 
 
 def hcl_stage(s, t, levels: Sequence[int] = (4, 2, 1)):
@@ -93,22 +94,24 @@ def cwd(s, t, temperature: float = 1.0):
   log_ps = jax.nn.log_softmax(s, axis=1)
   log_pt = jax.nn.log_softmax(t, axis=1)
   kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps))
-  return kl / (n * c) * temperature ** 2
+  return kl / (n * c) * temperature**2
 
 
 def logit_kd(student_logits, teacher_logits, temperature: float = 1.0):
   """Hinton's KD per pixel: KL(softmax(t/T) || softmax(s/T)) * T^2, mean over pixels."""
   if student_logits.shape != teacher_logits.shape:
-    raise ValueError("logit KD needs logits of equal shape, got "
-                     f"{student_logits.shape} and {teacher_logits.shape}")
+    raise ValueError(
+      f"logit KD needs logits of equal shape, got {student_logits.shape} and {teacher_logits.shape}"
+    )
   log_ps = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, -1)
   log_pt = jax.nn.log_softmax(jnp.asarray(teacher_logits, jnp.float32) / temperature, -1)
   kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
-  return jnp.mean(kl) * temperature ** 2
+  return jnp.mean(kl) * temperature**2
 
 
-def cross_entropy(logits, labels, class_weights: Optional[Sequence[float]] = None,
-                  ignore_label: int = IGNORE_LABEL):
+def cross_entropy(
+  logits, labels, class_weights: Optional[Sequence[float]] = None, ignore_label: int = IGNORE_LABEL
+):
   """Segmentation cross-entropy, PyTorch ``NLLLoss(weight)`` semantics.
 
   ``logits`` N x h x w x K, ``labels`` N x h x w integer train ids with
@@ -117,8 +120,10 @@ def cross_entropy(logits, labels, class_weights: Optional[Sequence[float]] = Non
   pixel gives 0 (not NaN).
   """
   if logits.shape[:3] != labels.shape:
-    raise ValueError(f"labels of shape {labels.shape} do not match logits {logits.shape}; "
-                     "resize labels to the logits' resolution (1/4 of the input) first")
+    raise ValueError(
+      f"labels of shape {labels.shape} do not match logits {logits.shape}; "
+      "resize labels to the logits' resolution (1/4 of the input) first"
+    )
   num_classes = logits.shape[-1]
   labels = labels.astype(jnp.int32)
   valid = labels != ignore_label
@@ -130,7 +135,9 @@ def cross_entropy(logits, labels, class_weights: Optional[Sequence[float]] = Non
   else:
     class_weights = jnp.asarray(class_weights, jnp.float32)
     if class_weights.shape != (num_classes,):
-      raise ValueError(f"class_weights has {class_weights.shape[0]} entries; the model "
-                       f"predicts {num_classes} classes")
+      raise ValueError(
+        f"class_weights has {class_weights.shape[0]} entries; the model "
+        f"predicts {num_classes} classes"
+      )
     w = jnp.where(valid, class_weights[safe], 0.0)
   return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1e-12)

@@ -43,6 +43,7 @@ class Term:
   "logits"), ``teacher`` the teacher output it compares with ("features",
   "embeddings" or "logits"), ``keys`` the ``config.distill`` keys it needs.
   """
+
   name: str
   student: str
   teacher: str
@@ -52,20 +53,47 @@ class Term:
 
 def _stage_targets(adapted, features):
   """The teacher stage maps an adapter's outputs pair with (its last stages)."""
-  return features[-len(adapted):]
+  return features[-len(adapted) :]
 
 
-HCL = Term("hcl", "adapted", "features", ("hcl_weight",),
-           lambda s, t, w: w["hcl_weight"] * losses.hcl(s, _stage_targets(s, t)))
-FITNET = Term("fitnet", "adapted", "features", ("fitnet_weights",),
-              lambda s, t, w: losses.weighted_mse(s, _stage_targets(s, t), w["fitnet_weights"]))
-CWD = Term("cwd", "adapted", "features", ("cwd_weight", "cwd_temperature"),
-           lambda s, t, w: w["cwd_weight"] * sum(
-               losses.cwd(a, b, w["cwd_temperature"]) for a, b in zip(s, _stage_targets(s, t))))
-PEA = Term("pea", "aligned", "embeddings", ("pea_weights",),
-           lambda s, t, w: losses.weighted_mse(s, t, w["pea_weights"]))
-LOGIT_KD = Term("kd", "logits", "logits", ("kd_weight", "kd_temperature"),
-                lambda s, t, w: w["kd_weight"] * losses.logit_kd(s, t, w["kd_temperature"]))
+HCL = Term(
+  "hcl",
+  "adapted",
+  "features",
+  ("hcl_weight",),
+  lambda s, t, w: w["hcl_weight"] * losses.hcl(s, _stage_targets(s, t)),
+)
+FITNET = Term(
+  "fitnet",
+  "adapted",
+  "features",
+  ("fitnet_weights",),
+  lambda s, t, w: losses.weighted_mse(s, _stage_targets(s, t), w["fitnet_weights"]),
+)
+CWD = Term(
+  "cwd",
+  "adapted",
+  "features",
+  ("cwd_weight", "cwd_temperature"),
+  lambda s, t, w: (
+    w["cwd_weight"]
+    * sum(losses.cwd(a, b, w["cwd_temperature"]) for a, b in zip(s, _stage_targets(s, t)))
+  ),
+)
+PEA = Term(
+  "pea",
+  "aligned",
+  "embeddings",
+  ("pea_weights",),
+  lambda s, t, w: losses.weighted_mse(s, t, w["pea_weights"]),
+)
+LOGIT_KD = Term(
+  "kd",
+  "logits",
+  "logits",
+  ("kd_weight", "kd_temperature"),
+  lambda s, t, w: w["kd_weight"] * losses.logit_kd(s, t, w["kd_temperature"]),
+)
 
 
 def csf(channels, d: "Distiller", **kw):
@@ -83,14 +111,15 @@ def fitnet_adapters(channels, d: "Distiller", **kw):
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One row of the method table."""
+
   name: str
   description: str
   adapter: Optional[Callable[..., nn.Module]] = None  # (teacher channels, Distiller, **dtypes)
-  align_embeddings: bool = False   # PEA: one projection per stage to teacher width
-  gl_mixer: bool = False           # GL-Mixer on the stage-4 embedding before its projection
-  assistant: bool = False          # Embedding Assistant fused into the aligned embeddings
-  terms: Tuple[Term, ...] = ()     # added to the cross-entropy
-  trains: str = "student"          # the config section (role) of the model trained
+  align_embeddings: bool = False  # PEA: one projection per stage to teacher width
+  gl_mixer: bool = False  # GL-Mixer on the stage-4 embedding before its projection
+  assistant: bool = False  # Embedding Assistant fused into the aligned embeddings
+  terms: Tuple[Term, ...] = ()  # added to the cross-entropy
+  trains: str = "student"  # the config section (role) of the model trained
 
   @property
   def teacher_call(self) -> Optional[str]:
@@ -104,31 +133,57 @@ class Method:
     return tuple(k for t in self.terms for k in t.keys)
 
 
-METHODS: Dict[str, Method] = {m.name: m for m in (
+METHODS: Dict[str, Method] = {
+  m.name: m
+  for m in (
     Method("student", "the student alone, no distillation"),
-    Method("teacher", "the teacher alone (config.teacher.variant, from config.teacher.init)",
-           trains="teacher"),
-    Method("transkd_base", "TransKD-Base: CSF + HCL, PEA", csf, align_embeddings=True,
-           terms=(HCL, PEA)),
-    Method("transkd_gl", "TransKD-GL: CSF + HCL, PEA with GL-Mixer on stage 4", csf,
-           align_embeddings=True, gl_mixer=True, terms=(HCL, PEA)),
-    Method("transkd_ea", "TransKD-EA: CSF + HCL, PEA with Embedding Assistant", csf,
-           align_embeddings=True, assistant=True, terms=(HCL, PEA)),
-    Method("kd", "logit KD (Hinton), temperature T (no public implementation)",
-           terms=(LOGIT_KD,)),
-    Method("cwd", "channel-wise distillation on the four CSF outputs, PEA (as the public "
-           "train_TransKDBase.py --knowledge-distillation-loss=CWloss)", csf,
-           align_embeddings=True, terms=(CWD, PEA)),
+    Method(
+      "teacher",
+      "the teacher alone (config.teacher.variant, from config.teacher.init)",
+      trains="teacher",
+    ),
+    Method(
+      "transkd_base", "TransKD-Base: CSF + HCL, PEA", csf, align_embeddings=True, terms=(HCL, PEA)
+    ),
+    Method(
+      "transkd_gl",
+      "TransKD-GL: CSF + HCL, PEA with GL-Mixer on stage 4",
+      csf,
+      align_embeddings=True,
+      gl_mixer=True,
+      terms=(HCL, PEA),
+    ),
+    Method(
+      "transkd_ea",
+      "TransKD-EA: CSF + HCL, PEA with Embedding Assistant",
+      csf,
+      align_embeddings=True,
+      assistant=True,
+      terms=(HCL, PEA),
+    ),
+    Method("kd", "logit KD (Hinton), temperature T (no public implementation)", terms=(LOGIT_KD,)),
+    Method(
+      "cwd",
+      "channel-wise distillation on the four CSF outputs, PEA (as the public "
+      "train_TransKDBase.py --knowledge-distillation-loss=CWloss)",
+      csf,
+      align_embeddings=True,
+      terms=(CWD, PEA),
+    ),
     Method("reviewkd", "ReviewKD: ABF fusion + HCL", abf, terms=(HCL,)),
-    Method("fitnet", "FitNet: 1x1 adapters + MSE (no public implementation)", fitnet_adapters,
-           terms=(FITNET,)),
-)}
+    Method(
+      "fitnet",
+      "FitNet: 1x1 adapters + MSE (no public implementation)",
+      fitnet_adapters,
+      terms=(FITNET,),
+    ),
+  )
+}
 
 
 def get_method(name: str) -> Method:
   if name not in METHODS:
-    raise ValueError(f"unknown distillation method {name!r}; expected one of "
-                     f"{', '.join(METHODS)}")
+    raise ValueError(f"unknown distillation method {name!r}; expected one of {', '.join(METHODS)}")
   return METHODS[name]
 
 
@@ -163,18 +218,19 @@ class Distiller(nn.Module):
   with the teacher's stage maps) and "aligned" patch embeddings (to compare with
   the teacher's embeddings); either may be None.
   """
+
   method: Method
-  variant: Any = "b0"            # the trained model's
-  teacher_variant: Any = "b2"    # with teacher_arch, gives the adapters' output widths
+  variant: Any = "b0"  # the trained model's
+  teacher_variant: Any = "b2"  # with teacher_arch, gives the adapters' output widths
   num_classes: int = 19
   fusion_channels: int = 64
   gl_heads: int = 8
   gl_residual: bool = False
   gl_mix_init: Tuple[float, float] = (1.0, 1.0)
-  kernels: str = "native"        # "cpu" | "native": transkd_jax/models/kernels.py
+  kernels: str = "native"  # "cpu" | "native": transkd_jax/models/kernels.py
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  arch: str = "segformer"        # the trained model's family (transkd_jax/models/archs.py)
+  arch: str = "segformer"  # the trained model's family (transkd_jax/models/archs.py)
   teacher_arch: str = "segformer"
 
   @nn.compact
@@ -182,17 +238,31 @@ class Distiller(nn.Module):
     method = self.method
     teacher = archs.stage_channels(self.teacher_arch, self.teacher_variant)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    model = archs.ARCHS[self.arch].model(variant=self.variant, num_classes=self.num_classes,
-                                         kernels=self.kernels, name=method.trains, **kw)
+    model = archs.ARCHS[self.arch].model(
+      variant=self.variant,
+      num_classes=self.num_classes,
+      kernels=self.kernels,
+      name=method.trains,
+      **kw,
+    )
     out = dict(model(images, train))
-    out["adapted"] = (method.adapter(teacher, self, name="fusion", **kw)(out["features"], train)
-                      if method.adapter else None)
+    out["adapted"] = (
+      method.adapter(teacher, self, name="fusion", **kw)(out["features"], train)
+      if method.adapter
+      else None
+    )
     out["aligned"] = None
     if method.align_embeddings:
       embeddings = list(out["embeddings"])
       if method.gl_mixer:
-        embeddings[3] = GLMixer(self.gl_heads, self.gl_residual, tuple(self.gl_mix_init),
-                                kernels=self.kernels, name="gl_mixer", **kw)(embeddings[3])
+        embeddings[3] = GLMixer(
+          self.gl_heads,
+          self.gl_residual,
+          tuple(self.gl_mix_init),
+          kernels=self.kernels,
+          name="gl_mixer",
+          **kw,
+        )(embeddings[3])
       aligned = PatchEmbedAlignment(teacher, name="pea", **kw)(embeddings)
       if method.assistant:
         assistant = EmbeddingAssistant(teacher, name="assistant", **kw)(images, out["features"])
@@ -204,15 +274,17 @@ class Distiller(nn.Module):
 def _check_pairs(what: str, student, teacher):
   if not isinstance(student, (list, tuple)):
     if student.shape != teacher.shape:
-      raise ValueError(f"{what}: student {tuple(student.shape)} and teacher "
-                       f"{tuple(teacher.shape)} do not pair")
+      raise ValueError(
+        f"{what}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} do not pair"
+      )
     return
-  teacher = teacher[-len(student):]
+  teacher = teacher[-len(student) :]
   first = 5 - len(student)
   for stage, (s, t) in enumerate(zip(student, teacher), start=first):
     if s.shape != t.shape:
-      raise ValueError(f"{what}, stage {stage}: student {tuple(s.shape)} and teacher "
-                       f"{tuple(t.shape)} do not pair")
+      raise ValueError(
+        f"{what}, stage {stage}: student {tuple(s.shape)} and teacher {tuple(t.shape)} do not pair"
+      )
 
 
 _WHAT = {"features": "feature maps", "embeddings": "patch embeddings", "logits": "logits"}
@@ -221,8 +293,9 @@ _WHAT = {"features": "feature maps", "embeddings": "patch embeddings", "logits":
 def check_outputs(method: Method, student_out: Mapping, teacher_out: Mapping):
   """Raises ValueError naming the term and stage where student and teacher do not pair."""
   for term in method.terms:
-    _check_pairs(f"{method.name}: {_WHAT[term.teacher]}", student_out[term.student],
-                 teacher_out[term.teacher])
+    _check_pairs(
+      f"{method.name}: {_WHAT[term.teacher]}", student_out[term.student], teacher_out[term.teacher]
+    )
 
 
 def check_pairing(distiller: Distiller, teacher: nn.Module, image_size: Sequence[int]):
@@ -241,15 +314,22 @@ def check_pairing(distiller: Distiller, teacher: nn.Module, image_size: Sequence
   def shapes(model, **kw):
     def run(x):
       return model.apply(model.init(key, x, **kw), x, **kw)
+
     return jax.eval_shape(run, images)
 
   encode = {"method": "encode"} if method.teacher_call == "encode" else {}
   check_outputs(method, shapes(distiller), shapes(teacher, **encode))
 
 
-def objective(method: Method, settings: Mapping[str, Any], student_out: Mapping,
-              teacher_out: Optional[Mapping], labels,
-              class_weights: Optional[Sequence[float]] = None, ce_logits=None):
+def objective(
+  method: Method,
+  settings: Mapping[str, Any],
+  student_out: Mapping,
+  teacher_out: Optional[Mapping],
+  labels,
+  class_weights: Optional[Sequence[float]] = None,
+  ce_logits=None,
+):
   """The training loss: (total, {term: value}) with every term already weighted.
 
   ``student_out`` is ``Distiller``'s output; ``teacher_out`` the teacher's

@@ -24,6 +24,6 @@ class PatchEmbedAlignment(nn.Module):
   def __call__(self, embeddings):
     check_stage_count("PatchEmbedAlignment", embeddings)
     return tuple(
-        dense(self.teacher_channels[i], e.shape[-1], f"proj{i + 1}", self.dtype,
-              self.param_dtype)(e)
-        for i, e in enumerate(embeddings))
+      dense(self.teacher_channels[i], e.shape[-1], f"proj{i + 1}", self.dtype, self.param_dtype)(e)
+      for i, e in enumerate(embeddings)
+    )

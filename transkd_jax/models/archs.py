@@ -23,24 +23,25 @@ from transkd_jax.models.variants import VARIANTS, get_variant
 
 
 class Arch(NamedTuple):
-  model: Any                      # the flax module class: Model(variant, num_classes, dtype, ...)
-  variants: Mapping[str, Any]     # the variant table (name -> row)
+  model: Any  # the flax module class: Model(variant, num_classes, dtype, ...)
+  variants: Mapping[str, Any]  # the variant table (name -> row)
   get_variant: Callable[[Any], Any]  # name or row -> row; ValueError naming the allowed names
-  has_batch_stats: bool           # whether the variables hold a batch_stats collection
+  has_batch_stats: bool  # whether the variables hold a batch_stats collection
 
 
 ARCHS = {
-    "segformer": Arch(SegFormer, VARIANTS, get_variant, True),
-    "pvtv2": Arch(PVTv2, PVT_VARIANTS, get_pvt_variant, False),
-    "lvt": Arch(LVT, LVT_VARIANTS, get_lvt_variant, True),
+  "segformer": Arch(SegFormer, VARIANTS, get_variant, True),
+  "pvtv2": Arch(PVTv2, PVT_VARIANTS, get_pvt_variant, False),
+  "lvt": Arch(LVT, LVT_VARIANTS, get_lvt_variant, True),
 }
 
 
 def check_arch(arch) -> str:
   """``arch`` if it names a family; ValueError naming the allowed values otherwise."""
   if arch not in ARCHS:
-    raise ValueError(f"Unknown architecture {arch!r}; expected one of "
-                     f"{', '.join(repr(a) for a in ARCHS)}")
+    raise ValueError(
+      f"Unknown architecture {arch!r}; expected one of {', '.join(repr(a) for a in ARCHS)}"
+    )
   return arch
 
 
@@ -58,9 +59,11 @@ def has_batch_stats(arch) -> bool:
   return ARCHS[check_arch(arch)].has_batch_stats
 
 
-def build(arch, variant, num_classes, *, kernels="native", dtype=jnp.float32,
-          param_dtype=jnp.float32):
+def build(
+  arch, variant, num_classes, *, kernels="native", dtype=jnp.float32, param_dtype=jnp.float32
+):
   """The flax module of ``arch`` / ``variant`` (checked here, so errors come before any trace)."""
   get_arch_variant(arch, variant)
-  return ARCHS[arch].model(variant=variant, num_classes=num_classes, dtype=dtype,
-                           param_dtype=param_dtype, kernels=kernels)
+  return ARCHS[arch].model(
+    variant=variant, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, kernels=kernels
+  )

@@ -24,6 +24,7 @@ class _Conv1x1Params(nn.Module):
   Same names, shapes and initialisation as ``nn.Conv(features, (1, 1))``; the
   head applies them itself (a 1x1 conv is a matmul over channels).
   """
+
   in_features: int
   features: int
   kernel_init: Any
@@ -32,8 +33,9 @@ class _Conv1x1Params(nn.Module):
 
   @nn.compact
   def __call__(self):
-    kernel = self.param("kernel", self.kernel_init, (1, 1, self.in_features, self.features),
-                        self.param_dtype)
+    kernel = self.param(
+      "kernel", self.kernel_init, (1, 1, self.in_features, self.features), self.param_dtype
+    )
     if self.bias_init is None:
       return kernel[0, 0], None
     return kernel[0, 0], self.param("bias", self.bias_init, (self.features,), self.param_dtype)
@@ -56,6 +58,7 @@ class SegFormerHead(nn.Module):
   concatenation at 1/4 resolution is gone (docs/performance.md). Parameters
   are unchanged.
   """
+
   num_classes: int
   width: int
   dropout: float = 0.1
@@ -67,34 +70,56 @@ class SegFormerHead(nn.Module):
   def __call__(self, features: Sequence[jnp.ndarray], train: bool = False):
     size = features[0].shape[1:3]
     # mmcv's ConvModule: kaiming normal (fan_out, relu) and no bias before BN.
-    fuse, _ = _Conv1x1Params(4 * self.width, self.width, init.conv_kernel(self.width),
-                             param_dtype=self.param_dtype, name="linear_fuse")()
+    fuse, _ = _Conv1x1Params(
+      4 * self.width,
+      self.width,
+      init.conv_kernel(self.width),
+      param_dtype=self.param_dtype,
+      name="linear_fuse",
+    )()
     # The concatenation order is stage 4, 3, 2, 1: rows [0:width] of the
     # fusion kernel act on stage 4, and so on.
     x = None
     for slot, stage in enumerate((3, 2, 1, 0)):
       fan_in = features[stage].shape[-1]
-      dense = nn.Dense(self.width, kernel_init=init.torch_default_kernel,
-                       bias_init=init.torch_default_bias(fan_in), dtype=self.dtype,
-                       param_dtype=self.param_dtype, name=f"linear_c{stage + 1}")
+      dense = nn.Dense(
+        self.width,
+        kernel_init=init.torch_default_kernel,
+        bias_init=init.torch_default_bias(fan_in),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"linear_c{stage + 1}",
+      )
       if self.is_initializing():
         dense(features[stage])  # creates the parameters the usual way
       params = dense.variables["params"]
-      block = fuse[slot * self.width:(slot + 1) * self.width]
+      block = fuse[slot * self.width : (slot + 1) * self.width]
       feat, kernel, bias, block = nn.dtypes.promote_dtype(
-          features[stage], params["kernel"], params["bias"], block, dtype=self.dtype)
+        features[stage], params["kernel"], params["bias"], block, dtype=self.dtype
+      )
       # (f @ K + b) @ F == f @ (K @ F) + b @ F, at the stage's resolution.
       y = kernels_lib.linear(feat, kernel @ block) + bias @ block
       y = resize_bilinear(y, size, self.kernels)
       x = y if x is None else x + y
     # PyTorch BatchNorm momentum 0.1 == flax momentum 0.9.
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
+    x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="bn",
+    )(x)
     x = nn.relu(x)
     # Dropout2d: whole channels, per sample.
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)
-    pred, bias = _Conv1x1Params(self.width, self.num_classes, init.torch_default_kernel,
-                                init.torch_default_bias(self.width),
-                                param_dtype=self.param_dtype, name="linear_pred")()
+    pred, bias = _Conv1x1Params(
+      self.width,
+      self.num_classes,
+      init.torch_default_kernel,
+      init.torch_default_bias(self.width),
+      param_dtype=self.param_dtype,
+      name="linear_pred",
+    )()
     x, pred, bias = nn.dtypes.promote_dtype(x, pred, bias, dtype=self.dtype)
     return kernels_lib.linear(x, pred) + bias

@@ -1,7 +1,8 @@
 """Initialisers of the public PyTorch code, in Flax terms.
 
 They matter only for training from scratch (TransKD's student starts from
-random weights), but then they matter: see docs/transkd.md#blocks-layernorm-epsilons-and-initialisation.
+random weights), but then they matter: see
+docs/transkd.md#blocks-layernorm-epsilons-and-initialisation.
 """
 
 import math
@@ -13,8 +14,7 @@ from flax import linen as nn
 # MiT linear layers: timm's trunc_normal_(std=.02), biases zero. timm's bounds a=-2, b=2
 # are absolute values, 100 standard deviations out, so the std stays 0.02. (flax's
 # default bounds are +-2 standard deviations, which lower the std to 0.0176.)
-linear_kernel = nn.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02,
-                                                 upper=2.0 / 0.02)
+linear_kernel = nn.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
 
 
 def conv_kernel(fan_out: int):

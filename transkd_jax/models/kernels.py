@@ -47,8 +47,10 @@ def resolve(setting: str, platform: str) -> str:
 
 def check_form(form: str) -> str:
   if form not in FORMS:
-    raise ValueError(f"kernels must be one of {', '.join(FORMS)} (resolve 'auto' with "
-                     f"transkd_jax.models.kernels.resolve first), got {form!r}")
+    raise ValueError(
+      f"kernels must be one of {', '.join(FORMS)} (resolve 'auto' with "
+      f"transkd_jax.models.kernels.resolve first), got {form!r}"
+    )
   return form
 
 
@@ -59,7 +61,7 @@ def _shifted_depthwise3x3(x, kernel):
   out = None
   for i in range(3):
     for j in range(3):
-      term = padded[:, i:i + height, j:j + width, :] * kernel[i, j]
+      term = padded[:, i : i + height, j : j + width, :] * kernel[i, j]
       out = term if out is None else out + term
   return out
 
@@ -94,11 +96,15 @@ def _shifted_depthwise3x3_bwd(residuals, g):
   # chunk) dimensions let XLA:CPU split the reduction across threads.
   chunks = max(d for d in range(1, 9) if height % d == 0)
   shape = (x.shape[0], chunks, height // chunks, width, x.shape[3])
-  products = tuple((padded[:, i:i + height, j:j + width, :] * g).reshape(shape)
-                   for i in range(3) for j in range(3))
+  products = tuple(
+    (padded[:, i : i + height, j : j + width, :] * g).reshape(shape)
+    for i in range(3)
+    for j in range(3)
+  )
   zero = jnp.zeros((), g.dtype)
-  sums = jax.lax.reduce(products, (zero,) * 9,
-                        lambda a, b: tuple(u + v for u, v in zip(a, b)), (2, 3))
+  sums = jax.lax.reduce(
+    products, (zero,) * 9, lambda a, b: tuple(u + v for u, v in zip(a, b)), (2, 3)
+  )
   dkernel = jnp.stack(sums).sum((1, 2)).reshape(kernel.shape).astype(kernel.dtype)
   return dx, dkernel
 
@@ -222,8 +228,7 @@ def _softmax_attention_bwd(residuals, g):
   if chunk >= q.shape[1]:  # one chunk: no loop
     (dk, dv), dq = one_chunk(zeros, (q, g, out))
     return dq, dk, dv
-  (dk, dv), dq = jax.lax.scan(one_chunk, zeros,
-                              tuple(_chunked(x, chunk) for x in (q, g, out)))
+  (dk, dv), dq = jax.lax.scan(one_chunk, zeros, tuple(_chunked(x, chunk) for x in (q, g, out)))
   return _unchunked(dq, q.shape[1]), dk, dv
 
 
@@ -235,8 +240,13 @@ def depthwise3x3(x, kernel, form: str):
   if check_form(form) == "cpu":
     return shifted_depthwise3x3(x, kernel[:, :, 0, :])
   return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[-1])
+    x,
+    kernel,
+    (1, 1),
+    ((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=x.shape[-1],
+  )
 
 
 def attention(q, k, v, form: str):
@@ -262,13 +272,19 @@ def linear(x, kernel, precision=None):
   return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def dense_dot_general(x, kernel, dimension_numbers, precision=None,
-                      preferred_element_type=None):
+def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
   """``nn.Dense``'s ``dot_general`` as ``linear``: pass it as ``nn.Dense(dot_general=...)``."""
   (x_axes, kernel_axes), batch_axes = dimension_numbers
-  if (tuple(x_axes) != (x.ndim - 1,) or tuple(kernel_axes) != (0,) or kernel.ndim != 2
-      or any(batch_axes) or preferred_element_type is not None):
-    raise ValueError("dense_dot_general contracts the input's last axis with a 2-D kernel's "
-                     f"first (nn.Dense over one axis), got dimension_numbers="
-                     f"{dimension_numbers!r} for shapes {x.shape} and {kernel.shape}")
+  if (
+    tuple(x_axes) != (x.ndim - 1,)
+    or tuple(kernel_axes) != (0,)
+    or kernel.ndim != 2
+    or any(batch_axes)
+    or preferred_element_type is not None
+  ):
+    raise ValueError(
+      "dense_dot_general contracts the input's last axis with a 2-D kernel's "
+      f"first (nn.Dense over one axis), got dimension_numbers="
+      f"{dimension_numbers!r} for shapes {x.shape} and {kernel.shape}"
+    )
   return linear(x, kernel, precision)

@@ -100,8 +100,9 @@ class LVTVariant(NamedTuple):
 
 
 LVT_VARIANTS = {
-    "lvt": LVTVariant(channels=(64, 64, 160, 256), depths=(2, 2, 2, 2), heads=(2, 2, 5, 8),
-                      mlp_ratios=(4, 8, 4, 4)),
+  "lvt": LVTVariant(
+    channels=(64, 64, 160, 256), depths=(2, 2, 2, 2), heads=(2, 2, 5, 8), mlp_ratios=(4, 8, 4, 4)
+  ),
 }
 
 
@@ -111,9 +112,16 @@ def get_lvt_variant(name) -> LVTVariant:
 
 
 def _dense(features, name, dtype, param_dtype, use_bias=True):
-  return nn.Dense(features, use_bias=use_bias, kernel_init=init.linear_kernel,
-                  bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
-                  dot_general=kernels_lib.dense_dot_general, name=name)
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    kernel_init=init.linear_kernel,
+    bias_init=nn.initializers.zeros,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    dot_general=kernels_lib.dense_dot_general,
+    name=name,
+  )
 
 
 def _layer_norm(name, dtype, param_dtype):
@@ -123,6 +131,7 @@ def _layer_norm(name, dtype, param_dtype):
 # --------------------------------------------------------------------------
 # CSA's building blocks: a 2x2 ceil-mode average pool, unfold and fold (3x3, pad 1, stride 2)
 # --------------------------------------------------------------------------
+
 
 def avg_pool_2x2_ceil(x):
   """``nn.AvgPool2d(2, 2, ceil_mode=True)`` on NHWC: ceil(H/2) x ceil(W/2) windows.
@@ -148,8 +157,11 @@ def unfold(x):
   height, width = x.shape[1:3]
   h, w = -(-height // 2), -(-width // 2)
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  taps = [padded[:, ki:ki + 2 * h - 1:2, kj:kj + 2 * w - 1:2, :]
-          for ki in range(3) for kj in range(3)]
+  taps = [
+    padded[:, ki : ki + 2 * h - 1 : 2, kj : kj + 2 * w - 1 : 2, :]
+    for ki in range(3)
+    for kj in range(3)
+  ]
   return jnp.stack(taps, axis=3)
 
 
@@ -166,11 +178,15 @@ def fold(patches, size):
   out = None
   for ki in range(3):
     for kj in range(3):
-      config = ((0, 0, 0), (ki, height + 2 - ki - (2 * h - 1), 1),
-                (kj, width + 2 - kj - (2 * w - 1), 1), (0, 0, 0))
+      config = (
+        (0, 0, 0),
+        (ki, height + 2 - ki - (2 * h - 1), 1),
+        (kj, width + 2 - kj - (2 * w - 1), 1),
+        (0, 0, 0),
+      )
       term = jax.lax.pad(patches[:, :, :, 3 * ki + kj], zero, config)
       out = term if out is None else out + term
-  return out[:, 1:height + 1, 1:width + 1]
+  return out[:, 1 : height + 1, 1 : width + 1]
 
 
 class CSA(nn.Module):
@@ -183,6 +199,7 @@ class CSA(nn.Module):
   pixels, each mapped by its own C x C matrix (a 1x1 conv in 9 groups, no
   bias); the attended patches are folded back (overlaps summed) and projected.
   """
+
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -193,7 +210,7 @@ class CSA(nn.Module):
     heads, head_dim = self.num_heads, channels // self.num_heads
     h, w = -(-height // 2), -(-width // 2)
     attn = _dense(81 * heads, "attn", self.dtype, self.param_dtype)(avg_pool_2x2_ceil(x))
-    attn = attn.reshape(batch, h, w, heads, 9, 9) * (head_dim ** -0.5)
+    attn = attn.reshape(batch, h, w, heads, 9, 9) * (head_dim**-0.5)
     attn = jax.nn.softmax(attn, axis=-1)
     # The grouped 1x1 conv's kernel, stored as flax stores a grouped conv: (1, 1, C, 9C);
     # output k*C + o of group k reads input k*C + i through kernel[0, 0, i, k*C + o].
@@ -212,6 +229,7 @@ class _GroupedPointwise(nn.Module):
 
   Public init: normal with std sqrt(2 / (9 C)).
   """
+
   channels: int
   param_dtype: Dtype = jnp.float32
 
@@ -225,6 +243,7 @@ class _GroupedPointwise(nn.Module):
 # RASA: recursive atrous self-attention
 # --------------------------------------------------------------------------
 
+
 def _shifted_dilated_depthwise3x3(x, kernel, dilation):
   """3x3 depthwise conv, dilation d, padding d, no bias, as nine shifted multiply-adds."""
   height, width = x.shape[1:3]
@@ -233,7 +252,7 @@ def _shifted_dilated_depthwise3x3(x, kernel, dilation):
   out = None
   for i in range(3):
     for j in range(3):
-      term = padded[:, i * d:i * d + height, j * d:j * d + width, :] * kernel[i, j, 0]
+      term = padded[:, i * d : i * d + height, j * d : j * d + width, :] * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
 
@@ -246,8 +265,14 @@ def dilated_depthwise3x3(x, kernel, dilation: int, form: str):
     return _shifted_dilated_depthwise3x3(x, kernel, dilation)
   d = dilation
   return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), ((d, d), (d, d)), rhs_dilation=(d, d),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+    x,
+    kernel,
+    (1, 1),
+    ((d, d), (d, d)),
+    rhs_dilation=(d, d),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=x.shape[-1],
+  )
 
 
 class AtrousDepthwise(nn.Module):
@@ -257,6 +282,7 @@ class AtrousDepthwise(nn.Module):
   No bias (the public bias is qkv_bias, False in LVT). Public init:
   ``kaiming_uniform_`` (a=0, fan_in = 9): uniform in +-sqrt(6 / 9).
   """
+
   rates: Tuple[int, ...] = (1, 3, 5)
   kernels: str = "native"
   dtype: Dtype = jnp.float32
@@ -265,8 +291,12 @@ class AtrousDepthwise(nn.Module):
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_in", "uniform"),
-                        (3, 3, 1, channels), self.param_dtype)
+    kernel = self.param(
+      "kernel",
+      nn.initializers.variance_scaling(2.0, "fan_in", "uniform"),
+      (3, 3, 1, channels),
+      self.param_dtype,
+    )
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     out = None
     for rate in self.rates:
@@ -286,6 +316,7 @@ class RecursiveAtrousAttention(nn.Module):
   y = silu(inner(y + previous input)) -- for r_num 2: silu(inner(silu(inner(x)) + x)).
   With r_num 1: y = inner(x), no SiLU. Both passes share every parameter.
   """
+
   num_heads: int
   sr_ratio: int
   rates: Tuple[int, ...] = (1, 3, 5)
@@ -298,8 +329,11 @@ class RecursiveAtrousAttention(nn.Module):
   def __call__(self, x):
     channels = x.shape[-1]
     q = _dense(channels, "q", self.dtype, self.param_dtype, use_bias=False)
-    ds = (AtrousDepthwise(tuple(self.rates), self.kernels, self.dtype, self.param_dtype,
-                          name="ds") if self.rates else None)
+    ds = (
+      AtrousDepthwise(tuple(self.rates), self.kernels, self.dtype, self.param_dtype, name="ds")
+      if self.rates
+      else None
+    )
     sr = norm = None
     if self.sr_ratio > 1:
       sr = PatchConv(channels, self.sr_ratio, self.dtype, self.param_dtype, name="sr")
@@ -315,7 +349,10 @@ class RecursiveAtrousAttention(nn.Module):
         queries = ds(queries)  # channel head * head_dim + d, as the public reshapes
       context = norm(sr(x)) if sr is not None else x
       keys, values = jnp.split(kv(context), 2, axis=-1)
-      split = lambda t: t.reshape(batch, -1, self.num_heads, head_dim)
+
+      def split(t):
+        return t.reshape(batch, -1, self.num_heads, head_dim)
+
       out = kernels_lib.attention(split(queries), split(keys), split(values), self.kernels)
       return proj(out.reshape(batch, height, width, channels))
 
@@ -332,6 +369,7 @@ class RecursiveAtrousAttention(nn.Module):
 
 class Mlp(nn.Module):
   """Stage 1's MLP: Linear -> exact GELU -> Linear, on NHWC."""
+
   hidden: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -346,6 +384,7 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
   """x + DropPath(attn(LN(x))), then x + DropPath(mlp(LN(x))), on the NHWC grid."""
+
   attention: str
   num_heads: int
   sr_ratio: int
@@ -366,9 +405,16 @@ class Block(nn.Module):
     if self.attention == "csa":
       y = CSA(self.num_heads, self.dtype, self.param_dtype, name="attn")(y)
     elif self.attention == "rasa":
-      y = RecursiveAtrousAttention(self.num_heads, self.sr_ratio, tuple(self.rates),
-                                   self.recursions, self.kernels, self.dtype, self.param_dtype,
-                                   name="attn")(y)
+      y = RecursiveAtrousAttention(
+        self.num_heads,
+        self.sr_ratio,
+        tuple(self.rates),
+        self.recursions,
+        self.kernels,
+        self.dtype,
+        self.param_dtype,
+        name="attn",
+      )(y)
     else:
       raise ValueError(f"Unknown LVT attention {self.attention!r}; expected csa or rasa")
     x = x + drop(y, deterministic=not train)
@@ -376,7 +422,8 @@ class Block(nn.Module):
     hidden = channels * self.mlp_ratio
     if self.depconv:
       y = MixFFN(hidden, self.kernels, self.dtype, self.param_dtype, name="mlp")(
-          y.reshape(batch, height * width, channels), (height, width))
+        y.reshape(batch, height * width, channels), (height, width)
+      )
       y = y.reshape(batch, height, width, channels)
     else:
       y = Mlp(hidden, self.dtype, self.param_dtype, name="mlp")(y)
@@ -385,6 +432,7 @@ class Block(nn.Module):
 
 class PatchEmbed(nn.Module):
   """Strided conv with bias; returns (LayerNorm'd NHWC map, the conv output as tokens)."""
+
   features: int
   kernel: int
   stride: int
@@ -395,10 +443,17 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):
     k, p = self.kernel, self.padding
-    x = nn.Conv(self.features, (k, k), strides=self.stride, padding=((p, p), (p, p)),
-                kernel_init=init.conv_kernel(k * k * self.features),
-                bias_init=nn.initializers.zeros, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="proj")(x)
+    x = nn.Conv(
+      self.features,
+      (k, k),
+      strides=self.stride,
+      padding=((p, p), (p, p)),
+      kernel_init=init.conv_kernel(k * k * self.features),
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="proj",
+    )(x)
     batch, height, width, channels = x.shape
     embedding = x.reshape(batch, height * width, channels)
     return _layer_norm("norm", self.dtype, self.param_dtype)(x), embedding
@@ -406,6 +461,7 @@ class PatchEmbed(nn.Module):
 
 class LiteVisionTransformer(nn.Module):
   """The LVT encoder. Returns (stage maps NHWC, patch embeddings N x T x C)."""
+
   variant: Any = "lvt"
   kernels: str = "native"
   dtype: Dtype = jnp.float32
@@ -421,14 +477,31 @@ class LiteVisionTransformer(nn.Module):
     index = 0
     for stage in range(4):
       kernel, stride, padding = PATCH_GEOMETRY[stage]
-      x, embedding = PatchEmbed(spec.channels[stage], kernel, stride, padding, self.dtype,
-                                self.param_dtype, name=f"patch_embed{stage + 1}")(x)
+      x, embedding = PatchEmbed(
+        spec.channels[stage],
+        kernel,
+        stride,
+        padding,
+        self.dtype,
+        self.param_dtype,
+        name=f"patch_embed{stage + 1}",
+      )(x)
       embeddings.append(embedding)
       for j in range(spec.depths[stage]):
-        x = Block(spec.attention[stage], spec.heads[stage], spec.sr_ratios[stage],
-                  spec.mlp_ratios[stage], spec.mlp_depconv[stage], tuple(spec.atrous_rates),
-                  spec.recursions, float(rates[index]), self.kernels, self.dtype,
-                  self.param_dtype, name=f"block{stage + 1}_{j}")(x, train)
+        x = Block(
+          spec.attention[stage],
+          spec.heads[stage],
+          spec.sr_ratios[stage],
+          spec.mlp_ratios[stage],
+          spec.mlp_depconv[stage],
+          tuple(spec.atrous_rates),
+          spec.recursions,
+          float(rates[index]),
+          self.kernels,
+          self.dtype,
+          self.param_dtype,
+          name=f"block{stage + 1}_{j}",
+        )(x, train)
         index += 1
       features.append(x)
     return tuple(features), tuple(embeddings)
@@ -436,6 +509,7 @@ class LiteVisionTransformer(nn.Module):
 
 class LVT(nn.Module):
   """LVT encoder + SegFormer's all-MLP head (width 256, no dropout); outputs as ``SegFormer``'s."""
+
   variant: Any = "lvt"
   num_classes: int = 19
   dtype: Dtype = jnp.float32
@@ -446,8 +520,14 @@ class LVT(nn.Module):
     spec = get_lvt_variant(self.variant)
     check_num_classes(self.num_classes)
     self.encoder = LiteVisionTransformer(spec, self.kernels, self.dtype, self.param_dtype)
-    self.head = SegFormerHead(self.num_classes, spec.decoder_width, spec.head_dropout,
-                              self.kernels, self.dtype, self.param_dtype)
+    self.head = SegFormerHead(
+      self.num_classes,
+      spec.decoder_width,
+      spec.head_dropout,
+      self.kernels,
+      self.dtype,
+      self.param_dtype,
+    )
 
   def encode(self, images, train: bool = False):
     """Encoder only: {"features", "embeddings"}; the head is not run."""

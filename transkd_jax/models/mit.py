@@ -27,9 +27,15 @@ EPS_BLOCK = 1e-6  # block norms and the norm closing each stage
 
 
 def _dense(features, name, dtype, param_dtype):
-  return nn.Dense(features, kernel_init=init.linear_kernel, bias_init=nn.initializers.zeros,
-                  dtype=dtype, param_dtype=param_dtype, dot_general=kernels.dense_dot_general,
-                  name=name)
+  return nn.Dense(
+    features,
+    kernel_init=init.linear_kernel,
+    bias_init=nn.initializers.zeros,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    dot_general=kernels.dense_dot_general,
+    name=name,
+  )
 
 
 def _layer_norm(eps, name, dtype, param_dtype):
@@ -43,11 +49,12 @@ def gelu(x):
   evaluates with an exp and more selects: the whole train step is 3-6 %
   slower with it (docs/performance.md). The two differ by float rounding.
   """
-  return x * (0.5 + 0.5 * jax.lax.erf(x * 2 ** -0.5))
+  return x * (0.5 + 0.5 * jax.lax.erf(x * 2**-0.5))
 
 
 class DepthwiseConv3x3(nn.Module):
   """3x3 depthwise convolution with bias, stride 1, padding 1 (Mix-FFN)."""
+
   kernels: str = "native"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -69,6 +76,7 @@ class PatchConv(nn.Module):
   and backwards everywhere. Like PyTorch, trailing rows/columns that do not
   fill a patch are dropped. The kernel is stored HWIO like ``nn.Conv``.
   """
+
   features: int
   ratio: int
   dtype: Dtype = jnp.float32
@@ -77,18 +85,20 @@ class PatchConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     r, c = self.ratio, x.shape[-1]
-    kernel = self.param("kernel", init.conv_kernel(r * r * self.features),
-                        (r, r, c, self.features), self.param_dtype)
+    kernel = self.param(
+      "kernel", init.conv_kernel(r * r * self.features), (r, r, c, self.features), self.param_dtype
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     batch, height, width = x.shape[:3]
     h, w = height // r, width // r
-    x = x[:, :h * r, :w * r].reshape(batch, h, r, w, r, c)
+    x = x[:, : h * r, : w * r].reshape(batch, h, r, w, r, c)
     return jnp.einsum("bhiwjc,ijcd->bhwd", x, kernel) + bias
 
 
 class EfficientSelfAttention(nn.Module):
   """Multi-head attention with keys/values from a spatially reduced copy."""
+
   num_heads: int
   sr_ratio: int
   kernels: str = "native"
@@ -109,7 +119,10 @@ class EfficientSelfAttention(nn.Module):
     kv = _dense(2 * channels, "kv", self.dtype, self.param_dtype)(context)
     # As in the public code: the first half of kv's outputs is k, the second v.
     k, v = jnp.split(kv, 2, axis=-1)
-    split = lambda t: t.reshape(batch, t.shape[1], self.num_heads, head_dim)
+
+    def split(t):
+      return t.reshape(batch, t.shape[1], self.num_heads, head_dim)
+
     out = kernels.attention(split(q), split(k), split(v), self.kernels)  # scale head_dim**-0.5
     out = out.reshape(batch, tokens, channels)
     return _dense(channels, "proj", self.dtype, self.param_dtype)(out)
@@ -118,6 +131,7 @@ class EfficientSelfAttention(nn.Module):
 class MixFFN(nn.Module):
   """Linear (C -> hidden = mlp ratio x C), 3x3 depthwise conv over the token grid, exact GELU,
   linear."""
+
   hidden: int
   kernels: str = "native"
   dtype: Dtype = jnp.float32
@@ -136,6 +150,7 @@ class MixFFN(nn.Module):
 
 class Block(nn.Module):
   """x + DropPath(Attn(LN(x))), then x + DropPath(MixFFN(LN(x)))."""
+
   num_heads: int
   sr_ratio: int
   mlp_ratio: int
@@ -150,17 +165,20 @@ class Block(nn.Module):
     # Stochastic depth: drop the whole residual branch per sample.
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), rng_collection="dropout")
     y = _layer_norm(EPS_BLOCK, "norm1", self.dtype, self.param_dtype)(x)
-    y = EfficientSelfAttention(self.num_heads, self.sr_ratio, self.kernels, self.dtype,
-                               self.param_dtype, name="attn")(y, hw)
+    y = EfficientSelfAttention(
+      self.num_heads, self.sr_ratio, self.kernels, self.dtype, self.param_dtype, name="attn"
+    )(y, hw)
     x = x + drop(y, deterministic=not train)
     y = _layer_norm(EPS_BLOCK, "norm2", self.dtype, self.param_dtype)(x)
-    y = MixFFN(channels * self.mlp_ratio, self.kernels, self.dtype, self.param_dtype,
-               name="mlp")(y, hw)
+    y = MixFFN(channels * self.mlp_ratio, self.kernels, self.dtype, self.param_dtype, name="mlp")(
+      y, hw
+    )
     return x + drop(y, deterministic=not train)
 
 
 class OverlapPatchEmbed(nn.Module):
   """Strided conv with bias, flattened to tokens, LayerNorm (eps 1e-5)."""
+
   features: int
   kernel: int
   stride: int
@@ -171,10 +189,17 @@ class OverlapPatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x) -> Tuple[jnp.ndarray, Tuple[int, int]]:
     k, p = self.kernel, self.padding
-    x = nn.Conv(self.features, (k, k), strides=self.stride, padding=((p, p), (p, p)),
-                kernel_init=init.conv_kernel(k * k * self.features),
-                bias_init=nn.initializers.zeros, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="proj")(x)
+    x = nn.Conv(
+      self.features,
+      (k, k),
+      strides=self.stride,
+      padding=((p, p), (p, p)),
+      kernel_init=init.conv_kernel(k * k * self.features),
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="proj",
+    )(x)
     batch, height, width, channels = x.shape
     x = x.reshape(batch, height * width, channels)
     x = _layer_norm(EPS_PATCH, "norm", self.dtype, self.param_dtype)(x)
@@ -183,6 +208,7 @@ class OverlapPatchEmbed(nn.Module):
 
 class MixTransformer(nn.Module):
   """The MiT encoder. Returns (stage maps NHWC, patch embeddings N x T x C)."""
+
   variant: str = "b0"
   kernels: str = "native"
   dtype: Dtype = jnp.float32
@@ -197,14 +223,27 @@ class MixTransformer(nn.Module):
     block_index = 0
     for stage in range(4):
       kernel, stride, padding = PATCH_GEOMETRY[stage]
-      tokens, hw = OverlapPatchEmbed(spec.channels[stage], kernel, stride, padding,
-                                     self.dtype, self.param_dtype,
-                                     name=f"patch_embed{stage + 1}")(x)
+      tokens, hw = OverlapPatchEmbed(
+        spec.channels[stage],
+        kernel,
+        stride,
+        padding,
+        self.dtype,
+        self.param_dtype,
+        name=f"patch_embed{stage + 1}",
+      )(x)
       embeddings.append(tokens)
       for j in range(spec.depths[stage]):
-        tokens = Block(spec.heads[stage], spec.sr_ratios[stage], spec.mlp_ratios[stage],
-                       float(rates[block_index]), self.kernels, self.dtype,
-                       self.param_dtype, name=f"block{stage + 1}_{j}")(tokens, hw, train)
+        tokens = Block(
+          spec.heads[stage],
+          spec.sr_ratios[stage],
+          spec.mlp_ratios[stage],
+          float(rates[block_index]),
+          self.kernels,
+          self.dtype,
+          self.param_dtype,
+          name=f"block{stage + 1}_{j}",
+        )(tokens, hw, train)
         block_index += 1
       tokens = _layer_norm(EPS_BLOCK, f"norm{stage + 1}", self.dtype, self.param_dtype)(tokens)
       x = tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[-1])

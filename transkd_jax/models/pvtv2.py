@@ -51,7 +51,7 @@ from transkd_jax.models.variants import MiTVariant, lookup_row
 
 Dtype = Any
 
-FPN_WIDTH = 256          # FPN(out_channels=256)
+FPN_WIDTH = 256  # FPN(out_channels=256)
 FPN_HEAD_CHANNELS = 128  # FPNHead(channels=128)
 FPN_HEAD_STRIDES = (4, 8, 16, 32)
 
@@ -61,18 +61,26 @@ _HEADS = (1, 2, 5, 8)
 
 def _row(channels, depths, mlp_ratios=(8, 8, 4, 4)):
   # heads, sr ratios (8, 4, 2, 1), drop path 0.1 and qkv bias are shared by every row.
-  return MiTVariant(channels, depths, _HEADS, decoder_width=FPN_WIDTH, mlp_ratios=mlp_ratios,
-                    sr_ratios=(8, 4, 2, 1), drop_path_rate=0.1, head_dropout=0.1)
+  return MiTVariant(
+    channels,
+    depths,
+    _HEADS,
+    decoder_width=FPN_WIDTH,
+    mlp_ratios=mlp_ratios,
+    sr_ratios=(8, 4, 2, 1),
+    drop_path_rate=0.1,
+    head_dropout=0.1,
+  )
 
 
 # The public code's pvt_v2_b0 .. pvt_v2_b5 (train/models/pvtv2/backbone.py).
 PVT_VARIANTS = {
-    "b0": _row((32, 64, 160, 256), (2, 2, 2, 2)),
-    "b1": _row(_WIDE, (2, 2, 2, 2)),
-    "b2": _row(_WIDE, (3, 4, 6, 3)),
-    "b3": _row(_WIDE, (3, 4, 18, 3)),
-    "b4": _row(_WIDE, (3, 8, 27, 3)),
-    "b5": _row(_WIDE, (3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
+  "b0": _row((32, 64, 160, 256), (2, 2, 2, 2)),
+  "b1": _row(_WIDE, (2, 2, 2, 2)),
+  "b2": _row(_WIDE, (3, 4, 6, 3)),
+  "b3": _row(_WIDE, (3, 4, 18, 3)),
+  "b4": _row(_WIDE, (3, 8, 27, 3)),
+  "b5": _row(_WIDE, (3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
 }
 
 
@@ -85,7 +93,8 @@ def check_images(images, model: str):
   """The bad-input check every model runs first (as SegFormer's)."""
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(
-        f"{model} expects images of shape (N, H, W, 3) (NHWC, float); got {images.shape}")
+      f"{model} expects images of shape (N, H, W, 3) (NHWC, float); got {images.shape}"
+    )
 
 
 def check_num_classes(num_classes):
@@ -100,10 +109,16 @@ def _conv(features, size, name, dtype, param_dtype, kernel_init=None, bias_init=
   (also when there is no activation), bias 0: std sqrt(2 / (k * k * out)).
   """
   p = size // 2
-  return nn.Conv(features, (size, size), padding=((p, p), (p, p)),
-                 kernel_init=kernel_init or init.conv_kernel(size * size * features),
-                 bias_init=bias_init or nn.initializers.zeros,
-                 dtype=dtype, param_dtype=param_dtype, name=name)
+  return nn.Conv(
+    features,
+    (size, size),
+    padding=((p, p), (p, p)),
+    kernel_init=kernel_init or init.conv_kernel(size * size * features),
+    bias_init=bias_init or nn.initializers.zeros,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
 
 
 class FPN(nn.Module):
@@ -114,6 +129,7 @@ class FPN(nn.Module):
   legacy 'nearest': source index floor(dst * in / out)); out_i = 3x3 conv (pad 1,
   bias) of lateral_i.
   """
+
   width: int = FPN_WIDTH
   kernels: str = "native"
   dtype: Dtype = jnp.float32
@@ -121,13 +137,18 @@ class FPN(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray]):
-    laterals = [_conv(self.width, 1, f"lateral_convs_{i}", self.dtype, self.param_dtype)(x)
-                for i, x in enumerate(features)]
+    laterals = [
+      _conv(self.width, 1, f"lateral_convs_{i}", self.dtype, self.param_dtype)(x)
+      for i, x in enumerate(features)
+    ]
     for i in range(len(laterals) - 1, 0, -1):
       laterals[i - 1] = laterals[i - 1] + resize_nearest(
-          laterals[i], laterals[i - 1].shape[1:3], self.kernels)
-    return tuple(_conv(self.width, 3, f"fpn_convs_{i}", self.dtype, self.param_dtype)(x)
-                 for i, x in enumerate(laterals))
+        laterals[i], laterals[i - 1].shape[1:3], self.kernels
+      )
+    return tuple(
+      _conv(self.width, 3, f"fpn_convs_{i}", self.dtype, self.param_dtype)(x)
+      for i, x in enumerate(laterals)
+    )
 
 
 class FPNHead(nn.Module):
@@ -139,6 +160,7 @@ class FPNHead(nn.Module):
   identity when the sizes agree); channel dropout (Dropout2d); 1x1 conv with
   bias to the classes.
   """
+
   num_classes: int
   channels: int = FPN_HEAD_CHANNELS
   dropout: float = 0.1
@@ -157,20 +179,26 @@ class FPNHead(nn.Module):
         x = nn.relu(x)
         if stride != self.strides[0]:
           x = resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]), self.kernels)
-      output = x if output is None else output + resize_bilinear(x, output.shape[1:3],
-                                                                   self.kernels)
+      output = x if output is None else output + resize_bilinear(x, output.shape[1:3], self.kernels)
     # Dropout2d: whole channels, per sample.
     output = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(output, deterministic=not train)
     # The public FPNHead is a plain nn.Module (not mmseg's BaseDecodeHead, whose
     # init_weights draws conv_seg from normal(0, 0.01)) and nothing re-initialises
     # it, so conv_seg keeps PyTorch's default Conv2d initialisation.
-    return _conv(self.num_classes, 1, "conv_seg", self.dtype, self.param_dtype,
-                 kernel_init=init.torch_default_kernel,
-                 bias_init=init.torch_default_bias(self.channels))(output)
+    return _conv(
+      self.num_classes,
+      1,
+      "conv_seg",
+      self.dtype,
+      self.param_dtype,
+      kernel_init=init.torch_default_kernel,
+      bias_init=init.torch_default_bias(self.channels),
+    )(output)
 
 
 class PVTv2(nn.Module):
   """PVTv2 encoder + FPN + FPNHead; outputs as ``SegFormer``'s."""
+
   variant: Any = "b0"
   num_classes: int = 19
   dtype: Dtype = jnp.float32
@@ -182,8 +210,15 @@ class PVTv2(nn.Module):
     check_num_classes(self.num_classes)
     self.encoder = MixTransformer(spec, self.kernels, self.dtype, self.param_dtype)
     self.neck = FPN(spec.decoder_width, self.kernels, self.dtype, self.param_dtype)
-    self.head = FPNHead(self.num_classes, FPN_HEAD_CHANNELS, spec.head_dropout,
-                        FPN_HEAD_STRIDES, self.kernels, self.dtype, self.param_dtype)
+    self.head = FPNHead(
+      self.num_classes,
+      FPN_HEAD_CHANNELS,
+      spec.head_dropout,
+      FPN_HEAD_STRIDES,
+      self.kernels,
+      self.dtype,
+      self.param_dtype,
+    )
 
   def encode(self, images, train: bool = False):
     """Encoder only: {"features", "embeddings"}; neck and head are not run."""

@@ -137,8 +137,9 @@ def _native_axis(x, axis: int, out_size: int, mode: str):
   if mode == "nearest" and out_size % in_size == 0:
     return jnp.repeat(x, out_size // in_size, axis=axis)  # floor(i * in / out) = i // factor
   matrix = (bilinear_matrix if mode == "bilinear" else nearest_matrix)(in_size, out_size)
-  y = jnp.tensordot(jnp.asarray(matrix, x.dtype), x, axes=(1, axis),
-                    precision=jax.lax.Precision.HIGHEST)
+  y = jnp.tensordot(
+    jnp.asarray(matrix, x.dtype), x, axes=(1, axis), precision=jax.lax.Precision.HIGHEST
+  )
   return jnp.moveaxis(y, 0, axis)
 
 

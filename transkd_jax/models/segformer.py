@@ -29,7 +29,8 @@ Dtype = Any
 def _check_images(images):
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(
-        f"SegFormer expects images of shape (N, H, W, 3) (NHWC, float); got {images.shape}")
+      f"SegFormer expects images of shape (N, H, W, 3) (NHWC, float); got {images.shape}"
+    )
 
 
 class SegFormer(nn.Module):
@@ -44,8 +45,14 @@ class SegFormer(nn.Module):
     if int(self.num_classes) < 1:
       raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
     self.encoder = MixTransformer(self.variant, self.kernels, self.dtype, self.param_dtype)
-    self.head = SegFormerHead(self.num_classes, spec.decoder_width, spec.head_dropout,
-                              self.kernels, self.dtype, self.param_dtype)
+    self.head = SegFormerHead(
+      self.num_classes,
+      spec.decoder_width,
+      spec.head_dropout,
+      self.kernels,
+      self.dtype,
+      self.param_dtype,
+    )
 
   def encode(self, images, train: bool = False):
     """Encoder only: {"features", "embeddings"}; the head is not run."""

@@ -25,12 +25,12 @@ _WIDE = (64, 128, 320, 512)
 _HEADS = (1, 2, 5, 8)
 
 VARIANTS = {
-    "b0": MiTVariant((32, 64, 160, 256), (2, 2, 2, 2), _HEADS, 256),
-    "b1": MiTVariant(_WIDE, (2, 2, 2, 2), _HEADS, 256),
-    "b2": MiTVariant(_WIDE, (3, 4, 6, 3), _HEADS, 768),
-    "b3": MiTVariant(_WIDE, (3, 4, 18, 3), _HEADS, 768),
-    "b4": MiTVariant(_WIDE, (3, 8, 27, 3), _HEADS, 768),
-    "b5": MiTVariant(_WIDE, (3, 6, 40, 3), _HEADS, 768),
+  "b0": MiTVariant((32, 64, 160, 256), (2, 2, 2, 2), _HEADS, 256),
+  "b1": MiTVariant(_WIDE, (2, 2, 2, 2), _HEADS, 256),
+  "b2": MiTVariant(_WIDE, (3, 4, 6, 3), _HEADS, 768),
+  "b3": MiTVariant(_WIDE, (3, 4, 18, 3), _HEADS, 768),
+  "b4": MiTVariant(_WIDE, (3, 8, 27, 3), _HEADS, 768),
+  "b5": MiTVariant(_WIDE, (3, 6, 40, 3), _HEADS, 768),
 }
 
 # Patch-embedding geometry per stage: (kernel, stride, padding).
@@ -44,12 +44,13 @@ def lookup_row(name, table, row_type, family: str, prefix: str = ""):
     return name
   key = str(name).lower()
   if prefix and key.startswith(prefix):
-    key = key[len(prefix):]
+    key = key[len(prefix) :]
   if key not in table:
     names = sorted(table)
     alias = f" (or {prefix}{names[0]} .. {prefix}{names[-1]})" if prefix else ""
-    raise ValueError(f"Unknown {family} variant {name!r}; expected one of "
-                     f"{', '.join(names)}{alias}.")
+    raise ValueError(
+      f"Unknown {family} variant {name!r}; expected one of {', '.join(names)}{alias}."
+    )
   return table[key]
 
 
