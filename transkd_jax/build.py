@@ -59,14 +59,6 @@ def trained_variant(config):
   return config.eval.variant or config[method_of(config).trains].variant
 
 
-def model_name(arch: str, variant) -> str:
-  """A model's name for logs and tables: "SegFormer-B0", "PVTv2-B2", "LVT"."""
-  label = {"segformer": "SegFormer", "pvtv2": "PVTv2", "lvt": "LVT"}[arch]
-  if arch == "lvt" and variant == "lvt":
-    return label
-  return f"{label}-{str(variant).upper()}"
-
-
 def distiller(config, kernels: str = "native") -> Distiller:
   """The trained model of ``config`` plus its method's training-time modules."""
   method = method_of(config)
@@ -113,7 +105,7 @@ def read_model(path: str, what: str, arch: str, variant, num_classes: int):
     variables,
     {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})},
     f"{what}={path}",
-    f"{model_name(arch, variant)} with {num_classes} classes "
+    f"{archs.model_name(arch, variant)} with {num_classes} classes "
     "(config.teacher.arch/variant / config.student.arch/variant / config.eval.variant and "
     "config.num_classes)",
   )

@@ -48,7 +48,7 @@ def run_info(config, workdir: str) -> dict:
     info[role] = {
       "arch": arch,
       "variant": str(variant),
-      "model": build.model_name(arch, variant),
+      "model": archs.model_name(arch, variant),
       **model_info(model, size),
     }
   method = build.method_of(config)

@@ -60,7 +60,7 @@ class Pair:
 
   @property
   def title(self) -> str:
-    from transkd_jax.build import model_name
+    from transkd_jax.models.archs import model_name
 
     return f"{model_name(*self.teacher)} -> {model_name(*self.student)}"
 
@@ -211,9 +211,9 @@ def model_rows(config, teacher_source: str) -> dict:
   """Params and GFLOPs of the deployed teacher and student at config.image_size."""
   import jax.numpy as jnp
 
-  from transkd_jax.build import model_name
   from transkd_jax.info import model_info
   from transkd_jax.models import archs
+  from transkd_jax.models.archs import model_name
 
   size = tuple(config.image_size)
   rows = {}

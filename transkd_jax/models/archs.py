@@ -27,12 +27,19 @@ class Arch(NamedTuple):
   variants: Mapping[str, Any]  # the variant table (name -> row)
   get_variant: Callable[[Any], Any]  # name or row -> row; ValueError naming the allowed names
   has_batch_stats: bool  # whether the variables hold a batch_stats collection
+  label: str  # for logs, tables and messages: "SegFormer", "PVTv2", "LVT"
+  # The public code's names of its checkpoints' models (convert --arch, export), per variant.
+  checkpoint_names: Mapping[str, str]
 
 
 ARCHS = {
-  "segformer": Arch(SegFormer, VARIANTS, get_variant, True),
-  "pvtv2": Arch(PVTv2, PVT_VARIANTS, get_pvt_variant, False),
-  "lvt": Arch(LVT, LVT_VARIANTS, get_lvt_variant, True),
+  "segformer": Arch(
+    SegFormer, VARIANTS, get_variant, True, "SegFormer", {v: f"mit_{v}" for v in VARIANTS}
+  ),
+  "pvtv2": Arch(
+    PVTv2, PVT_VARIANTS, get_pvt_variant, False, "PVTv2", {v: f"pvt_v2_{v}" for v in PVT_VARIANTS}
+  ),
+  "lvt": Arch(LVT, LVT_VARIANTS, get_lvt_variant, True, "LVT", {v: v for v in LVT_VARIANTS}),
 }
 
 
@@ -53,6 +60,23 @@ def get_arch_variant(arch, variant):
 def stage_channels(arch, variant):
   """The four stages' channels (feature maps and patch embeddings alike)."""
   return tuple(int(c) for c in get_arch_variant(arch, variant).channels)
+
+
+def model_name(arch, variant) -> str:
+  """A model's name for logs and tables: "SegFormer-B0", "PVTv2-B2", "LVT"."""
+  label = ARCHS[check_arch(arch)].label
+  if isinstance(variant, str) and variant == label.lower():  # a family of one variant
+    return label
+  return f"{label}-{str(variant).upper()}"
+
+
+def from_checkpoint_name(name: str):
+  """(arch, variant) of a public checkpoint model name ("mit_b2", "pvt_v2_b0", "lvt"), or None."""
+  for arch, row in ARCHS.items():
+    for variant, public in row.checkpoint_names.items():
+      if public == name:
+        return arch, variant
+  return None
 
 
 def has_batch_stats(arch) -> bool:
