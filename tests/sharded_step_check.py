@@ -36,7 +36,7 @@ def run(mesh_shape, rule, devices, steps=2):
   images = rng.uniform(size=(8, 64, 64, 3)).astype(np.float32)
   labels = rng.integers(0, 5, size=(8, 16, 16)).astype(np.int32)
   state = training.new_state()
-  teacher_variables = training.random_teacher()
+  teacher_variables = training.teacher_variables(random=True)
   losses = []
   for _ in range(steps):
     batch = sharding.global_batch({"image": images, "label": labels}, training.mesh)

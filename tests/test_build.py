@@ -24,10 +24,11 @@ def test_a_distilling_run_holds_its_method_row_and_the_student(teacher_dir, data
   assert run.method is METHODS["transkd_gl"] and run.model.method is run.method
   assert set(run.abstract_state.params) == {"student", "fusion", "pea", "gl_mixer"}
   # The teacher's weights are the checkpoint's, placed on the mesh.
-  placed = jax.tree.leaves(run.teacher_variables)
+  placed = jax.tree.leaves(run.teacher.variables)
   assert all(x.sharding.mesh == run.mesh for x in placed)
   # Nothing recorded beside it: the teacher gets the student's normalisation.
-  assert run.teacher_norm == "unit" and "data.transforms='reference'" in run.teacher_norm_source
+  assert run.teacher.input_norm == "unit"
+  assert "data.transforms='reference'" in run.teacher.input_norm_source
   # The sanity check before distilling scores it on the first check_images val images.
   config.teacher.check_images = 3
   checked = check_teacher(run)
@@ -39,7 +40,7 @@ def test_a_distilling_run_holds_its_method_row_and_the_student(teacher_dir, data
 def test_a_teacher_run_trains_and_serves_its_teacher(tmp_path, data_root):
   config = tiny_config(data_root, method="teacher", total_steps=2)
   run = build.training(config)
-  assert run.teacher is None and run.teacher_variables is None
+  assert run.teacher is None and run.teacher_variables() is None
   assert set(run.abstract_state.params) == {"teacher"}
   assert run.model.variant == TINY_TEACHER
   summary = train(config, str(tmp_path))
@@ -110,12 +111,12 @@ def test_a_pvtv2_teacher_distils_into_an_lvt_student(tmp_path, data_root):
   set_variant(config, "student", TINY_LVT)
   config.teacher.checkpoint = str(tmp_path / "pvt")
   run = build.training(config)
-  assert set(run.teacher_variables) == {"params"}
+  assert set(run.teacher.variables) == {"params"}
   state = run.new_state()
   before = jax.device_get(state.params)  # the step donates the state
   spec = build.batch_spec(config)
   batch = {k: jnp.ones(s.shape, s.dtype) for k, s in spec.items()}
-  new_state, metrics = run.train_step(state, run.teacher_variables, batch)
+  new_state, metrics = run.train_step(state, run.teacher_variables(), batch)
   assert {"ce", "hcl", "pea"} <= set(metrics) and np.isfinite(float(metrics["loss"]))
   moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(new_state.params))
   assert all(any(jax.tree.leaves(moved[k])) for k in ("student", "fusion", "pea"))

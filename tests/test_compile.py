@@ -87,7 +87,7 @@ def test_the_kernel_form_follows_the_compiled_devices_unless_forced():
   run = build.training(
     _config(method="transkd_base", kernels="cpu"), weights=False, devices=tpu.devices.flat
   )
-  assert run.kernels == run.model.kernels == run.teacher.kernels == "cpu"
+  assert run.kernels == run.model.kernels == run.teacher.model.kernels == "cpu"
 
 
 def test_transkd_base_under_fsdp_all_gathers_parameters_and_never_the_batch(monkeypatch):
@@ -95,13 +95,13 @@ def test_transkd_base_under_fsdp_all_gathers_parameters_and_never_the_batch(monk
   config = _config(method="transkd_base", sharding="fsdp", mesh_shape=(2, 2))
   run = build.training(config, weights=False, devices=compile_bench.topology_devices("v5e:2x2"))
   compiled = run.train_step.lower(
-    run.abstract_state, run.abstract_teacher, build.batch_spec(config, run.mesh)
+    run.abstract_state, run.teacher.abstract, build.batch_spec(config, run.mesh)
   ).compile()
   # Gradients come back to each device as its shard only.
   assert "reduce-scatter" in compile_bench.hlo_summary(compiled.as_text())["collectives"]
   split = {
     math.prod(x.shape)
-    for x in jax.tree.leaves((run.abstract_state.params, run.abstract_teacher))
+    for x in jax.tree.leaves((run.abstract_state.params, run.teacher.abstract))
     if x.sharding.spec != jax.sharding.PartitionSpec()
   }
   assert split  # the rule split some parameters along "model"

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from transkd_jax import checkpoint as ckpt_lib
-from transkd_jax import evaluate, normalization, sharding
+from transkd_jax import normalization, sharding
 from transkd_jax.data.transforms import quarter_size
 from transkd_jax.distill import Distiller, Method, check_pairing, get_method, loss_settings
 from transkd_jax.errors import UserError
+from transkd_jax.eval_step import make_eval_step as _make_eval_step
 from transkd_jax.models import archs
 from transkd_jax.models import kernels as kernels_lib
 from transkd_jax.optim import make_optimizer
@@ -133,7 +134,7 @@ def make_eval_step(config, mesh, protocol: Optional[str] = None, input_norm=None
   """
   if input_norm is None:
     input_norm = (normalization.of_transforms(config.data.transforms),) * 2
-  return evaluate.make_eval_step(
+  return _make_eval_step(
     deployed_model(config, kernels_of(config, mesh)),
     config.num_classes,
     protocol or config.eval_protocol,
@@ -159,37 +160,56 @@ def batch_spec(config, mesh=None) -> dict:
 
 
 @dataclasses.dataclass
+class Teacher:
+  """The frozen teacher of a distillation run, as one value."""
+
+  model: Any  # its flax module
+  abstract: dict  # its variables as ShapeDtypeStructs carrying their shardings
+  init: Callable[[], dict]  # random variables from config.seed + 1 (benchmarks, tests)
+  variables: Optional[dict]  # the checkpoint's, placed on the mesh (None: weights=False)
+  source: str  # the checkpoint read ("" when none was)
+  input_norm: str  # the normalisation its weights expect ("unit" | "imagenet")
+  input_norm_source: str  # where that came from, for the log
+
+  @property
+  def shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.abstract)
+
+  def random_variables(self) -> dict:
+    """Variables from ``config.seed + 1``, placed on the mesh (benchmarks, tests)."""
+    return jax.jit(self.init, out_shardings=self.shardings)()
+
+
+@dataclasses.dataclass
 class Training:
   """Everything a training run (or a step benchmark) needs, built from one config."""
 
   config: Any
   method: Method
   model: Distiller
-  teacher: Any  # the teacher's flax module, or None
+  teacher: Optional[Teacher]  # None when the method distils nothing
   mesh: Any
+  kernels: str  # the resolved kernel form ("cpu" | "native")
   optimizer: Any
   schedule: Callable
   init: Callable[[], TrainState]  # a fresh state (student init applied)
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
-  state_shardings: Any
-  teacher_variables: Optional[dict]  # the checkpoint's, placed on the mesh (weights=True)
-  teacher_norm: str  # the teacher's input normalisation ("unit" | "imagenet")
-  teacher_norm_source: str  # where that came from, for the log
-  abstract_teacher: Optional[dict]  # ShapeDtypeStructs carrying their shardings
-  teacher_init: Optional[Callable[[], dict]]
-  kernels: str  # the resolved kernel form ("cpu" | "native")
-  train_step: Callable  # jitted: (state, teacher_variables, batch)
+  train_step: Callable  # jitted: (state, teacher variables or None, batch)
   eval_step: Callable  # jitted: (variables, batch)
+
+  @property
+  def state_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.abstract_state)
 
   def new_state(self) -> TrainState:
     return jax.jit(self.init, out_shardings=self.state_shardings)()
 
-  def random_teacher(self) -> Optional[dict]:
-    """Teacher variables from ``config.seed + 1`` on the mesh (benchmarks, tests)."""
-    if self.teacher_init is None:
+  def teacher_variables(self, random: bool = False) -> Optional[dict]:
+    """The teacher's variables for the train step: the checkpoint's, or with ``random``
+    (benchmarks, compiles, tests) fresh ones; None without a teacher."""
+    if self.teacher is None:
       return None
-    shardings = jax.tree.map(lambda x: x.sharding, self.abstract_teacher)
-    return jax.jit(self.teacher_init, out_shardings=shardings)()
+    return self.teacher.random_variables() if random else self.teacher.variables
 
   def deployed(self, state: TrainState) -> dict:
     """The trained model's variables out of a train state."""
@@ -197,36 +217,36 @@ class Training:
     return {"params": state.params[role], "batch_stats": state.batch_stats.get(role, {})}
 
 
-def training(config, weights: bool = True, devices=None) -> Training:
-  """Builds the run of ``config``; the teacher is read and checked before anything compiles.
+def _placed(abstract, mesh, rule: str):
+  """``abstract`` (ShapeDtypeStructs) carrying the shardings ``rule`` gives them on ``mesh``."""
+  shardings = sharding.tree_shardings(abstract, mesh, rule)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+  )
 
-  ``weights=False`` (benchmarks, compiles) reads no checkpoint and runs
-  nothing: ``teacher_variables`` is None (``random_teacher()`` makes some) and
-  the trained model starts from ``config.seed``. ``devices`` (default: all
-  of this process's run) are those the mesh spans; they may be a TPU
-  topology's devices, for compiling only (``bench/compile.py``).
-  """
-  method = method_of(config)
-  mesh = mesh_of(config, devices)
-  kernels = kernels_of(config, mesh)
-  model = distiller(config, kernels)
-  teacher = teacher_model(config, kernels)
+
+def teacher_of(config, model: Distiller, mesh, kernels: str, weights: bool) -> Optional[Teacher]:
+  """The frozen teacher of ``config`` on ``mesh``; with ``weights``, its checkpoint read,
+  checked against the trained model, and placed (before anything compiles)."""
+  module = teacher_model(config, kernels)
+  if module is None:
+    return None
   size = tuple(config.image_size)
-  role = config[method.trains]
-  initial = None
-  if weights and role.init:
-    initial, _ = read_model(
-      role.init, f"config.{method.trains}.init", role.arch, role.variant, config.num_classes
-    )
-  teacher_host, teacher_source = None, ""
-  if teacher is not None and weights:
+  images = jnp.zeros((1, *size, 3), jnp.float32)
+
+  def init():
+    return module.init(jax.random.key(config.seed + 1), images)
+
+  abstract = _placed(jax.eval_shape(init), mesh, config.sharding)
+  variables, source = None, ""
+  if weights:
     if not config.teacher.checkpoint:
       raise UserError(
-        f"method {method.name!r} distils from a teacher: set "
+        f"method {config.method!r} distils from a teacher: set "
         "config.teacher.checkpoint to an Orbax directory (transkd_jax.convert's "
         "output, or the workdir of a --config.method=teacher run)"
       )
-    teacher_host, teacher_source = read_model(
+    host, source = read_model(
       config.teacher.checkpoint,
       "config.teacher.checkpoint",
       config.teacher.arch,
@@ -234,42 +254,53 @@ def training(config, weights: bool = True, devices=None) -> Training:
       config.num_classes,
     )
     try:
-      check_pairing(model, teacher, size)
+      check_pairing(model, module, size)
     except ValueError as e:
       raise UserError(f"teacher and student do not pair: {e}") from None
-
-  check_batch_size(config, mesh)
-  optimizer, schedule = make_optimizer(config.optimizer, config.total_steps)
-  init = lambda: init_state(model, optimizer, size, config.seed, initial)  # noqa: E731
-  abstract = jax.eval_shape(init)
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding)
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-  )
-  teacher_variables, teacher_shardings, teacher_init, abstract_teacher = None, None, None, None
-  if teacher is not None:
-    images = jnp.zeros((1, *size, 3), jnp.float32)
-    teacher_init = lambda: teacher.init(jax.random.key(config.seed + 1), images)  # noqa: E731
-    abstract_teacher = jax.eval_shape(teacher_init)
-    teacher_shardings = sharding.tree_shardings(abstract_teacher, mesh, config.sharding)
-    abstract_teacher = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_teacher,
-      teacher_shardings,
-    )
-    if teacher_host is not None:
-      teacher_variables = sharding.put_global(teacher_host, teacher_shardings)
-  student_norm = normalization.of_transforms(config.data.transforms)
-  teacher_norm, norm_source = input_normalization(
+    variables = sharding.put_global(host, jax.tree.map(lambda x: x.sharding, abstract))
+  norm, norm_source = input_normalization(
     config,
     config.teacher.input_norm,
     "config.teacher.input_norm",
-    config.teacher.checkpoint if teacher_host is not None else "",
-    teacher_source,
+    config.teacher.checkpoint if weights else "",
+    source,
   )
+  return Teacher(module, abstract, init, variables, source, norm, norm_source)
+
+
+def training(config, weights: bool = True, devices=None) -> Training:
+  """Builds the run of ``config``; the teacher is read and checked before anything compiles.
+
+  ``weights=False`` (benchmarks, compiles) reads no checkpoint and runs
+  nothing: the teacher has no ``variables`` (``teacher_variables(random=True)``
+  makes some) and the trained model starts from ``config.seed``. ``devices``
+  (default: all of this process's run) are those the mesh spans; they may be a
+  TPU topology's devices, for compiling only (``bench/compile.py``).
+  """
+  method = method_of(config)
+  mesh = mesh_of(config, devices)
+  kernels = kernels_of(config, mesh)
+  model = distiller(config, kernels)
+  size = tuple(config.image_size)
+  role = config[method.trains]
+  initial = None
+  if weights and role.init:
+    initial, _ = read_model(
+      role.init, f"config.{method.trains}.init", role.arch, role.variant, config.num_classes
+    )
+  teacher = teacher_of(config, model, mesh, kernels, weights)
+  check_batch_size(config, mesh)
+  optimizer, schedule = make_optimizer(config.optimizer, config.total_steps)
+
+  def init():
+    return init_state(model, optimizer, size, config.seed, initial)
+
+  abstract = _placed(jax.eval_shape(init), mesh, config.sharding)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  student_norm = normalization.of_transforms(config.data.transforms)
   step = make_train_step(
     model,
-    teacher,
+    None if teacher is None else teacher.model,
     method,
     loss_settings(method, config.distill),
     optimizer,
@@ -277,7 +308,7 @@ def training(config, weights: bool = True, devices=None) -> Training:
     config.seed,
     tuple(config.class_weights) or None,
     mesh,
-    teacher_input=(student_norm, teacher_norm),
+    teacher_input=(student_norm, student_norm if teacher is None else teacher.input_norm),
     param_shardings=shardings.params,
   )
   return Training(
@@ -286,18 +317,14 @@ def training(config, weights: bool = True, devices=None) -> Training:
     model=model,
     teacher=teacher,
     mesh=mesh,
+    kernels=kernels,
     optimizer=optimizer,
     schedule=schedule,
     init=init,
     abstract_state=abstract,
-    state_shardings=shardings,
-    teacher_variables=teacher_variables,
-    teacher_norm=teacher_norm,
-    teacher_norm_source=norm_source,
-    abstract_teacher=abstract_teacher,
-    teacher_init=teacher_init,
-    kernels=kernels,
-    train_step=jit_train_step(step, mesh, shardings, teacher_shardings),
+    train_step=jit_train_step(
+      step, mesh, shardings, None if teacher is None else teacher.shardings
+    ),
     eval_step=make_eval_step(config, mesh),
   )
 
@@ -312,7 +339,7 @@ def input_normalization(config, chosen: str, what: str, path: str = "", source: 
   if chosen:
     return chosen, what
   if path:
-    recorded, why = normalization.recorded(path, source)
+    recorded, why = ckpt_lib.recorded_normalization(path, source)
     if recorded is not None:
       return recorded, f"{why}, at {path}"
   return (

@@ -16,6 +16,7 @@ skipped with a warning naming it, and the previous one is used.
 
 import dataclasses
 import json
+import re
 from typing import Any, Optional
 
 import grain
@@ -25,10 +26,11 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from transkd_jax import storage
+from transkd_jax import normalization, storage
 from transkd_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+CONVERT_RECORD = normalization.CONVERT_RECORD  # beside a transkd_jax.convert output
 
 
 class DataStateHandler(grain.checkpoint.CheckpointHandler):
@@ -213,12 +215,7 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
         raise UserError(f"{what}={path!r}: the run's {CHECKPOINT_DIR}/ holds no checkpoint")
       how = "best by " + run.best_metric if step == run.best_step() else "latest"
       run.close()
-      state = restore_pytree(storage.join(run_dir, str(step), "state"))
-      role = trained_role(state["params"])
-      variables = {
-        "params": state["params"][role],
-        "batch_stats": (state.get("batch_stats") or {}).get(role, {}),
-      }
+      variables = restore_trained_variables(storage.join(run_dir, str(step), "state"))
       source = f"{storage.join(run_dir, str(step))} (step {step}, {how})"
       return (variables, source) if with_source else variables
     tree = restore_pytree(path)
@@ -237,16 +234,81 @@ def restore_model_variables(path: str, what: str, with_source: bool = False):
   return (variables, path) if with_source else variables
 
 
+def _on_first_device(metadata):
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
+
+
 def restore_pytree(path: str):
   """A pytree saved with Orbax's standard handler, onto this process's first device.
 
   Works whatever the topology that wrote it (e.g. a teacher trained on 8
   devices or 2 processes, read by a 1-device evaluation).
   """
-  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
-  return ocp.StandardCheckpointer().restore(path, target)
+  return ocp.StandardCheckpointer().restore(path, _on_first_device(metadata))
+
+
+def restore_trained_variables(path: str) -> dict:
+  """{"params", "batch_stats"} of the model a saved train state trains (its ``state`` item).
+
+  Only those arrays are read (an Orbax partial restore): not the optimiser's
+  moments, nor the training-time modules' parameters.
+  """
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+  role = trained_role(metadata["params"])
+  stats = metadata["batch_stats"] if "batch_stats" in metadata else {}
+  wanted = {"params": {role: metadata["params"][role]}}
+  if role in stats and jax.tree.leaves(stats[role]):
+    wanted["batch_stats"] = {role: stats[role]}
+  target = _on_first_device(wanted)
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.restore(
+      path, args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+    )
+  return {"params": tree["params"][role], "batch_stats": tree.get("batch_stats", {}).get(role, {})}
+
+
+def saved_config(path: str, source: str = "") -> Optional[dict]:
+  """A run workdir's saved config (JSON): the step named in ``source`` first, else the newest;
+  None when ``path`` holds no run checkpoints."""
+  directory = storage.join(path, CHECKPOINT_DIR)
+  if not storage.isdir(directory):
+    return None
+  steps = sorted(
+    (int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()), reverse=True
+  )
+  match = re.search(rf"{CHECKPOINT_DIR}/(\d+)", source)
+  if match:
+    steps.insert(0, int(match.group(1)))
+  for step in steps:
+    for file in sorted(epath.Path(directory, str(step), "config").glob("*")):
+      try:
+        config = json.loads(file.read_text())
+      except (OSError, ValueError):
+        continue
+      if isinstance(config, dict):
+        return config
+  return None
+
+
+def convert_record(path: str) -> Optional[dict]:
+  """The record ``transkd_jax.convert`` writes beside its checkpoint (CONVERT_RECORD), or None."""
+  record = storage.join(path, CONVERT_RECORD)
+  if not storage.exists(record):
+    return None
+  try:
+    value = json.loads(storage.read_text(record))
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def recorded_normalization(path: str, source: str = ""):
+  """(normalisation, where it was read) that the checkpoint at ``path`` expects, or
+  (None, "nothing recorded"): a run's saved config, else convert's record."""
+  return normalization.recorded(saved_config(path, source), convert_record(path), CONVERT_RECORD)
 
 
 def check_variables(variables: dict, expected: Any, what: str, description: str):

@@ -1,4 +1,4 @@
-"""Evaluation: a confusion matrix accumulated on device, mIoU, and ``--mode=eval``.
+"""``--mode=eval``: a trained model's mIoU, per-class IoU and pixel accuracy on a split.
 
     python -m transkd_jax.main --config=configs/cityscapes.py --workdir=DIR --mode=eval \
         [--config.eval.checkpoint=CKPT] [--config.eval_protocol=reference]
@@ -6,186 +6,19 @@
 Weights come from ``config.eval.checkpoint`` (a training workdir, or an Orbax
 directory such as ``transkd_jax.convert`` writes), else from the workdir's best
 checkpoint (by validation mIoU; its latest when none was scored). The model is
-the run's trained SegFormer (the student; the teacher's variant for
-``--config.method=teacher``), or ``config.eval.variant`` when set. Results are
-printed as a per-class table and written to ``DIR/eval_results.json``.
-Validation during training runs the same ``make_eval_step`` / ``evaluate_split``.
-
-Two protocols, named next to every number:
-
-- ``standard`` (SegFormer's, cityscapesScripts'): logits resized bilinearly
-  (align_corners=False) to the labels' full resolution; a class absent from
-  both prediction and label is left out of the mean.
-- ``reference`` (the public TransKD code's): labels at 1/4 resolution,
-  predictions at the logits' resolution; an absent class counts as IoU 0.
+the run's trained model (the student; the teacher for ``--config.method=teacher``),
+or ``config.eval.variant`` when set. Results are printed as a per-class table and
+written to ``DIR/eval_results.json``. The step, the loop over the split and the two
+protocols (``standard``, ``reference``) are transkd_jax/eval_step.py's.
 """
 
 import math
-from typing import Dict
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from transkd_jax import normalization, sharding, storage
-from transkd_jax.distill.losses import IGNORE_LABEL, cross_entropy
-from transkd_jax.models.resize import resize_bilinear, resize_nearest
-
-
-def confusion_matrix(pred, label, num_classes: int, valid=None):
-  """num_classes x num_classes counts (rows: label, columns: prediction).
-
-  Pixels labelled ``IGNORE_LABEL`` (or any id >= num_classes), and every pixel
-  of an example whose ``valid`` flag is False (batch padding), are not counted.
-  """
-  label = label.astype(jnp.int32)
-  keep = (label >= 0) & (label < num_classes)
-  if valid is not None:
-    keep &= valid.reshape((-1,) + (1,) * (label.ndim - 1))
-  index = jnp.where(keep, label * num_classes + pred.astype(jnp.int32), num_classes**2)
-  counts = jnp.bincount(index.reshape(-1), length=num_classes**2 + 1)
-  return counts[:-1].reshape(num_classes, num_classes)
-
-
-def predictions_at(logits, size, kernels: str = "native"):
-  """Class ids at ``size`` (h, w): logits resized bilinearly (align_corners=False)."""
-  return jnp.argmax(resize_bilinear(logits.astype(jnp.float32), size, kernels), axis=-1)
-
-
-def predictions_at_sizes(logits, shape, sizes):
-  """Class ids (B, *shape): example i's logits resized bilinearly to ``sizes[i]`` (h, w),
-  placed top-left (the rest of ``shape`` is padding, labelled ignore).
-
-  The same sampling as ``predictions_at`` (half-pixel centres, edges clamped),
-  with per-example sizes that may be traced (one compile for all sizes).
-  """
-
-  def one(example_logits, size):
-    scale = size.astype(jnp.float32) / jnp.array(example_logits.shape[:2], jnp.float32)
-    return jax.image.scale_and_translate(
-      example_logits,
-      tuple(shape) + example_logits.shape[-1:],
-      (0, 1),
-      scale,
-      jnp.zeros(2, jnp.float32),
-      "linear",
-      antialias=False,
-    )
-
-  return jnp.argmax(jax.vmap(one)(logits.astype(jnp.float32), sizes), axis=-1)
-
-
-def labels_at_sizes(labels, shape, sizes):
-  """Padded labels to ``shape`` by PyTorch's nearest rule on each true ``sizes[i]``."""
-
-  def one(label, size):
-    ys = jnp.floor(jnp.arange(shape[0]) * size[0] / shape[0]).astype(jnp.int32)
-    xs = jnp.floor(jnp.arange(shape[1]) * size[1] / shape[1]).astype(jnp.int32)
-    return label[ys[:, None], xs[None, :]]
-
-  return jax.vmap(one)(labels, sizes)
-
-
-def predictions_for(logits, labels, protocol: str, label_sizes=None, kernels: str = "native"):
-  """(predictions, labels) compared under ``protocol``.
-
-  ``standard``: logits resized to the labels' size (to each example's
-  ``label_sizes`` when labels are padded). ``reference``: labels brought to the
-  logits' size with PyTorch's nearest rule (a no-op when the pipeline already
-  gives 1/4-resolution labels).
-  """
-  if protocol == "standard":
-    if label_sizes is not None:
-      return predictions_at_sizes(logits, labels.shape[1:3], label_sizes), labels
-    return predictions_at(logits, labels.shape[1:3], kernels), labels
-  return jnp.argmax(logits, axis=-1), resize_nearest(labels, logits.shape[1:3])
-
-
-PROTOCOLS = ("standard", "reference")
-
-
-def miou_from_confusion(cm: np.ndarray, protocol: str = "standard") -> Dict[str, object]:
-  """{"miou", "per_class", "pixel_acc", "protocol"} of a confusion matrix.
-
-  ``per_class`` is NaN for a class absent from both prediction and label
-  under ``standard`` (left out of the mean) and 0 under ``reference``.
-  """
-  if protocol not in PROTOCOLS:
-    raise ValueError(f"unknown evaluation protocol {protocol!r}; expected one of {PROTOCOLS}")
-  cm = np.asarray(cm, np.float64)
-  tp = np.diag(cm)
-  union = cm.sum(0) + cm.sum(1) - tp
-  with np.errstate(invalid="ignore", divide="ignore"):
-    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan if protocol == "standard" else 0.0)
-  present = ~np.isnan(iou)
-  return {
-    "miou": float(np.mean(iou[present])) if present.any() else 0.0,
-    "per_class": iou,
-    "pixel_acc": float(tp.sum() / max(cm.sum(), 1.0)),
-    "protocol": protocol,
-  }
-
-
-def make_eval_step(model, num_classes: int, protocol: str, mesh, input_norm):
-  """eval_step(variables, batch) -> (confusion matrix, CE sum, labelled pixels, images).
-
-  Every output is summed over the global batch (all processes) and replicated.
-
-  ``batch``: "image", "label" and optionally "valid" (padding examples count
-  nothing). The CE is over labels at the logits' resolution. ``input_norm`` =
-  (the pipeline's normalisation, the model's): uint8 pixels are normalised to the
-  model's on the device (transkd_jax/normalization.py).
-  """
-
-  def step(variables, batch):
-    # Whole variables on every device (split ones are gathered), activations split by batch.
-    variables = jax.lax.with_sharding_constraint(variables, sharding.replicated(mesh))
-    images = normalization.renormalize(batch["image"], *input_norm)
-    logits = model.apply(variables, images, train=False)["logits"]
-    valid = batch.get("valid")
-    labels = batch["label"]
-    pred, compared = predictions_for(
-      logits, labels, protocol, batch.get("label_size"), model.kernels
-    )
-    cm = confusion_matrix(pred, compared, num_classes, valid)
-    small = labels
-    if batch.get("label_size") is not None:
-      small = labels_at_sizes(labels, logits.shape[1:3], batch["label_size"])
-    elif labels.shape[1:3] != logits.shape[1:3]:
-      small = resize_nearest(labels, logits.shape[1:3])
-    if valid is not None:
-      small = jnp.where(valid[:, None, None], small, IGNORE_LABEL)
-    pixels = jnp.sum(small != IGNORE_LABEL)
-    ce = cross_entropy(logits, small) * pixels
-    images = labels.shape[0] if valid is None else jnp.sum(valid)
-    return cm, ce, pixels, images
-
-  return jax.jit(step, out_shardings=sharding.replicated(mesh))
-
-
-def evaluate_split(config, mesh, eval_step, variables, split: str, limit: int = 0) -> dict:
-  """Runs ``eval_step`` over ``split`` (its first ``limit`` images when > 0); scores +
-  "loss", "num_images", "confusion"."""
-  from transkd_jax import data
-
-  cm = np.zeros((config.num_classes, config.num_classes), np.int64)
-  ce, pixels, images, skipped = 0.0, 0, 0, 0
-  for batch in data.make_eval_iterator(config, split=split, limit=limit):
-    local = {k: batch[k] for k in ("image", "label", "valid", "label_size") if k in batch}
-    skipped += int(np.sum(batch.get("skipped", 0)))  # this process's
-    b_cm, b_ce, b_px, b_images = eval_step(variables, sharding.global_batch(local, mesh))
-    cm += np.asarray(b_cm)
-    ce += float(b_ce)
-    pixels += int(b_px)
-    images += int(b_images)
-  scores = miou_from_confusion(cm, config.eval_protocol)
-  return {
-    **scores,
-    "loss": ce / max(pixels, 1),
-    "num_images": images,
-    "skipped_bad_files": skipped,
-    "confusion": cm,
-  }
+from transkd_jax import build, sharding, storage
+from transkd_jax.data.classes import class_names
+from transkd_jax.eval_step import evaluate_split
 
 
 def results_json(scores: dict, names) -> dict:
@@ -218,9 +51,6 @@ def format_table(results: dict) -> str:
 
 def run_eval(config, workdir: str) -> dict:
   """``--mode=eval``: scores the configured weights on ``config.eval_split``."""
-  from transkd_jax import build
-  from transkd_jax.data.classes import class_names
-
   protocol, split = config.eval_protocol, config.eval_split
   served = build.serving(config, workdir)
   print(

@@ -16,19 +16,16 @@ pipeline gives uint8 pixels; the steps normalise them on the device (``renormali
 for the student as its transforms say and for the teacher its own way.
 """
 
-import json
-import re
 from typing import Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 
-from transkd_jax import storage
-
 NORMALIZATIONS = ("unit", "imagenet")
+# The record transkd_jax.convert writes beside its checkpoint (transkd_jax/checkpoint.py reads it).
+CONVERT_RECORD = "transkd_convert.json"
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet, RGB, 0-255 pixels
 STD = np.array([58.395, 57.12, 57.375], np.float32)
-CONVERT_RECORD = "transkd_convert.json"  # written by transkd_jax.convert beside its checkpoint
 
 
 def of_transforms(transforms: str) -> str:
@@ -62,48 +59,21 @@ def renormalize(images, source: str, target: str):
   return (images * std + mean) / 255.0  # imagenet -> unit
 
 
-def run_config(path: str, source: str = "") -> Optional[dict]:
-  """A run workdir's saved config (JSON): the step named in ``source`` first, else the newest."""
-  directory = storage.join(path, "checkpoints")
-  if not storage.isdir(directory):
-    return None
-  from etils import epath
+def recorded(
+  saved_config: Optional[dict], record: Optional[dict], record_name: str = "the convert record"
+) -> Tuple[Optional[str], str]:
+  """(normalisation, where it was read) that a checkpoint expects.
 
-  steps = sorted(
-    (int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()), reverse=True
-  )
-  match = re.search(r"checkpoints/(\d+)", source)
-  if match:
-    steps.insert(0, int(match.group(1)))
-  for step in steps:
-    for file in sorted(epath.Path(directory, str(step), "config").glob("*")):
-      try:
-        config = json.loads(file.read_text())
-      except (OSError, ValueError):
-        continue
-      if isinstance(config, dict):
-        return config
-  return None
-
-
-def recorded(path: str, source: str = "") -> Tuple[Optional[str], str]:
-  """(normalisation, where it was read) that the checkpoint at ``path`` expects.
-
-  A run's workdir: its ``data.transforms``. A ``transkd_jax.convert`` output: its
-  record. Otherwise (None, "nothing recorded").
+  ``saved_config``: a run workdir's saved config (its ``data.transforms``);
+  ``record``: a ``transkd_jax.convert`` output's record (its ``normalization``);
+  both as ``transkd_jax.checkpoint`` reads them. Otherwise (None, "nothing recorded").
   """
-  config = run_config(path, source)
-  if config is not None:
-    data = config.get("data") or {}
+  if saved_config is not None:
+    data = saved_config.get("data") or {}
     key = "transforms" if "transforms" in data else "protocol"  # protocol: the older name
     transforms = data.get(key, "reference")
     return of_transforms(transforms), f"the run's config.data.{key}={transforms!r}"
-  record = storage.join(path, CONVERT_RECORD)
-  if storage.exists(record):
-    try:
-      value = json.loads(storage.read_text(record)).get("normalization")
-    except (OSError, ValueError, AttributeError):
-      value = None
-    if value in NORMALIZATIONS:
-      return value, f"{CONVERT_RECORD} (normalization={value!r})"
+  value = (record or {}).get("normalization")
+  if value in NORMALIZATIONS:
+    return value, f"{record_name} (normalization={value!r})"
   return None, "nothing recorded"

@@ -45,7 +45,7 @@ from transkd_jax.data import transforms
 from transkd_jax.data.classes import CITYSCAPES_NAMES, CITYSCAPES_TRAIN_TO_ID, class_names, palette
 from transkd_jax.data.sources import read_image
 from transkd_jax.errors import UserError
-from transkd_jax.evaluate import predictions_at
+from transkd_jax.eval_step import predictions_at
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _NAME_SUFFIXES = ("_leftImg8bit", "_rgb_anon")

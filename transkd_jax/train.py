@@ -26,10 +26,12 @@ from typing import Optional
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
-from transkd_jax import build, distributed, evaluate, sharding, storage, throughput
+from transkd_jax import build, data, distributed, normalization, sharding, storage, throughput
 from transkd_jax import checkpoint as ckpt_lib
 from transkd_jax.errors import UserError
+from transkd_jax.eval_step import evaluate_split, make_eval_step
 from transkd_jax.logs import MetricWriter
 from transkd_jax.train_step import TrainState
 
@@ -188,23 +190,22 @@ def check_teacher(run: build.Training) -> Optional[dict]:
   wrong checkpoint, scores near zero here instead of quietly teaching noise.
   """
   config = run.config
-  if run.teacher is None or run.teacher_variables is None or not config.teacher.check_images:
+  teacher = run.teacher
+  if teacher is None or teacher.variables is None or not config.teacher.check_images:
     return None
-  from transkd_jax import normalization
-
   student_norm = normalization.of_transforms(config.data.transforms)
-  step = evaluate.make_eval_step(
-    run.teacher,
+  step = make_eval_step(
+    teacher.model,
     config.num_classes,
     config.eval_protocol,
     run.mesh,
-    input_norm=(student_norm, run.teacher_norm),
+    input_norm=(student_norm, teacher.input_norm),
   )
-  scores = evaluate.evaluate_split(
+  scores = evaluate_split(
     config,
     run.mesh,
     step,
-    run.teacher_variables,
+    teacher.variables,
     config.eval_split,
     limit=config.teacher.check_images,
   )
@@ -213,9 +214,7 @@ def check_teacher(run: build.Training) -> Optional[dict]:
 
 def run_validation(run: build.Training, state) -> dict:
   config = run.config
-  scores = evaluate.evaluate_split(
-    config, run.mesh, run.eval_step, run.deployed(state), config.eval_split
-  )
+  scores = evaluate_split(config, run.mesh, run.eval_step, run.deployed(state), config.eval_split)
   return {
     "miou": scores["miou"],
     "pixel_acc": scores["pixel_acc"],
@@ -227,13 +226,12 @@ def run_validation(run: build.Training, state) -> dict:
 
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
-  from transkd_jax import data
-
   chief = jax.process_index() == 0  # the one process that prints and writes logs
   run = build.training(config)  # the teacher is checked before anything compiles
   if chief and run.teacher is not None:
     print(
-      f"teacher input: {run.teacher_norm} normalisation ({run.teacher_norm_source})", flush=True
+      f"teacher input: {run.teacher.input_norm} normalisation ({run.teacher.input_norm_source})",
+      flush=True,
     )
   total_steps = config.total_steps
   train_iter = data.make_train_iterator(config)
@@ -257,7 +255,7 @@ def train(config, workdir: str) -> dict:
         f"on the first {checked['images']} {config.eval_split} images",
         flush=True,
       )
-  teacher_vars, mesh = run.teacher_variables, run.mesh
+  teacher_vars, mesh = run.teacher_variables(), run.mesh
 
   writer = MetricWriter(workdir)
   start = int(state.step)
@@ -268,7 +266,6 @@ def train(config, workdir: str) -> dict:
   speed = _Speed()
   last_val = None
   skipped = 0  # bad files passed over by this process (config.data.skip_bad_files)
-  from tqdm import tqdm
 
   # A progress bar on a terminal; in a log file (SLURM, nohup) one plain line per log step.
   interactive = sys.stdout.isatty()

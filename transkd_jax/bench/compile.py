@@ -166,7 +166,9 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
 
   start = time.perf_counter()
   compiled = run.train_step.lower(
-    run.abstract_state, run.abstract_teacher, build.batch_spec(config, mesh)
+    run.abstract_state,
+    None if run.teacher is None else run.teacher.abstract,
+    build.batch_spec(config, mesh),
   ).compile()
   compile_s = time.perf_counter() - start
   eval_compiled, eval_compile_s = None, float("nan")

@@ -1,7 +1,7 @@
 """``benchmark eval``: the evaluation step, under both protocols.
 
 Times the jitted evaluation step that ``--mode=eval`` and validation run
-(``evaluate.make_eval_step``: forward, logits resized to the labels, confusion
+(``eval_step.make_eval_step``: forward, logits resized to the labels, confusion
 matrix) on in-memory batches of the configured model (the student; see
 ``config.eval.variant``) at ``config.image_size``, after a warm-up call, with
 ``block_until_ready``. Labels are at twice the input size under the

@@ -47,7 +47,7 @@ def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
   size = tuple(config.image_size)
   batch_size = config.batch_size
   state = run.new_state()
-  teacher_variables = run.random_teacher()
+  teacher_variables = run.teacher_variables(random=True)
   rng = np.random.default_rng(0)
   spec = build.batch_spec(config)  # the shapes the data pipeline gives for config.data
   batch = sharding.global_batch(
