@@ -12,7 +12,7 @@ from transkd_jax import data
 from transkd_jax.config import base_config, validate_config
 from transkd_jax.data import generated, pipeline
 from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN, CITYSCAPES_NAMES
-from transkd_jax.data.sources import make_source
+from transkd_jax.data.datasets import make_source
 from transkd_jax.errors import UserError
 
 

@@ -26,8 +26,9 @@ labels; eval: rescaled to fit ``mmseg_scale``, labels at the dataset's size).
 import ml_collections
 
 from transkd_jax.data.classes import CLASS_NAMES, PALETTES
+from transkd_jax.data.datasets import DATASETS, Dataset, check_config, make_source
 from transkd_jax.data.pipeline import make_eval_iterator, make_train_iterator
-from transkd_jax.data.sources import make_source
+from transkd_jax.data.transforms import TRANSFORMS
 
 
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
@@ -70,7 +71,11 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
 
 __all__ = [
   "CLASS_NAMES",
+  "DATASETS",
+  "Dataset",
   "PALETTES",
+  "TRANSFORMS",
+  "check_config",
   "default_data_config",
   "make_eval_iterator",
   "make_source",
