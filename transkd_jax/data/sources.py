@@ -193,15 +193,17 @@ def _root(data_config) -> str:
   return os.path.expanduser(data_config.root)
 
 
+def _paired(data_config, items, num_classes: int) -> PairedSource:
+  return PairedSource(items, num_classes, bool(data_config.skip_bad_files))
+
+
 def cityscapes_source(data_config, split: str, num_classes: int):
-  return PairedSource(
-    cityscapes_items(_root(data_config), split), num_classes, bool(data_config.skip_bad_files)
-  )
+  return _paired(data_config, cityscapes_items(_root(data_config), split), num_classes)
 
 
 def acdc_source(data_config, split: str, num_classes: int):
   items = acdc_items(_root(data_config), split, data_config.conditions)
-  return PairedSource(items, num_classes, bool(data_config.skip_bad_files))
+  return _paired(data_config, items, num_classes)
 
 
 def check_acdc(data_config) -> None:
@@ -209,15 +211,11 @@ def check_acdc(data_config) -> None:
 
 
 def voc_source(data_config, split: str, num_classes: int):
-  return PairedSource(
-    voc_items(_root(data_config), split), num_classes, bool(data_config.skip_bad_files)
-  )
+  return _paired(data_config, voc_items(_root(data_config), split), num_classes)
 
 
 def nyuv2_source(data_config, split: str, num_classes: int):
-  return PairedSource(
-    nyuv2_items(_root(data_config), split), num_classes, bool(data_config.skip_bad_files)
-  )
+  return _paired(data_config, nyuv2_items(_root(data_config), split), num_classes)
 
 
 def generated_source(data_config, split: str, num_classes: int):
@@ -233,7 +231,7 @@ def generated_source(data_config, split: str, num_classes: int):
     )
   except ValueError as e:
     raise UserError(str(e)) from None
-  return PairedSource(cityscapes_items(root, split), num_classes, bool(data_config.skip_bad_files))
+  return _paired(data_config, cityscapes_items(root, split), num_classes)
 
 
 def _count(value) -> bool:
