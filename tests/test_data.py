@@ -1,6 +1,7 @@
 """Data: the generator, the Cityscapes source, transforms, and the grain iterators."""
 
 import os
+import shutil
 import time
 import types
 
@@ -12,7 +13,7 @@ from transkd_jax import data
 from transkd_jax.config import base_config, validate_config
 from transkd_jax.data import generated, pipeline
 from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN, CITYSCAPES_NAMES
-from transkd_jax.data.sources import make_source
+from transkd_jax.data.datasets import make_source
 from transkd_jax.errors import UserError
 
 
@@ -296,8 +297,6 @@ def test_nyuv2_layout_shifts_labels_and_names_errors(tmp_path):
 
 
 def test_skip_bad_files_counts_what_it_skipped(gen_root, tmp_path):
-  import shutil
-
   root = tmp_path / "tree"
   shutil.copytree(gen_root, root)
   images = sorted((root / "leftImg8bit" / "val").glob("*/*.png"))

@@ -15,9 +15,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from transkd_jax import data
 from transkd_jax.config import base_config
 from transkd_jax.data import default_data_config
 from transkd_jax.data.classes import CITYSCAPES_ID_TO_TRAIN
+from transkd_jax.data.datasets import make_source
 from transkd_jax.data.tfds_source import tfds_source
 from transkd_jax.errors import UserError
 
@@ -279,9 +281,6 @@ def test_pickles_and_feeds_grain(data_dir):
 
 
 def test_make_source_and_the_eval_iterator_read_tfds(data_dir):
-  from transkd_jax import data
-  from transkd_jax.data.sources import make_source
-
   cfg = data.default_data_config(
     name="tfds", root=data_dir, tfds_name="tkd_images", tfds_name_key="file_name"
   )

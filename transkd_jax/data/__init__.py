@@ -1,11 +1,18 @@
 """Input pipelines: sources in the official layouts, transforms, grain loaders.
 
     from transkd_jax import data
+    data.check_config(config.data)              # at start-up; UserError names the key
     it = data.make_train_iterator(config)       # endless; it.get_state() / set_state()
     for batch in data.make_eval_iterator(config, "val"): ...
 
+Modules, lowest first: ``labels`` (IGNORE, class tables, label mappings), ``readers``
+(image/label files, ``PairedSource``), ``generated`` (the scene generator), ``sources``
+(the file-layout datasets) and ``tfds_source`` (prepared TFDS datasets), ``transforms``,
+``datasets`` (the table: one row per dataset; ``make_source``, ``check_config``),
+``classes`` (class names and palettes per dataset), ``pipeline`` (grain iterators).
+
 ``config.data`` keys (``default_data_config()`` lists them with defaults):
-``name`` (cityscapes | acdc | nyuv2 | voc | tfds | generated), ``root``, ``conditions`` (ACDC),
+``name`` (a row of ``DATASETS``, ``datasets.py``), ``root``, ``conditions`` (ACDC),
 ``transforms`` (reference | aligned | mmseg: of train and eval alike),
 ``eval_label_resolution`` (quarter | full; reference protocol; empty follows
 ``config.eval_protocol``), ``num_workers``, ``prefetch``, the ``tfds_*`` keys of ``tfds``,
@@ -26,15 +33,16 @@ labels; eval: rescaled to fit ``mmseg_scale``, labels at the dataset's size).
 import ml_collections
 
 from transkd_jax.data.classes import CLASS_NAMES, PALETTES
+from transkd_jax.data.datasets import DATASETS, Dataset, check_config, make_source
 from transkd_jax.data.pipeline import make_eval_iterator, make_train_iterator
-from transkd_jax.data.sources import make_source
+from transkd_jax.data.transforms import TRANSFORMS
 
 
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
   """Every ``config.data`` key with its default (the generated dataset)."""
   config = ml_collections.ConfigDict(
     {
-      "name": "generated",  # cityscapes | acdc | nyuv2 | voc | tfds | generated
+      "name": "generated",  # a row of DATASETS (datasets.py)
       "root": "",  # dataset root; for generated: where it is written
       "conditions": "all",  # ACDC: "all" or a comma list of fog, night, rain, snow
       "transforms": "reference",  # train + eval transforms: "reference" (the public code's,
@@ -70,7 +78,11 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
 
 __all__ = [
   "CLASS_NAMES",
+  "DATASETS",
+  "Dataset",
   "PALETTES",
+  "TRANSFORMS",
+  "check_config",
   "default_data_config",
   "make_eval_iterator",
   "make_source",

@@ -1,179 +1,83 @@
-"""Class tables per dataset: names, colours, and Cityscapes' label-id mapping.
+"""Class tables per dataset: names and colours of ``config.data``'s dataset, from its row of
+the dataset table (``datasets.DATASETS``), and the label values every module shares.
 
-Cityscapes' mapping comes from cityscapesScripts' own label table
-(``cityscapesscripts.helpers.labels``), so our train ids are the benchmark's.
+``IGNORE`` (255) is the project's one ignore label; it, the class tables and Cityscapes'
+label-id mapping are defined in ``labels.py`` (below the sources, which need them) and
+are the same objects here, where the rest of the project imports them from.
 """
 
 import numpy as np
-from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 
-IGNORE = 255
-
-_TRAIN = sorted(
-  (lab for lab in _CITYSCAPES_LABELS if 0 <= lab.trainId < 255), key=lambda lab: lab.trainId
-)
-CITYSCAPES_NAMES = tuple(lab.name for lab in _TRAIN)
-CITYSCAPES_PALETTE = np.array([lab.color for lab in _TRAIN], np.uint8)
-
-
-def _cityscapes_lut() -> np.ndarray:
-  lut = np.full(256, IGNORE, np.uint8)
-  for label in _CITYSCAPES_LABELS:
-    if 0 <= label.id < 256:
-      lut[label.id] = label.trainId if 0 <= label.trainId < 255 else IGNORE
-  return lut
-
-
-# labelIds (0..33) -> train ids (0..18, 255 ignored).
-CITYSCAPES_ID_TO_TRAIN = _cityscapes_lut()
-# train ids -> labelIds (for the generator and the submission format).
-CITYSCAPES_TRAIN_TO_ID = np.array([lab.id for lab in _TRAIN], np.uint8)
-
-# The public TransKD code's ENet-style cross-entropy weights for the 19 Cityscapes train ids
-# (it uses them for Cityscapes and ACDC).
-CITYSCAPES_CLASS_WEIGHTS = (
-  2.5959737,
-  6.741505,
-  3.5353868,
-  9.866315,
-  9.690922,
-  9.369371,
-  10.289124,
-  9.953209,
-  4.3098087,
-  9.490392,
-  7.674411,
-  9.396925,
-  10.347794,
-  6.3928986,
-  10.226673,
-  10.241072,
-  10.28059,
-  10.396977,
-  10.05567,
+from transkd_jax.data.datasets import DATASETS
+from transkd_jax.data.labels import (
+  CITYSCAPES,
+  CITYSCAPES_CLASS_WEIGHTS,
+  CITYSCAPES_ID_TO_TRAIN,
+  CITYSCAPES_NAMES,
+  CITYSCAPES_PALETTE,
+  CITYSCAPES_TRAIN_TO_ID,
+  IGNORE,
+  NYUV2,
+  NYUV2_NAMES,
+  NYUV2_PALETTE,
+  VOC,
+  VOC_NAMES,
+  VOC_PALETTE,
+  ClassTable,
+  bit_palette,
 )
 
-VOC_NAMES = (
-  "background",
-  "aeroplane",
-  "bicycle",
-  "bird",
-  "boat",
-  "bottle",
-  "bus",
-  "car",
-  "cat",
-  "chair",
-  "cow",
-  "diningtable",
-  "dog",
-  "horse",
-  "motorbike",
-  "person",
-  "pottedplant",
-  "sheep",
-  "sofa",
-  "train",
-  "tvmonitor",
-)
-
-
-def _voc_palette(n=21):
-  palette = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    palette[i] = (r, g, b)
-  return palette
-
-
-VOC_PALETTE = _voc_palette()
-
-# NYUv2's 40 classes (Gupta et al. 2013), train ids 0-39 = label values 1-40.
-NYUV2_NAMES = (
-  "wall",
-  "floor",
-  "cabinet",
-  "bed",
-  "chair",
-  "sofa",
-  "table",
-  "door",
-  "window",
-  "bookshelf",
-  "picture",
-  "counter",
-  "blinds",
-  "desk",
-  "shelves",
-  "curtain",
-  "dresser",
-  "pillow",
-  "mirror",
-  "floor mat",
-  "clothes",
-  "ceiling",
-  "books",
-  "refrigerator",
-  "television",
-  "paper",
-  "towel",
-  "shower curtain",
-  "box",
-  "whiteboard",
-  "person",
-  "night stand",
-  "toilet",
-  "sink",
-  "lamp",
-  "bathtub",
-  "bag",
-  "otherstructure",
-  "otherfurniture",
-  "otherprop",
-)
-# The bit-interleaved colour map (as VOC's) indexed by the raw 1-40 label value, as NYUv2
-# toolkits colour the labels40 PNGs (the public code indexes it by train id, painting walls black).
-NYUV2_PALETTE = _voc_palette(41)[1:]
-
+# Views of the table, by dataset, for the rows with a fixed class table (tfds' follows its
+# config: ``class_table``).
 CLASS_NAMES = {
-  "cityscapes": CITYSCAPES_NAMES,
-  "acdc": CITYSCAPES_NAMES,
-  "generated": CITYSCAPES_NAMES,
-  "voc": VOC_NAMES,
-  "nyuv2": NYUV2_NAMES,
+  name: row.classes.names for name, row in DATASETS.items() if isinstance(row.classes, ClassTable)
 }
 PALETTES = {
-  "cityscapes": CITYSCAPES_PALETTE,
-  "acdc": CITYSCAPES_PALETTE,
-  "generated": CITYSCAPES_PALETTE,
-  "voc": VOC_PALETTE,
-  "nyuv2": NYUV2_PALETTE,
+  name: row.classes.palette for name, row in DATASETS.items() if isinstance(row.classes, ClassTable)
 }
 
 
-def _dataset_key(data_config) -> str:
-  name = data_config.name
-  if name == "tfds" and data_config.tfds_label_mapping == "cityscapes_ids":
-    return "cityscapes"
-  return name
+def class_table(data_config):
+  """The ``ClassTable`` of ``config.data``'s dataset; None for a name the table lacks."""
+  row = DATASETS.get(data_config.name)
+  return None if row is None else row.class_table(data_config)
 
 
 def class_names(data_config, num_classes: int):
   """The dataset's class names, or ``class_0``.. when it has no table of that size."""
-  names = CLASS_NAMES.get(_dataset_key(data_config))
-  if names is not None and len(names) == num_classes:
-    return names
-  return tuple(f"class_{i}" for i in range(num_classes))
+  table = class_table(data_config)
+  if table is not None and table.num_classes == num_classes:
+    return table.names
+  return ClassTable.numbered(num_classes).names
 
 
 def palette(data_config, num_classes: int) -> np.ndarray:
   """num_classes x 3 uint8 colours: the dataset's palette, else the VOC-style bit map."""
-  colours = PALETTES.get(_dataset_key(data_config))
-  if colours is not None and len(colours) == num_classes:
-    return colours
-  return _voc_palette(num_classes + 1)[1:]
+  table = class_table(data_config)
+  if table is not None and len(table.palette) == num_classes:
+    return table.palette
+  return ClassTable.numbered(num_classes).palette
+
+
+__all__ = [
+  "CITYSCAPES",
+  "CITYSCAPES_CLASS_WEIGHTS",
+  "CITYSCAPES_ID_TO_TRAIN",
+  "CITYSCAPES_NAMES",
+  "CITYSCAPES_PALETTE",
+  "CITYSCAPES_TRAIN_TO_ID",
+  "CLASS_NAMES",
+  "IGNORE",
+  "NYUV2",
+  "NYUV2_NAMES",
+  "NYUV2_PALETTE",
+  "PALETTES",
+  "VOC",
+  "VOC_NAMES",
+  "VOC_PALETTE",
+  "ClassTable",
+  "bit_palette",
+  "class_names",
+  "class_table",
+  "palette",
+]

@@ -30,8 +30,8 @@ import jax
 import numpy as np
 
 from transkd_jax.data import transforms
-from transkd_jax.data.classes import IGNORE
-from transkd_jax.data.sources import make_source
+from transkd_jax.data.datasets import make_source
+from transkd_jax.data.labels import IGNORE
 from transkd_jax.errors import UserError
 
 

@@ -3,7 +3,7 @@
 Reads through ``tfds.data_source(...)``, which needs no TensorFlow: the dataset
 must already be prepared under the data_dir in the array_record format (e.g.
 ``tfds build <name> --file_format=array_record``); nothing is downloaded.
-Examples are the same as ``sources.PairedSource``'s:
+Examples are the same as ``readers.PairedSource``'s:
 ``{"image": uint8 H x W x 3, "label": uint8 H x W train ids (255 ignored),
 "name": str, "skipped": np.int32(0)}``.
 
@@ -21,7 +21,7 @@ Examples are the same as ``sources.PairedSource``'s:
 - ``tfds_name_key`` (""): a feature that names each example (e.g. "image_id");
   empty names examples ``<split>_<index>``.
 - ``tfds_label_mapping`` ("train_ids"): how label values become train ids, as in
-  ``sources.to_train_ids``: "train_ids" (classes or 255), "cityscapes_ids"
+  ``labels.to_train_ids``: "train_ids" (classes or 255), "cityscapes_ids"
   (Cityscapes label ids 0-33, as TFDS's own cityscapes stores them) or "nyu40"
   (0 unlabelled -> 255, 1..40 -> 0..39).
 - ``tfds_num_classes`` (0: the mapping's own, 19, or 40 with "nyu40"): the number of classes.
@@ -45,10 +45,10 @@ import os
 import numpy as np
 from PIL import Image
 
-from transkd_jax.data.sources import to_train_ids
+from transkd_jax.data.labels import CITYSCAPES, MAPPINGS, NYUV2, ClassTable, to_train_ids
+from transkd_jax.data.readers import check_key
 from transkd_jax.errors import UserError
 
-MAPPINGS = ("train_ids", "classes", "cityscapes_ids", "nyu40")
 PREPARED_LAYOUT = (
   "<data_dir>/<name>/<config>/<version>/ with dataset_info.json, "
   "features.json and <name>-<split>.array_record-* files"
@@ -58,6 +58,7 @@ PREPARED_LAYOUT = (
 def _data_dir_text(data_dir: str) -> str:
   if data_dir:
     return repr(data_dir)
+  # Optional and heavy: imported only when a tfds dataset is read.
   from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
 
   return f"'' (TFDS's default, {constants.DATA_DIR})"
@@ -65,6 +66,7 @@ def _data_dir_text(data_dir: str) -> str:
 
 def open_tfds(name: str, data_dir: str, split: str):
   """``tfds.data_source`` for one split; a missing dataset or split is a ``UserError``."""
+  # Optional and heavy: imported only when a tfds dataset is read.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   where = (
@@ -200,10 +202,9 @@ class TfdsSource:
     return {"image": image, "label": label.astype(np.uint8), "name": name, "skipped": np.int32(0)}
 
 
-def tfds_source(data_config, split: str):
-  """The ``TfdsSource`` of ``config.data`` (name "tfds") for ``split``."""
-  name = data_config.tfds_name
-  if not name:
+def check(data_config) -> None:
+  """The ``tfds_*`` keys that need no file: the name is set, the mapping and class count valid."""
+  if not data_config.tfds_name:
     raise UserError(
       "config.data.tfds_name is empty; expected a prepared TFDS dataset "
       "name[/config][:version], e.g. cityscapes/semantic_segmentation"
@@ -213,14 +214,39 @@ def tfds_source(data_config, split: str):
     raise UserError(
       f"config.data.tfds_label_mapping={mapping!r}; expected one of {', '.join(MAPPINGS)}"
     )
-  num_classes = int(data_config.tfds_num_classes) or (40 if mapping == "nyu40" else 19)
+  count = data_config.tfds_num_classes
+  check_key(
+    isinstance(count, int) and not isinstance(count, bool) and count >= 0,
+    "tfds_num_classes",
+    "a non-negative integer (0: the mapping's own count)",
+    count,
+  )
+
+
+def class_table(data_config) -> ClassTable:
+  """Cityscapes' table with Cityscapes label ids, else ``class_i`` names of ``num_classes``."""
+  if data_config.tfds_label_mapping == "cityscapes_ids":
+    return CITYSCAPES
+  default = NYUV2 if data_config.tfds_label_mapping == "nyu40" else CITYSCAPES
+  return ClassTable.numbered(int(data_config.tfds_num_classes) or default.num_classes)
+
+
+def class_count(data_config) -> int:
+  """``config.data.tfds_num_classes``, or 0: the mapping's own (40 with nyu40, else 19)."""
+  return int(data_config.tfds_num_classes) or class_table(data_config).num_classes
+
+
+def tfds_source(data_config, split: str, num_classes: int = 0):
+  """The ``TfdsSource`` of ``config.data`` (name "tfds") for ``split`` with ``num_classes``
+  (0: ``class_count(data_config)``, the count the dataset table passes)."""
+  check(data_config)
   return TfdsSource(
-    name,
+    data_config.tfds_name,
     os.path.expanduser(data_config.root),
     split,
     data_config.tfds_image_key,
     data_config.tfds_label_key,
     data_config.tfds_name_key,
-    mapping,
-    num_classes,
+    data_config.tfds_label_mapping,
+    num_classes or class_count(data_config),
   )

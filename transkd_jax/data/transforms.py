@@ -59,7 +59,8 @@ import functools
 import numpy as np
 from PIL import Image
 
-from transkd_jax.data.classes import IGNORE
+from transkd_jax.data.labels import IGNORE
+from transkd_jax.data.readers import check_key
 from transkd_jax.errors import UserError
 from transkd_jax.models.resize import nearest_indices
 from transkd_jax.normalization import MEAN  # ImageNet's, on 0-255 pixels
@@ -429,11 +430,12 @@ def mmseg_eval(example, scale=(1024, 2048)):
 
 # --- choosing the transforms ---------------------------------------------------------------------
 
-TRANSFORMS = ("reference", "aligned", "mmseg")
+TRANSFORMS = ("reference", "aligned", "mmseg")  # the transform sets (config.data.transforms)
+EVAL_LABEL_RESOLUTIONS = ("quarter", "full")  # config.data.eval_label_resolution, or ""
 
 
-def _pair(config, key, increasing=False):
-  value = config.data[key]
+def _pair(data_config, key, increasing=False):
+  value = data_config[key]
   try:
     a, b = (float(v) for v in value)
   except (TypeError, ValueError):
@@ -446,15 +448,39 @@ def _pair(config, key, increasing=False):
   return a, b
 
 
-def _mmseg_settings(config):
-  scale = tuple(int(v) for v in _pair(config, "mmseg_scale"))
-  cat_max_ratio = float(config.data.mmseg_cat_max_ratio)
+def mmseg_settings(data_config) -> dict:
+  """The ``mmseg_*`` keys of ``config.data``, checked: {"scale", "ratio_range", "cat_max_ratio"}."""
+  scale = tuple(int(v) for v in _pair(data_config, "mmseg_scale"))
+  try:
+    cat_max_ratio = float(data_config.mmseg_cat_max_ratio)
+  except (TypeError, ValueError):
+    raise UserError(
+      f"config.data.mmseg_cat_max_ratio must be a number, got {data_config.mmseg_cat_max_ratio!r}"
+    ) from None
   if not cat_max_ratio > 0:
     raise UserError(
       f"config.data.mmseg_cat_max_ratio={cat_max_ratio!r} must be > 0 (>= 1 turns the test off)"
     )
-  ratio_range = _pair(config, "mmseg_ratio_range", increasing=True)
+  ratio_range = _pair(data_config, "mmseg_ratio_range", increasing=True)
   return {"scale": scale, "ratio_range": ratio_range, "cat_max_ratio": cat_max_ratio}
+
+
+def check_keys(data_config) -> None:
+  """The transform keys of ``config.data`` (transforms, eval_label_resolution, ``mmseg_*``),
+  checked at start-up; ``mmseg_*`` by the code that reads them (``mmseg_settings``)."""
+  check_key(
+    data_config.transforms in TRANSFORMS,
+    "transforms",
+    f"one of {TRANSFORMS}",
+    data_config.transforms,
+  )
+  check_key(
+    data_config.eval_label_resolution in ("",) + EVAL_LABEL_RESOLUTIONS,
+    "eval_label_resolution",
+    "'quarter', 'full' or '' (follows eval_protocol)",
+    data_config.eval_label_resolution,
+  )
+  mmseg_settings(data_config)
 
 
 def transforms_of(config) -> str:
@@ -472,14 +498,14 @@ def train_transform(config):
   size = tuple(config.image_size)
   name = transforms_of(config)
   if name == "mmseg":
-    return functools.partial(mmseg_train, crop_size=size, **_mmseg_settings(config))
+    return functools.partial(mmseg_train, crop_size=size, **mmseg_settings(config.data))
   return functools.partial(reference_train if name == "reference" else aligned_train, size=size)
 
 
 def eval_transform(config):
   """fn(example) for ``config.data.transforms`` (the model sees what it trained on)."""
   if transforms_of(config) == "mmseg":
-    return functools.partial(mmseg_eval, scale=_mmseg_settings(config)["scale"])
+    return functools.partial(mmseg_eval, scale=mmseg_settings(config.data)["scale"])
   return functools.partial(
     reference_eval, size=tuple(config.image_size), label_resolution=eval_label_resolution(config)
   )
@@ -503,7 +529,7 @@ def eval_image(image: np.ndarray, config, size=None) -> np.ndarray:
   """
   if transforms_of(config) == "mmseg":
     if size is None:
-      size = rescale_size(image.shape, _mmseg_settings(config)["scale"])
+      size = rescale_size(image.shape, mmseg_settings(config.data)["scale"])
     return resize_window(image, size)
   size = tuple(config.image_size) if size is None else size
   return resize_image(image, size)
