@@ -8,7 +8,8 @@
         --config.method=transkd_base --config.teacher.checkpoint=/tmp/syn/teacher
 
     # or the whole table (teacher, student alone, every method): transkd_jax/recipe.py
-    python -m transkd_jax.recipe --config=configs/synthetic.py --workdir=/tmp/syn/recipe
+    python -m transkd_jax.main --mode=recipe --config=configs/synthetic.py \\
+        --workdir=/tmp/syn/recipe
 
 The dataset (200 training and 50 validation scenes at 256x512, 19 Cityscapes
 classes) is written on first use to ~/.cache/transkd_jax/ (or
@@ -39,7 +40,7 @@ def get_config():
   config.data.num_train = 200
   config.data.num_val = 50
   config.data.generated_size = (256, 512)
-  # python -m transkd_jax.recipe: a B2 teacher for 800 steps, then each student
+  # --mode=recipe: a B2 teacher for 800 steps, then each student
   # run 300 steps (about 40 minutes on a 2-core CPU); then the public code's two other
   # pairs in miniature, the student alone and TransKD-Base each: PVTv2-B2 (a teacher of
   # its own, PAIR_TEACHER_STEPS) -> PVTv2-B0, and the same SegFormer-B2 teacher -> LVT,

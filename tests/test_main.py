@@ -127,9 +127,9 @@ def test_missing_workdir_is_named(tmp_path):
   assert "--workdir" in result.stderr
 
 
-def test_recipe_is_a_mode_and_keeps_its_old_spelling(tmp_path):
-  """Both spellings start like main (validation, then jax.distributed) and name bad input."""
-  for command in (["-m", "transkd_jax.main", "--mode=recipe"], ["-m", "transkd_jax.recipe"]):
+def test_recipe_is_a_mode(tmp_path):
+  """It starts like every mode (validation, then jax.distributed) and names bad input."""
+  for command in (["-m", "transkd_jax.main", "--mode=recipe"],):
     result = subprocess.run(
       [
         sys.executable,

@@ -8,8 +8,15 @@ overrides any key.
 
 import ml_collections
 
+from transkd_jax.data import check_config as check_data_config
 from transkd_jax.data import default_data_config
+from transkd_jax.distill import get_method, loss_settings
 from transkd_jax.errors import UserError
+from transkd_jax.eval_step import PROTOCOLS
+from transkd_jax.models import archs
+from transkd_jax.models.kernels import SETTINGS
+from transkd_jax.pairs import pairs_of
+from transkd_jax.sharding import RULES
 
 STEPS_PER_EPOCH = 1488  # Cityscapes: 2975 training images, batch 2
 
@@ -140,9 +147,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
-EVAL_PROTOCOLS = ("standard", "reference")
-TRANSFORMS = ("reference", "aligned", "mmseg")
-DATASETS = ("cityscapes", "acdc", "nyuv2", "voc", "tfds", "generated")
 
 
 def _keys(tree, prefix=""):
@@ -178,9 +182,6 @@ def validate_config(config):
   defines is present (a config file that does not start from it is named
   with the keys it lacks).
   """
-  from transkd_jax.distill import get_method, loss_settings
-  from transkd_jax.models import archs
-
   missing = sorted(_keys(base_config()) - _keys(config))
   if missing:
     raise UserError(
@@ -208,8 +209,6 @@ def validate_config(config):
     size,
   )
   _check(config.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", config.dtype)
-  from transkd_jax.models.kernels import SETTINGS
-
   _check(config.kernels in SETTINGS, "kernels", f"one of {SETTINGS}", config.kernels)
   for key in ("teacher", "eval"):
     _check(
@@ -263,18 +262,6 @@ def validate_config(config):
     "recipe.pair_teacher_steps",
   ):
     _positive_int(config, key, allow_zero=True)
-  if config.data.num_workers != "auto":
-    _check(
-      isinstance(config.data.num_workers, int)
-      and not isinstance(config.data.num_workers, bool)
-      and config.data.num_workers >= 0,
-      "data.num_workers",
-      "a non-negative integer or 'auto'",
-      config.data.num_workers,
-    )
-  _positive_int(config, "data.prefetch")
-  from transkd_jax.recipe import pairs_of
-
   pairs_of(config)  # each entry names two models
   steps = tuple(config.profile_steps)
   _check(
@@ -297,13 +284,11 @@ def validate_config(config):
       f"exceed config.total_steps ({config.total_steps})"
     )
   _check(
-    config.eval_protocol in EVAL_PROTOCOLS,
+    config.eval_protocol in PROTOCOLS,
     "eval_protocol",
-    f"one of {EVAL_PROTOCOLS}",
+    f"one of {PROTOCOLS}",
     config.eval_protocol,
   )
-  from transkd_jax.sharding import RULES
-
   _check(config.sharding in RULES, "sharding", f"one of {tuple(RULES)}", config.sharding)
   shape = tuple(config.mesh_shape)
   _check(
@@ -314,16 +299,4 @@ def validate_config(config):
     "(data, model): positive integers, at most one -1",
     shape,
   )
-  _check(config.data.name in DATASETS, "data.name", f"one of {DATASETS}", config.data.name)
-  _check(
-    config.data.transforms in TRANSFORMS,
-    "data.transforms",
-    f"one of {TRANSFORMS}",
-    config.data.transforms,
-  )
-  _check(
-    config.data.eval_label_resolution in ("", "quarter", "full"),
-    "data.eval_label_resolution",
-    "'quarter', 'full' or '' (follows eval_protocol)",
-    config.data.eval_label_resolution,
-  )
+  check_data_config(config.data)  # the dataset table, transforms, workers

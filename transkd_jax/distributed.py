@@ -26,6 +26,8 @@ import os
 from typing import Optional
 
 import jax
+import orbax.checkpoint as ocp
+from absl import flags
 
 DEFAULT_HEARTBEAT_TIMEOUT = 100  # seconds; JAX's default
 
@@ -93,8 +95,6 @@ def barrier(name: str, timeout: int = BARRIER_TIMEOUT):
   barrier before the first collective (checkpoint set-up, the first step).
   """
   if jax.process_count() > 1:
-    import orbax.checkpoint as ocp
-
     ocp.multihost.get_barrier_sync_fn()(key=f"transkd_jax:{name}", timeout_ms=timeout * 1000)
 
 
@@ -103,8 +103,6 @@ def _start(*args, **kwargs):
   # changed default cannot silently leave CPU runs without cross-process collectives).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   # Orbax's own barriers through the coordination service too (they wait; gloo does not).
-  from absl import flags
-
   if "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
     flags.FLAGS.experimental_orbax_use_distributed_barrier = True
   jax.distributed.initialize(*args, **kwargs)

@@ -5,7 +5,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from transkd_jax import storage
+from transkd_jax import build, storage
+from transkd_jax.models import archs
 
 FLOPS_NOTE = (
   "GFLOPs from XLA's cost analysis of one image's forward pass: FLOPs, i.e. "
@@ -37,9 +38,6 @@ def model_info(model, image_size, method=None) -> dict:
 
 def run_info(config, workdir: str) -> dict:
   """``--mode=info``: prints and writes WORKDIR/info.json (params and GFLOPs of the models)."""
-  from transkd_jax import build
-  from transkd_jax.models import archs
-
   size = tuple(config.image_size)
   info = {}
   for role in ("teacher", "student"):

@@ -12,6 +12,7 @@ import json
 from typing import Dict
 
 import jax
+from tensorboardX import SummaryWriter
 
 from transkd_jax import storage
 
@@ -24,8 +25,6 @@ class MetricWriter:
     if self.enabled:
       storage.makedirs(workdir)
       self._file = storage.LineFile(storage.join(workdir, "metrics.jsonl"))
-      from tensorboardX import SummaryWriter
-
       self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, scalars: Dict[str, float]):

@@ -30,11 +30,18 @@ import pathlib
 import sys
 import traceback
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from transkd_jax import distributed, storage
 from transkd_jax.config import validate_config
 from transkd_jax.errors import UserError
+from transkd_jax.evaluate import run_eval
+from transkd_jax.info import run_info
+from transkd_jax.predict import run_predict
+from transkd_jax.recipe import run_recipe
+from transkd_jax.train import train
 
 _REPO_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "cityscapes.py"
 
@@ -92,8 +99,6 @@ _HEARTBEAT = flags.DEFINE_integer(
 
 
 def run_train(config, workdir: str) -> dict:
-  from transkd_jax.train import train
-
   summary = train(config, workdir)
   line = f"{summary['status']}: step {summary['step']}, checkpoints in {summary['checkpoint_dir']}"
   if "val" in summary:
@@ -105,25 +110,14 @@ def run_train(config, workdir: str) -> dict:
   return summary
 
 
-def _mode_runner(mode: str):
-  """The function ``--mode`` runs: fn(config, workdir)."""
-  if mode == "train":
-    return run_train
-  if mode == "info":
-    from transkd_jax.info import run_info
-
-    return run_info
-  if mode == "eval":
-    from transkd_jax.evaluate import run_eval
-
-    return run_eval
-  if mode == "predict":
-    from transkd_jax.predict import run_predict
-
-    return run_predict
-  from transkd_jax.recipe import run_recipe
-
-  return run_recipe
+# What ``--mode`` runs: fn(config, workdir).
+RUNNERS = {
+  "train": run_train,
+  "eval": run_eval,
+  "predict": run_predict,
+  "info": run_info,
+  "recipe": run_recipe,
+}
 
 
 def main(argv):
@@ -138,8 +132,6 @@ def main(argv):
     if not _WORKDIR.value:
       raise UserError("--workdir is required (a directory for outputs)")
     validate_config(config)
-    from transkd_jax import distributed
-
     try:
       distributed.initialize(
         _COORDINATOR.value,
@@ -150,14 +142,10 @@ def main(argv):
       )
     except ValueError as e:
       raise UserError(str(e)) from None
-    import jax
-
     if jax.process_index() != 0:  # one console: process 0 prints; errors (stderr) from all
       sys.stdout = open(os.devnull, "w")
-    from transkd_jax import storage
-
     storage.makedirs(_WORKDIR.value)  # a local directory or a gs:// URI
-    _mode_runner(_MODE.value)(config, _WORKDIR.value)
+    RUNNERS[_MODE.value](config, _WORKDIR.value)
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
@@ -165,8 +153,6 @@ def main(argv):
   except Exception:
     if not _multi_process():
       raise
-    import jax
-
     traceback.print_exc()
     print(
       f"error: process {jax.process_index()} of {jax.process_count()} failed (above); "

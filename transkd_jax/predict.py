@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from PIL import Image
+from tqdm import tqdm
 
-from transkd_jax import normalization, storage
+from transkd_jax import build, normalization, storage
 from transkd_jax.data import transforms
 from transkd_jax.data.classes import CITYSCAPES_NAMES, CITYSCAPES_TRAIN_TO_ID, class_names, palette
 from transkd_jax.data.sources import read_image
@@ -160,8 +161,6 @@ def run_predict(config, workdir: str) -> dict:
       f"config.data.name={config.data.name!r} with config.num_classes="
       f"{config.num_classes} has other classes"
     )
-  from transkd_jax import build
-
   served = build.serving(config, workdir)
   model, source = served.model, served.source
   variables = jax.device_put(served.variables)  # once, not per batch (each process its own)
@@ -170,8 +169,6 @@ def run_predict(config, workdir: str) -> dict:
   predict = make_predict_fn(model, bool(config.predict.resize), served.input_norm)
   writer = jax.process_index() == 0
   print(f"predicting {len(inputs)} images with {source} -> {out_dir}", flush=True)
-  from tqdm import tqdm
-
   bar = tqdm(total=len(inputs), unit="img", disable=not writer, dynamic_ncols=True)
   start = time.perf_counter()
   pending = []  # (stem, image) of one size

@@ -33,90 +33,30 @@ take precedence for the student-alone row).
 """
 
 import copy
-import dataclasses
 import time
-from typing import Optional, Tuple
+from typing import Optional
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 from etils import epath
+from PIL import Image, ImageDraw
 
 from transkd_jax import storage
 from transkd_jax.distill import get_method
 from transkd_jax.errors import UserError
+from transkd_jax.evaluate import run_eval
+from transkd_jax.info import model_info
+from transkd_jax.models import archs
+from transkd_jax.pairs import Pair, pairs_of
+from transkd_jax.train import train
 
 RUN_FILE = "recipe_run.json"  # per run: training time, steps, status
 BASELINE = "student"  # the run every other student run is compared with
 
 
-ModelSpec = Tuple[str, str]  # (arch, variant)
-
-
-@dataclasses.dataclass(frozen=True)
-class Pair:
-  """One teacher/student pair of the recipe."""
-
-  teacher: ModelSpec
-  student: ModelSpec
-  subdir: str  # "" for the config's own pair, else "<teacher>_to_<student>"
-
-  @property
-  def title(self) -> str:
-    from transkd_jax.models.archs import model_name
-
-    return f"{model_name(*self.teacher)} -> {model_name(*self.student)}"
-
-
-def parse_model(text: str, what: str) -> ModelSpec:
-  """ "segformer-b2" -> ("segformer", "b2"); "lvt" -> ("lvt", "lvt"); errors name ``what``."""
-  from transkd_jax.models import archs
-
-  arch, _, variant = str(text).strip().lower().partition("-")
-  variant = variant or arch
-  try:
-    archs.get_arch_variant(archs.check_arch(arch), variant)
-  except ValueError as e:
-    raise UserError(
-      f"{what}: {text!r} is not a model ({e}); write ARCH-VARIANT, e.g. "
-      "'segformer-b2', 'pvtv2-b0', or 'lvt'"
-    ) from None
-  return arch, variant
-
-
-def _own(config) -> Tuple[ModelSpec, ModelSpec]:
-  return (
-    (config.teacher.arch, str(config.teacher.variant)),
-    (config.student.arch, str(config.student.variant)),
-  )
-
-
-def _slug(spec: ModelSpec) -> str:
-  arch, variant = spec
-  return arch if variant == arch else f"{arch}-{variant}"
-
-
-def pairs_of(config) -> list:
-  """The recipe's pairs (``config.recipe.pairs``; empty: the config's own pair)."""
-  own = _own(config)
-  if not config.recipe.pairs:
-    return [Pair(*own, "")]
-  pairs = []
-  for entry in config.recipe.pairs:
-    what = f"config.recipe.pairs entry {entry!r}"
-    teacher, sep, student = str(entry).partition(">")
-    if not sep:
-      raise UserError(f"{what}: expected 'TEACHER>STUDENT', e.g. 'pvtv2-b2>pvtv2-b0'")
-    teacher, student = parse_model(teacher, what), parse_model(student, what)
-    subdir = "" if (teacher, student) == own else f"{_slug(teacher)}_to_{_slug(student)}"
-    pair = Pair(teacher, student, subdir)
-    if pair in pairs:
-      raise UserError(f"{what} is listed twice")
-    pairs.append(pair)
-  return pairs
-
-
 def _with_models(config, pair: Pair):
   """``config`` with the pair's teacher and student, and the pair's budget."""
-  import ml_collections
-
   run = copy.deepcopy(config)
   with run.unlocked():
     for role, (arch, variant) in (("teacher", pair.teacher), ("student", pair.student)):
@@ -170,9 +110,6 @@ def _read_json(path):
 
 def run_one(name: str, config, workdir: str) -> dict:
   """Trains (or resumes) and evaluates one run; a finished run is only read."""
-  from transkd_jax.evaluate import run_eval
-  from transkd_jax.train import train
-
   results = _read_json(storage.join(workdir, "eval_results.json"))
   record = _read_json(storage.join(workdir, RUN_FILE)) or {"train_time_s": 0.0}
   if results is not None and record.get("status") == "done":
@@ -201,26 +138,18 @@ def run_one(name: str, config, workdir: str) -> dict:
 
 
 def _write_json(path, value):
-  import jax
-
   if jax.process_index() == 0:
     storage.write_json(path, value, indent=2)
 
 
 def model_rows(config, teacher_source: str) -> dict:
   """Params and GFLOPs of the deployed teacher and student at config.image_size."""
-  import jax.numpy as jnp
-
-  from transkd_jax.info import model_info
-  from transkd_jax.models import archs
-  from transkd_jax.models.archs import model_name
-
   size = tuple(config.image_size)
   rows = {}
   for role in ("teacher", "student"):
     arch, variant = config[role].arch, config[role].variant
     model = archs.build(arch, variant, config.num_classes, dtype=jnp.float32)
-    rows[role] = {"model": model_name(arch, variant), **model_info(model, size)}
+    rows[role] = {"model": archs.model_name(arch, variant), **model_info(model, size)}
   rows["teacher"]["source"] = teacher_source
   return rows
 
@@ -268,8 +197,6 @@ def results_table(config, runs: dict, models: dict) -> str:
 
 def bar_chart(path: str, runs: dict, protocol: str):
   """DIR/results.png: one bar of mIoU per run (PIL only; no plotting library needed)."""
-  from PIL import Image, ImageDraw
-
   names = list(runs)
   values = [100 * runs[n]["eval"]["miou"] for n in names]
   width, height, left, bottom, top = 120 + 90 * len(names), 420, 60, 60, 40
@@ -381,15 +308,11 @@ def run_recipe(config, workdir: str) -> dict:
 
 
 def _is_chief():
-  import jax
-
   return jax.process_index() == 0
 
 
 def _given_teacher(config, workdir: str) -> dict:
   """Evaluates config.teacher.checkpoint (once) for the table's teacher row."""
-  from transkd_jax.evaluate import run_eval
-
   run_dir = storage.join(workdir, "teacher_given")
   storage.makedirs(run_dir)
   results = _read_json(storage.join(run_dir, "eval_results.json"))
@@ -401,9 +324,3 @@ def _given_teacher(config, workdir: str) -> dict:
       teacher.eval.input_norm = config.teacher.input_norm  # else what it records
     results = run_eval(teacher, run_dir)
   return {"train_time_s": None, "eval": results}
-
-
-if __name__ == "__main__":  # the older spelling of --mode=recipe
-  from transkd_jax import main as entry
-
-  entry.run(default_mode="recipe")

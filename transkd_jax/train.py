@@ -26,6 +26,7 @@ from typing import Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from transkd_jax import build, data, distributed, normalization, sharding, storage, throughput
@@ -68,8 +69,6 @@ class _Preemption:
   def reached(self, step: int) -> bool:
     """Whether to save and stop after ``step``; call once per step, on every process."""
     if self._multi:
-      from jax.experimental import multihost_utils
-
       self.requested = multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 

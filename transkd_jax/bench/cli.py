@@ -7,6 +7,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from transkd_jax.bench.compile import compile_report, does_not_fit
+from transkd_jax.bench.data import bench_data
+from transkd_jax.bench.eval import bench_eval
+from transkd_jax.bench.model import bench_model
+from transkd_jax.bench.step import bench_step
 from transkd_jax.config import validate_config
 from transkd_jax.errors import UserError
 
@@ -52,22 +57,14 @@ def _main(argv):
   try:
     validate_config(config)
     if what == "step":
-      from transkd_jax.bench.step import bench_step
-
       _print(bench_step(config, steps=_STEPS.value))
     elif what == "eval":
-      from transkd_jax.bench.eval import bench_eval
-
       for protocol in ("standard", "reference"):
         _print(bench_eval(config, protocol, _STEPS.value))
     elif what == "data":
-      from transkd_jax.bench.data import bench_data
-
       for count in _WORKERS.value.split(","):
         _print(bench_data(config, count if count == "auto" else int(count)))
     elif what == "compile":
-      from transkd_jax.bench.compile import compile_report, does_not_fit
-
       row = compile_report(config, _TOPOLOGY.value)
       _print(row)
       problem = does_not_fit(row)
@@ -75,8 +72,6 @@ def _main(argv):
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
     else:
-      from transkd_jax.bench.model import bench_model
-
       bench_model(config, _KERNELS.value.split(","), _STEPS.value, _PROFILE.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

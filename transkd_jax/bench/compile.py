@@ -24,6 +24,7 @@ import time
 from typing import Optional
 
 import jax
+from jax.experimental import topologies
 
 from transkd_jax import build
 from transkd_jax.errors import UserError
@@ -57,8 +58,6 @@ def topology_devices(name: str):
   """The devices of ``name`` (a TPU topology, or "local" for this process's)."""
   if name == "local":
     return jax.devices()
-  from jax.experimental import topologies
-
   try:
     devices = topologies.get_topology_desc(name, platform="tpu").devices
     if any(getattr(d, "core_on_chip", 0) for d in devices):  # v4 / v5p: one device per chip

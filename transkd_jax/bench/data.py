@@ -17,6 +17,7 @@ import threading
 import time
 
 from transkd_jax import data
+from transkd_jax.data.pipeline import num_workers
 
 
 def _rss_kb(pid: int) -> int:
@@ -91,8 +92,6 @@ def bench_data(config, workers, batches: int = 20, stall_s: float = 3.0) -> dict
       config.data.num_val = 1
       if not config.data.root:
         config.data.root = os.path.join(tempfile.gettempdir(), "transkd_bench_cityscapes_size")
-  from transkd_jax.data.pipeline import num_workers
-
   with PeakMemory() as memory:
     it = data.make_train_iterator(config)
     next(it)  # start workers, warm caches
