@@ -143,19 +143,7 @@ def convert_file(
 
 
 def main(argv=None):
-  return cli.run(
-    PARSER,
-    argv,
-    lambda args: convert_file(
-      args.input,
-      args.arch,
-      args.output,
-      args.num_classes,
-      args.seed,
-      args.input_norm,
-      args.overwrite,
-    ),
-  )
+  return cli.run(PARSER, argv, convert_file)
 
 
 if __name__ == "__main__":

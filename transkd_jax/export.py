@@ -55,6 +55,18 @@ from transkd_jax.weights.writers import torch_for_export, write_hf, write_pytorc
 FORMATS = ("hf", "pytorch", "public")  # public: the same as pytorch
 NORMALIZATIONS = ("auto", "unit", "imagenet")
 
+
+def parse_heads(text: str):
+  """--heads=1,2,5,8 -> (1, 2, 5, 8); UserError unless four integers."""
+  try:
+    heads = tuple(int(h) for h in text.split(","))
+  except ValueError:
+    heads = ()
+  if len(heads) != 4:
+    raise UserError(f"--heads={text!r}: expected four comma-separated integers, e.g. 1,2,5,8")
+  return heads
+
+
 PARSER = cli.command_line(
   "transkd_jax.export",
   "Export a SegFormer, PVTv2 or LVT (a run's workdir or a transkd_jax.convert "
@@ -71,6 +83,8 @@ PARSER = cli.command_line(
     (
       "--format",
       dict(
+        dest="fmt",
+        metavar="FORMAT",
         required=True,
         help="pytorch (alias public): model.pth with the public TransKD code's "
         "names, for SegFormer, PVTv2 and LVT; hf: a HuggingFace "
@@ -89,6 +103,7 @@ PARSER = cli.command_line(
     (
       "--heads",
       dict(
+        type=parse_heads,
         default=None,
         help="attention heads per stage, e.g. 1,2,5,8; needed only for SegFormer "
         "variants that are no row of transkd_jax/models/variants.py",
@@ -152,30 +167,8 @@ def export(
   )
 
 
-def parse_heads(text: str):
-  """--heads=1,2,5,8 -> (1, 2, 5, 8); UserError unless four integers."""
-  try:
-    heads = tuple(int(h) for h in text.split(","))
-  except ValueError:
-    heads = ()
-  if len(heads) != 4:
-    raise UserError(f"--heads={text!r}: expected four comma-separated integers, e.g. 1,2,5,8")
-  return heads
-
-
 def main(argv=None):
-  return cli.run(
-    PARSER,
-    argv,
-    lambda args: export(
-      args.checkpoint,
-      args.format,
-      args.output,
-      args.normalization,
-      parse_heads(args.heads) if args.heads is not None else None,
-      args.overwrite,
-    ),
-  )
+  return cli.run(PARSER, argv, export)
 
 
 if __name__ == "__main__":

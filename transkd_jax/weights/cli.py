@@ -17,10 +17,10 @@ def command_line(module: str, description: str, flags, **kwargs) -> argparse.Arg
 
 
 def run(parser: argparse.ArgumentParser, argv, command) -> int:
-  """Parses ``argv`` and prints what ``command(args)`` returns: 0, or 2 after a UserError."""
-  args = parser.parse_args(argv)
+  """Parses ``argv`` and prints what ``command(**flags)`` returns (its parameters are the
+  flags' destinations): 0, or 2 after a UserError (a flag's ``type`` may raise one too)."""
   try:
-    line = command(args)
+    line = command(**vars(parser.parse_args(argv)))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
