@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from transkd_jax import convert
+from transkd_jax import build, convert, normalization
 from transkd_jax.errors import UserError
 from transkd_jax.models import MiTVariant, SegFormer, get_variant
 from transkd_jax.weights.layouts import to_public_state_dict
@@ -327,8 +327,6 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
   its image processor's output."""
   from runs import set_variant, tiny_config
 
-  from transkd_jax import build, normalization
-
   hf = _hf_model(get_variant("b0"), num_labels=19, seed=5)
   hf.save_pretrained(tmp_path / "hf")
   assert (
@@ -369,8 +367,6 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
 
 
 def test_renormalisation_is_the_per_channel_affine_map():
-  from transkd_jax import normalization
-
   raw = np.random.RandomState(0).randint(0, 256, (1, 4, 5, 3)).astype(np.float32)
   unit, imagenet = raw / 255.0, (raw - normalization.MEAN) / normalization.STD
   np.testing.assert_allclose(

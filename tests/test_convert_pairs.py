@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from transkd_jax import convert
+from transkd_jax import build, convert
 from transkd_jax.errors import UserError
 from transkd_jax.models import archs
 from transkd_jax.models import lvt as lvt_lib
@@ -111,8 +111,6 @@ def hf_b0(tmp_path_factory):
 
 
 def test_huggingface_pvtv2_through_the_cli(tmp_path, capsys, hf_b0):
-  from transkd_jax import build
-
   hf, directory = hf_b0
   out = tmp_path / "ckpt"
   assert convert.main([f"--input={directory}", "--arch=pvt_v2_b0", f"--output={out}"]) == 0
@@ -313,8 +311,6 @@ def test_public_pvtv2_teacher_with_module_prefix_into_19_classes(tmp_path, pvt_b
 
 
 def test_official_pvtv2_imagenet_encoder_gets_a_fresh_neck_and_head(tmp_path, capsys, pvt_b0):
-  from transkd_jax import build
-
   public = to_public_state_dict(pvt_b0, "pvtv2")
   state = {k[len("backbone.") :]: v for k, v in public.items() if k.startswith("backbone.")}
   state["head.weight"] = np.zeros((1000, 256), np.float32)  # the ImageNet classifier
@@ -337,8 +333,6 @@ def test_official_pvtv2_imagenet_encoder_gets_a_fresh_neck_and_head(tmp_path, ca
 
 
 def test_lvt_imagenet_encoder_gets_a_fresh_head(tmp_path, capsys, lvt20):
-  from transkd_jax import build
-
   public = to_public_state_dict(lvt20, "lvt")
   state = {k: v for k, v in public.items() if k.startswith("backbone.")}
   state.update(

@@ -18,6 +18,12 @@ def _spellings(row) -> str:
 ACCEPTED = ", ".join(_spellings(row) for row in archs.ARCHS.values())
 
 
+def _rows_are(family: str, kind) -> bool:
+  """Whether ``family``'s variant table holds rows of ``kind``."""
+  row = archs.ARCHS.get(family)
+  return row is not None and all(isinstance(v, kind) for v in row.variants.values())
+
+
 def _parse(key: str):
   """(family, variant name) an --arch spells, or None: a public name, a bare MiT variant
   (b0 .. b5), or a family's name stem with an unknown variant (named by the error)."""
@@ -44,12 +50,12 @@ def resolve_arch(arch, family=None) -> Tuple[str, Any, str, str]:
   LVTVariant), for which both names are "custom". Raises UserError naming the
   accepted values.
   """
-  if isinstance(arch, LVTVariant):
-    return "lvt", arch, "custom", "custom LVT"
-  if isinstance(arch, MiTVariant):
-    family = family or "segformer"
-    if family not in ("segformer", "pvtv2"):
-      raise ValueError(f"a MiTVariant row is a SegFormer or PVTv2 variant, not {family!r}")
+  if isinstance(arch, (MiTVariant, LVTVariant)):
+    families = [f for f in archs.ARCHS if _rows_are(f, type(arch))]
+    family = family or families[0]  # a MiTVariant: SegFormer unless said otherwise
+    if family not in families:
+      labels = " or ".join(archs.ARCHS[f].label for f in families)
+      raise ValueError(f"a {type(arch).__name__} row is a {labels} variant, not {family!r}")
     return family, arch, "custom", f"custom {archs.ARCHS[family].label}"
   parsed = _parse(str(arch).lower())
   if parsed is None:
