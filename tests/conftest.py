@@ -113,9 +113,9 @@ def served(tmp_path_factory):
   classes (eval and predict tests)."""
   import jax.numpy as jnp
 
-  from transkd_jax import convert
   from transkd_jax.data import generated
   from transkd_jax.models import SegFormer
+  from transkd_jax.weights.record import save
 
   base = tmp_path_factory.mktemp("evalpred")
   root = str(base / "tree")
@@ -127,5 +127,5 @@ def served(tmp_path_factory):
     lambda p, x: x * 30 if "linear_pred" in jax.tree_util.keystr(p) else x, variables
   )
   ckpt = str(base / "ckpt")
-  convert.save(jax.device_get(variables), ckpt, {"arch": "mit_b0", "num_classes": 19})
+  save(jax.device_get(variables), ckpt, {"arch": "mit_b0", "num_classes": 19})
   return {"root": root, "ckpt": ckpt, "model": model, "variables": variables}

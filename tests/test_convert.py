@@ -6,9 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from transkd_jax import convert
+from transkd_jax import build, convert, normalization
 from transkd_jax.errors import UserError
-from transkd_jax.models import MiTVariant, SegFormer
+from transkd_jax.models import MiTVariant, SegFormer, get_variant
+from transkd_jax.weights.layouts import to_public_state_dict
+from transkd_jax.weights.names import hf_to_public, public_to_hf, source_format
+from transkd_jax.weights.readers import read_state_dict
+from transkd_jax.weights.record import META_FILE
+from transkd_jax.weights.to_flax import to_flax_variables
 
 torch = pytest.importorskip(
   "torch", reason="torch is not installed: parity tests skipped (pip install -e \".[test]\")"
@@ -95,18 +100,18 @@ def _assert_parity(ours, theirs):
   ],
 )
 def test_huggingface_parity(tmp_path, spec, size):
-  spec_row = convert.get_variant(spec)
+  spec_row = get_variant(spec)
   hf = _hf_model(spec_row, num_labels=19)
   hf.save_pretrained(tmp_path / "hf")
-  state = convert.read_state_dict(str(tmp_path / "hf"))
-  tree, classes = convert.convert(state, spec, log=lambda *_: None)
+  state = read_state_dict(str(tmp_path / "hf"))
+  tree, classes = to_flax_variables(state, spec, log=lambda *_: None)
   assert classes == 19
   images = np.random.RandomState(0).rand(2, *size, 3).astype(np.float32)
   _assert_parity(_ours(tree, spec_row, 19, images), _hf_forward(hf, images))
 
 
 def test_cli_writes_restorable_orbax_checkpoint(tmp_path, capsys):
-  hf = _hf_model(convert.get_variant("b0"), num_labels=20)
+  hf = _hf_model(get_variant("b0"), num_labels=20)
   hf.save_pretrained(tmp_path / "hf")
   out = tmp_path / "ckpt"
   assert (
@@ -123,7 +128,7 @@ def test_cli_writes_restorable_orbax_checkpoint(tmp_path, capsys):
   assert "dropped row 19" in capsys.readouterr().out
   tree = ocp.StandardCheckpointer().restore(str(out))
   assert set(tree) == {"params", "batch_stats"}
-  meta = json.loads((out / convert.META_FILE).read_text())
+  meta = json.loads((out / META_FILE).read_text())
   assert meta["arch"] == "mit_b0" and meta["num_classes"] == 19
   assert meta["source_format"] == "huggingface" and meta["normalization"] == "imagenet"
   images = np.random.RandomState(1).rand(1, 64, 64, 3).astype(np.float32)
@@ -138,14 +143,14 @@ def test_cli_writes_restorable_orbax_checkpoint(tmp_path, capsys):
 
 def _public_state_dict(tree):
   """The public PyTorch code's state dict for a Flax tree (the exporter's inverse mapping)."""
-  return {k: torch.from_numpy(v) for k, v in convert.to_public_state_dict(tree).items()}
+  return {k: torch.from_numpy(v) for k, v in to_public_state_dict(tree).items()}
 
 
 @pytest.fixture(scope="module")
 def b0_tree():
-  hf = _hf_model(convert.get_variant("b0"), num_labels=20, seed=3)
+  hf = _hf_model(get_variant("b0"), num_labels=20, seed=3)
   state = {k: v.numpy() for k, v in hf.state_dict().items()}
-  tree, _ = convert.convert(state, "mit_b0", log=lambda *_: None)
+  tree, _ = to_flax_variables(state, "mit_b0", log=lambda *_: None)
   return tree
 
 
@@ -171,9 +176,9 @@ def test_public_names_are_the_reference_ones(b0_tree):
 
 def test_public_and_huggingface_names_are_inverse(tmp_path, b0_tree):
   """public -> HF gives exactly save_pretrained's file names, and back gives the public ones."""
-  public = convert.to_public_state_dict(b0_tree)
-  hf = convert.public_to_hf(public)
-  model = _hf_model(convert.get_variant("b0"), num_labels=20)
+  public = to_public_state_dict(b0_tree)
+  hf = public_to_hf(public)
+  model = _hf_model(get_variant("b0"), num_labels=20)
   model.save_pretrained(tmp_path / "hf")
   from safetensors import safe_open
 
@@ -181,20 +186,18 @@ def test_public_and_huggingface_names_are_inverse(tmp_path, b0_tree):
     assert set(hf) == set(f.keys())
     for name in hf:
       assert list(hf[name].shape) == list(f.get_slice(name).get_shape()), name
-  back = convert._hf_to_public(hf)
+  back = hf_to_public(hf)
   assert set(back) == set(public)
   for name, value in public.items():
     np.testing.assert_array_equal(back[name], value)
-  assert convert.source_format(hf) == ("huggingface", "imagenet")
-  assert convert.source_format({f"module.student.{k}": v for k, v in public.items()}) == (
+  assert source_format(hf) == ("huggingface", "imagenet")
+  assert source_format({f"module.student.{k}": v for k, v in public.items()}) == (
     "transkd",
     "unit",
   )
-  assert convert.source_format(public) == ("public", "unit")
+  assert source_format(public) == ("public", "unit")
   assert (
-    convert.source_format(
-      {k: v for k, v in public.items() if k.startswith(("patch", "block", "norm"))}
-    )[1]
+    source_format({k: v for k, v in public.items() if k.startswith(("patch", "block", "norm"))})[1]
     == "imagenet"
   )
 
@@ -208,7 +211,7 @@ def test_transkd_wrapper_checkpoint(tmp_path, b0_tree):
   path = tmp_path / "transkd.pth"
   torch.save({"epoch": 3, "state_dict": state}, path)
   log = []
-  tree, classes = convert.convert(convert.read_state_dict(str(path)), "mit_b0", 19, log=log.append)
+  tree, classes = to_flax_variables(read_state_dict(str(path)), "mit_b0", 19, log=log.append)
   assert classes == 19
   assert any("training-time modules" in line for line in log)
   np.testing.assert_array_equal(
@@ -252,7 +255,7 @@ def test_mmseg_prefixes(b0_tree):
     )
     state[prefix + k] = v.numpy()
   state["decode_head.conv_seg.weight"] = np.zeros((20, 256, 1, 1), np.float32)
-  tree, classes = convert.convert(state, "mit_b0", log=lambda *_: None)
+  tree, classes = to_flax_variables(state, "mit_b0", log=lambda *_: None)
   assert classes == 20
   np.testing.assert_array_equal(
     tree["params"]["head"]["linear_c4"]["kernel"], b0_tree["params"]["head"]["linear_c4"]["kernel"]
@@ -268,7 +271,7 @@ def test_every_problem_is_listed_at_once_and_nothing_is_written(tmp_path, b0_tre
   torch.save(state, path)
   out = tmp_path / "never"
   with pytest.raises(UserError) as error:
-    convert.convert(convert.read_state_dict(str(path)), "mit_b0")
+    to_flax_variables(read_state_dict(str(path)), "mit_b0")
   message = str(error.value)
   assert "block3.1.mlp.fc2.bias" in message
   assert "block9.0.surprise.weight" in message
@@ -279,7 +282,7 @@ def test_every_problem_is_listed_at_once_and_nothing_is_written(tmp_path, b0_tre
 
 def test_wrong_arch_suggests_the_right_one(tmp_path, b0_tree):
   with pytest.raises(UserError, match="--arch=mit_b0") as error:
-    convert.convert({k: v.numpy() for k, v in _public_state_dict(b0_tree).items()}, "mit_b2")
+    to_flax_variables({k: v.numpy() for k, v in _public_state_dict(b0_tree).items()}, "mit_b2")
   assert "block1.2" in str(error.value)  # B2's extra blocks are missing
 
 
@@ -309,13 +312,13 @@ def test_unknown_arch_and_missing_input(tmp_path, capsys):
   )
   assert "no such file" in capsys.readouterr().err
   with pytest.raises(UserError, match="b9"):
-    convert.convert({}, "mit_b9")
+    to_flax_variables({}, "mit_b9")
 
 
 def test_other_class_counts_are_refused(b0_tree):
   state = {k: v.numpy() for k, v in _public_state_dict(b0_tree).items()}  # 20-way
   with pytest.raises(UserError, match="20 classes but --num-classes is 5"):
-    convert.convert(state, "mit_b0", num_classes=5)
+    to_flax_variables(state, "mit_b0", num_classes=5)
 
 
 def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_path, capsys):
@@ -324,9 +327,7 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
   its image processor's output."""
   from runs import set_variant, tiny_config
 
-  from transkd_jax import build, normalization
-
-  hf = _hf_model(convert.get_variant("b0"), num_labels=19, seed=5)
+  hf = _hf_model(get_variant("b0"), num_labels=19, seed=5)
   hf.save_pretrained(tmp_path / "hf")
   assert (
     convert.main(
@@ -339,7 +340,7 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
   set_variant(config, "teacher", "b0")
   config.teacher.checkpoint = str(tmp_path / "teacher")
   run = build.training(config)
-  assert run.teacher_norm == "imagenet" and convert.META_FILE in run.teacher_norm_source
+  assert run.teacher_norm == "imagenet" and META_FILE in run.teacher_norm_source
   raw = np.random.RandomState(2).randint(0, 256, (2, 64, 96, 3)).astype(np.uint8)
   batch = raw.astype(np.float32) / 255.0  # what the reference transforms give the student
   teacher_input = normalization.renormalize(batch, "unit", run.teacher_norm)
@@ -366,8 +367,6 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
 
 
 def test_renormalisation_is_the_per_channel_affine_map():
-  from transkd_jax import normalization
-
   raw = np.random.RandomState(0).randint(0, 256, (1, 4, 5, 3)).astype(np.float32)
   unit, imagenet = raw / 255.0, (raw - normalization.MEAN) / normalization.STD
   np.testing.assert_allclose(

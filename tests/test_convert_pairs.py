@@ -6,7 +6,7 @@ prefixes, 20 -> 19 classes) converted exactly; every problem listed at once;
 converted trees load with ``build.read_model``.
 
 The public layouts are built here from our own random variables through the
-name table (``convert.to_public_state_dict``), and the table is pinned to the
+name table (``to_public_state_dict``), and the table is pinned to the
 public code's names and shapes (``test_public_names_are_the_reference_ones``,
 written down from ``build_pvts('pvt_v2_b0', 20).state_dict()`` and
 ``lvt(rasa_cfg).state_dict()`` of github RuipingL/TransKD).
@@ -21,10 +21,17 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from transkd_jax import convert
+from transkd_jax import build, convert
 from transkd_jax.errors import UserError
 from transkd_jax.models import archs
 from transkd_jax.models import lvt as lvt_lib
+from transkd_jax.weights.decoder import fresh_decoder
+from transkd_jax.weights.infer import guess_arch
+from transkd_jax.weights.layouts import to_flax_layout, to_public_state_dict, torch_name
+from transkd_jax.weights.names import source_format
+from transkd_jax.weights.readers import read_state_dict
+from transkd_jax.weights.record import META_FILE
+from transkd_jax.weights.to_flax import to_flax_variables
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e \".[test]\")")
 transformers = pytest.importorskip(
@@ -104,14 +111,12 @@ def hf_b0(tmp_path_factory):
 
 
 def test_huggingface_pvtv2_through_the_cli(tmp_path, capsys, hf_b0):
-  from transkd_jax import build
-
   hf, directory = hf_b0
   out = tmp_path / "ckpt"
   assert convert.main([f"--input={directory}", "--arch=pvt_v2_b0", f"--output={out}"]) == 0
   printed = capsys.readouterr().out
   assert "the neck and the head (19 classes) freshly initialised with seed 0" in printed
-  meta = json.loads((out / convert.META_FILE).read_text())
+  meta = json.loads((out / META_FILE).read_text())
   assert (meta["arch"], meta["family"], meta["variant"], meta["num_classes"]) == (
     "pvt_v2_b0",
     "pvtv2",
@@ -143,22 +148,22 @@ def test_huggingface_pvtv2_through_the_cli(tmp_path, capsys, hf_b0):
 def test_huggingface_pvtv2_classification_layout(hf_b0):
   """PvtV2ForImageClassification: the encoder under pvt_v2., the classifier dropped."""
   hf, directory = hf_b0
-  plain = convert.read_state_dict(str(directory))
+  plain = read_state_dict(str(directory))
   state = {f"pvt_v2.{k}": v for k, v in plain.items()}
   state["classifier.weight"] = np.zeros((1000, 256), np.float32)
   state["classifier.bias"] = np.zeros(1000, np.float32)
   log = []
-  tree, classes = convert.convert(state, "pvt_v2_b0", log=log.append)
+  tree, classes = to_flax_variables(state, "pvt_v2_b0", log=log.append)
   assert classes == 19
   assert any("ImageNet classifier" in line and "classifier.weight" in line for line in log)
-  reference, _ = convert.convert(plain, "pvt_v2_b0", log=_quiet)
+  reference, _ = to_flax_variables(plain, "pvt_v2_b0", log=_quiet)
   _assert_same(tree["params"]["encoder"], reference["params"]["encoder"])
   kv = tree["params"]["encoder"]["block2_1"]["attn"]["kv"]["kernel"]
   hf_block = "encoder.layers.1.blocks.1.attention."
   np.testing.assert_array_equal(
     kv, np.concatenate([plain[hf_block + "key.weight"].T, plain[hf_block + "value.weight"].T], 1)
   )
-  assert convert.source_format(state) == ("huggingface", "imagenet")
+  assert source_format(state) == ("huggingface", "imagenet")
 
 
 # --------------------------------------------------------------------------
@@ -167,7 +172,7 @@ def test_huggingface_pvtv2_classification_layout(hf_b0):
 
 
 def test_public_names_are_the_reference_ones(pvt_b0, lvt20):
-  pvt = convert.to_public_state_dict(pvt_b0, "pvtv2")
+  pvt = to_public_state_dict(pvt_b0, "pvtv2")
   assert len(pvt) == 208  # 176 backbone, 16 neck, 16 head; no buffers
   assert sum(k.startswith("backbone.") for k in pvt) == 176
   for name, shape in [
@@ -186,7 +191,7 @@ def test_public_names_are_the_reference_ones(pvt_b0, lvt20):
     assert pvt[name].shape == shape, name
   assert not any(k.startswith(("head.scale_heads.1.2", "head.scale_heads.0.2")) for k in pvt)
 
-  lvt = convert.to_public_state_dict(lvt20, "lvt")
+  lvt = to_public_state_dict(lvt20, "lvt")
   assert len(lvt) == 164  # 148 backbone + the head, num_batches_tracked included
   assert sum(k.startswith("backbone.") for k in lvt) == 148
   for name, shape in [
@@ -254,22 +259,22 @@ def test_layouts_numerically():
   prefix = "backbone.0.1.0.attn."
   flat = {}
   for path, leaf in traverse_util.flatten_dict(shapes).items():
-    name = convert.torch_name(("params", "encoder", "block1_0", "attn") + path[1:], "lvt")
+    name = torch_name(("params", "encoder", "block1_0", "attn") + path[1:], "lvt")
     assert name.startswith(prefix)
-    flat[path] = convert.to_flax_layout(sd[name[len(prefix) :]].numpy(), len(leaf.shape))
+    flat[path] = to_flax_layout(sd[name[len(prefix) :]].numpy(), len(leaf.shape))
     assert flat[path].shape == leaf.shape
   ours = jax.jit(module.apply)(traverse_util.unflatten_dict(flat), x.numpy())
   np.testing.assert_allclose(ours, _torch_csa(x, sd, heads).numpy(), atol=1e-5, rtol=1e-5)
 
   weight = torch.randn(5, c, 1, 1)  # LVT's Mix-FFN fc1: a 1x1 conv
-  dense = convert.to_flax_layout(weight.numpy(), 2)
+  dense = to_flax_layout(weight.numpy(), 2)
   np.testing.assert_allclose(
     x.numpy() @ dense,
     F.conv2d(x.permute(0, 3, 1, 2), weight).permute(0, 2, 3, 1).numpy(),
     atol=1e-5,
   )
   depthwise = torch.randn(c, 1, 3, 3)
-  kernel = convert.to_flax_layout(depthwise.numpy(), 4)
+  kernel = to_flax_layout(depthwise.numpy(), 4)
   ours = jax.lax.conv_general_dilated(
     x.numpy(),
     kernel,
@@ -287,28 +292,26 @@ def test_layouts_numerically():
 
 def test_public_pvtv2_teacher_with_module_prefix_into_19_classes(tmp_path, pvt_b0):
   """A DataParallel PVTv2 wrapper's state dict (module.backbone/neck/head), 20 -> 19."""
-  state = {f"module.{k}": v for k, v in convert.to_public_state_dict(pvt_b0, "pvtv2").items()}
+  state = {f"module.{k}": v for k, v in to_public_state_dict(pvt_b0, "pvtv2").items()}
   path = _save_torch(state, tmp_path / "pvtv2b2_teacher_cityscapes.pth.tar", wrap="state_dict")
   log = []
-  read = convert.read_state_dict(path)
-  tree, classes = convert.convert(read, "pvt_v2_b0", 19, log=log.append)
+  read = read_state_dict(path)
+  tree, classes = to_flax_variables(read, "pvt_v2_b0", 19, log=log.append)
   assert classes == 19 and any("dropped row 19 of head.conv_seg" in line for line in log)
   _assert_same(tree, pvt_b0, skip=[("params", "head", "conv_seg")])
   for leaf in ("kernel", "bias"):
     np.testing.assert_array_equal(
       tree["params"]["head"]["conv_seg"][leaf], pvt_b0["params"]["head"]["conv_seg"][leaf][..., :19]
     )
-  assert convert.source_format(read) == ("public", "unit")
+  assert source_format(read) == ("public", "unit")
   # The 20-way head kept when no --num-classes is given.
-  tree, classes = convert.convert(read, "pvt_v2_b0", log=_quiet)
+  tree, classes = to_flax_variables(read, "pvt_v2_b0", log=_quiet)
   assert classes == 20
   _assert_same(tree, pvt_b0)
 
 
 def test_official_pvtv2_imagenet_encoder_gets_a_fresh_neck_and_head(tmp_path, capsys, pvt_b0):
-  from transkd_jax import build
-
-  public = convert.to_public_state_dict(pvt_b0, "pvtv2")
+  public = to_public_state_dict(pvt_b0, "pvtv2")
   state = {k[len("backbone.") :]: v for k, v in public.items() if k.startswith("backbone.")}
   state["head.weight"] = np.zeros((1000, 256), np.float32)  # the ImageNet classifier
   state["head.bias"] = np.zeros(1000, np.float32)
@@ -318,21 +321,19 @@ def test_official_pvtv2_imagenet_encoder_gets_a_fresh_neck_and_head(tmp_path, ca
   printed = capsys.readouterr().out
   assert "ImageNet classifier): head.bias, head.weight" in printed
   assert "freshly initialised with seed 3" in printed
-  meta = json.loads((out / convert.META_FILE).read_text())
+  meta = json.loads((out / META_FILE).read_text())
   assert (meta["source_format"], meta["normalization"]) == ("public", "imagenet")
   variables, _ = build.read_model(str(out), "--checkpoint", "pvtv2", "b0", 19)
   _assert_same(variables["params"]["encoder"], pvt_b0["params"]["encoder"])
   # The decoder is the model's own initialisation, from --seed.
-  fresh = convert.fresh_decoder(archs.ARCHS["pvtv2"].get_variant("b0"), 19, 3, "pvtv2")
+  fresh = fresh_decoder(archs.ARCHS["pvtv2"].get_variant("b0"), 19, 3, "pvtv2")
   assert sorted(fresh["params"]) == ["head", "neck"]
   _assert_same({k: variables["params"][k] for k in ("neck", "head")}, fresh["params"])
   assert variables["params"]["head"]["conv_seg"]["kernel"].shape == (1, 1, 128, 19)
 
 
 def test_lvt_imagenet_encoder_gets_a_fresh_head(tmp_path, capsys, lvt20):
-  from transkd_jax import build
-
-  public = convert.to_public_state_dict(lvt20, "lvt")
+  public = to_public_state_dict(lvt20, "lvt")
   state = {k: v for k, v in public.items() if k.startswith("backbone.")}
   state.update(
     {
@@ -348,7 +349,7 @@ def test_lvt_imagenet_encoder_gets_a_fresh_head(tmp_path, capsys, lvt20):
   printed = capsys.readouterr().out
   assert "dropped 4 tensors (LVT's ImageNet classifier" in printed
   assert "the head (19 classes) freshly initialised" in printed
-  meta = json.loads((out / convert.META_FILE).read_text())
+  meta = json.loads((out / META_FILE).read_text())
   assert (meta["arch"], meta["family"], meta["variant"]) == ("lvt", "lvt", "lvt")
   assert (meta["source_format"], meta["normalization"]) == ("public", "imagenet")
   variables, _ = build.read_model(str(out), "--checkpoint", "lvt", "lvt", 19)
@@ -359,14 +360,14 @@ def test_lvt_imagenet_encoder_gets_a_fresh_head(tmp_path, capsys, lvt20):
 
 def test_public_lvt_student_with_batchnorm_statistics(tmp_path, lvt20):
   """The distillation wrapper's LVT student (module.student.*), CSF / PEA beside, 20 -> 19."""
-  state = {f"module.student.{k}": v for k, v in convert.to_public_state_dict(lvt20, "lvt").items()}
+  state = {f"module.student.{k}": v for k, v in to_public_state_dict(lvt20, "lvt").items()}
   state["module.student.linear_fuse.bn.num_batches_tracked"] = np.array(1234)
   state["module.skfs.0.conv1.0.weight"] = np.zeros((64, 256, 1, 1), np.float32)
   state["module.embed1_linearproject.weight"] = np.zeros((64, 64), np.float32)
   path = _save_torch(state, tmp_path / "model_best.pth")
   log = []
-  read = convert.read_state_dict(path)
-  tree, classes = convert.convert(read, "lvt", 19, log=log.append)
+  read = read_state_dict(path)
+  tree, classes = to_flax_variables(read, "lvt", 19, log=log.append)
   assert classes == 19
   assert any("training-time modules" in line for line in log)
   assert any("embed1_linearproject.weight, skfs.0.conv1.0.weight" in line for line in log)
@@ -376,7 +377,7 @@ def test_public_lvt_student_with_batchnorm_statistics(tmp_path, lvt20):
     lvt20["params"]["head"]["linear_pred"]["kernel"][..., :19],
   )
   assert sorted(tree["batch_stats"]["head"]["bn"]) == ["mean", "var"]
-  assert convert.source_format(read) == ("transkd", "unit")
+  assert source_format(read) == ("transkd", "unit")
 
 
 # --------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def test_public_lvt_student_with_batchnorm_statistics(tmp_path, lvt20):
 
 
 def test_every_problem_is_listed_at_once(tmp_path, capsys, pvt_b0):
-  state = convert.to_public_state_dict(pvt_b0, "pvtv2")
+  state = to_public_state_dict(pvt_b0, "pvtv2")
   for name in ("backbone.block2.1.mlp.fc2.bias", "neck.fpn_convs.2.conv.weight"):
     del state[name]
   state["neck.extra_convs.0.conv.weight"] = np.zeros((3,), np.float32)
@@ -413,26 +414,26 @@ def test_every_problem_is_listed_at_once(tmp_path, capsys, pvt_b0):
 
 
 def test_a_checkpoint_of_another_arch_is_named(pvt_b0, lvt20):
-  lvt = convert.to_public_state_dict(lvt20, "lvt")
+  lvt = to_public_state_dict(lvt20, "lvt")
   with pytest.raises(UserError, match="It looks like lvt: try --arch=lvt") as error:
-    convert.convert(lvt, "pvt_v2_b0", log=_quiet)
+    to_flax_variables(lvt, "pvt_v2_b0", log=_quiet)
   assert "backbone.block1.0.attn.q.weight" in str(error.value)  # missing, all of them listed
-  pvt = convert.to_public_state_dict(pvt_b0, "pvtv2")
+  pvt = to_public_state_dict(pvt_b0, "pvtv2")
   with pytest.raises(UserError, match="try --arch=pvt_v2_b0"):
-    convert.convert(pvt, "lvt", log=_quiet)
+    to_flax_variables(pvt, "lvt", log=_quiet)
   with pytest.raises(UserError, match="try --arch=pvt_v2_b0"):
-    convert.convert(pvt, "pvt_v2_b2", log=_quiet)
+    to_flax_variables(pvt, "pvt_v2_b2", log=_quiet)
   # The official ImageNet encoders: PVTv2 B0's Mix-FFNs are 8x wide in stage 1, MiT B0's 4x.
   flat = {k[len("backbone.") :]: v for k, v in pvt.items() if k.startswith("backbone.")}
   with pytest.raises(UserError, match="try --arch=pvt_v2_b0"):
-    convert.convert(flat, "mit_b0", log=_quiet)
+    to_flax_variables(flat, "mit_b0", log=_quiet)
   segformer = _random_variables("segformer", "b0", 19)
-  mit = convert.to_public_state_dict(segformer)
+  mit = to_public_state_dict(segformer)
   with pytest.raises(UserError, match="try --arch=mit_b0"):
-    convert.convert(mit, "pvt_v2_b0", log=_quiet)
-  assert convert.guess_arch({"module.student." + k: v for k, v in pvt.items()}) == "pvt_v2_b0"
-  assert convert.guess_arch(lvt) == "lvt" and convert.guess_arch(mit) == "mit_b0"
+    to_flax_variables(mit, "pvt_v2_b0", log=_quiet)
+  assert guess_arch({"module.student." + k: v for k, v in pvt.items()}) == "pvt_v2_b0"
+  assert guess_arch(lvt) == "lvt" and guess_arch(mit) == "mit_b0"
   with pytest.raises(UserError, match="pvt_v2_b0 .. pvt_v2_b5, lvt"):
-    convert.convert({}, "swin_t")
+    to_flax_variables({}, "swin_t")
   with pytest.raises(UserError, match="b9"):
-    convert.convert({}, "pvt_v2_b9")
+    to_flax_variables({}, "pvt_v2_b9")

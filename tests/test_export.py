@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from transkd_jax import convert, export, normalization
-from transkd_jax.errors import UserError
-from transkd_jax.models import MiTVariant, SegFormer, get_variant
+from transkd_jax import export, normalization
+from transkd_jax.models import MiTVariant, SegFormer, archs
+from transkd_jax.weights.hf_config import class_names, input_settings, preprocessor_config
+from transkd_jax.weights.readers import read_state_dict
+from transkd_jax.weights.record import record, save
+from transkd_jax.weights.to_flax import to_flax_variables
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e \".[test]\")")
 transformers = pytest.importorskip(
@@ -41,7 +44,7 @@ def tiny(tmp_path_factory):
     flat[path] = value.astype(np.float32)
   variables = traverse_util.unflatten_dict(flat)
   path = tmp_path_factory.mktemp("tiny") / "converted"
-  convert.save(
+  save(
     variables, str(path), {"arch": "custom", "num_classes": CLASSES, "normalization": "imagenet"}
   )
   return variables, path
@@ -83,7 +86,7 @@ def test_hf_export_matches_transformers(tmp_path, tiny, capsys):
   pixels = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
   np.testing.assert_allclose(pixels, (image - normalization.MEAN) / normalization.STD, atol=1e-5)
   # The exported weights come back through convert exactly.
-  tree, classes = convert.convert(convert.read_state_dict(str(out)), TINY, log=lambda *_: None)
+  tree, classes = to_flax_variables(read_state_dict(str(out)), TINY, log=lambda *_: None)
   assert classes == CLASSES
   _assert_same_tree(tree, variables)
 
@@ -112,26 +115,8 @@ def test_pytorch_export_round_trips_through_convert(tmp_path, tiny):
   assert tuple(state["block1.0.attn.kv.weight"].shape) == (16, 8)  # out x in
   assert tuple(state["block1.0.attn.sr.weight"].shape) == (8, 8, 8, 8)
   assert tuple(state["linear_pred.weight"].shape) == (CLASSES, 16, 1, 1)
-  tree, _ = convert.convert(
-    convert.read_state_dict(str(out / "model.pth")), TINY, log=lambda *_: None
-  )
+  tree, _ = to_flax_variables(read_state_dict(str(out / "model.pth")), TINY, log=lambda *_: None)
   _assert_same_tree(tree, variables)
-
-
-@pytest.mark.parametrize("name", ["b0", "b1", "b2", "b5"])
-def test_table_variants_are_recognised(name):
-  shapes = jax.eval_shape(SegFormer(name, 19).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  found, spec, classes = export.infer_variant(shapes)
-  assert (found, spec, classes) == (f"mit_{name}", get_variant(name), 19)
-
-
-def test_custom_variant_needs_heads(tiny):
-  variables, _ = tiny
-  with pytest.raises(UserError, match="--heads") as error:
-    export.infer_variant(variables)
-  assert "closest mit_b0" in str(error.value) and "channels (8, 16, 24, 32)" in str(error.value)
-  with pytest.raises(UserError, match="dividing"):
-    export.infer_variant(variables, (1, 2, 5, 8))  # 5 heads do not divide 24 channels
 
 
 def test_normalisation_from_a_run_config(tmp_path):
@@ -144,15 +129,15 @@ def test_normalisation_from_a_run_config(tmp_path):
       json.dumps({"data": data, "image_size": size})
     )
   # The step the weights came from decides; else the newest.
-  norm, _, size, data = export.input_settings(
+  norm, _, size, data = input_settings(
     str(tmp_path), "auto", f"{tmp_path}/checkpoints/3 (step 3, latest)"
   )
   assert (norm, size) == ("imagenet", None)  # mmseg: the processor does not resize
-  norm, _, size, data = export.input_settings(str(tmp_path), "auto", "")
+  norm, _, size, data = input_settings(str(tmp_path), "auto", "")
   assert (norm, size) == ("unit", (64, 128))
-  assert export.class_names(19, data)[0] == "road"
-  assert export.input_settings(str(tmp_path), "imagenet", "")[0] == "imagenet"
-  config = export.preprocessor_config("unit", (64, 128))
+  assert class_names(19, data)[0] == "road"
+  assert input_settings(str(tmp_path), "imagenet", "")[0] == "imagenet"
+  config = preprocessor_config("unit", (64, 128))
   assert config["image_mean"] == [0, 0, 0] and config["image_std"] == [1, 1, 1]
   (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
   processor = transformers.SegformerImageProcessor.from_pretrained(str(tmp_path))
@@ -214,8 +199,6 @@ def test_errors_name_the_flag(tmp_path, tiny, capsys):
 
 def _random_variables(family, variant, num_classes, seed):
   """Full-size variables with random values, from abstract init only (no compile)."""
-  from transkd_jax.models import archs
-
   model = archs.build(family, variant, num_classes)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   rng = np.random.default_rng(seed)
@@ -238,8 +221,8 @@ def test_public_export_round_trips_pvtv2_and_lvt(tmp_path, capsys, family, varia
   ckpt = tmp_path / "converted"
   meta = {"num_classes": 19, "normalization": "unit"}
   if recorded:
-    meta.update(convert.record(arch, 19, "", "public", "unit"))
-  convert.save(variables, str(ckpt), meta)
+    meta.update(record(arch, 19, "", "public", "unit"))
+  save(variables, str(ckpt), meta)
   out = tmp_path / "pt"
   assert export.main([f"--checkpoint={ckpt}", "--format=public", f"--output={out}"]) == 0
   line = capsys.readouterr().out
@@ -256,8 +239,8 @@ def test_public_export_round_trips_pvtv2_and_lvt(tmp_path, capsys, family, varia
     assert tuple(state["backbone.2.1.1.mlp.fc1.weight"].shape) == (640, 160, 1, 1)
     assert int(state["linear_fuse.bn.num_batches_tracked"]) == 0
     assert len(state) == 164
-  tree, classes = convert.convert(
-    convert.read_state_dict(str(out / "model.pth")), arch, log=lambda *_: None
+  tree, classes = to_flax_variables(
+    read_state_dict(str(out / "model.pth")), arch, log=lambda *_: None
   )
   assert classes == 19
   _assert_same_tree(tree, variables)
@@ -266,7 +249,7 @@ def test_public_export_round_trips_pvtv2_and_lvt(tmp_path, capsys, family, varia
 def test_pvtv2_and_lvt_have_no_huggingface_export(tmp_path, capsys):
   variables = _random_variables("pvtv2", "b0", 19, seed=5)
   ckpt = tmp_path / "converted"
-  convert.save(variables, str(ckpt), {"num_classes": 19})
+  save(variables, str(ckpt), {"num_classes": 19})
   out = tmp_path / "hf"
   assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--output={out}"]) == 2
   err = capsys.readouterr().err
@@ -277,23 +260,3 @@ def test_pvtv2_and_lvt_have_no_huggingface_export(tmp_path, capsys):
     == 2
   )
   assert "--heads" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("name", ["b0", "b5"])  # b5: Mix-FFN ratio 4 throughout
-def test_pvtv2_table_variants_are_recognised(name):
-  from transkd_jax.models import PVTv2
-
-  shapes = jax.eval_shape(PVTv2(name, 7).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  assert export.model_family(shapes) == "pvtv2"
-  family, arch, spec, classes = export.infer_model(shapes)
-  assert (family, arch, classes) == ("pvtv2", f"pvt_v2_{name}", 7)
-
-
-def test_a_pvtv2_off_the_table_is_refused():
-  from transkd_jax.models import MiTVariant as Row
-  from transkd_jax.models import PVTv2
-
-  row = Row((32, 64, 160, 256), (2, 2, 1, 2), (1, 2, 5, 8), 256, (8, 8, 4, 4))
-  shapes = jax.eval_shape(PVTv2(row, 19).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  with pytest.raises(UserError, match=r"closest pvt_v2_b0 differs in depths \(2, 2, 1, 2\)"):
-    export.infer_model(shapes)
