@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from transkd_jax import build, convert, normalization
+from transkd_jax import build, checkpoint, convert, normalization
 from transkd_jax.errors import UserError
 from transkd_jax.models import MiTVariant, SegFormer, get_variant
 from transkd_jax.weights.layouts import to_public_state_dict
@@ -340,18 +340,20 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
   set_variant(config, "teacher", "b0")
   config.teacher.checkpoint = str(tmp_path / "teacher")
   run = build.training(config)
-  assert run.teacher_norm == "imagenet" and META_FILE in run.teacher_norm_source
+  assert run.teacher.input_norm == "imagenet" and META_FILE in run.teacher.input_norm_source
   raw = np.random.RandomState(2).randint(0, 256, (2, 64, 96, 3)).astype(np.uint8)
   batch = raw.astype(np.float32) / 255.0  # what the reference transforms give the student
-  teacher_input = normalization.renormalize(batch, "unit", run.teacher_norm)
-  ours = np.asarray(jax.jit(run.teacher.apply)(run.teacher_variables, teacher_input)["logits"])
+  teacher_input = normalization.renormalize(batch, "unit", run.teacher.input_norm)
+  ours = np.asarray(
+    jax.jit(run.teacher.model.apply)(run.teacher.variables, teacher_input)["logits"]
+  )
   processor = transformers.SegformerImageProcessor(do_resize=False)
   pixels = processor(images=list(raw), return_tensors="np")["pixel_values"]
   theirs = _hf_forward(hf, pixels.transpose(0, 2, 3, 1))["logits"]
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
   # Overridden, and recorded at conversion: the same weights then expect [0, 1] pixels.
   config.teacher.input_norm = "unit"
-  assert build.training(config).teacher_norm == "unit"
+  assert build.training(config).teacher.input_norm == "unit"
   assert (
     convert.main(
       [
@@ -363,7 +365,7 @@ def test_a_converted_huggingface_teacher_gets_its_own_input_normalisation(tmp_pa
     )
     == 0
   )
-  assert normalization.recorded(str(tmp_path / "unit"))[0] == "unit"
+  assert checkpoint.recorded_normalization(str(tmp_path / "unit"))[0] == "unit"
 
 
 def test_renormalisation_is_the_per_channel_affine_map():

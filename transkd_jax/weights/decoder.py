@@ -22,8 +22,3 @@ def fresh_decoder(spec, num_classes: int, seed: int, family: str = "segformer"):
   variables = jax.jit(functools.partial(model.init, method=_decode))(jax.random.key(seed), features)
   return jax.tree.map(np.asarray, variables)
 
-
-def fresh_head(spec, num_classes: int, seed: int):
-  """SegFormer's freshly initialised head: {"params", "batch_stats"} of the head alone."""
-  variables = fresh_decoder(spec, num_classes, seed, "segformer")
-  return {collection: tree["head"] for collection, tree in variables.items()}

@@ -4,7 +4,6 @@ checkpoint says about its inputs (normalisation, image size, class names)."""
 
 import ml_collections
 
-from transkd_jax import normalization as normalization_lib
 from transkd_jax import storage
 from transkd_jax.data import classes
 from transkd_jax.models.mit import EPS_BLOCK
@@ -22,7 +21,7 @@ PIL_BILINEAR = 2  # the reference transforms resize with PIL's bilinear filter
 def input_settings(checkpoint: str, choice: str, source: str = ""):
   """(normalization, why, image_size or None, data config or None) for ``--normalization``."""
   path = storage.resolve(checkpoint)
-  config = normalization_lib.run_config(path, source)
+  config = checkpoint.saved_config(path, source)
   data = (config or {}).get("data") or {}
   transforms = data.get("transforms", data.get("protocol", "reference"))
   image_size = None
@@ -30,7 +29,7 @@ def input_settings(checkpoint: str, choice: str, source: str = ""):
     image_size = tuple(int(v) for v in config["image_size"])
   if choice != "auto":
     return choice, "--normalization", image_size, data or None
-  recorded, why = normalization_lib.recorded(path, source)
+  recorded, why = checkpoint.recorded_normalization(path, source)
   if recorded is not None:
     return recorded, why, image_size, data or None
   return "unit", "the default (TransKD's [0, 1] inputs)", None, None

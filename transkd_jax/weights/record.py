@@ -6,6 +6,7 @@ import os
 
 import orbax.checkpoint as ocp
 
+from transkd_jax import checkpoint as ckpt_lib
 from transkd_jax import storage
 from transkd_jax.errors import UserError
 from transkd_jax.models import archs
@@ -46,13 +47,7 @@ def save(tree, output: str, meta: dict, overwrite: bool = False):
 
 def recorded_model(checkpoint: str):
   """(family, variant) that a transkd_jax.convert output's record names, else (None, None)."""
-  path = storage.join(storage.resolve(checkpoint), META_FILE)
-  try:
-    meta = json.loads(storage.read_text(path)) if storage.exists(path) else {}
-  except (OSError, ValueError):
-    meta = {}
-  if not isinstance(meta, dict):
-    return None, None
+  meta = ckpt_lib.convert_record(storage.resolve(checkpoint)) or {}
   family, variant = meta.get("family"), meta.get("variant")
   if family not in archs.ARCHS or not isinstance(variant, str) or variant == "custom":
     return None, None
