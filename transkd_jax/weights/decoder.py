@@ -21,4 +21,3 @@ def fresh_decoder(spec, num_classes: int, seed: int, family: str = "segformer"):
   features = [jnp.zeros((1, 16 // 2**i, 16 // 2**i, c)) for i, c in enumerate(spec.channels)]
   variables = jax.jit(functools.partial(model.init, method=_decode))(jax.random.key(seed), features)
   return jax.tree.map(np.asarray, variables)
-
