@@ -311,22 +311,11 @@ def training(config, weights: bool = True, devices=None) -> Training:
     teacher_input=(student_norm, student_norm if teacher is None else teacher.input_norm),
     param_shardings=shardings.params,
   )
-  return Training(
-    config=config,
-    method=method,
-    model=model,
-    teacher=teacher,
-    mesh=mesh,
-    kernels=kernels,
-    optimizer=optimizer,
-    schedule=schedule,
-    init=init,
-    abstract_state=abstract,
-    train_step=jit_train_step(
-      step, mesh, shardings, None if teacher is None else teacher.shardings
-    ),
-    eval_step=make_eval_step(config, mesh),
-  )
+  teacher_shardings = None if teacher is None else teacher.shardings
+  train_step = jit_train_step(step, mesh, shardings, teacher_shardings)
+  eval_step = make_eval_step(config, mesh)
+  parts = (model, teacher, mesh, kernels, optimizer, schedule, init, abstract)
+  return Training(config, method, *parts, train_step, eval_step)
 
 
 def input_normalization(config, chosen: str, what: str, path: str = "", source: str = ""):

@@ -21,7 +21,7 @@ PIL_BILINEAR = 2  # the reference transforms resize with PIL's bilinear filter
 def input_settings(checkpoint: str, choice: str, source: str = ""):
   """(normalization, why, image_size or None, data config or None) for ``--normalization``."""
   path = storage.resolve(checkpoint)
-  config = checkpoint.saved_config(path, source)
+  config = ckpt_lib.saved_config(path, source)
   data = (config or {}).get("data") or {}
   transforms = data.get("transforms", data.get("protocol", "reference"))
   image_size = None
@@ -29,7 +29,7 @@ def input_settings(checkpoint: str, choice: str, source: str = ""):
     image_size = tuple(int(v) for v in config["image_size"])
   if choice != "auto":
     return choice, "--normalization", image_size, data or None
-  recorded, why = checkpoint.recorded_normalization(path, source)
+  recorded, why = ckpt_lib.recorded_normalization(path, source)
   if recorded is not None:
     return recorded, why, image_size, data or None
   return "unit", "the default (TransKD's [0, 1] inputs)", None, None
