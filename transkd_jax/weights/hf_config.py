@@ -4,6 +4,7 @@ checkpoint says about its inputs (normalisation, image size, class names)."""
 
 import ml_collections
 
+from transkd_jax import checkpoint as ckpt_lib
 from transkd_jax import storage
 from transkd_jax.data import classes
 from transkd_jax.models.mit import EPS_BLOCK
