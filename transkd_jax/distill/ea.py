@@ -15,8 +15,8 @@ import numpy as np
 from flax import linen as nn
 
 from transkd_jax.distill.layers import check_stage_count
+from transkd_jax.models.base import patch_embed
 from transkd_jax.models.mit import OverlapPatchEmbed
-from transkd_jax.models.variants import PATCH_GEOMETRY
 
 Dtype = Any
 
@@ -32,15 +32,8 @@ class EmbeddingAssistant(nn.Module):
     inputs = [images, *student_maps[:3]]
     out = []
     for stage, x in enumerate(inputs):
-      kernel, stride, padding = PATCH_GEOMETRY[stage]
-      tokens, _ = OverlapPatchEmbed(
-        self.teacher_channels[stage],
-        kernel,
-        stride,
-        padding,
-        self.dtype,
-        self.param_dtype,
-        name=f"patch_embed{stage + 1}",
+      tokens, _ = patch_embed(
+        OverlapPatchEmbed, stage, self.teacher_channels[stage], self.dtype, self.param_dtype
       )(x.astype(self.dtype))
       out.append(tokens)
     return tuple(out)

@@ -73,10 +73,9 @@ from flax import linen as nn
 
 from transkd_jax.models import initializers as init
 from transkd_jax.models import kernels as kernels_lib
-from transkd_jax.models.head import SegFormerHead
+from transkd_jax.models.base import SegmentationModel, StageEncoder, patch_embed
 from transkd_jax.models.mit import MixFFN, PatchConv, gelu
-from transkd_jax.models.pvtv2 import check_images, check_num_classes
-from transkd_jax.models.variants import PATCH_GEOMETRY, lookup_row
+from transkd_jax.models.variants import lookup_row
 
 Dtype = Any
 
@@ -459,83 +458,45 @@ class PatchEmbed(nn.Module):
     return _layer_norm("norm", self.dtype, self.param_dtype)(x), embedding
 
 
-class LiteVisionTransformer(nn.Module):
-  """The LVT encoder. Returns (stage maps NHWC, patch embeddings N x T x C)."""
+class LiteVisionTransformer(StageEncoder):
+  """The LVT encoder. Returns (stage maps NHWC, patch embeddings N x T x C).
+
+  Stage s: ``patch_embed{s}`` (its conv output, before the LayerNorm, is the stage's
+  embedding), blocks ``block{s}_{j}`` on the NHWC map; no norm closes a stage.
+  """
 
   variant: Any = "lvt"
-  kernels: str = "native"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    spec = get_lvt_variant(self.variant)
-    # Public: rate * (block index) / (blocks - 1), i.e. a linspace.
-    rates = np.linspace(0.0, spec.drop_path_rate, sum(spec.depths))
-    features, embeddings = [], []
-    x = images
-    index = 0
-    for stage in range(4):
-      kernel, stride, padding = PATCH_GEOMETRY[stage]
-      x, embedding = PatchEmbed(
-        spec.channels[stage],
-        kernel,
-        stride,
-        padding,
-        self.dtype,
-        self.param_dtype,
-        name=f"patch_embed{stage + 1}",
-      )(x)
-      embeddings.append(embedding)
-      for j in range(spec.depths[stage]):
-        x = Block(
-          spec.attention[stage],
-          spec.heads[stage],
-          spec.sr_ratios[stage],
-          spec.mlp_ratios[stage],
-          spec.mlp_depconv[stage],
-          tuple(spec.atrous_rates),
-          spec.recursions,
-          float(rates[index]),
-          self.kernels,
-          self.dtype,
-          self.param_dtype,
-          name=f"block{stage + 1}_{j}",
-        )(x, train)
-        index += 1
-      features.append(x)
-    return tuple(features), tuple(embeddings)
+  def row(self):
+    return get_lvt_variant(self.variant)
 
+  def embed(self, stage, spec, x):
+    return patch_embed(PatchEmbed, stage, spec.channels[stage], self.dtype, self.param_dtype)(x)
 
-class LVT(nn.Module):
-  """LVT encoder + SegFormer's all-MLP head (width 256, no dropout); outputs as ``SegFormer``'s."""
-
-  variant: Any = "lvt"
-  num_classes: int = 19
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernels: str = "native"  # "cpu" | "native": transkd_jax/models/kernels.py
-
-  def setup(self):
-    spec = get_lvt_variant(self.variant)
-    check_num_classes(self.num_classes)
-    self.encoder = LiteVisionTransformer(spec, self.kernels, self.dtype, self.param_dtype)
-    self.head = SegFormerHead(
-      self.num_classes,
-      spec.decoder_width,
-      spec.head_dropout,
+  def block(self, stage, index, spec, drop_path, state, train):
+    return Block(
+      spec.attention[stage],
+      spec.heads[stage],
+      spec.sr_ratios[stage],
+      spec.mlp_ratios[stage],
+      spec.mlp_depconv[stage],
+      tuple(spec.atrous_rates),
+      spec.recursions,
+      drop_path,
       self.kernels,
       self.dtype,
       self.param_dtype,
-    )
+      name=f"block{stage + 1}_{index}",
+    )(state, train)
 
-  def encode(self, images, train: bool = False):
-    """Encoder only: {"features", "embeddings"}; the head is not run."""
-    check_images(images, "LVT")
-    features, embeddings = self.encoder(images.astype(self.dtype), train)
-    return {"features": features, "embeddings": embeddings}
 
-  def __call__(self, images, train: bool = False):
-    out = self.encode(images, train)
-    logits = self.head(out["features"], train)
-    return {"logits": logits.astype(jnp.float32), **out}
+class LVT(SegmentationModel):
+  """LVT encoder + SegFormer's all-MLP head (width 256, no dropout); outputs as ``SegFormer``'s."""
+
+  variant: Any = "lvt"
+
+  def row(self):
+    return get_lvt_variant(self.variant)
+
+  def make_encoder(self, spec):
+    return LiteVisionTransformer(spec, self.kernels, self.dtype, self.param_dtype)

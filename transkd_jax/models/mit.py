@@ -12,12 +12,12 @@ from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from transkd_jax.models import initializers as init
 from transkd_jax.models import kernels
-from transkd_jax.models.variants import PATCH_GEOMETRY, get_variant
+from transkd_jax.models.base import StageEncoder, patch_embed
+from transkd_jax.models.variants import get_variant
 
 Dtype = Any
 
@@ -206,46 +206,39 @@ class OverlapPatchEmbed(nn.Module):
     return x, (height, width)
 
 
-class MixTransformer(nn.Module):
-  """The MiT encoder. Returns (stage maps NHWC, patch embeddings N x T x C)."""
+class MixTransformer(StageEncoder):
+  """The MiT encoder. Returns (stage maps NHWC, patch embeddings N x T x C).
 
-  variant: str = "b0"
-  kernels: str = "native"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  Stage s: ``patch_embed{s}`` (tokens after its LayerNorm are the stage's embedding),
+  blocks ``block{s}_{j}`` on the tokens, LayerNorm ``norm{s}``, reshaped to the map.
+  """
 
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    spec = get_variant(self.variant)
-    rates = np.linspace(0.0, spec.drop_path_rate, sum(spec.depths))
-    features, embeddings = [], []
-    x = images
-    block_index = 0
-    for stage in range(4):
-      kernel, stride, padding = PATCH_GEOMETRY[stage]
-      tokens, hw = OverlapPatchEmbed(
-        spec.channels[stage],
-        kernel,
-        stride,
-        padding,
-        self.dtype,
-        self.param_dtype,
-        name=f"patch_embed{stage + 1}",
-      )(x)
-      embeddings.append(tokens)
-      for j in range(spec.depths[stage]):
-        tokens = Block(
-          spec.heads[stage],
-          spec.sr_ratios[stage],
-          spec.mlp_ratios[stage],
-          float(rates[block_index]),
-          self.kernels,
-          self.dtype,
-          self.param_dtype,
-          name=f"block{stage + 1}_{j}",
-        )(tokens, hw, train)
-        block_index += 1
-      tokens = _layer_norm(EPS_BLOCK, f"norm{stage + 1}", self.dtype, self.param_dtype)(tokens)
-      x = tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[-1])
-      features.append(x)
-    return tuple(features), tuple(embeddings)
+  variant: Any = "b0"
+
+  def row(self):
+    return get_variant(self.variant)
+
+  def embed(self, stage, spec, x):
+    tokens, hw = patch_embed(
+      OverlapPatchEmbed, stage, spec.channels[stage], self.dtype, self.param_dtype
+    )(x)
+    return (tokens, hw), tokens
+
+  def block(self, stage, index, spec, drop_path, state, train):
+    tokens, hw = state
+    tokens = Block(
+      spec.heads[stage],
+      spec.sr_ratios[stage],
+      spec.mlp_ratios[stage],
+      drop_path,
+      self.kernels,
+      self.dtype,
+      self.param_dtype,
+      name=f"block{stage + 1}_{index}",
+    )(tokens, hw, train)
+    return tokens, hw
+
+  def close(self, stage, state):
+    tokens, hw = state
+    tokens = _layer_norm(EPS_BLOCK, f"norm{stage + 1}", self.dtype, self.param_dtype)(tokens)
+    return tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[-1])
