@@ -3,8 +3,8 @@
 Each op computes the same function in both forms (tests compare them); they
 differ in what the compiler makes of them:
 
-- 3x3 depthwise conv (Mix-FFN): ``cpu``, nine shifted multiply-adds with a
-  hand-written VJP; ``native``, a grouped ``conv_general_dilated``.
+- 3x3 depthwise conv (Mix-FFN; dilated, LVT's RASA): ``cpu``, nine shifted
+  multiply-adds with a hand-written VJP; ``native``, a grouped ``conv_general_dilated``.
 - attention (MiT, GL-Mixer): ``cpu``, einsums over chunks of queries with a
   hand-written softmax VJP;
   ``native``, ``jax.nn.dot_product_attention`` (XLA's implementation).
@@ -27,6 +27,7 @@ their ``kernels`` attribute, default ``"native"``.
 """
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -54,50 +55,59 @@ def check_form(form: str) -> str:
   return form
 
 
-def _shifted_depthwise3x3(x, kernel):
-  """sum_ij x_pad[h + i, w + j] * kernel[i, j]: 3x3 depthwise, padding 1, no bias."""
+def _shifted_depthwise3x3(x, kernel, dilation: int = 1):
+  """sum_ij x_pad[h + i d, w + j d] * kernel[i, j]: 3x3 depthwise, dilation = padding = d,
+  no bias."""
+  d = dilation
   height, width = x.shape[1:3]
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
   out = None
   for i in range(3):
     for j in range(3):
-      term = padded[:, i : i + height, j : j + width, :] * kernel[i, j]
+      term = padded[:, i * d : i * d + height, j * d : j * d + width, :] * kernel[i, j]
       out = term if out is None else out + term
   return out
 
 
-@jax.custom_vjp
-def shifted_depthwise3x3(x, kernel):
-  """3x3 depthwise conv (NHWC, kernel 3 x 3 x C) as nine shifted multiply-adds.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_depthwise3x3_vjp(x, kernel, dilation):
+  return _shifted_depthwise3x3(x, kernel, dilation)
+
+
+def shifted_depthwise3x3(x, kernel, dilation: int = 1):
+  """3x3 depthwise conv (NHWC, kernel 3 x 3 x C) as nine shifted multiply-adds;
+  dilation = padding = ``dilation`` (LVT's atrous convs; 1 for the Mix-FFN's).
 
   The gradient is written out (custom VJP) rather than left to autodiff,
   which on XLA:CPU saves the nine shifted copies of ``x`` as residuals
   (9x the activation memory) and transposes them back through nine padded adds:
 
   * d x = the same shifted sum over the output gradient with the kernel
-    flipped (a correlation's adjoint is the convolution);
-  * d kernel[i, j] = sum over pixels of x_pad[h + i, w + j] * g[h, w],
+    flipped (a correlation's adjoint is the convolution; with padding = dilation
+    the output has the input's size, so the adjoint is the same op);
+  * d kernel[i, j] = sum over pixels of x_pad[h + i d, w + j d] * g[h, w],
     all nine taps in one variadic reduction, i.e. one pass over ``x`` and
     ``g`` (nine separate sums would each materialise a shifted copy on XLA:CPU).
   """
-  return _shifted_depthwise3x3(x, kernel)
+  return _shifted_depthwise3x3_vjp(x, kernel, dilation)
 
 
-def _shifted_depthwise3x3_fwd(x, kernel):
-  return _shifted_depthwise3x3(x, kernel), (x, kernel)
+def _shifted_depthwise3x3_fwd(x, kernel, dilation):
+  return _shifted_depthwise3x3(x, kernel, dilation), (x, kernel)
 
 
-def _shifted_depthwise3x3_bwd(residuals, g):
+def _shifted_depthwise3x3_bwd(dilation, residuals, g):
+  d = dilation
   x, kernel = residuals
   height, width = x.shape[1:3]
-  dx = _shifted_depthwise3x3(g, kernel[::-1, ::-1])
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  dx = _shifted_depthwise3x3(g, kernel[::-1, ::-1], d)
+  padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
   # Rows are summed in up to 8 chunks per image first: the outer (batch,
   # chunk) dimensions let XLA:CPU split the reduction across threads.
-  chunks = max(d for d in range(1, 9) if height % d == 0)
+  chunks = max(c for c in range(1, 9) if height % c == 0)
   shape = (x.shape[0], chunks, height // chunks, width, x.shape[3])
   products = tuple(
-    (padded[:, i : i + height, j : j + width, :] * g).reshape(shape)
+    (padded[:, i * d : i * d + height, j * d : j * d + width, :] * g).reshape(shape)
     for i in range(3)
     for j in range(3)
   )
@@ -109,7 +119,7 @@ def _shifted_depthwise3x3_bwd(residuals, g):
   return dx, dkernel
 
 
-shifted_depthwise3x3.defvjp(_shifted_depthwise3x3_fwd, _shifted_depthwise3x3_bwd)
+_shifted_depthwise3x3_vjp.defvjp(_shifted_depthwise3x3_fwd, _shifted_depthwise3x3_bwd)
 
 
 _CHUNK_ELEMENTS = 1 << 19  # attention logits per query chunk: 2 MiB in float32, cache-sized
@@ -235,15 +245,18 @@ def _softmax_attention_bwd(residuals, g):
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
-def depthwise3x3(x, kernel, form: str):
-  """3x3 depthwise convolution, stride 1, padding 1, no bias; ``kernel`` is 3 x 3 x 1 x C."""
+def depthwise3x3(x, kernel, form: str, dilation: int = 1):
+  """3x3 depthwise convolution, stride 1, no bias, dilation = padding = ``dilation`` (the
+  output keeps the input's size); ``kernel`` is 3 x 3 x 1 x C."""
   if check_form(form) == "cpu":
-    return shifted_depthwise3x3(x, kernel[:, :, 0, :])
+    return shifted_depthwise3x3(x, kernel[:, :, 0, :], dilation)
+  d = dilation
   return jax.lax.conv_general_dilated(
     x,
     kernel,
     (1, 1),
-    ((1, 1), (1, 1)),
+    ((d, d), (d, d)),
+    rhs_dilation=(d, d),
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
     feature_group_count=x.shape[-1],
   )

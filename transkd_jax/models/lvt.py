@@ -243,37 +243,6 @@ class _GroupedPointwise(nn.Module):
 # --------------------------------------------------------------------------
 
 
-def _shifted_dilated_depthwise3x3(x, kernel, dilation):
-  """3x3 depthwise conv, dilation d, padding d, no bias, as nine shifted multiply-adds."""
-  height, width = x.shape[1:3]
-  d = dilation
-  padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
-  out = None
-  for i in range(3):
-    for j in range(3):
-      term = padded[:, i * d : i * d + height, j * d : j * d + width, :] * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
-
-
-def dilated_depthwise3x3(x, kernel, dilation: int, form: str):
-  """3x3 depthwise conv (NHWC, kernel 3 x 3 x 1 x C), dilation = padding = ``dilation``."""
-  if kernels_lib.check_form(form) == "cpu":
-    if dilation == 1:
-      return kernels_lib.depthwise3x3(x, kernel, "cpu")
-    return _shifted_dilated_depthwise3x3(x, kernel, dilation)
-  d = dilation
-  return jax.lax.conv_general_dilated(
-    x,
-    kernel,
-    (1, 1),
-    ((d, d), (d, d)),
-    rhs_dilation=(d, d),
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    feature_group_count=x.shape[-1],
-  )
-
-
 class AtrousDepthwise(nn.Module):
   """The public ``ds_conv2d`` as RASA uses it: ONE 3x3 depthwise kernel applied at
   each atrous rate (padding = rate), SiLU after each, the results summed.
@@ -299,7 +268,7 @@ class AtrousDepthwise(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     out = None
     for rate in self.rates:
-      y = nn.silu(dilated_depthwise3x3(x, kernel, rate, self.kernels))
+      y = nn.silu(kernels_lib.depthwise3x3(x, kernel, self.kernels, rate))
       out = y if out is None else out + y
     return out
 
