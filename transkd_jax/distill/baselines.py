@@ -8,16 +8,18 @@ CWD needs no adapter of its own: the public baseline compares the CSF outputs
 (transkd_jax/distill/csf.py) with the teacher's stage maps.
 """
 
-from typing import Any, Sequence
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from transkd_jax.distill.layers import FusionChain, FusionUnit, check_stage_count, conv
+from transkd_jax.distill.layers import (
+  FusionChain,
+  FusionUnit,
+  StageAdapter,
+  check_stage_count,
+  conv,
+)
 from transkd_jax.models import initializers as init
-
-Dtype = Any
 
 
 class ABFUnit(FusionUnit):
@@ -46,12 +48,8 @@ class ReviewFusion(FusionChain):
   unit = ABFUnit
 
 
-class FitNetAdapters(nn.Module):
+class FitNetAdapters(StageAdapter):
   """A 1x1 convolution (with bias) per stage, student -> teacher channels."""
-
-  teacher_channels: Sequence[int]
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, student_maps, train: bool = False):

@@ -82,6 +82,14 @@ def check_stage_count(name: str, values, expected: int = 4):
     raise ValueError(f"{name} needs {expected} stages, got {len(values)}")
 
 
+class StageAdapter(nn.Module):
+  """A per-stage adapter to the teacher's stage widths (FitNet's, PEA's, EA's)."""
+
+  teacher_channels: Sequence[int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+
 class FusionUnit(nn.Module):
   """One unit of a fusion chain (CSF's, ReviewKD's ABF): returns (teacher-width output,
   the width-``mid`` map passed on to the next, shallower unit).

@@ -94,7 +94,7 @@ class StageEncoder(nn.Module):
 class SegmentationModel(nn.Module):
   """An encoder and a decoder; returns {"logits", "features", "embeddings"}.
 
-  Subclasses define ``row`` (the variant row), ``make_encoder(spec)`` and, unless their
+  Subclasses define ``row`` (the variant row), ``encoder_class`` and, unless their
   decoder is SegFormer's all-MLP head, ``make_decoder(spec)`` and ``decode``. Errors
   name the model by its class name.
   """
@@ -108,8 +108,10 @@ class SegmentationModel(nn.Module):
   def row(self):
     raise NotImplementedError
 
+  encoder_class = StageEncoder  # the family's encoder, built from the variant row
+
   def make_encoder(self, spec) -> nn.Module:
-    raise NotImplementedError
+    return self.encoder_class(spec, self.kernels, self.dtype, self.param_dtype)
 
   def make_decoder(self, spec) -> Dict[str, nn.Module]:
     """The decoder's submodules by attribute name: SegFormer's all-MLP head by default."""

@@ -74,7 +74,7 @@ from flax import linen as nn
 from transkd_jax.models import initializers as init
 from transkd_jax.models import kernels as kernels_lib
 from transkd_jax.models.base import SegmentationModel, StageEncoder, patch_embed
-from transkd_jax.models.mit import MixFFN, PatchConv, gelu
+from transkd_jax.models.mit import MixFFN, PatchConv, gelu, patch_conv
 from transkd_jax.models.variants import lookup_row
 
 Dtype = Any
@@ -410,18 +410,7 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    k, p = self.kernel, self.padding
-    x = nn.Conv(
-      self.features,
-      (k, k),
-      strides=self.stride,
-      padding=((p, p), (p, p)),
-      kernel_init=init.conv_kernel(k * k * self.features),
-      bias_init=nn.initializers.zeros,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="proj",
-    )(x)
+    x = patch_conv(self)(x)
     batch, height, width, channels = x.shape
     embedding = x.reshape(batch, height * width, channels)
     return _layer_norm("norm", self.dtype, self.param_dtype)(x), embedding
@@ -463,9 +452,7 @@ class LVT(SegmentationModel):
   """LVT encoder + SegFormer's all-MLP head (width 256, no dropout); outputs as ``SegFormer``'s."""
 
   variant: Any = "lvt"
+  encoder_class = LiteVisionTransformer
 
   def row(self):
     return get_lvt_variant(self.variant)
-
-  def make_encoder(self, spec):
-    return LiteVisionTransformer(spec, self.kernels, self.dtype, self.param_dtype)

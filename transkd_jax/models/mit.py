@@ -176,6 +176,23 @@ class Block(nn.Module):
     return x + drop(y, deterministic=not train)
 
 
+def patch_conv(embed):
+  """The strided conv with bias of a patch embedding (``features``, ``kernel``, ``stride``,
+  ``padding``, dtypes: its attributes), named ``proj``; call it inside the embedding."""
+  k, p = embed.kernel, embed.padding
+  return nn.Conv(
+    embed.features,
+    (k, k),
+    strides=embed.stride,
+    padding=((p, p), (p, p)),
+    kernel_init=init.conv_kernel(k * k * embed.features),
+    bias_init=nn.initializers.zeros,
+    dtype=embed.dtype,
+    param_dtype=embed.param_dtype,
+    name="proj",
+  )
+
+
 class OverlapPatchEmbed(nn.Module):
   """Strided conv with bias, flattened to tokens, LayerNorm (eps 1e-5)."""
 
@@ -188,18 +205,7 @@ class OverlapPatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x) -> Tuple[jnp.ndarray, Tuple[int, int]]:
-    k, p = self.kernel, self.padding
-    x = nn.Conv(
-      self.features,
-      (k, k),
-      strides=self.stride,
-      padding=((p, p), (p, p)),
-      kernel_init=init.conv_kernel(k * k * self.features),
-      bias_init=nn.initializers.zeros,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="proj",
-    )(x)
+    x = patch_conv(self)(x)
     batch, height, width, channels = x.shape
     x = x.reshape(batch, height * width, channels)
     x = _layer_norm(EPS_PATCH, "norm", self.dtype, self.param_dtype)(x)

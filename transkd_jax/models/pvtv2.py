@@ -188,12 +188,10 @@ class PVTv2(SegmentationModel):
   """PVTv2 encoder + FPN + FPNHead; outputs as ``SegFormer``'s."""
 
   variant: Any = "b0"
+  encoder_class = MixTransformer
 
   def row(self):
     return get_pvt_variant(self.variant)
-
-  def make_encoder(self, spec):
-    return MixTransformer(spec, self.kernels, self.dtype, self.param_dtype)
 
   def make_decoder(self, spec):
     neck = FPN(spec.decoder_width, self.kernels, self.dtype, self.param_dtype)

@@ -25,9 +25,7 @@ class SegFormer(SegmentationModel):
   """MiT encoder + SegFormer's all-MLP head."""
 
   variant: Any = "b0"
+  encoder_class = MixTransformer
 
   def row(self):
     return get_variant(self.variant)
-
-  def make_encoder(self, spec):
-    return MixTransformer(self.variant, self.kernels, self.dtype, self.param_dtype)
