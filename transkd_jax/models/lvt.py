@@ -74,7 +74,7 @@ from flax import linen as nn
 from transkd_jax.models import initializers as init
 from transkd_jax.models import kernels as kernels_lib
 from transkd_jax.models.base import SegmentationModel, StageEncoder, patch_embed
-from transkd_jax.models.mit import MixFFN, PatchConv, gelu, patch_conv
+from transkd_jax.models.mit import MixFFN, PatchConv, dense, gelu, layer_norm, patch_conv
 from transkd_jax.models.variants import lookup_row
 
 Dtype = Any
@@ -108,23 +108,6 @@ LVT_VARIANTS = {
 def get_lvt_variant(name) -> LVTVariant:
   """The row for ``name`` ('lvt'); an LVTVariant passes through (tests build tiny ones)."""
   return lookup_row(name, LVT_VARIANTS, LVTVariant, "LVT")
-
-
-def _dense(features, name, dtype, param_dtype, use_bias=True):
-  return nn.Dense(
-    features,
-    use_bias=use_bias,
-    kernel_init=init.linear_kernel,
-    bias_init=nn.initializers.zeros,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    dot_general=kernels_lib.dense_dot_general,
-    name=name,
-  )
-
-
-def _layer_norm(name, dtype, param_dtype):
-  return nn.LayerNorm(epsilon=EPS, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 # --------------------------------------------------------------------------
@@ -208,7 +191,7 @@ class CSA(nn.Module):
     batch, height, width, channels = x.shape
     heads, head_dim = self.num_heads, channels // self.num_heads
     h, w = -(-height // 2), -(-width // 2)
-    attn = _dense(81 * heads, "attn", self.dtype, self.param_dtype)(avg_pool_2x2_ceil(x))
+    attn = dense(81 * heads, "attn", self.dtype, self.param_dtype)(avg_pool_2x2_ceil(x))
     attn = attn.reshape(batch, h, w, heads, 9, 9) * (head_dim**-0.5)
     attn = jax.nn.softmax(attn, axis=-1)
     # The grouped 1x1 conv's kernel, stored as flax stores a grouped conv: (1, 1, C, 9C);
@@ -220,7 +203,7 @@ class CSA(nn.Module):
     v = v.reshape(batch, h, w, 9, heads, head_dim)
     out = jnp.einsum("bhwnij,bhwjnd->bhwind", attn, v).reshape(batch, h, w, 9, channels)
     out = fold(out, (height, width))
-    return _dense(channels, "proj", self.dtype, self.param_dtype)(out)
+    return dense(channels, "proj", self.dtype, self.param_dtype)(out)
 
 
 class _GroupedPointwise(nn.Module):
@@ -296,7 +279,7 @@ class RecursiveAtrousAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
-    q = _dense(channels, "q", self.dtype, self.param_dtype, use_bias=False)
+    q = dense(channels, "q", self.dtype, self.param_dtype, use_bias=False)
     ds = (
       AtrousDepthwise(tuple(self.rates), self.kernels, self.dtype, self.param_dtype, name="ds")
       if self.rates
@@ -305,9 +288,9 @@ class RecursiveAtrousAttention(nn.Module):
     sr = norm = None
     if self.sr_ratio > 1:
       sr = PatchConv(channels, self.sr_ratio, self.dtype, self.param_dtype, name="sr")
-      norm = _layer_norm("norm", self.dtype, self.param_dtype)
-    kv = _dense(2 * channels, "kv", self.dtype, self.param_dtype, use_bias=False)
-    proj = _dense(channels, "proj", self.dtype, self.param_dtype)
+      norm = layer_norm(EPS, "norm", self.dtype, self.param_dtype)
+    kv = dense(2 * channels, "kv", self.dtype, self.param_dtype, use_bias=False)
+    proj = dense(channels, "proj", self.dtype, self.param_dtype)
 
     def inner(x):
       batch, height, width, _ = x.shape
@@ -345,9 +328,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
-    x = _dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x)
+    x = dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x)
     x = gelu(x)
-    return _dense(channels, "fc2", self.dtype, self.param_dtype)(x)
+    return dense(channels, "fc2", self.dtype, self.param_dtype)(x)
 
 
 class Block(nn.Module):
@@ -369,7 +352,7 @@ class Block(nn.Module):
   def __call__(self, x, train: bool):
     batch, height, width, channels = x.shape
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), rng_collection="dropout")
-    y = _layer_norm("norm1", self.dtype, self.param_dtype)(x)
+    y = layer_norm(EPS, "norm1", self.dtype, self.param_dtype)(x)
     if self.attention == "csa":
       y = CSA(self.num_heads, self.dtype, self.param_dtype, name="attn")(y)
     elif self.attention == "rasa":
@@ -386,7 +369,7 @@ class Block(nn.Module):
     else:
       raise ValueError(f"Unknown LVT attention {self.attention!r}; expected csa or rasa")
     x = x + drop(y, deterministic=not train)
-    y = _layer_norm("norm2", self.dtype, self.param_dtype)(x)
+    y = layer_norm(EPS, "norm2", self.dtype, self.param_dtype)(x)
     hidden = channels * self.mlp_ratio
     if self.depconv:
       y = MixFFN(hidden, self.kernels, self.dtype, self.param_dtype, name="mlp")(
@@ -413,7 +396,7 @@ class PatchEmbed(nn.Module):
     x = patch_conv(self)(x)
     batch, height, width, channels = x.shape
     embedding = x.reshape(batch, height * width, channels)
-    return _layer_norm("norm", self.dtype, self.param_dtype)(x), embedding
+    return layer_norm(EPS, "norm", self.dtype, self.param_dtype)(x), embedding
 
 
 class LiteVisionTransformer(StageEncoder):
