@@ -20,7 +20,7 @@ from transkd_jax.distill import (
   losses,
   objective,
 )
-from transkd_jax.models import MiTVariant, SegFormer
+from transkd_jax.models import MiTVariant, SegFormer, archs
 
 DISTILL = dict(
   hcl_weight=1.0,
@@ -188,8 +188,6 @@ _SEGFORMER_UNDER_LVT = (("segformer", TINY_STUDENT), ("lvt", TINY_LVT))
 )
 def test_every_method_pairs_any_families_by_their_stage_shapes(method, pair):
   """Each module takes its widths from the two models' stage shapes."""
-  from transkd_jax.models import archs
-
   (arch, row), (t_arch, t_row) = pair
   model = Distiller(METHODS[method], row, t_row, arch=arch, teacher_arch=t_arch, num_classes=5)
   check_pairing(model, archs.build(t_arch, t_row, 5), (64, 128))  # raises if a stage differs

@@ -15,91 +15,49 @@ wrapper's parameter count and tree equal the public code's (TransKD-Base:
 4,563,124 with a 20-way head); they receive zero gradient.
 """
 
-from typing import Any, Sequence
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from transkd_jax.distill.layers import batch_norm, check_stage_count, conv
+from transkd_jax.distill.layers import FusionChain, FusionUnit, batch_norm, conv
 from transkd_jax.models import initializers as init
-from transkd_jax.models.resize import resize_nearest
-
-Dtype = Any
 
 
-class CSFUnit(nn.Module):
-  """One fusion unit. Returns (teacher-width output, width-``mid`` map passed on)."""
+class CSFUnit(FusionUnit):
+  """One fusion unit; fusing: selective-kernel channel attention between the unit's map
+  and the deeper one. Returns (teacher-width output, width-``mid`` map passed on)."""
 
-  mid: int
-  out: int
-  fuse: bool
-  kernels: str = "native"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  kind = "CSF"
 
-  @nn.compact
-  def __call__(self, x, deeper=None, train: bool = False):
+  def mix(self, x, y, train: bool):
     dt, pdt = self.dtype, self.param_dtype
-    x = conv(self.mid, 1, "conv1", dt, pdt)(x)
-    x = batch_norm(train, "conv1_bn", dt, pdt)(x)
-    if self.fuse:
-      if deeper is None:
-        raise ValueError("a fusing CSF unit needs the deeper unit's map")
-      width = max(self.mid // 16, 32)
-      y = resize_nearest(deeper, x.shape[1:3], self.kernels)
-      s = jnp.mean(x + y, axis=(1, 2), keepdims=True)  # global average pool of U
-      z = conv(width, 1, "fc", dt, pdt, kernel_init=init.torch_default_kernel)(s)
-      z = nn.relu(batch_norm(train, "fc_bn", dt, pdt)(z))
-      # The public code's batch-of-one branch: declared for parity, never used.
-      self.param("fc_single", init.torch_default_kernel, (1, 1, self.mid, width), pdt)
-      a = jnp.stack(
-        [
-          conv(
-            self.mid,
-            1,
-            f"fcs_{i}",
-            dt,
-            pdt,
-            use_bias=True,
-            kernel_init=init.torch_default_kernel,
-            fan_in=width,
-          )(z)
-          for i in range(2)
-        ]
-      )
-      a = jax.nn.softmax(a.astype(jnp.float32), axis=0).astype(x.dtype)  # across branches
-      self.sow("intermediates", "branch_weights", a)
-      x = a[0] * x + a[1] * y
-    out = conv(self.out, 3, "conv2", dt, pdt)(x)
-    out = batch_norm(train, "conv2_bn", dt, pdt)(out)
-    return out, x
+    width = max(self.mid // 16, 32)
+    s = jnp.mean(x + y, axis=(1, 2), keepdims=True)  # global average pool of U
+    z = conv(width, 1, "fc", dt, pdt, kernel_init=init.torch_default_kernel)(s)
+    z = nn.relu(batch_norm(train, "fc_bn", dt, pdt)(z))
+    # The public code's batch-of-one branch: declared for parity, never used.
+    self.param("fc_single", init.torch_default_kernel, (1, 1, self.mid, width), pdt)
+    a = jnp.stack(
+      [
+        conv(
+          self.mid,
+          1,
+          f"fcs_{i}",
+          dt,
+          pdt,
+          use_bias=True,
+          kernel_init=init.torch_default_kernel,
+          fan_in=width,
+        )(z)
+        for i in range(2)
+      ]
+    )
+    a = jax.nn.softmax(a.astype(jnp.float32), axis=0).astype(x.dtype)  # across branches
+    self.sow("intermediates", "branch_weights", a)
+    return a[0] * x + a[1] * y
 
 
-class CrossSelectiveFusion(nn.Module):
+class CrossSelectiveFusion(FusionChain):
   """Four CSF units; maps student stage maps (shallow -> deep) to teacher widths."""
 
-  teacher_channels: Sequence[int]
-  mid: int = 64
-  kernels: str = "native"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, student_maps, train: bool = False):
-    check_stage_count("CrossSelectiveFusion", student_maps)
-    check_stage_count("CrossSelectiveFusion teacher_channels", self.teacher_channels)
-    outputs = [None] * 4
-    carried = None
-    for stage in (3, 2, 1, 0):
-      unit = CSFUnit(
-        self.mid,
-        self.teacher_channels[stage],
-        fuse=stage < 3,
-        kernels=self.kernels,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name=f"stage{stage + 1}",
-      )
-      outputs[stage], carried = unit(student_maps[stage], carried, train)
-    return tuple(outputs)
+  unit = CSFUnit

@@ -8,39 +8,28 @@ w_i * proj_i(student_embed_i) + w_{i+4} * assistant_i with eight learnable
 scalars initialised to 0.1, 0.2, ..., 0.8 (``fuse``).
 """
 
-from typing import Any, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from transkd_jax.distill.layers import check_stage_count
+from transkd_jax.distill.layers import StageAdapter, check_stage_count
+from transkd_jax.models.base import patch_embed
 from transkd_jax.models.mit import OverlapPatchEmbed
-from transkd_jax.models.variants import PATCH_GEOMETRY
 
 Dtype = Any
 
 
-class EmbeddingAssistant(nn.Module):
-  teacher_channels: Sequence[int]
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
+class EmbeddingAssistant(StageAdapter):
   @nn.compact
   def __call__(self, images, student_maps):
     check_stage_count("EmbeddingAssistant", student_maps)
     inputs = [images, *student_maps[:3]]
     out = []
     for stage, x in enumerate(inputs):
-      kernel, stride, padding = PATCH_GEOMETRY[stage]
-      tokens, _ = OverlapPatchEmbed(
-        self.teacher_channels[stage],
-        kernel,
-        stride,
-        padding,
-        self.dtype,
-        self.param_dtype,
-        name=f"patch_embed{stage + 1}",
+      tokens, _ = patch_embed(
+        OverlapPatchEmbed, stage, self.teacher_channels[stage], self.dtype, self.param_dtype
       )(x.astype(self.dtype))
       out.append(tokens)
     return tuple(out)

@@ -12,7 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = 255
+from transkd_jax.data.classes import IGNORE
+
+# Only for transkd_jax/evaluate.py, which still imports this name: delete this line once it
+# imports transkd_jax.data.classes.IGNORE instead.
+IGNORE_LABEL = IGNORE
 
 
 def mse(a, b):
@@ -110,7 +114,7 @@ def logit_kd(student_logits, teacher_logits, temperature: float = 1.0):
 
 
 def cross_entropy(
-  logits, labels, class_weights: Optional[Sequence[float]] = None, ignore_label: int = IGNORE_LABEL
+  logits, labels, class_weights: Optional[Sequence[float]] = None, ignore_label: int = IGNORE
 ):
   """Segmentation cross-entropy, PyTorch ``NLLLoss(weight)`` semantics.
 

@@ -5,21 +5,12 @@ teacher's channel count of that stage; the loss (``losses.weighted_mse``) is
 sum_i w_i * MSE(proj_i(student_i), teacher_i), w = (0.1, 0.1, 0.5, 1.0).
 """
 
-from typing import Any, Sequence
-
-import jax.numpy as jnp
 from flax import linen as nn
 
-from transkd_jax.distill.layers import check_stage_count, dense
-
-Dtype = Any
+from transkd_jax.distill.layers import StageAdapter, check_stage_count, dense
 
 
-class PatchEmbedAlignment(nn.Module):
-  teacher_channels: Sequence[int]
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
+class PatchEmbedAlignment(StageAdapter):
   @nn.compact
   def __call__(self, embeddings):
     check_stage_count("PatchEmbedAlignment", embeddings)

@@ -3,12 +3,13 @@
 Each op computes the same function in both forms (tests compare them); they
 differ in what the compiler makes of them:
 
-- 3x3 depthwise conv (Mix-FFN): ``cpu``, nine shifted multiply-adds with a
-  hand-written VJP; ``native``, a grouped ``conv_general_dilated``.
+- 3x3 depthwise conv (Mix-FFN; dilated, LVT's RASA): ``cpu``, nine shifted
+  multiply-adds with a hand-written VJP; ``native``, a grouped ``conv_general_dilated``.
 - attention (MiT, GL-Mixer): ``cpu``, einsums over chunks of queries with a
   hand-written softmax VJP;
   ``native``, ``jax.nn.dot_product_attention`` (XLA's implementation).
-- resize (head, CSF, ReviewKD, logits; ``resize.py``): ``cpu``, row gathers
+- resize along one axis by PyTorch's rules (``interpolate_axis``; ``resize.py``
+  applies it per axis for the head, CSF, ReviewKD, logits): ``cpu``, row gathers
   with the adjoint as gathers; ``native``, contraction with the interpolation
   matrix, as ``jax.image`` does.
 
@@ -27,6 +28,7 @@ their ``kernels`` attribute, default ``"native"``.
 """
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -54,50 +56,59 @@ def check_form(form: str) -> str:
   return form
 
 
-def _shifted_depthwise3x3(x, kernel):
-  """sum_ij x_pad[h + i, w + j] * kernel[i, j]: 3x3 depthwise, padding 1, no bias."""
+def _shifted_depthwise3x3(x, kernel, dilation: int = 1):
+  """sum_ij x_pad[h + i d, w + j d] * kernel[i, j]: 3x3 depthwise, dilation = padding = d,
+  no bias."""
+  d = dilation
   height, width = x.shape[1:3]
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
   out = None
   for i in range(3):
     for j in range(3):
-      term = padded[:, i : i + height, j : j + width, :] * kernel[i, j]
+      term = padded[:, i * d : i * d + height, j * d : j * d + width, :] * kernel[i, j]
       out = term if out is None else out + term
   return out
 
 
-@jax.custom_vjp
-def shifted_depthwise3x3(x, kernel):
-  """3x3 depthwise conv (NHWC, kernel 3 x 3 x C) as nine shifted multiply-adds.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_depthwise3x3_vjp(x, kernel, dilation):
+  return _shifted_depthwise3x3(x, kernel, dilation)
+
+
+def shifted_depthwise3x3(x, kernel, dilation: int = 1):
+  """3x3 depthwise conv (NHWC, kernel 3 x 3 x C) as nine shifted multiply-adds;
+  dilation = padding = ``dilation`` (LVT's atrous convs; 1 for the Mix-FFN's).
 
   The gradient is written out (custom VJP) rather than left to autodiff,
   which on XLA:CPU saves the nine shifted copies of ``x`` as residuals
   (9x the activation memory) and transposes them back through nine padded adds:
 
   * d x = the same shifted sum over the output gradient with the kernel
-    flipped (a correlation's adjoint is the convolution);
-  * d kernel[i, j] = sum over pixels of x_pad[h + i, w + j] * g[h, w],
+    flipped (a correlation's adjoint is the convolution; with padding = dilation
+    the output has the input's size, so the adjoint is the same op);
+  * d kernel[i, j] = sum over pixels of x_pad[h + i d, w + j d] * g[h, w],
     all nine taps in one variadic reduction, i.e. one pass over ``x`` and
     ``g`` (nine separate sums would each materialise a shifted copy on XLA:CPU).
   """
-  return _shifted_depthwise3x3(x, kernel)
+  return _shifted_depthwise3x3_vjp(x, kernel, dilation)
 
 
-def _shifted_depthwise3x3_fwd(x, kernel):
-  return _shifted_depthwise3x3(x, kernel), (x, kernel)
+def _shifted_depthwise3x3_fwd(x, kernel, dilation):
+  return _shifted_depthwise3x3(x, kernel, dilation), (x, kernel)
 
 
-def _shifted_depthwise3x3_bwd(residuals, g):
+def _shifted_depthwise3x3_bwd(dilation, residuals, g):
+  d = dilation
   x, kernel = residuals
   height, width = x.shape[1:3]
-  dx = _shifted_depthwise3x3(g, kernel[::-1, ::-1])
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  dx = _shifted_depthwise3x3(g, kernel[::-1, ::-1], d)
+  padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
   # Rows are summed in up to 8 chunks per image first: the outer (batch,
   # chunk) dimensions let XLA:CPU split the reduction across threads.
-  chunks = max(d for d in range(1, 9) if height % d == 0)
+  chunks = max(c for c in range(1, 9) if height % c == 0)
   shape = (x.shape[0], chunks, height // chunks, width, x.shape[3])
   products = tuple(
-    (padded[:, i : i + height, j : j + width, :] * g).reshape(shape)
+    (padded[:, i * d : i * d + height, j * d : j * d + width, :] * g).reshape(shape)
     for i in range(3)
     for j in range(3)
   )
@@ -109,7 +120,7 @@ def _shifted_depthwise3x3_bwd(residuals, g):
   return dx, dkernel
 
 
-shifted_depthwise3x3.defvjp(_shifted_depthwise3x3_fwd, _shifted_depthwise3x3_bwd)
+_shifted_depthwise3x3_vjp.defvjp(_shifted_depthwise3x3_fwd, _shifted_depthwise3x3_bwd)
 
 
 _CHUNK_ELEMENTS = 1 << 19  # attention logits per query chunk: 2 MiB in float32, cache-sized
@@ -235,15 +246,18 @@ def _softmax_attention_bwd(residuals, g):
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
-def depthwise3x3(x, kernel, form: str):
-  """3x3 depthwise convolution, stride 1, padding 1, no bias; ``kernel`` is 3 x 3 x 1 x C."""
+def depthwise3x3(x, kernel, form: str, dilation: int = 1):
+  """3x3 depthwise convolution, stride 1, no bias, dilation = padding = ``dilation`` (the
+  output keeps the input's size); ``kernel`` is 3 x 3 x 1 x C."""
   if check_form(form) == "cpu":
-    return shifted_depthwise3x3(x, kernel[:, :, 0, :])
+    return shifted_depthwise3x3(x, kernel[:, :, 0, :], dilation)
+  d = dilation
   return jax.lax.conv_general_dilated(
     x,
     kernel,
     (1, 1),
-    ((1, 1), (1, 1)),
+    ((d, d), (d, d)),
+    rhs_dilation=(d, d),
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
     feature_group_count=x.shape[-1],
   )
@@ -254,6 +268,134 @@ def attention(q, k, v, form: str):
   if check_form(form) == "cpu":
     return softmax_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v)
+
+
+# --------------------------------------------------------------------------
+# Resizing as PyTorch's F.interpolate (transkd_jax/models/resize.py resizes with these)
+# --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def bilinear_taps(in_size: int, out_size: int):
+  """PyTorch bilinear, align_corners=False: (lo, hi, frac) per output index.
+
+  src = (dst + 0.5) * in / out - 0.5, clamped at 0; out = x[lo] * (1 - frac) + x[hi] * frac.
+  """
+  scale = in_size / out_size
+  dst = np.arange(out_size, dtype=np.float64)
+  src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  return lo, hi, (src - lo).astype(np.float32)
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """The same interpolation as an (out_size, in_size) matrix (for tests and reading)."""
+  lo, hi, frac = bilinear_taps(in_size, out_size)
+  weights = np.zeros((out_size, in_size), np.float64)
+  np.add.at(weights, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(weights, (np.arange(out_size), hi), frac)
+  return weights.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source index of each output index under PyTorch's "nearest" rule."""
+  scale = in_size / out_size
+  src = np.floor(np.arange(out_size, dtype=np.float64) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
+def nearest_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """PyTorch "nearest" as an (out_size, in_size) 0/1 matrix."""
+  weights = np.zeros((out_size, in_size), np.float32)
+  weights[np.arange(out_size), nearest_indices(in_size, out_size)] = 1.0
+  return weights
+
+
+@functools.lru_cache(maxsize=None)
+def adjoint_taps(mode: str, in_size: int, out_size: int):
+  """The transposed interpolation as gathers: (index, weight), each (in_size, taps).
+
+  Source row k of the gradient is sum_t g[index[k, t]] * weight[k, t]; rows
+  with fewer contributors are padded with weight 0. The weights are exactly
+  the forward ones (bilinear: 1 - frac and frac), so the gradient equals
+  the transpose of ``bilinear_matrix``.
+  """
+  if mode == "bilinear":
+    lo, hi, frac = bilinear_taps(in_size, out_size)
+    pairs = [(lo, 1.0 - frac), (hi, frac)]
+  else:
+    pairs = [(nearest_indices(in_size, out_size), np.ones(out_size, np.float32))]
+  contrib = [[] for _ in range(in_size)]  # per source row: [(output row, weight)]
+  for src, weight in pairs:
+    for o in range(out_size):
+      contrib[src[o]].append((o, weight[o]))
+  taps = max(1, max(len(c) for c in contrib))
+  index = np.zeros((in_size, taps), np.int32)
+  weight = np.zeros((in_size, taps), np.float32)
+  for k, c in enumerate(contrib):
+    for t, (o, w) in enumerate(c):
+      index[k, t], weight[k, t] = o, w
+  return index, weight
+
+
+def _bcast(v, x, axis):
+  return jnp.asarray(v, x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
+
+
+def _interp_axis_fwd_impl(x, axis: int, out_size: int, mode: str):
+  if mode == "nearest":
+    return jnp.take(x, nearest_indices(x.shape[axis], out_size), axis=axis)
+  lo, hi, frac = bilinear_taps(x.shape[axis], out_size)
+  frac = _bcast(frac, x, axis)
+  return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _interp_axis(x, axis: int, in_size: int, out_size: int, mode: str):
+  return _interp_axis_fwd_impl(x, axis, out_size, mode)
+
+
+def _interp_axis_fwd(x, axis, in_size, out_size, mode):
+  return _interp_axis_fwd_impl(x, axis, out_size, mode), None
+
+
+def _interp_axis_bwd(axis, in_size, out_size, mode, _, g):
+  index, weight = adjoint_taps(mode, in_size, out_size)
+  out = None
+  for t in range(index.shape[1]):
+    term = jnp.take(g, index[:, t], axis=axis)
+    if mode == "bilinear" or not np.all(weight[:, t] == 1.0):
+      term = term * _bcast(weight[:, t], g, axis)
+    out = term if out is None else out + term
+  return (out,)
+
+
+_interp_axis.defvjp(_interp_axis_fwd, _interp_axis_bwd)
+
+
+def _native_axis(x, axis: int, out_size: int, mode: str):
+  in_size = x.shape[axis]
+  if mode == "nearest" and out_size % in_size == 0:
+    return jnp.repeat(x, out_size // in_size, axis=axis)  # floor(i * in / out) = i // factor
+  matrix = (bilinear_matrix if mode == "bilinear" else nearest_matrix)(in_size, out_size)
+  y = jnp.tensordot(
+    jnp.asarray(matrix, x.dtype), x, axes=(1, axis), precision=jax.lax.Precision.HIGHEST
+  )
+  return jnp.moveaxis(y, 0, axis)
+
+
+def interpolate_axis(x, axis: int, out_size: int, mode: str, form: str):
+  """Interpolates ``x`` along ``axis`` to ``out_size`` by PyTorch's rule ``mode`` (bilinear,
+  align_corners=False, or nearest): row gathers with a gather VJP (cpu), or a contraction
+  with the interpolation matrix (native). Integer arrays (labels) are gathered in both."""
+  check_form(form)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):  # integer maps (labels): a plain gather
+    return _interp_axis_fwd_impl(x, axis, out_size, mode)
+  if form == "cpu":
+    return _interp_axis(x, axis, x.shape[axis], out_size, mode)
+  return _native_axis(x, axis, out_size, mode)
 
 
 def linear(x, kernel, precision=None):

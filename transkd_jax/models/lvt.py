@@ -73,10 +73,9 @@ from flax import linen as nn
 
 from transkd_jax.models import initializers as init
 from transkd_jax.models import kernels as kernels_lib
-from transkd_jax.models.head import SegFormerHead
-from transkd_jax.models.mit import MixFFN, PatchConv, gelu
-from transkd_jax.models.pvtv2 import check_images, check_num_classes
-from transkd_jax.models.variants import PATCH_GEOMETRY, lookup_row
+from transkd_jax.models.base import SegmentationModel, StageEncoder, patch_embed
+from transkd_jax.models.mit import MixFFN, PatchConv, dense, gelu, layer_norm, patch_conv
+from transkd_jax.models.variants import lookup_row
 
 Dtype = Any
 
@@ -109,23 +108,6 @@ LVT_VARIANTS = {
 def get_lvt_variant(name) -> LVTVariant:
   """The row for ``name`` ('lvt'); an LVTVariant passes through (tests build tiny ones)."""
   return lookup_row(name, LVT_VARIANTS, LVTVariant, "LVT")
-
-
-def _dense(features, name, dtype, param_dtype, use_bias=True):
-  return nn.Dense(
-    features,
-    use_bias=use_bias,
-    kernel_init=init.linear_kernel,
-    bias_init=nn.initializers.zeros,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    dot_general=kernels_lib.dense_dot_general,
-    name=name,
-  )
-
-
-def _layer_norm(name, dtype, param_dtype):
-  return nn.LayerNorm(epsilon=EPS, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 # --------------------------------------------------------------------------
@@ -209,7 +191,7 @@ class CSA(nn.Module):
     batch, height, width, channels = x.shape
     heads, head_dim = self.num_heads, channels // self.num_heads
     h, w = -(-height // 2), -(-width // 2)
-    attn = _dense(81 * heads, "attn", self.dtype, self.param_dtype)(avg_pool_2x2_ceil(x))
+    attn = dense(81 * heads, "attn", self.dtype, self.param_dtype)(avg_pool_2x2_ceil(x))
     attn = attn.reshape(batch, h, w, heads, 9, 9) * (head_dim**-0.5)
     attn = jax.nn.softmax(attn, axis=-1)
     # The grouped 1x1 conv's kernel, stored as flax stores a grouped conv: (1, 1, C, 9C);
@@ -221,7 +203,7 @@ class CSA(nn.Module):
     v = v.reshape(batch, h, w, 9, heads, head_dim)
     out = jnp.einsum("bhwnij,bhwjnd->bhwind", attn, v).reshape(batch, h, w, 9, channels)
     out = fold(out, (height, width))
-    return _dense(channels, "proj", self.dtype, self.param_dtype)(out)
+    return dense(channels, "proj", self.dtype, self.param_dtype)(out)
 
 
 class _GroupedPointwise(nn.Module):
@@ -242,37 +224,6 @@ class _GroupedPointwise(nn.Module):
 # --------------------------------------------------------------------------
 # RASA: recursive atrous self-attention
 # --------------------------------------------------------------------------
-
-
-def _shifted_dilated_depthwise3x3(x, kernel, dilation):
-  """3x3 depthwise conv, dilation d, padding d, no bias, as nine shifted multiply-adds."""
-  height, width = x.shape[1:3]
-  d = dilation
-  padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
-  out = None
-  for i in range(3):
-    for j in range(3):
-      term = padded[:, i * d : i * d + height, j * d : j * d + width, :] * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
-
-
-def dilated_depthwise3x3(x, kernel, dilation: int, form: str):
-  """3x3 depthwise conv (NHWC, kernel 3 x 3 x 1 x C), dilation = padding = ``dilation``."""
-  if kernels_lib.check_form(form) == "cpu":
-    if dilation == 1:
-      return kernels_lib.depthwise3x3(x, kernel, "cpu")
-    return _shifted_dilated_depthwise3x3(x, kernel, dilation)
-  d = dilation
-  return jax.lax.conv_general_dilated(
-    x,
-    kernel,
-    (1, 1),
-    ((d, d), (d, d)),
-    rhs_dilation=(d, d),
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    feature_group_count=x.shape[-1],
-  )
 
 
 class AtrousDepthwise(nn.Module):
@@ -300,7 +251,7 @@ class AtrousDepthwise(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     out = None
     for rate in self.rates:
-      y = nn.silu(dilated_depthwise3x3(x, kernel, rate, self.kernels))
+      y = nn.silu(kernels_lib.depthwise3x3(x, kernel, self.kernels, rate))
       out = y if out is None else out + y
     return out
 
@@ -328,7 +279,7 @@ class RecursiveAtrousAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
-    q = _dense(channels, "q", self.dtype, self.param_dtype, use_bias=False)
+    q = dense(channels, "q", self.dtype, self.param_dtype, use_bias=False)
     ds = (
       AtrousDepthwise(tuple(self.rates), self.kernels, self.dtype, self.param_dtype, name="ds")
       if self.rates
@@ -337,9 +288,9 @@ class RecursiveAtrousAttention(nn.Module):
     sr = norm = None
     if self.sr_ratio > 1:
       sr = PatchConv(channels, self.sr_ratio, self.dtype, self.param_dtype, name="sr")
-      norm = _layer_norm("norm", self.dtype, self.param_dtype)
-    kv = _dense(2 * channels, "kv", self.dtype, self.param_dtype, use_bias=False)
-    proj = _dense(channels, "proj", self.dtype, self.param_dtype)
+      norm = layer_norm(EPS, "norm", self.dtype, self.param_dtype)
+    kv = dense(2 * channels, "kv", self.dtype, self.param_dtype, use_bias=False)
+    proj = dense(channels, "proj", self.dtype, self.param_dtype)
 
     def inner(x):
       batch, height, width, _ = x.shape
@@ -377,9 +328,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
-    x = _dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x)
+    x = dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x)
     x = gelu(x)
-    return _dense(channels, "fc2", self.dtype, self.param_dtype)(x)
+    return dense(channels, "fc2", self.dtype, self.param_dtype)(x)
 
 
 class Block(nn.Module):
@@ -401,7 +352,7 @@ class Block(nn.Module):
   def __call__(self, x, train: bool):
     batch, height, width, channels = x.shape
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), rng_collection="dropout")
-    y = _layer_norm("norm1", self.dtype, self.param_dtype)(x)
+    y = layer_norm(EPS, "norm1", self.dtype, self.param_dtype)(x)
     if self.attention == "csa":
       y = CSA(self.num_heads, self.dtype, self.param_dtype, name="attn")(y)
     elif self.attention == "rasa":
@@ -418,7 +369,7 @@ class Block(nn.Module):
     else:
       raise ValueError(f"Unknown LVT attention {self.attention!r}; expected csa or rasa")
     x = x + drop(y, deterministic=not train)
-    y = _layer_norm("norm2", self.dtype, self.param_dtype)(x)
+    y = layer_norm(EPS, "norm2", self.dtype, self.param_dtype)(x)
     hidden = channels * self.mlp_ratio
     if self.depconv:
       y = MixFFN(hidden, self.kernels, self.dtype, self.param_dtype, name="mlp")(
@@ -442,100 +393,49 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    k, p = self.kernel, self.padding
-    x = nn.Conv(
-      self.features,
-      (k, k),
-      strides=self.stride,
-      padding=((p, p), (p, p)),
-      kernel_init=init.conv_kernel(k * k * self.features),
-      bias_init=nn.initializers.zeros,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="proj",
-    )(x)
+    x = patch_conv(self)(x)
     batch, height, width, channels = x.shape
     embedding = x.reshape(batch, height * width, channels)
-    return _layer_norm("norm", self.dtype, self.param_dtype)(x), embedding
+    return layer_norm(EPS, "norm", self.dtype, self.param_dtype)(x), embedding
 
 
-class LiteVisionTransformer(nn.Module):
-  """The LVT encoder. Returns (stage maps NHWC, patch embeddings N x T x C)."""
+class LiteVisionTransformer(StageEncoder):
+  """The LVT encoder. Returns (stage maps NHWC, patch embeddings N x T x C).
 
-  variant: Any = "lvt"
-  kernels: str = "native"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    spec = get_lvt_variant(self.variant)
-    # Public: rate * (block index) / (blocks - 1), i.e. a linspace.
-    rates = np.linspace(0.0, spec.drop_path_rate, sum(spec.depths))
-    features, embeddings = [], []
-    x = images
-    index = 0
-    for stage in range(4):
-      kernel, stride, padding = PATCH_GEOMETRY[stage]
-      x, embedding = PatchEmbed(
-        spec.channels[stage],
-        kernel,
-        stride,
-        padding,
-        self.dtype,
-        self.param_dtype,
-        name=f"patch_embed{stage + 1}",
-      )(x)
-      embeddings.append(embedding)
-      for j in range(spec.depths[stage]):
-        x = Block(
-          spec.attention[stage],
-          spec.heads[stage],
-          spec.sr_ratios[stage],
-          spec.mlp_ratios[stage],
-          spec.mlp_depconv[stage],
-          tuple(spec.atrous_rates),
-          spec.recursions,
-          float(rates[index]),
-          self.kernels,
-          self.dtype,
-          self.param_dtype,
-          name=f"block{stage + 1}_{j}",
-        )(x, train)
-        index += 1
-      features.append(x)
-    return tuple(features), tuple(embeddings)
-
-
-class LVT(nn.Module):
-  """LVT encoder + SegFormer's all-MLP head (width 256, no dropout); outputs as ``SegFormer``'s."""
+  Stage s: ``patch_embed{s}`` (its conv output, before the LayerNorm, is the stage's
+  embedding), blocks ``block{s}_{j}`` on the NHWC map; no norm closes a stage.
+  """
 
   variant: Any = "lvt"
-  num_classes: int = 19
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernels: str = "native"  # "cpu" | "native": transkd_jax/models/kernels.py
 
-  def setup(self):
-    spec = get_lvt_variant(self.variant)
-    check_num_classes(self.num_classes)
-    self.encoder = LiteVisionTransformer(spec, self.kernels, self.dtype, self.param_dtype)
-    self.head = SegFormerHead(
-      self.num_classes,
-      spec.decoder_width,
-      spec.head_dropout,
+  def row(self):
+    return get_lvt_variant(self.variant)
+
+  def embed(self, stage, spec, x):
+    return patch_embed(PatchEmbed, stage, spec.channels[stage], self.dtype, self.param_dtype)(x)
+
+  def block(self, stage, index, spec, drop_path, state, train):
+    return Block(
+      spec.attention[stage],
+      spec.heads[stage],
+      spec.sr_ratios[stage],
+      spec.mlp_ratios[stage],
+      spec.mlp_depconv[stage],
+      tuple(spec.atrous_rates),
+      spec.recursions,
+      drop_path,
       self.kernels,
       self.dtype,
       self.param_dtype,
-    )
+      name=f"block{stage + 1}_{index}",
+    )(state, train)
 
-  def encode(self, images, train: bool = False):
-    """Encoder only: {"features", "embeddings"}; the head is not run."""
-    check_images(images, "LVT")
-    features, embeddings = self.encoder(images.astype(self.dtype), train)
-    return {"features": features, "embeddings": embeddings}
 
-  def __call__(self, images, train: bool = False):
-    out = self.encode(images, train)
-    logits = self.head(out["features"], train)
-    return {"logits": logits.astype(jnp.float32), **out}
+class LVT(SegmentationModel):
+  """LVT encoder + SegFormer's all-MLP head (width 256, no dropout); outputs as ``SegFormer``'s."""
+
+  variant: Any = "lvt"
+  encoder_class = LiteVisionTransformer
+
+  def row(self):
+    return get_lvt_variant(self.variant)

@@ -12,12 +12,12 @@ from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from transkd_jax.models import initializers as init
 from transkd_jax.models import kernels
-from transkd_jax.models.variants import PATCH_GEOMETRY, get_variant
+from transkd_jax.models.base import StageEncoder, patch_embed
+from transkd_jax.models.variants import get_variant
 
 Dtype = Any
 
@@ -26,9 +26,11 @@ EPS_PATCH = 1e-5  # patch embedding and spatial-reduction norms (PyTorch default
 EPS_BLOCK = 1e-6  # block norms and the norm closing each stage
 
 
-def _dense(features, name, dtype, param_dtype):
+def dense(features, name, dtype, param_dtype, use_bias=True):
+  """A Linear layer (timm's trunc-normal init, zero bias) over ``kernels.linear``."""
   return nn.Dense(
     features,
+    use_bias=use_bias,
     kernel_init=init.linear_kernel,
     bias_init=nn.initializers.zeros,
     dtype=dtype,
@@ -38,7 +40,7 @@ def _dense(features, name, dtype, param_dtype):
   )
 
 
-def _layer_norm(eps, name, dtype, param_dtype):
+def layer_norm(eps, name, dtype, param_dtype):
   return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
@@ -109,14 +111,14 @@ class EfficientSelfAttention(nn.Module):
   def __call__(self, x, hw):
     batch, tokens, channels = x.shape
     head_dim = channels // self.num_heads
-    q = _dense(channels, "q", self.dtype, self.param_dtype)(x)
+    q = dense(channels, "q", self.dtype, self.param_dtype)(x)
     context = x
     if self.sr_ratio > 1:
       grid = x.reshape(batch, hw[0], hw[1], channels)
       grid = PatchConv(channels, self.sr_ratio, self.dtype, self.param_dtype, name="sr")(grid)
       context = grid.reshape(batch, -1, channels)
-      context = _layer_norm(EPS_PATCH, "norm", self.dtype, self.param_dtype)(context)
-    kv = _dense(2 * channels, "kv", self.dtype, self.param_dtype)(context)
+      context = layer_norm(EPS_PATCH, "norm", self.dtype, self.param_dtype)(context)
+    kv = dense(2 * channels, "kv", self.dtype, self.param_dtype)(context)
     # As in the public code: the first half of kv's outputs is k, the second v.
     k, v = jnp.split(kv, 2, axis=-1)
 
@@ -125,7 +127,7 @@ class EfficientSelfAttention(nn.Module):
 
     out = kernels.attention(split(q), split(k), split(v), self.kernels)  # scale head_dim**-0.5
     out = out.reshape(batch, tokens, channels)
-    return _dense(channels, "proj", self.dtype, self.param_dtype)(out)
+    return dense(channels, "proj", self.dtype, self.param_dtype)(out)
 
 
 class MixFFN(nn.Module):
@@ -140,12 +142,12 @@ class MixFFN(nn.Module):
   @nn.compact
   def __call__(self, x, hw):
     batch, tokens, channels = x.shape
-    x = _dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x)
+    x = dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x)
     x = x.reshape(batch, hw[0], hw[1], self.hidden)
     x = DepthwiseConv3x3(self.kernels, self.dtype, self.param_dtype, name="dwconv")(x)
     x = x.reshape(batch, tokens, self.hidden)
     x = gelu(x)
-    return _dense(channels, "fc2", self.dtype, self.param_dtype)(x)
+    return dense(channels, "fc2", self.dtype, self.param_dtype)(x)
 
 
 class Block(nn.Module):
@@ -164,16 +166,33 @@ class Block(nn.Module):
     channels = x.shape[-1]
     # Stochastic depth: drop the whole residual branch per sample.
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), rng_collection="dropout")
-    y = _layer_norm(EPS_BLOCK, "norm1", self.dtype, self.param_dtype)(x)
+    y = layer_norm(EPS_BLOCK, "norm1", self.dtype, self.param_dtype)(x)
     y = EfficientSelfAttention(
       self.num_heads, self.sr_ratio, self.kernels, self.dtype, self.param_dtype, name="attn"
     )(y, hw)
     x = x + drop(y, deterministic=not train)
-    y = _layer_norm(EPS_BLOCK, "norm2", self.dtype, self.param_dtype)(x)
+    y = layer_norm(EPS_BLOCK, "norm2", self.dtype, self.param_dtype)(x)
     y = MixFFN(channels * self.mlp_ratio, self.kernels, self.dtype, self.param_dtype, name="mlp")(
       y, hw
     )
     return x + drop(y, deterministic=not train)
+
+
+def patch_conv(embed):
+  """The strided conv with bias of a patch embedding (``features``, ``kernel``, ``stride``,
+  ``padding``, dtypes: its attributes), named ``proj``; call it inside the embedding."""
+  k, p = embed.kernel, embed.padding
+  return nn.Conv(
+    embed.features,
+    (k, k),
+    strides=embed.stride,
+    padding=((p, p), (p, p)),
+    kernel_init=init.conv_kernel(k * k * embed.features),
+    bias_init=nn.initializers.zeros,
+    dtype=embed.dtype,
+    param_dtype=embed.param_dtype,
+    name="proj",
+  )
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -188,64 +207,46 @@ class OverlapPatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x) -> Tuple[jnp.ndarray, Tuple[int, int]]:
-    k, p = self.kernel, self.padding
-    x = nn.Conv(
-      self.features,
-      (k, k),
-      strides=self.stride,
-      padding=((p, p), (p, p)),
-      kernel_init=init.conv_kernel(k * k * self.features),
-      bias_init=nn.initializers.zeros,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="proj",
-    )(x)
+    x = patch_conv(self)(x)
     batch, height, width, channels = x.shape
     x = x.reshape(batch, height * width, channels)
-    x = _layer_norm(EPS_PATCH, "norm", self.dtype, self.param_dtype)(x)
+    x = layer_norm(EPS_PATCH, "norm", self.dtype, self.param_dtype)(x)
     return x, (height, width)
 
 
-class MixTransformer(nn.Module):
-  """The MiT encoder. Returns (stage maps NHWC, patch embeddings N x T x C)."""
+class MixTransformer(StageEncoder):
+  """The MiT encoder. Returns (stage maps NHWC, patch embeddings N x T x C).
 
-  variant: str = "b0"
-  kernels: str = "native"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  Stage s: ``patch_embed{s}`` (tokens after its LayerNorm are the stage's embedding),
+  blocks ``block{s}_{j}`` on the tokens, LayerNorm ``norm{s}``, reshaped to the map.
+  """
 
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    spec = get_variant(self.variant)
-    rates = np.linspace(0.0, spec.drop_path_rate, sum(spec.depths))
-    features, embeddings = [], []
-    x = images
-    block_index = 0
-    for stage in range(4):
-      kernel, stride, padding = PATCH_GEOMETRY[stage]
-      tokens, hw = OverlapPatchEmbed(
-        spec.channels[stage],
-        kernel,
-        stride,
-        padding,
-        self.dtype,
-        self.param_dtype,
-        name=f"patch_embed{stage + 1}",
-      )(x)
-      embeddings.append(tokens)
-      for j in range(spec.depths[stage]):
-        tokens = Block(
-          spec.heads[stage],
-          spec.sr_ratios[stage],
-          spec.mlp_ratios[stage],
-          float(rates[block_index]),
-          self.kernels,
-          self.dtype,
-          self.param_dtype,
-          name=f"block{stage + 1}_{j}",
-        )(tokens, hw, train)
-        block_index += 1
-      tokens = _layer_norm(EPS_BLOCK, f"norm{stage + 1}", self.dtype, self.param_dtype)(tokens)
-      x = tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[-1])
-      features.append(x)
-    return tuple(features), tuple(embeddings)
+  variant: Any = "b0"
+
+  def row(self):
+    return get_variant(self.variant)
+
+  def embed(self, stage, spec, x):
+    tokens, hw = patch_embed(
+      OverlapPatchEmbed, stage, spec.channels[stage], self.dtype, self.param_dtype
+    )(x)
+    return (tokens, hw), tokens
+
+  def block(self, stage, index, spec, drop_path, state, train):
+    tokens, hw = state
+    tokens = Block(
+      spec.heads[stage],
+      spec.sr_ratios[stage],
+      spec.mlp_ratios[stage],
+      drop_path,
+      self.kernels,
+      self.dtype,
+      self.param_dtype,
+      name=f"block{stage + 1}_{index}",
+    )(tokens, hw, train)
+    return tokens, hw
+
+  def close(self, stage, state):
+    tokens, hw = state
+    tokens = layer_norm(EPS_BLOCK, f"norm{stage + 1}", self.dtype, self.param_dtype)(tokens)
+    return tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[-1])

@@ -45,6 +45,7 @@ import numpy as np
 from flax import linen as nn
 
 from transkd_jax.models import initializers as init
+from transkd_jax.models.base import SegmentationModel
 from transkd_jax.models.mit import MixTransformer
 from transkd_jax.models.resize import resize_bilinear, resize_nearest
 from transkd_jax.models.variants import MiTVariant, lookup_row
@@ -87,19 +88,6 @@ PVT_VARIANTS = {
 def get_pvt_variant(name) -> MiTVariant:
   """The row for ``name`` ('b0'..'b5' or 'pvt_v2_b0'..'pvt_v2_b5'); a MiTVariant passes through."""
   return lookup_row(name, PVT_VARIANTS, MiTVariant, "PVTv2", "pvt_v2_")
-
-
-def check_images(images, model: str):
-  """The bad-input check every model runs first (as SegFormer's)."""
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(
-      f"{model} expects images of shape (N, H, W, 3) (NHWC, float); got {images.shape}"
-    )
-
-
-def check_num_classes(num_classes):
-  if int(num_classes) < 1:
-    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
 
 
 def _conv(features, size, name, dtype, param_dtype, kernel_init=None, bias_init=None):
@@ -196,21 +184,18 @@ class FPNHead(nn.Module):
     )(output)
 
 
-class PVTv2(nn.Module):
+class PVTv2(SegmentationModel):
   """PVTv2 encoder + FPN + FPNHead; outputs as ``SegFormer``'s."""
 
   variant: Any = "b0"
-  num_classes: int = 19
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernels: str = "native"  # "cpu" | "native": transkd_jax/models/kernels.py
+  encoder_class = MixTransformer
 
-  def setup(self):
-    spec = get_pvt_variant(self.variant)
-    check_num_classes(self.num_classes)
-    self.encoder = MixTransformer(spec, self.kernels, self.dtype, self.param_dtype)
-    self.neck = FPN(spec.decoder_width, self.kernels, self.dtype, self.param_dtype)
-    self.head = FPNHead(
+  def row(self):
+    return get_pvt_variant(self.variant)
+
+  def make_decoder(self, spec):
+    neck = FPN(spec.decoder_width, self.kernels, self.dtype, self.param_dtype)
+    head = FPNHead(
       self.num_classes,
       FPN_HEAD_CHANNELS,
       spec.head_dropout,
@@ -219,14 +204,7 @@ class PVTv2(nn.Module):
       self.dtype,
       self.param_dtype,
     )
+    return {"neck": neck, "head": head}
 
-  def encode(self, images, train: bool = False):
-    """Encoder only: {"features", "embeddings"}; neck and head are not run."""
-    check_images(images, "PVTv2")
-    features, embeddings = self.encoder(images.astype(self.dtype), train)
-    return {"features": features, "embeddings": embeddings}
-
-  def __call__(self, images, train: bool = False):
-    out = self.encode(images, train)
-    logits = self.head(self.neck(out["features"]), train)
-    return {"logits": logits.astype(jnp.float32), **out}
+  def decode(self, features, train: bool = False):
+    return self.head(self.neck(features), train)

@@ -16,51 +16,16 @@ which is most of a B2's FLOPs (docs/performance.md).
 
 from typing import Any
 
-import jax.numpy as jnp
-from flax import linen as nn
-
-from transkd_jax.models.head import SegFormerHead
+from transkd_jax.models.base import SegmentationModel
 from transkd_jax.models.mit import MixTransformer
 from transkd_jax.models.variants import get_variant
 
-Dtype = Any
 
+class SegFormer(SegmentationModel):
+  """MiT encoder + SegFormer's all-MLP head."""
 
-def _check_images(images):
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(
-      f"SegFormer expects images of shape (N, H, W, 3) (NHWC, float); got {images.shape}"
-    )
+  variant: Any = "b0"
+  encoder_class = MixTransformer
 
-
-class SegFormer(nn.Module):
-  variant: str = "b0"
-  num_classes: int = 19
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernels: str = "native"  # "cpu" | "native": transkd_jax/models/kernels.py
-
-  def setup(self):
-    spec = get_variant(self.variant)
-    if int(self.num_classes) < 1:
-      raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
-    self.encoder = MixTransformer(self.variant, self.kernels, self.dtype, self.param_dtype)
-    self.head = SegFormerHead(
-      self.num_classes,
-      spec.decoder_width,
-      spec.head_dropout,
-      self.kernels,
-      self.dtype,
-      self.param_dtype,
-    )
-
-  def encode(self, images, train: bool = False):
-    """Encoder only: {"features", "embeddings"}; the head is not run."""
-    _check_images(images)
-    features, embeddings = self.encoder(images.astype(self.dtype), train)
-    return {"features": features, "embeddings": embeddings}
-
-  def __call__(self, images, train: bool = False):
-    out = self.encode(images, train)
-    logits = self.head(out["features"], train)
-    return {"logits": logits.astype(jnp.float32), **out}
+  def row(self):
+    return get_variant(self.variant)
