@@ -32,7 +32,7 @@ _SLOW_FIRST = (
   "test_train",
   "test_train_step",
   "test_recipe",
-  "test_compile",
+  "test_bench_compile",
   "test_build",
   "test_models",
   "test_main",

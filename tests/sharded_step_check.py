@@ -18,7 +18,7 @@ from transkd_jax import build, sharding  # noqa: E402
 
 def run(mesh_shape, rule, devices, steps=2):
   # The student alone: the teacher and the distillation modules shard by the same rules
-  # (test_compile checks a TransKD-Base step under FSDP gathers them and never the batch).
+  # (test_bench_compile checks a TransKD-Base step under FSDP gathers them and never the batch).
   config = tiny_config(
     method="student",
     num_classes=5,

@@ -200,7 +200,7 @@ def test_an_error_in_one_process_stops_both(tmp_path, data_root, compile_cache):
 def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path, data_root, compile_cache):
   # The killed-process test's run: its program comes from the compile cache. (Placing a
   # teacher's weights uses the same global-array path as the student's state: test_build,
-  # test_compile.)
+  # test_bench_compile.)
   procs = _two_processes(tmp_path, data_root, compile_cache, 2)
   try:
     procs[1].send_signal(signal.SIGTERM)  # preemption notice to one host only

@@ -14,10 +14,6 @@ import numpy as np
 
 from transkd_jax.data.classes import IGNORE
 
-# Only for transkd_jax/evaluate.py, which still imports this name: delete this line once it
-# imports transkd_jax.data.classes.IGNORE instead.
-IGNORE_LABEL = IGNORE
-
 
 def mse(a, b):
   """Mean squared error over all elements (PyTorch's ``mse_loss``, mean)."""
