@@ -11,7 +11,7 @@ from transkd_jax.errors import UserError
 from transkd_jax.models import MiTVariant, PVTv2, SegFormer, archs, get_variant
 from transkd_jax.weights.infer import guess_arch, infer_model, tree_family
 from transkd_jax.weights.layouts import torch_name, torch_shape
-from transkd_jax.weights.names import DECODER_PREFIXES, public_to_hf
+from transkd_jax.weights.names import public_to_hf
 
 # No row of the variant table: the heads (not the table's 1, 2, 5, 8) must be given.
 TINY = MiTVariant((8, 16, 24, 32), (1, 2, 1, 1), (1, 2, 3, 4), 16)
@@ -79,7 +79,7 @@ def test_the_record_and_heads_are_checked():
 )
 def test_state_dicts_of_every_layout_are_recognised(family, variant, arch):
   public = _public(family, variant, 20)
-  bare = {k: v for k, v in public.items() if not k.startswith(DECODER_PREFIXES[family])}
+  bare = {k: v for k, v in public.items() if not k.startswith(archs.ARCHS[family].public.decoder)}
   wrapped = {f"module.student.{k}": v for k, v in public.items()}
   assert infer_model(public)[:2] == (family, arch) and infer_model(public)[3] == 20
   assert infer_model(bare)[3] is None  # a bare encoder: no classes

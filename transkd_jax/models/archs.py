@@ -12,7 +12,7 @@ maps), "embeddings" (four N x tokens x C patch embeddings)}, and
 families a stage's feature map and its patch embedding have the same channels.
 """
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Tuple
 
 import jax.numpy as jnp
 
@@ -20,6 +20,23 @@ from transkd_jax.models.lvt import LVT, LVT_VARIANTS, get_lvt_variant
 from transkd_jax.models.pvtv2 import PVT_VARIANTS, PVTv2, get_pvt_variant
 from transkd_jax.models.segformer import SegFormer
 from transkd_jax.models.variants import VARIANTS, get_variant
+
+
+class PublicNames(NamedTuple):
+  """How the public code's checkpoints name a family's tensors (transkd_jax/weights/ reads
+  them): regexes and prefixes of public names, and Flax paths under "params"."""
+
+  blocks: str  # a stage's block: {s} the stage 1-4 ({s0}: 0-3); group 1 the block index
+  decoder: Tuple[str, ...]  # prefixes of the decoder's tensors (everything but the encoder)
+  classifier: str  # prefix of the classifier
+  ignored: Tuple[Tuple[str, str], ...]  # (regex, why): tensors deliberately not imported
+  decoder_width: Tuple[str, ...]  # the Flax kernel whose last axis is the decoder width
+  classes: Tuple[str, ...]  # the Flax kernel whose last axis is the class count
+
+
+_SEGFORMER_HEAD = ("linear_c", "linear_fuse.", "linear_pred.")
+_SEGFORMER_WIDTH = ("head", "linear_fuse", "kernel")
+_SEGFORMER_CLASSES = ("head", "linear_pred", "kernel")
 
 
 class Arch(NamedTuple):
@@ -30,16 +47,65 @@ class Arch(NamedTuple):
   label: str  # for logs, tables and messages: "SegFormer", "PVTv2", "LVT"
   # The public code's names of its checkpoints' models (convert --arch, export), per variant.
   checkpoint_names: Mapping[str, str]
+  public: PublicNames  # its tensors' names in those checkpoints
 
 
 ARCHS = {
   "segformer": Arch(
-    SegFormer, VARIANTS, get_variant, True, "SegFormer", {v: f"mit_{v}" for v in VARIANTS}
+    SegFormer,
+    VARIANTS,
+    get_variant,
+    True,
+    "SegFormer",
+    {v: f"mit_{v}" for v in VARIANTS},
+    PublicNames(
+      blocks=r"block{s}\.(\d+)\.",
+      decoder=_SEGFORMER_HEAD,
+      classifier="linear_pred.",
+      ignored=(
+        (r"^head\.(weight|bias)$", "the MiT encoder's ImageNet classifier"),
+        (r"^classifier\.", "the HuggingFace MiT encoder's ImageNet classifier"),
+        (r"^conv_seg\.", "mmseg's unused conv_seg"),
+      ),
+      decoder_width=_SEGFORMER_WIDTH,
+      classes=_SEGFORMER_CLASSES,
+    ),
   ),
   "pvtv2": Arch(
-    PVTv2, PVT_VARIANTS, get_pvt_variant, False, "PVTv2", {v: f"pvt_v2_{v}" for v in PVT_VARIANTS}
+    PVTv2,
+    PVT_VARIANTS,
+    get_pvt_variant,
+    False,
+    "PVTv2",
+    {v: f"pvt_v2_{v}" for v in PVT_VARIANTS},
+    PublicNames(
+      blocks=r"backbone\.block{s}\.(\d+)\.",
+      decoder=("neck.", "head."),
+      classifier="head.conv_seg.",
+      ignored=(
+        (r"^head\.(weight|bias)$", "the PVTv2 encoder's ImageNet classifier"),
+        (r"^classifier\.", "the HuggingFace PVTv2 encoder's ImageNet classifier"),
+      ),
+      decoder_width=("neck", "lateral_convs_0", "kernel"),
+      classes=("head", "conv_seg", "kernel"),
+    ),
   ),
-  "lvt": Arch(LVT, LVT_VARIANTS, get_lvt_variant, True, "LVT", {v: v for v in LVT_VARIANTS}),
+  "lvt": Arch(
+    LVT,
+    LVT_VARIANTS,
+    get_lvt_variant,
+    True,
+    "LVT",
+    {v: v for v in LVT_VARIANTS},
+    PublicNames(
+      blocks=r"backbone\.{s0}\.1\.(\d+)\.",
+      decoder=_SEGFORMER_HEAD,
+      classifier="linear_pred.",
+      ignored=((r"^(norm|head)\.(weight|bias)$", "LVT's ImageNet classifier (norm, head)"),),
+      decoder_width=_SEGFORMER_WIDTH,
+      classes=_SEGFORMER_CLASSES,
+    ),
+  ),
 }
 
 

@@ -25,17 +25,6 @@ from transkd_jax.weights.arch import model_label
 from transkd_jax.weights.layouts import torch_name, torch_shape
 from transkd_jax.weights.model import expected_shapes
 
-# A stage {s} (1-4; {s0} 0-3) block's public names, per family; the group is the block.
-_BLOCKS = {
-  "segformer": r"block{s}\.(\d+)\.",
-  "pvtv2": r"backbone\.block{s}\.(\d+)\.",
-  "lvt": r"backbone\.{s0}\.1\.(\d+)\.",
-}
-# Where each family's decoder width and classes are read (Flax paths under params).
-_DECODER_WIDTH = {"pvtv2": ("neck", "lateral_convs_0", "kernel")}
-_CLASSES = {"pvtv2": ("head", "conv_seg", "kernel")}
-_SEGFORMER_HEAD = (("head", "linear_fuse", "kernel"), ("head", "linear_pred", "kernel"))
-
 
 def is_tree(weights) -> bool:
   """Whether ``weights`` are Flax variables ({"params": ...}) rather than a state dict."""
@@ -60,7 +49,7 @@ def names_family(names) -> Optional[str]:
   if names_lib.is_hf_pvt(names) or any(n.startswith(names_lib.PVT_DECODER) for n in names):
     return "pvtv2"
   if names_lib.is_hf(names) or any(
-    n.startswith(("decode_head.",) + names_lib.DECODER_PREFIXES["segformer"]) for n in names
+    n.startswith(("decode_head.",) + archs.ARCHS["segformer"].public.decoder) for n in names
   ):
     return "segformer"
   # A bare encoder: PVTv2 B0-B4's first Mix-FFNs are 8 times wider, MiT's 4 times.
@@ -114,7 +103,7 @@ def _depths(shape: _Shapes):
   """Blocks per stage; UserError unless a stage's blocks are numbered 0..n-1."""
   depths = []
   for s in range(1, 5):
-    pattern = re.compile(_BLOCKS[shape.family].format(s=s, s0=s - 1))
+    pattern = re.compile(archs.ARCHS[shape.family].public.blocks.format(s=s, s0=s - 1))
     blocks = {int(m.group(1)) for n in shape.shapes for m in [pattern.match(n)] if m}
     if blocks != set(range(len(blocks))):
       raise UserError(f"{shape.what}: stage {s}'s blocks are not numbered 0..n-1: {sorted(blocks)}")
@@ -126,8 +115,7 @@ def _found_fields(shape: _Shapes) -> dict:
   """The variant-table fields the shapes show (None: not in the weights)."""
   channels = tuple(shape("encoder", f"patch_embed{s}", "proj", "kernel")[0] for s in range(1, 5))
   depths = _depths(shape)
-  head = _DECODER_WIDTH.get(shape.family, _SEGFORMER_HEAD[0])
-  width = shape(*head)
+  width = shape(*archs.ARCHS[shape.family].public.decoder_width)
   fields = {
     "channels": channels,
     "depths": depths,
@@ -240,7 +228,7 @@ def infer_model(weights, heads=None, recorded=(None, None), what: str = "--check
   row = archs.ARCHS[family]
   if family != "segformer" and heads is not None:
     raise UserError(f"--heads: only SegFormer variants need heads; {what} holds a {row.label}")
-  classes = shape(*_CLASSES.get(family, _SEGFORMER_HEAD[1]))
+  classes = shape(*row.public.classes)
   num_classes = None if classes is None else classes[0]
   if family == "segformer" or variant is None:
     found = _found_fields(shape)

@@ -14,6 +14,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from transkd_jax.models import archs
+
 # HuggingFace transformers' names <-> the public code's names, as (HF, public)
 # pairs; in a prefix, {i} is a stage 0-3 (the public code counts {s} = 1-4) and
 # {j} a block. Two HF SegFormer schemes: the names save_pretrained writes (FILE:
@@ -117,32 +119,6 @@ def rename_prefix(name: str, pairs, forward: bool):
 # --------------------------------------------------------------------------
 
 _BN_COUNTER = (r"(^|\.)num_batches_tracked$", "BatchNorm step counters")
-# Tensors that are known and deliberately not imported, per family (public names).
-IGNORED = {
-  "segformer": [
-    _BN_COUNTER,
-    (r"^head\.(weight|bias)$", "the MiT encoder's ImageNet classifier"),
-    (r"^classifier\.", "the HuggingFace MiT encoder's ImageNet classifier"),
-    (r"^conv_seg\.", "mmseg's unused conv_seg"),
-  ],
-  "pvtv2": [
-    _BN_COUNTER,
-    (r"^head\.(weight|bias)$", "the PVTv2 encoder's ImageNet classifier"),
-    (r"^classifier\.", "the HuggingFace PVTv2 encoder's ImageNet classifier"),
-  ],
-  "lvt": [
-    _BN_COUNTER,
-    (r"^(norm|head)\.(weight|bias)$", "LVT's ImageNet classifier (norm, head)"),
-  ],
-}
-_SEGFORMER_HEAD = ("linear_c", "linear_fuse.", "linear_pred.")
-# The public names of each family's decoder (all but the encoder), and of its classifier.
-DECODER_PREFIXES = {
-  "segformer": _SEGFORMER_HEAD,
-  "pvtv2": ("neck.", "head."),
-  "lvt": _SEGFORMER_HEAD,
-}
-CLASSIFIER = {"segformer": "linear_pred.", "pvtv2": "head.conv_seg.", "lvt": "linear_pred."}
 LVT_NAME = re.compile(r"^backbone\.\d\.[01]\.")
 PVT_DECODER = ("neck.lateral_convs.", "neck.fpn_convs.", "head.scale_heads.", "head.conv_seg.")
 
@@ -235,7 +211,8 @@ def canonical_names(state: Dict[str, np.ndarray], family: str = "segformer"):
   state = to_public_names(state, family)
   kept = {}
   for name, value in state.items():
-    why = next((w for pattern, w in IGNORED[family] if re.search(pattern, name)), None)
+    ignored_names = (_BN_COUNTER, *archs.ARCHS[family].public.ignored)
+    why = next((w for pattern, w in ignored_names if re.search(pattern, name)), None)
     if why:
       ignored.append((name, why))
     else:

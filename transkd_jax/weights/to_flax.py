@@ -8,12 +8,13 @@ import numpy as np
 from flax import traverse_util
 
 from transkd_jax.errors import UserError
+from transkd_jax.models import archs
 from transkd_jax.weights.arch import model_label, resolve_arch
 from transkd_jax.weights.decoder import fresh_decoder
 from transkd_jax.weights.infer import guess_arch
 from transkd_jax.weights.layouts import to_flax_layout, torch_name
 from transkd_jax.weights.model import expected_shapes
-from transkd_jax.weights.names import CLASSIFIER, DECODER_PREFIXES, canonical_names
+from transkd_jax.weights.names import canonical_names
 
 IGNORE_LABEL_ROW = 19  # the public code's 20th class: the ignore label, loss weight 0
 
@@ -29,7 +30,7 @@ def _summarise_ignored(ignored, log):
 
 def _classes(names, family: str, num_classes, source: str, log):
   """The classes to convert to; cuts a 20-way head's ignore row when 19 are asked for."""
-  classifier = CLASSIFIER[family]
+  classifier = archs.ARCHS[family].public.classifier
   weight, bias = classifier + "weight", classifier + "bias"
   source_classes = names[weight].shape[0] if weight in names else None
   if num_classes is None:
@@ -74,7 +75,7 @@ def to_flax_variables(
   if ignored:
     _summarise_ignored(ignored, log)
 
-  has_decoder = any(n.startswith(DECODER_PREFIXES[family]) for n in names)
+  has_decoder = any(n.startswith(archs.ARCHS[family].public.decoder) for n in names)
   num_classes = _classes(names, family, num_classes, source, log)
   expected = expected_shapes(spec, num_classes, family)
   flat, missing, mismatched = {}, [], []
