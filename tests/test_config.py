@@ -1,16 +1,16 @@
 """Config validation: every problem named by its key, once, before anything is built."""
 
+import re
+
 import ml_collections
 import pytest
-from runs import REPO
+from runs import REPO, load_config
 
 from transkd_jax.config import base_config, validate_config
 from transkd_jax.errors import UserError
 
 
 def test_every_config_file_validates():
-  from runs import load_config
-
   classes, pairs = {}, {}
   for path in sorted((REPO / "configs").glob("*.py")):
     config = load_config(path)
@@ -60,6 +60,27 @@ def test_a_bad_value_is_named(key, value, needle):
   with config.unlocked():
     node[last] = value
   with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    validate_config(config)
+
+
+@pytest.mark.parametrize(
+  "key,value,needle",
+  [
+    ("teacher.variant", "b9", "config.teacher.variant"),
+    ("student.arch", "resnet", "config.student.arch: Unknown architecture 'resnet'"),
+    ("student.arch", "lvt", "config.student.variant (config.student.arch='lvt')"),
+    ("num_classes", 0, "config.num_classes"),
+    ("num_classes", 21, "config.class_weights has 19 entries"),
+  ],
+)
+def test_a_bad_override_of_a_config_file_is_named(key, value, needle):
+  config = load_config(REPO / "configs" / "cityscapes.py")
+  *parents, last = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[last] = value
+  with pytest.raises(UserError, match=re.escape(needle)):
     validate_config(config)
 
 

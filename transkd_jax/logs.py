@@ -9,12 +9,33 @@ google-cloud-storage).
 """
 
 import json
+import sys
 from typing import Dict
 
 import jax
-from tensorboardX import SummaryWriter
 
 from transkd_jax import storage
+
+
+def _import_summary_writer():
+  """tensorboardX's SummaryWriter, imported with torch hidden unless torch is loaded.
+
+  tensorboardX imports torch when it is installed (two seconds at every start, for
+  torch tensors this module never passes); with ``sys.modules["torch"] = None`` its
+  ``import torch`` raises ImportError, which tensorboardX handles.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+  else:
+    sys.modules["torch"] = None
+    try:
+      from tensorboardX import SummaryWriter
+    finally:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 
 class MetricWriter:
