@@ -34,6 +34,15 @@ def test_every_config_file_validates():
   assert pairs["cityscapes_lvt"] == "segformer-b2>lvt-lvt"
 
 
+def _set(config, key, value):
+  """config's dotted ``key`` (e.g. "teacher.variant") set to ``value``."""
+  *parents, last = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[last] = value
+
+
 @pytest.mark.parametrize(
   "key,value,needle",
   [
@@ -53,12 +62,8 @@ def test_every_config_file_validates():
 )
 def test_a_bad_value_is_named(key, value, needle):
   config = base_config()
-  *parents, last = key.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
   with config.unlocked():
-    node[last] = value
+    _set(config, key, value)
   with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
     validate_config(config)
 
@@ -75,11 +80,7 @@ def test_a_bad_value_is_named(key, value, needle):
 )
 def test_a_bad_override_of_a_config_file_is_named(key, value, needle):
   config = load_config(REPO / "configs" / "cityscapes.py")
-  *parents, last = key.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
-  node[last] = value
+  _set(config, key, value)
   with pytest.raises(UserError, match=re.escape(needle)):
     validate_config(config)
 

@@ -24,13 +24,13 @@ def _import_summary_writer():
   torch tensors this module never passes); with ``sys.modules["torch"] = None`` its
   ``import torch`` raises ImportError, which tensorboardX handles.
   """
-  if "torch" in sys.modules:
-    from tensorboardX import SummaryWriter
-  else:
+  hide = "torch" not in sys.modules
+  if hide:
     sys.modules["torch"] = None
-    try:
-      from tensorboardX import SummaryWriter
-    finally:
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
       del sys.modules["torch"]
   return SummaryWriter
 
