@@ -243,12 +243,11 @@ def test_csf_branch_weights_sum_to_one_per_channel(batch):
     assert float(a.min()) > 0.0 and float(jnp.std(a[0])) > 0.0  # really input-dependent
 
 
-def _teacher_outputs(teacher, images, method):
-  model, variables = teacher
+def _teacher_outputs(t_model, t_variables, images, method):
   call = METHODS[method].teacher_call
   if call is None:
     return None
-  return model.apply(variables, images, method="encode" if call == "encode" else None)
+  return t_model.apply(t_variables, images, method="encode" if call == "encode" else None)
 
 
 def _loss_fn(model, settings, method, images, labels):
@@ -266,68 +265,62 @@ def _loss_fn(model, settings, method, images, labels):
   return fn
 
 
-def test_gradients_reach_student_and_adapters_but_never_the_teacher(batch, teacher):
+# One compiled step per method, differentiated through the teacher's parameters too: the
+# teacher gets no gradient, every module of the student's side gets one, and a few steps
+# lower the loss. transkd_gl trains CSF, PEA and the GL-Mixer, transkd_ea the Embedding
+# Assistant, reviewkd ABF. Left out to keep the suite short: transkd_base and cwd (CSF and
+# PEA train in transkd_gl; their losses are checked against numpy above), fitnet (1x1
+# adapters and MSE) and kd (the student alone plus a loss checked against numpy above).
+@pytest.mark.parametrize(
+  "method,modules",
+  [
+    ("transkd_gl", {"student", "fusion", "pea", "gl_mixer"}),
+    ("transkd_ea", {"student", "fusion", "pea", "assistant", "embed_fuse"}),
+    ("reviewkd", {"student", "fusion"}),
+  ],
+)
+def test_a_few_steps_lower_the_loss_and_never_reach_the_teacher(method, modules, batch, teacher):
   images, labels = batch
-  method = "transkd_ea"
   model = _tiny(method)
   variables = jax.jit(model.init)(jax.random.key(0), images)
   settings = loss_settings(METHODS[method], DISTILL)
   t_model, t_vars = teacher
   loss = _loss_fn(model, settings, method, images, labels)
-
-  def through_teacher(params, t_params):
-    t_out = t_model.apply({**t_vars, "params": t_params}, images, method="encode")
-    return loss(params, variables["batch_stats"], t_out, jax.random.key(3))[0]
-
-  g_student, g_teacher = jax.jit(jax.grad(through_teacher, argnums=(0, 1)))(
-    variables["params"], t_vars["params"]
-  )
-  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
-  assert set(g_student) == {"student", "fusion", "pea", "assistant", "embed_fuse"}
-  flat = jax.tree_util.tree_flatten_with_path(g_student)[0]
-  zero = [jax.tree_util.keystr(p) for p, g in flat if float(jnp.abs(g).max()) == 0.0]
-  # Only the public code's unused batch-of-one weights get no gradient.
-  assert zero and all("fc_single" in name for name in zero), zero
-
-
-# Left out to keep the suite short: transkd_base and cwd, whose modules (CSF, PEA) train in
-# transkd_gl, and whose losses are checked against numpy above; transkd_ea, whose modules
-# all get gradients in the test above; fitnet, whose 1x1 adapters and MSE are the simplest
-# of all; kd, the student alone plus a loss checked against numpy above.
-@pytest.mark.parametrize(
-  "method",
-  sorted(
-    set(METHODS) - {"teacher", "student", "cwd", "transkd_base", "transkd_ea", "fitnet", "kd"}
-  ),
-)
-def test_a_few_steps_lower_the_loss(method, batch, teacher):
-  images, labels = batch
-  model = _tiny(method)
-  variables = jax.jit(model.init)(jax.random.key(0), images)
-  settings = loss_settings(METHODS[method], DISTILL)
-  teacher_out = _teacher_outputs(teacher, images, method)
-  loss = _loss_fn(model, settings, method, images, labels)
   optimizer = optax.adam(5e-3)
+
+  def through_teacher(params, t_params, batch_stats, key):
+    t_out = _teacher_outputs(t_model, {**t_vars, "params": t_params}, images, method)
+    return loss(params, batch_stats, t_out, key)
 
   @jax.jit
   def step(params, batch_stats, opt_state, key):
-    (total, (terms, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(
-      params, batch_stats, teacher_out, key
+    grad_fn = jax.value_and_grad(through_teacher, argnums=(0, 1), has_aux=True)
+    (total, (terms, batch_stats)), (grads, t_grads) = grad_fn(
+      params, t_vars["params"], batch_stats, key
     )
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, total, terms
+    new_params = optax.apply_updates(params, updates)
+    return new_params, batch_stats, opt_state, total, terms, grads, t_grads
 
   params, batch_stats = variables["params"], variables["batch_stats"]
   opt_state = optimizer.init(params)
   key = jax.random.key(7)  # the same dropout draw each step: a deterministic objective
   totals = []
-  for _ in range(8):
-    params, batch_stats, opt_state, total, terms = step(params, batch_stats, opt_state, key)
+  for i in range(8):
+    params, batch_stats, opt_state, total, terms, grads, t_grads = step(
+      params, batch_stats, opt_state, key
+    )
     totals.append(float(total))
+    if i == 0:
+      assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(t_grads))
+      assert set(grads) == modules
+      flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+      zero = [jax.tree_util.keystr(p) for p, g in flat if float(jnp.abs(g).max()) == 0.0]
+      # Only the public code's unused batch-of-one weights (in CSF) get no gradient.
+      assert all("fc_single" in name for name in zero), zero
   expected_terms = {"ce"} | {
     "transkd_gl": {"hcl", "pea"},
     "transkd_ea": {"hcl", "pea"},
-    "kd": {"kd"},
     "reviewkd": {"hcl"},
   }[method]
   assert set(terms) == expected_terms

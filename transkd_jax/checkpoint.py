@@ -32,6 +32,29 @@ from transkd_jax.errors import UserError
 CHECKPOINT_DIR = "checkpoints"
 CONVERT_RECORD = normalization.CONVERT_RECORD  # beside a transkd_jax.convert output
 
+# On CPU and TPU Orbax saves a replicated array split across its replicas, which
+# compiles one slicing program per array shape at every start (about 160 for a
+# distillation state, seconds of each save). Arrays whose share would be under
+# 1 MiB are saved whole by one replica; larger ones are still split. (No PRNG
+# key arrays are saved, so the handler needs no array-metadata store.)
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler():
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel("ERROR")  # Orbax warns that the handler is replaced: that is the point
+  try:
+    handler = ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
+_register_array_handler()
+
 
 class DataStateHandler(grain.checkpoint.CheckpointHandler):
   """grain's iterator handler; restores on another process count from process 0's file."""
