@@ -14,6 +14,7 @@ The recipe's student-alone row follows the public train_student.py instead:
 batch 4, 500 epochs of 744 steps, the decay laid over 1500 of them.
 Every key and its default: transkd_jax/config.py.
 Train the teacher first with ``--config.method=teacher --config.batch_size=8
+--config.per_device_batch_size=0
 --config.teacher.init=/ckpt/mit_b2`` (a converted ImageNet MiT-B2), or convert a
 trained one with ``python -m transkd_jax.convert``.
 """
@@ -26,6 +27,9 @@ STUDENT_STEPS_PER_EPOCH = 744  # train_student.py: 2975 images at batch 4 (last 
 
 def get_config():
   config = base_config()
+  # The public code's 2 images per GPU: 2 on one device (its setting), 16 on 8.
+  config.per_device_batch_size = 2
+  config.batch_size = 0
   config.num_classes = 19
   config.image_size = (512, 1024)
   config.class_weights = CITYSCAPES_CLASS_WEIGHTS

@@ -26,6 +26,9 @@ SOLO_STEPS_PER_EPOCH = 372  # train_student_lvt.py: 2975 images at batch 8 (last
 
 def get_config():
   config = base_config()
+  # The public code's 2 images per GPU: 2 on one device (its setting), 16 on 8.
+  config.per_device_batch_size = 2
+  config.batch_size = 0
   config.num_classes = 19
   config.image_size = (512, 1024)
   config.class_weights = CITYSCAPES_CLASS_WEIGHTS

@@ -12,7 +12,8 @@ the decay laid over 1500). CSF and PEA take their widths from the two models
 The teacher: convert one trained by the public train_teacher_pvtv2.py with
 ``python -m transkd_jax.convert --arch=pvt_v2_b2 --checkpoint=pvtv2b2_teacher_cityscapes.th
 --output=/ckpt/pvtv2_b2_teacher --num-classes=19``, or train it here with
-``--config.method=teacher --config.batch_size=8 --config.teacher.init=/ckpt/pvt_v2_b2``
+``--config.method=teacher --config.batch_size=8 --config.per_device_batch_size=0
+--config.teacher.init=/ckpt/pvt_v2_b2``
 (the official ImageNet ``pvt_v2_b2.pth``, converted with ``--arch=pvt_v2_b2``).
 The public solo scripts (train_teacher_pvtv2.py, train_student_pvtv2.py) run
 batch 8 for 1000 epochs: the recipe's student-alone row follows them.
@@ -26,6 +27,9 @@ SOLO_STEPS_PER_EPOCH = 372  # train_student_pvtv2.py: 2975 images at batch 8 (la
 
 def get_config():
   config = base_config()
+  # The public code's 2 images per GPU: 2 on one device (its setting), 16 on 8.
+  config.per_device_batch_size = 2
+  config.batch_size = 0
   config.num_classes = 19
   config.image_size = (512, 1024)
   config.class_weights = CITYSCAPES_CLASS_WEIGHTS

@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 from runs import REPO, load_config
 
-from transkd_jax.config import base_config, validate_config
+from transkd_jax.config import base_config, resolve_batch_size, validate_config
 from transkd_jax.errors import UserError
 
 
@@ -47,7 +47,8 @@ def _set(config, key, value):
   "key,value,needle",
   [
     ("method", "transkd", "unknown distillation method 'transkd'"),
-    ("batch_size", 0, "config.batch_size must be a positive integer"),
+    ("batch_size", -2, "config.batch_size must be a non-negative integer"),
+    ("per_device_batch_size", -1, "config.per_device_batch_size must be a non-negative"),
     ("eval_every", -1, "config.eval_every must be a non-negative integer"),
     ("eval_protocol", "mmseg", "config.eval_protocol must be one of"),
     ("dtype", "float64", "config.dtype must be one of"),
@@ -92,3 +93,18 @@ def test_a_config_not_built_on_base_config_names_what_it_lacks():
     validate_config(config)
   with pytest.raises(UserError, match="lacks config.batch_size"):
     validate_config(ml_collections.ConfigDict({"num_classes": 19}))
+
+
+def test_exactly_one_batch_size_is_set_and_per_device_resolves_to_global():
+  config = load_config(REPO / "configs" / "cityscapes.py")
+  assert (config.batch_size, config.per_device_batch_size) == (0, 2)
+  validate_config(config)
+  assert resolve_batch_size(config, 4) == "global batch 8 (2 per device x 4 devices)"
+  assert (config.batch_size, config.per_device_batch_size) == (8, 0)
+  validate_config(config)  # resolved, it is a plain global batch
+  assert resolve_batch_size(config, 4) == "global batch 8 (config.batch_size) over 4 devices"
+  for batch, per_device in ((8, 2), (0, 0)):
+    _set(config, "batch_size", batch)
+    _set(config, "per_device_batch_size", per_device)
+    with pytest.raises(UserError, match="set exactly one of them"):
+      validate_config(config)

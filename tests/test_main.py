@@ -141,3 +141,38 @@ def test_recipe_is_a_mode(tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert "unknown distillation method 'nope'" in result.stderr
+
+
+def test_a_cityscapes_config_batches_2_per_device(tmp_path, compile_cache):
+  """configs/cityscapes.py sets per_device_batch_size=2: on 4 devices a step takes 8
+  images, all the training split has (a 9th would be needed for a global batch above 8)."""
+  from runs import env
+
+  from transkd_jax.data import generated
+
+  root = tmp_path / "cityscapes"
+  generated.write_dataset(str(root), 8, 2, (64, 128), seed=0)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "transkd_jax.main",
+      CITYSCAPES,
+      f"--workdir={tmp_path / 'run'}",
+      f"--config.data.root={root}",
+      "--config.method=student",
+      "--config.image_size=(64,128)",
+      "--config.total_steps=1",
+      "--config.log_every=1",
+      "--config.eval_every=0",
+      "--config.count_flops=False",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env(compile_cache, devices=4),
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "global batch 8 (2 per device x 4 devices)" in result.stdout
+  assert "step 1/1: loss" in result.stdout

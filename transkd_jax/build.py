@@ -338,12 +338,18 @@ def input_normalization(config, chosen: str, what: str, path: str = "", source: 
 
 
 def check_batch_size(config, mesh):
+  if config.per_device_batch_size:  # main turns it into the global batch at start-up
+    raise UserError(
+      f"config.per_device_batch_size={config.per_device_batch_size} is unresolved: call "
+      "transkd_jax.config.resolve_batch_size(config, jax.device_count()) first"
+    )
   processes = len({d.process_index for d in mesh.devices.flat})
   if config.batch_size % mesh.size or config.batch_size % processes:
     raise UserError(
       f"config.batch_size={config.batch_size} must divide evenly over the "
       f"mesh's {mesh.size} devices (batches are split over all of them) and "
-      f"{processes} processes"
+      f"{processes} processes; or set a batch per device instead: "
+      "--config.per_device_batch_size=2 --config.batch_size=0"
     )
 
 

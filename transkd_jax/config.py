@@ -83,7 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 0.0
   config.optimizer.no_decay_norms_biases = False
 
-  config.batch_size = 2  # global, over all devices and processes
+  # The batch: either global (batch_size, over all devices and processes) or per
+  # device (per_device_batch_size; the global batch is it x the device count, set
+  # at start-up). Exactly one of the two is non-zero.
+  config.batch_size = 2
+  config.per_device_batch_size = 0
   config.total_steps = 1000 * STEPS_PER_EPOCH
   config.seed = 0
   config.log_every = 50
@@ -175,6 +179,28 @@ def _positive_int(config, key, allow_zero=False):
   _check(ok, key, "a non-negative integer" if allow_zero else "a positive integer", value)
 
 
+def _check_batch_size(config):
+  for key in ("batch_size", "per_device_batch_size"):
+    _positive_int(config, key, allow_zero=True)
+  if (config.batch_size > 0) == (config.per_device_batch_size > 0):
+    raise UserError(
+      f"config.batch_size={config.batch_size} and config.per_device_batch_size="
+      f"{config.per_device_batch_size}: set exactly one of them (the other 0), e.g. "
+      "--config.batch_size=16 --config.per_device_batch_size=0 for a global batch of 16, "
+      "or --config.per_device_batch_size=2 --config.batch_size=0 for 2 per device"
+    )
+
+
+def resolve_batch_size(config, device_count: int) -> str:
+  """Sets ``config.batch_size`` to the global batch (from ``per_device_batch_size``
+  when that is set, which becomes 0), and says where it came from. Idempotent."""
+  per_device = config.per_device_batch_size
+  if per_device:
+    config.batch_size, config.per_device_batch_size = per_device * device_count, 0
+    return f"global batch {config.batch_size} ({per_device} per device x {device_count} devices)"
+  return f"global batch {config.batch_size} (config.batch_size) over {device_count} devices"
+
+
 def validate_config(config):
   """Checks every key once, before anything is built; raises UserError naming the key.
 
@@ -246,8 +272,9 @@ def validate_config(config):
       f"expected {config.num_classes} numbers (config.num_classes), or () for "
       "unweighted cross-entropy"
     )
-  for key in ("batch_size", "total_steps", "log_every", "keep_checkpoints"):
+  for key in ("total_steps", "log_every", "keep_checkpoints"):
     _positive_int(config, key)
+  _check_batch_size(config)
   for key in (
     "eval_every",
     "checkpoint_every",

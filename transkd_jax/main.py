@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from transkd_jax import distributed, storage
-from transkd_jax.config import validate_config
+from transkd_jax.config import resolve_batch_size, validate_config
 from transkd_jax.errors import UserError
 from transkd_jax.evaluate import run_eval
 from transkd_jax.info import run_info
@@ -144,6 +144,9 @@ def main(argv):
       raise UserError(str(e)) from None
     if jax.process_index() != 0:  # one console: process 0 prints; errors (stderr) from all
       sys.stdout = open(os.devnull, "w")
+    batch = resolve_batch_size(config, jax.device_count())
+    if _MODE.value in ("train", "recipe"):
+      print(batch, flush=True)
     storage.makedirs(_WORKDIR.value)  # a local directory or a gs:// URI
     RUNNERS[_MODE.value](config, _WORKDIR.value)
   except UserError as e:

@@ -97,7 +97,8 @@ def run_configs(config, pair: Optional[Pair] = None) -> dict:
       run.method = method
       if method == BASELINE:  # the student alone, on its own budget when one is set
         recipe = config.recipe
-        run.batch_size = recipe.student_batch_size or run.batch_size
+        if recipe.student_batch_size:  # global, as the public solo scripts' batch
+          run.batch_size, run.per_device_batch_size = recipe.student_batch_size, 0
         run.total_steps = recipe.student_steps or run.total_steps
         run.optimizer.decay_steps = recipe.student_decay_steps or run.optimizer.decay_steps
     runs[method] = run

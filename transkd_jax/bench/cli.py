@@ -4,15 +4,16 @@ import json
 import pathlib
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from transkd_jax.bench.compile import compile_report, does_not_fit
+from transkd_jax.bench.compile import compile_report, does_not_fit, topology_devices
 from transkd_jax.bench.data import bench_data
 from transkd_jax.bench.eval import bench_eval
 from transkd_jax.bench.model import bench_model
 from transkd_jax.bench.step import bench_step
-from transkd_jax.config import validate_config
+from transkd_jax.config import resolve_batch_size, validate_config
 from transkd_jax.errors import UserError
 
 WHAT = ("step", "data", "eval", "model", "compile")
@@ -56,6 +57,9 @@ def _main(argv):
   what, config = argv[1], _CONFIG.value
   try:
     validate_config(config)
+    # A per-device batch counts the devices the step is for: the topology's for compile.
+    devices = topology_devices(_TOPOLOGY.value) if what == "compile" else jax.devices()
+    resolve_batch_size(config, len(devices))
     if what == "step":
       _print(bench_step(config, steps=_STEPS.value))
     elif what == "eval":

@@ -245,7 +245,7 @@ def does_not_fit(row: dict) -> Optional[str]:
     return None
   need, have = row["hbm_gib_per_device"], row["hbm_capacity_gib"]
   per_device = row["batch_size"] // (row["mesh_shape"][0] * row["mesh_shape"][1])
-  hints = [f"--config.batch_size (now {per_device} per device)"]
+  hints = [f"the batch (now {per_device} per device: --config.per_device_batch_size)"]
   if row["sharding"] != "fsdp" or row["mesh_shape"][1] == 1:
     hints.append(
       "--config.sharding=fsdp --config.mesh_shape=(-1,N) to split parameters and "
