@@ -90,8 +90,16 @@ def _shared_compilation_cache(compile_cache):
   jax.config.update("jax_compilation_cache_max_size", 8 << 30)  # with the file lock
   compilation_cache.reset_cache()
   compilation_cache.set_cache_dir(compile_cache)
+  # Every subprocess's main uses it too (the variable wins over config.compile_cache),
+  # instead of ~/.cache/transkd_jax.
+  previous = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = compile_cache
   yield
   compilation_cache.reset_cache()
+  if previous is None:
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  else:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ def _set(config, key, value):
     ("eval_every", -1, "config.eval_every must be a non-negative integer"),
     ("eval_protocol", "mmseg", "config.eval_protocol must be one of"),
     ("dtype", "float64", "config.dtype must be one of"),
+    ("dtype", "float16", "needs loss scaling.*--config.dtype=bfloat16"),
     ("sharding", "zero3", "config.sharding must be one of"),
     ("mesh_shape", (-1, -1), "config.mesh_shape must be (data, model)"),
     ("data.transforms", "segformer", "config.data.transforms must be one of"),

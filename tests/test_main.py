@@ -143,9 +143,10 @@ def test_recipe_is_a_mode(tmp_path):
     assert "unknown distillation method 'nope'" in result.stderr
 
 
-def test_a_cityscapes_config_batches_2_per_device(tmp_path, compile_cache):
+def test_a_cityscapes_config_batches_2_per_device_and_caches_its_compiles(tmp_path):
   """configs/cityscapes.py sets per_device_batch_size=2: on 4 devices a step takes 8
-  images, all the training split has (a 9th would be needed for a global batch above 8)."""
+  images, all the training split has (a 9th would be needed for a global batch above 8).
+  The compiled programs go to config.compile_cache's default, under the home directory."""
   from runs import env
 
   from transkd_jax.data import generated
@@ -170,9 +171,17 @@ def test_a_cityscapes_config_batches_2_per_device(tmp_path, compile_cache):
     capture_output=True,
     text=True,
     cwd=REPO,
-    env=env(compile_cache, devices=4),
+    env=_without_jax_cache(env("", devices=4), home=tmp_path / "home"),
     timeout=600,
   )
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-  assert "global batch 8 (2 per device x 4 devices)" in result.stdout
+  cache = tmp_path / "home" / ".cache" / "transkd_jax" / "xla"
+  assert f"global batch 8 (2 per device x 4 devices); compile cache {cache}" in result.stdout
+  assert [p for p in cache.iterdir() if p.name.startswith("jit_step")]
   assert "step 1/1: loss" in result.stdout
+
+
+def _without_jax_cache(environment, home):
+  environment = {k: v for k, v in environment.items() if not k.startswith("JAX_COMPILATION")}
+  environment = {k: v for k, v in environment.items() if not k.startswith("JAX_PERSISTENT")}
+  return dict(environment, HOME=str(home))

@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.student.init = ""  # empty: from scratch, as in TransKD
 
   config.dtype = "float32"  # compute dtype of the models; "bfloat16" on GPU/TPU
+  # Compiled programs kept between starts (transkd_jax/compile_cache.py); "" turns it off.
+  config.compile_cache = "~/.cache/transkd_jax/xla"
   config.teacher_dtype = "float32"  # the frozen teacher's compute dtype ("": config.dtype)
   # Kernel forms (transkd_jax/models/kernels.py): "auto" follows the devices the program is
   # compiled for (XLA:CPU forms on CPU, native ops on GPU/TPU); "cpu" / "native" force one.
@@ -234,7 +236,13 @@ def validate_config(config):
     "(height, width), each an integer >= 32",
     size,
   )
-  _check(config.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", config.dtype)
+  if config.dtype == "float16":  # the frozen teacher may run in it: it gets no gradients
+    raise UserError(
+      "config.dtype='float16': training in float16 needs loss scaling, which this code "
+      "does not do (small gradients would underflow to zero); use --config.dtype=bfloat16 "
+      "(float32's range, the same speed on TPUs and on A100/H100-class GPUs)"
+    )
+  _check(config.dtype in _DTYPES, "dtype", f"one of {_DTYPES[:2]}", config.dtype)
   _check(config.kernels in SETTINGS, "kernels", f"one of {SETTINGS}", config.kernels)
   for key in ("teacher", "eval"):
     _check(

@@ -34,7 +34,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from transkd_jax import distributed, storage
+from transkd_jax import compile_cache, distributed, storage
 from transkd_jax.config import resolve_batch_size, validate_config
 from transkd_jax.errors import UserError
 from transkd_jax.evaluate import run_eval
@@ -132,6 +132,7 @@ def main(argv):
     if not _WORKDIR.value:
       raise UserError("--workdir is required (a directory for outputs)")
     validate_config(config)
+    cache = compile_cache.enable(config.compile_cache)  # before anything compiles
     try:
       distributed.initialize(
         _COORDINATOR.value,
@@ -146,7 +147,7 @@ def main(argv):
       sys.stdout = open(os.devnull, "w")
     batch = resolve_batch_size(config, jax.device_count())
     if _MODE.value in ("train", "recipe"):
-      print(batch, flush=True)
+      print(f"{batch}; compile cache {cache}", flush=True)
     storage.makedirs(_WORKDIR.value)  # a local directory or a gs:// URI
     RUNNERS[_MODE.value](config, _WORKDIR.value)
   except UserError as e:

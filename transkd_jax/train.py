@@ -141,7 +141,10 @@ def _speed_text(scalars: dict) -> str:
 def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
   """The train step compiled for these arguments, and its FLOPs per step (all devices)."""
   start = time.perf_counter()
-  compiled = run.train_step.lower(state, teacher_vars, batch).compile()
+  lowered = run.train_step.lower(state, teacher_vars, batch)
+  traced = time.perf_counter() - start
+  compiled = lowered.compile()  # from config.compile_cache when an earlier start wrote it
+  xla = time.perf_counter() - start - traced
   flops = float("nan")
   if run.config.count_flops:
     flops = throughput.step_flops(run.train_step, state, teacher_vars, batch, compiled=compiled)
@@ -151,7 +154,11 @@ def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
       if math.isfinite(flops)
       else ""
     )
-    print(f"compiled the train step in {time.perf_counter() - start:.1f} s{work}", flush=True)
+    print(
+      f"compiled the train step in {time.perf_counter() - start:.1f} s (tracing "
+      f"{traced:.1f} s, XLA {xla:.1f} s){work}",
+      flush=True,
+    )
   return compiled, flops
 
 

@@ -1,0 +1,24 @@
+"""config.compile_cache: where main keeps compiled programs (tests/test_main.py runs one
+start with the default, under the home directory)."""
+
+import jax
+
+from transkd_jax import compile_cache
+
+
+def test_empty_turns_the_cache_off_and_jax_compilation_cache_dir_wins():
+  keys = ("jax_enable_compilation_cache", "jax_compilation_cache_dir")
+  saved = {k: getattr(jax.config, k) for k in keys}
+  try:
+    assert compile_cache.enable("") == "off (config.compile_cache is empty)"
+    assert jax.config.jax_enable_compilation_cache is False
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", "/tmp/set_by_the_variable")
+    where = compile_cache.enable("~/.cache/transkd_jax/xla")
+    assert where == "/tmp/set_by_the_variable (JAX_COMPILATION_CACHE_DIR)"
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert compile_cache.enable("gs://bucket/xla") == "gs://bucket/xla"
+    assert jax.config.jax_compilation_cache_dir == "gs://bucket/xla"
+  finally:
+    for k, v in saved.items():
+      jax.config.update(k, v)

@@ -1,0 +1,31 @@
+"""The persistent compilation cache: a restarted run reads its compiled programs.
+
+``config.compile_cache`` (default ``~/.cache/transkd_jax/xla``) is where XLA's
+compiled programs are kept between starts, keyed by the program, the devices
+and the JAX version: a resumed or repeated run skips the step's compile (minutes
+for full-size models on a GPU or TPU) and only traces it. Empty turns the cache
+off. ``JAX_COMPILATION_CACHE_DIR``, when set, wins over the config (JAX's own
+setting). The cache is bounded (least recently used entries go first), which
+also makes processes that share it take a file lock around each entry.
+"""
+
+import os
+
+import jax
+
+MAX_BYTES = 8 << 30
+
+
+def enable(path: str) -> str:
+  """Turns the cache on at ``path`` (a local directory or a URI), or off for "";
+  returns where it is, for the start-up line."""
+  if not path:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return "off (config.compile_cache is empty)"
+  if jax.config.jax_compilation_cache_max_size == -1:
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR
+    return f"{jax.config.jax_compilation_cache_dir} (JAX_COMPILATION_CACHE_DIR)"
+  path = path if "://" in path else os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
