@@ -185,3 +185,23 @@ def _without_jax_cache(environment, home):
   environment = {k: v for k, v in environment.items() if not k.startswith("JAX_COMPILATION")}
   environment = {k: v for k, v in environment.items() if not k.startswith("JAX_PERSISTENT")}
   return dict(environment, HOME=str(home))
+
+
+def test_a_cpu_start_prints_no_tpu_initialisation_noise():
+  """The test extra installs libtpu; on a machine without a TPU or GPU a start stays quiet."""
+  import glob
+  import importlib.util
+  import os
+
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed: nothing to initialise")
+  if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia*"):
+    pytest.skip("an accelerator is present")
+  environment = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = "import transkd_jax.main, jax; print(jax.devices())"
+  result = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
+  assert "CpuDevice" in result.stdout
+  assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr
