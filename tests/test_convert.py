@@ -1,14 +1,18 @@
 """Weight import: parity with HuggingFace transformers' SegFormer, .pth variants, errors."""
 
 import json
+import types
 
+import buckets
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from transkd_jax import build, checkpoint, convert, normalization
 from transkd_jax.errors import UserError
 from transkd_jax.models import MiTVariant, SegFormer, get_variant
+from transkd_jax.weights import record as record_lib
 from transkd_jax.weights.layouts import to_public_state_dict
 from transkd_jax.weights.names import hf_to_public, public_to_hf, source_format
 from transkd_jax.weights.readers import read_state_dict
@@ -380,3 +384,44 @@ def test_renormalisation_is_the_per_channel_affine_map():
   assert normalization.renormalize(unit, "unit", "unit") is unit
   with pytest.raises(ValueError, match="expected one of unit, imagenet"):
     normalization.renormalize(unit, "unit", "mmseg")
+
+
+def test_output_in_a_bucket(tmp_path, b0_tree, capsys, monkeypatch):
+  """--output=gs://...: the existence check and transkd_convert.json go through etils.epath
+  (tests/buckets.py: its mock, no network) and Orbax is called with the URI. Orbax writes
+  gs:// arrays through TensorStore, which epath's mock cannot redirect: the stand-in
+  checkpointer passes Orbax the bucket's local directory instead."""
+  monkeypatch.chdir(tmp_path)
+  torch.save(_public_state_dict(b0_tree), tmp_path / "b0.pth")
+  bucket = tmp_path / "bucket"
+  saved = []
+
+  class ToTheBucket:
+    def __init__(self):
+      self.real = ocp.StandardCheckpointer()
+
+    def save(self, directory, tree, force=False):
+      saved.append(str(directory))
+      self.real.save(str(directory).replace("gs://bucket", str(bucket)), tree, force=force)
+
+    def wait_until_finished(self):
+      self.real.wait_until_finished()
+
+  monkeypatch.setattr(record_lib, "ocp", types.SimpleNamespace(StandardCheckpointer=ToTheBucket))
+  argv = [f"--input={tmp_path / 'b0.pth'}", "--arch=mit_b0", "--output=gs://bucket/runs/b0"]
+  with buckets.mock_bucket(bucket):
+    assert convert.main(argv) == 0
+    assert "wrote gs://bucket/runs/b0 (mit_b0, 20 classes" in capsys.readouterr().out
+    assert convert.main(argv) == 2  # the URI exists
+    assert "--output gs://bucket/runs/b0 exists" in capsys.readouterr().err
+    assert convert.main(argv + ["--overwrite"]) == 0
+  assert saved == ["gs://bucket/runs/b0"] * 2
+  out = bucket / "runs" / "b0"
+  meta = json.loads((out / META_FILE).read_text())
+  assert meta["arch"] == "mit_b0" and meta["source"] == str(tmp_path / "b0.pth")
+  tree = ocp.StandardCheckpointer().restore(str(out))
+  flat, expected = (traverse_util.flatten_dict(t) for t in (tree, b0_tree))
+  assert flat.keys() == expected.keys()
+  for key in flat:
+    np.testing.assert_array_equal(flat[key], expected[key], err_msg=str(key))
+  assert not (tmp_path / "gs:").exists()  # nothing went to a local "gs:" directory

@@ -5,6 +5,7 @@ import shutil
 import time
 import types
 
+import buckets
 import numpy as np
 import pytest
 from PIL import Image
@@ -61,46 +62,66 @@ def test_generated_tree_is_cityscapes_layout(gen_root):
     generated.write_dataset(str(gen_root), 11, 5, (64, 128), seed=0)
 
 
+@pytest.fixture(params=["local", "bucket"])
+def tree(request, tmp_path, monkeypatch):
+  """(a local directory to write a dataset tree in, the config.data.root that reads it):
+  the directory itself, or gs://bucket/tree redirected to it (tests/buckets.py)."""
+  if request.param == "local":
+    yield tmp_path, str(tmp_path)
+    return
+  monkeypatch.chdir(tmp_path)
+  with buckets.mock_bucket(tmp_path / "bucket"):
+    (tmp_path / "bucket" / "tree").mkdir()
+    yield tmp_path / "bucket" / "tree", "gs://bucket/tree"
+  assert not (tmp_path / "gs:").exists()  # nothing went to a local "gs:" directory
+
+
 def _write(path, array):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   Image.fromarray(array).save(path)
 
 
-def test_cityscapes_label_mapping_and_train_ids(tmp_path):
-  root = tmp_path / "cs"
+def test_cityscapes_label_mapping_and_train_ids(tree):
+  local, root = tree
   img = np.zeros((8, 16, 3), np.uint8)
   ids = np.array([[7, 8, 11, 0, 26, 33, 1, 24]] * 8, np.uint8).repeat(2, axis=1)
-  _write(str(root / "leftImg8bit/val/aachen/a_000000_000001_leftImg8bit.png"), img)
-  _write(str(root / "gtFine/val/aachen/a_000000_000001_gtFine_labelIds.png"), ids)
-  got = CityscapesSource(str(root), "val")[0]["label"]
+  _write(str(local / "cs/leftImg8bit/val/aachen/a_000000_000001_leftImg8bit.png"), img)
+  _write(str(local / "cs/gtFine/val/aachen/a_000000_000001_gtFine_labelIds.png"), ids)
+  source = CityscapesSource(f"{root}/cs", "val")
+  assert source.items[0][:2] == (
+    f"{root}/cs/leftImg8bit/val/aachen/a_000000_000001_leftImg8bit.png",
+    f"{root}/cs/gtFine/val/aachen/a_000000_000001_gtFine_labelIds.png",
+  )
+  got = source[0]["label"]
   assert got[0, ::2].tolist() == [0, 1, 2, 255, 13, 18, 255, 11]
   assert CITYSCAPES_NAMES[13] == "car"
   # *_labelTrainIds.png is used as is when present.
   train_ids = np.full((8, 16), 5, np.uint8)
-  _write(str(root / "gtFine/val/aachen/a_000000_000001_gtFine_labelTrainIds.png"), train_ids)
-  assert (CityscapesSource(str(root), "val")[0]["label"] == 5).all()
+  _write(str(local / "cs/gtFine/val/aachen/a_000000_000001_gtFine_labelTrainIds.png"), train_ids)
+  assert (CityscapesSource(f"{root}/cs", "val")[0]["label"] == 5).all()
 
 
-def test_bad_layouts_are_named(tmp_path):
+def test_bad_layouts_are_named(tree):
+  local, root = tree
   with pytest.raises(UserError, match="not a directory.*leftImg8bit"):
-    CityscapesSource(str(tmp_path / "missing"), "train")
-  (tmp_path / "leftImg8bit").mkdir()
+    CityscapesSource(f"{root}/missing", "train")
+  (local / "leftImg8bit").mkdir()
   with pytest.raises(UserError, match="no split 'train'.*leftImg8bit/train"):
-    CityscapesSource(str(tmp_path), "train")
-  image = tmp_path / "leftImg8bit/train/x/x_1_2_leftImg8bit.png"
+    CityscapesSource(root, "train")
+  image = local / "leftImg8bit/train/x/x_1_2_leftImg8bit.png"
   _write(str(image), np.zeros((4, 4, 3), np.uint8))
   with pytest.raises(UserError, match="has no label: expected .*x_1_2_gtFine_labelIds.png"):
-    CityscapesSource(str(tmp_path), "train")
-  _write(str(tmp_path / "gtFine/train/x/x_1_2_gtFine_labelIds.png"), np.full((4, 4), 40, np.uint8))
-  _write(str(tmp_path / "gtFine/train/x/y_1_2_gtFine_labelIds.png"), np.zeros((4, 4), np.uint8))
+    CityscapesSource(root, "train")
+  _write(str(local / "gtFine/train/x/x_1_2_gtFine_labelIds.png"), np.full((4, 4), 40, np.uint8))
+  _write(str(local / "gtFine/train/x/y_1_2_gtFine_labelIds.png"), np.zeros((4, 4), np.uint8))
   with pytest.raises(UserError, match="label .*y_1_2_gtFine_labelIds.png has no image"):
-    CityscapesSource(str(tmp_path), "train")
-  os.remove(tmp_path / "gtFine/train/x/y_1_2_gtFine_labelIds.png")
+    CityscapesSource(root, "train")
+  os.remove(local / "gtFine/train/x/y_1_2_gtFine_labelIds.png")
   with pytest.raises(UserError, match="label ids up to 40"):
-    CityscapesSource(str(tmp_path), "train")[0]
+    CityscapesSource(root, "train")[0]
   image.write_bytes(b"not a png")
   with pytest.raises(UserError, match="cannot decode image .*x_1_2_leftImg8bit.png"):
-    CityscapesSource(str(tmp_path), "train")[0]
+    CityscapesSource(root, "train")[0]
 
 
 def test_two_writers_of_one_generated_tree_both_succeed(tmp_path, monkeypatch):
@@ -224,19 +245,20 @@ def test_iterator_with_worker_processes_resumes(gen_root):
   np.testing.assert_array_equal(next(resumed)["image"], expected["image"])
 
 
-def test_acdc_conditions_and_layout(tmp_path):
+def test_acdc_conditions_and_layout(tree):
+  local, root = tree
   for condition in ("fog", "night"):
     for i in range(2):
       stem = f"GOPR0{i}_frame_00000{i}"
       _write(
-        str(tmp_path / f"rgb_anon/{condition}/val/GOPR0{i}/{stem}_rgb_anon.png"),
+        str(local / f"rgb_anon/{condition}/val/GOPR0{i}/{stem}_rgb_anon.png"),
         np.zeros((4, 8, 3), np.uint8),
       )
       _write(
-        str(tmp_path / f"gt/{condition}/val/GOPR0{i}/{stem}_gt_labelIds.png"),
+        str(local / f"gt/{condition}/val/GOPR0{i}/{stem}_gt_labelIds.png"),
         np.full((4, 8), 26, np.uint8),
       )  # car
-  cfg = data.default_data_config(name="acdc", root=str(tmp_path), conditions="fog")
+  cfg = data.default_data_config(name="acdc", root=root, conditions="fog")
   fog = make_source(cfg, "val")
   assert len(fog) == 2 and (fog[0]["label"] == 13).all()
   cfg.conditions = "fog,night"
@@ -249,37 +271,39 @@ def test_acdc_conditions_and_layout(tmp_path):
     make_source(cfg, "val")
 
 
-def test_voc_lists_palette_labels_and_errors(tmp_path):
+def test_voc_lists_palette_labels_and_errors(tree):
+  local, root = tree
   for d in ("ImageSets/Segmentation", "JPEGImages", "SegmentationClass"):
-    os.makedirs(tmp_path / d)
-  (tmp_path / "ImageSets/Segmentation/val.txt").write_text("2007_000032\n2007_000033\n")
+    os.makedirs(local / d)
+  (local / "ImageSets/Segmentation/val.txt").write_text("2007_000032\n2007_000033\n")
   for name, cls in (("2007_000032", 1), ("2007_000033", 15)):
-    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / f"JPEGImages/{name}.jpg")
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(local / f"JPEGImages/{name}.jpg")
     label = np.full((6, 6), cls, np.uint8)
     label[0] = 255  # object borders: ignored
     palette_png = Image.fromarray(label, mode="P")
     palette_png.putpalette(data.PALETTES["voc"].ravel().tolist())
-    palette_png.save(tmp_path / f"SegmentationClass/{name}.png")
-  cfg = data.default_data_config(name="voc", root=str(tmp_path))
+    palette_png.save(local / f"SegmentationClass/{name}.png")
+  cfg = data.default_data_config(name="voc", root=root)
   source = make_source(cfg, "val")
   assert len(source) == 2 and source[1]["label"][1, 0] == 15 and source[1]["label"][0, 0] == 255
   with pytest.raises(UserError, match="no split 'train_aug'.*train_aug.txt is missing"):
     make_source(cfg, "train_aug")
   bad = np.full((6, 6), 30, np.uint8)
-  Image.fromarray(bad).save(tmp_path / "SegmentationClass/2007_000032.png")
+  Image.fromarray(bad).save(local / "SegmentationClass/2007_000032.png")
   with pytest.raises(UserError, match=r"2007_000032.png holds values \[30\]"):
     make_source(cfg, "val")[0]
 
 
-def test_nyuv2_layout_shifts_labels_and_names_errors(tmp_path):
+def test_nyuv2_layout_shifts_labels_and_names_errors(tree):
+  local, root = tree
   for d in ("images", "labels40"):
-    os.makedirs(tmp_path / d)
-  (tmp_path / "test.txt").write_text("0002\n0001\n")
+    os.makedirs(local / d)
+  (local / "test.txt").write_text("0002\n0001\n")
   label = np.arange(48, dtype=np.uint8).reshape(6, 8) % 41  # 0 (unlabelled) .. 40
   for name in ("0001", "0002"):
-    Image.fromarray(np.full((6, 8, 3), 7, np.uint8)).save(tmp_path / f"images/{name}.jpg")
-    Image.fromarray(label).save(tmp_path / f"labels40/{name}.png")
-  cfg = data.default_data_config(name="nyuv2", root=str(tmp_path))
+    Image.fromarray(np.full((6, 8, 3), 7, np.uint8)).save(local / f"images/{name}.jpg")
+    Image.fromarray(label).save(local / f"labels40/{name}.png")
+  cfg = data.default_data_config(name="nyuv2", root=root)
   source = make_source(cfg, "test")
   example = source[0]
   assert len(source) == 2 and example["name"] == "0001"
@@ -288,10 +312,10 @@ def test_nyuv2_layout_shifts_labels_and_names_errors(tmp_path):
   assert len(data.CLASS_NAMES["nyuv2"]) == 40 and data.PALETTES["nyuv2"].shape == (40, 3)
   with pytest.raises(UserError, match="no split 'train'.*train.txt is missing"):
     make_source(cfg, "train")
-  Image.fromarray(np.full((6, 8), 41, np.uint8)).save(tmp_path / "labels40/0002.png")
+  Image.fromarray(np.full((6, 8), 41, np.uint8)).save(local / "labels40/0002.png")
   with pytest.raises(UserError, match=r"0002.png holds values \[41\]"):
     source[1]
-  os.remove(tmp_path / "images/0001.jpg")
+  os.remove(local / "images/0001.jpg")
   with pytest.raises(UserError, match="lists '0001' but .*0001.jpg is missing"):
     make_source(cfg, "test")
 

@@ -98,6 +98,7 @@ def test_every_default_passes_and_no_file_is_touched():
     ("tfds_num_classes", -2, {"name": "tfds", "tfds_name": "x"}),
     ("num_train", -1, {}),
     ("generated_size", (0, 64), {}),
+    ("root", "gs://bucket/generated", {"name": "generated"}),
   ],
 )
 def test_each_bad_key_is_named(key, value, overrides):
@@ -107,6 +108,12 @@ def test_each_bad_key_is_named(key, value, overrides):
     check_config(cfg)
   if key not in ("conditions", "tfds_name"):  # theirs name the bad conditions / say "empty"
     assert repr(tuple(value) if isinstance(value, tuple) else value) in str(info.value)
+
+
+def test_the_generated_tree_is_written_locally_only():
+  cfg = data.default_data_config(name="generated", root="gs://bucket/generated")
+  with pytest.raises(UserError, match="config.data.root must be a local directory"):
+    make_source(cfg, "train")  # refused before anything is written
 
 
 def test_the_validator_messages_match_the_configs():

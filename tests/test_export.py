@@ -2,6 +2,7 @@
 
 import json
 
+import buckets
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -260,3 +261,34 @@ def test_pvtv2_and_lvt_have_no_huggingface_export(tmp_path, capsys):
     == 2
   )
   assert "--heads" in capsys.readouterr().err
+
+
+def test_output_in_a_bucket(tmp_path, tiny, capsys, monkeypatch):
+  """--output=gs://...: existence checks, the directory and every file go through
+  etils.epath (tests/buckets.py: its mock, no network)."""
+  variables, ckpt = tiny
+  monkeypatch.chdir(tmp_path)
+  bucket = tmp_path / "bucket"
+  with buckets.mock_bucket(bucket):
+    for fmt in ("hf", "pytorch"):
+      argv = [f"--checkpoint={ckpt}", f"--format={fmt}", f"--output=gs://bucket/{fmt}", TINY_HEADS]
+      assert export.main(argv) == 0
+      assert "wrote gs://bucket/" in capsys.readouterr().out
+      assert export.main(argv) == 2  # the URI exists
+      assert "--output gs://bucket/" in capsys.readouterr().err
+      assert export.main(argv + ["--overwrite"]) == 0
+    (bucket / "file").write_text("")
+    argv = [f"--checkpoint={ckpt}", "--format=hf", "--output=gs://bucket/file", TINY_HEADS]
+    assert export.main(argv) == 2
+    assert "--output gs://bucket/file is a file" in capsys.readouterr().err
+  assert sorted(p.name for p in (bucket / "hf").iterdir()) == [
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+  ]
+  assert json.loads((bucket / "hf" / "config.json").read_text())["num_labels"] == CLASSES
+  assert sorted(p.name for p in (bucket / "pytorch").iterdir()) == ["model.pth"]
+  for path in (bucket / "hf" / "model.safetensors", bucket / "pytorch" / "model.pth"):
+    tree, _ = to_flax_variables(read_state_dict(str(path)), TINY, log=lambda *_: None)
+    _assert_same_tree(tree, variables)
+  assert not (tmp_path / "gs:").exists()  # nothing went to a local "gs:" directory

@@ -3,7 +3,9 @@ cityscapesScripts' own evaluator equal to ours, and bad input named."""
 
 import glob
 import os
+import shutil
 
+import buckets
 import numpy as np
 import pytest
 from PIL import Image
@@ -67,3 +69,34 @@ def test_bad_inputs_are_named(served, tmp_path):
   config.data.name = "voc"
   with pytest.raises(UserError, match="cityscapes_format=True needs Cityscapes' 19 classes"):
     run_predict(config, str(tmp_path))
+
+
+def test_inputs_and_outputs_in_a_bucket(served, tmp_path, monkeypatch):
+  """config.predict.input and output_dir as gs:// URIs (tests/buckets.py: etils' epath
+  mock, no network): a directory searched at every depth, a glob, a file."""
+  monkeypatch.chdir(tmp_path)
+  bucket = tmp_path / "bucket"
+  shutil.copytree(f"{served['root']}/leftImg8bit/val", bucket / "in")
+  (bucket / "in" / "notes.txt").write_text("not an image")
+  with buckets.mock_bucket(bucket):
+    inputs = list_inputs("gs://bucket/in")
+    assert [stem for _, stem in inputs] == [
+      f"synthetic/{os.path.basename(p).split('_leftImg8bit')[0]}"
+      for p in sorted(glob.glob(f"{served['root']}/leftImg8bit/val/*/*.png"))
+    ]
+    assert all(path.startswith("gs://bucket/in/synthetic/") for path, _ in inputs)
+    assert list_inputs("gs://bucket/in/*/*.png") == [(p, s.split("/")[1]) for p, s in inputs]
+    assert list_inputs(inputs[0][0]) == [(inputs[0][0], inputs[0][1].split("/")[1])]
+    with pytest.raises(UserError, match=r"\*\* is not supported in a URI"):
+      list_inputs("gs://bucket/in/**/*.png")
+    with pytest.raises(UserError, match="'gs://bucket/none/\\*.png' matches no"):
+      list_inputs("gs://bucket/none/*.png")
+    config = served_config(served, input="gs://bucket/in", output_dir="gs://bucket/out")
+    summary = run_predict(config, str(tmp_path))
+  assert summary["images"] == 3 and summary["output_dir"] == "gs://bucket/out"
+  for _, stem in inputs:
+    ids = np.asarray(Image.open(bucket / "out" / f"{stem}_trainIds.png"))
+    colour = np.asarray(Image.open(bucket / "out" / f"{stem}_color.png"))
+    assert ids.shape == (64, 128) and ids.max() < 19
+    np.testing.assert_array_equal(colour, CITYSCAPES_PALETTE[ids])
+  assert not (tmp_path / "gs:").exists()  # nothing went to a local "gs:" directory

@@ -31,7 +31,8 @@ A bare encoder gets a freshly initialised decoder (SegFormer / LVT: the head;
 PVTv2: the neck and the head) from ``--seed``. A 20-way head (the public code's
 20th class is the ignore label) becomes 19 classes with ``--num-classes=19``.
 
-Writes ``DIR`` with ``orbax.checkpoint.StandardCheckpointer``: the plain pytree
+Writes ``DIR`` (a local directory or a URI, ``gs://...``) with
+``orbax.checkpoint.StandardCheckpointer``: the plain pytree
 ``{"params": ..., "batch_stats": ...}`` of the model (PVTv2 has no BatchNorm:
 its batch_stats are empty), plus ``DIR/transkd_convert.json`` saying what it
 holds (arch, family and variant as ``transkd_jax.models.archs`` names them,
@@ -48,6 +49,7 @@ import argparse
 import os
 import sys
 
+from transkd_jax import storage
 from transkd_jax.normalization import NORMALIZATIONS
 from transkd_jax.weights import cli
 from transkd_jax.weights.arch import resolve_arch
@@ -137,7 +139,7 @@ def convert_file(
   meta = record(arch, num_classes, os.path.abspath(input), layout, normalization)
   save(tree, output, meta, overwrite)
   return (
-    f"wrote {os.path.abspath(output)} ({meta['arch']}, {num_classes} classes, "
+    f"wrote {storage.resolve(output)} ({meta['arch']}, {num_classes} classes, "
     f"expects {meta['normalization']} input normalisation)"
   )
 

@@ -14,6 +14,7 @@ matched against the family's table (``transkd_jax/models/variants.py``,
 ``PVT_VARIANTS``, ``LVT_VARIANTS``). Attention heads leave no trace in the
 shapes: a SegFormer variant that is no row of the table needs ``--heads``.
 
+``--output`` is a local directory or a URI (``gs://...``, any ``etils.epath`` one).
 ``--format=hf`` (SegFormer only) writes ``D/model.safetensors``, ``config.json``
 and ``preprocessor_config.json``, for
 ``transformers.SegformerForSemanticSegmentation.from_pretrained(D)`` and
@@ -39,9 +40,9 @@ processor cannot; Cityscapes' 1024 x 2048 needs no resize).
 The work is done in ``transkd_jax.weights``; this module is its command line.
 """
 
-import os
 import sys
 
+from transkd_jax import storage
 from transkd_jax.checkpoint import restore_model_variables
 from transkd_jax.errors import UserError
 from transkd_jax.models import archs
@@ -137,10 +138,10 @@ def export(
     raise UserError(
       f"--normalization={normalization!r}: expected one of {', '.join(NORMALIZATIONS)}"
     )
-  output = os.path.abspath(os.path.expanduser(output))
-  if os.path.exists(output) and not os.path.isdir(output):
+  output = storage.resolve(output)
+  if storage.exists(output) and not storage.isdir(output):
     raise UserError(f"--output {output} is a file; expected a directory to write")
-  if os.path.exists(output) and not overwrite:
+  if storage.exists(output) and not overwrite:
     raise UserError(f"--output {output} exists; choose a new directory or pass --overwrite")
 
   variables, source = restore_model_variables(checkpoint, "--checkpoint", with_source=True)
@@ -154,11 +155,11 @@ def export(
     )
   public = to_public_state_dict(variables, family)
   what = f"{name or 'custom MiT ' + str(spec.channels)}, {num_classes} classes"
-  os.makedirs(output, exist_ok=True)
+  storage.makedirs(output)
   if fmt in ("pytorch", "public"):
     write_pytorch(public, output)
     return (
-      f"wrote {os.path.join(output, 'model.pth')} (public {label} layout; {what}) from {source}"
+      f"wrote {storage.join(output, 'model.pth')} (public {label} layout; {what}) from {source}"
     )
   norm, why, image_size, data = input_settings(checkpoint, normalization, source)
   write_hf(public, spec, num_classes, output, norm, image_size, class_names(num_classes, data))

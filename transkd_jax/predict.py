@@ -5,7 +5,8 @@
         [--config.eval.checkpoint=CKPT] [--config.predict.cityscapes_format=True]
 
 ``config.predict.input`` is an image file, a directory (searched recursively
-for .png/.jpg/.jpeg/.bmp/.tif/.tiff/.webp) or a glob. Weights come from the
+for .png/.jpg/.jpeg/.bmp/.tif/.tiff/.webp) or a glob, local or a URI
+(``gs://...``; there a glob has no ``**``). Weights come from the
 same place as ``--mode=eval``'s (``transkd_jax/build.py: serving``).
 
 For every image ``<dir>/<name>.<ext>`` (``_leftImg8bit`` / ``_rgb_anon``
@@ -30,7 +31,6 @@ resolution, padded to a multiple of 32 and cropped back.
 Consecutive images of one size are batched (``config.batch_size``).
 """
 
-import glob
 import os
 import time
 
@@ -60,15 +60,22 @@ def list_inputs(pattern: str):
       "glob, e.g. --config.predict.input='/data/images/*.png'"
     )
   pattern = os.path.expanduser(pattern)
-  if os.path.isdir(pattern):
-    paths = sorted(
-      p
-      for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-      if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p)
+  uri = storage.is_uri(pattern)
+  if uri and "**" in pattern:
+    raise UserError(
+      f"config.predict.input={pattern!r}: ** is not supported in a URI (gs://...) pattern; "
+      "expected a directory (searched at every depth), a file or a pattern with * per level"
     )
+  if storage.isdir(pattern):
+    paths = [
+      p
+      for p in storage.files_under(pattern)
+      if p.lower().endswith(IMAGE_EXTENSIONS) and (uri or os.path.isfile(p))
+    ]
     base = pattern
   else:
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    # A URI's matches are taken as files: a check each would be a request per image.
+    paths = [p for p in storage.glob(pattern) if uri or os.path.isfile(p)]
     base = None
   if not paths:
     what = "holds no images" if base else "matches no files"
@@ -77,7 +84,7 @@ def list_inputs(pattern: str):
     )
   out = []
   for path in paths:
-    rel = os.path.relpath(path, base) if base else os.path.basename(path)
+    rel = storage.relpath(path, base) if base else path.rsplit("/", 1)[-1]
     stem = os.path.splitext(rel)[0]
     for suffix in _NAME_SUFFIXES:
       if stem.endswith(suffix):

@@ -1,22 +1,31 @@
 """Reading files: images, labels, split listings, image/label pairing, and
 ``PairedSource``, the random-access source over (image, label) file pairs that
 every file-layout dataset (``sources.py``) returns.
+
+Paths are local paths or URIs (``gs://...``), listed and read through
+``transkd_jax.storage``; a URI's files are read whole in one request each.
 """
 
-import glob
+import io
 import os
 import warnings
 
 import numpy as np
 from PIL import Image
 
+from transkd_jax import storage
 from transkd_jax.data.labels import to_train_ids
 from transkd_jax.errors import UserError
 
 
+def _image_file(path: str):
+  """What PIL opens for ``path``: a local path as is, a URI's bytes (PIL seeks)."""
+  return io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+
+
 def read_image(path: str) -> np.ndarray:
   try:
-    with Image.open(path) as im:
+    with Image.open(_image_file(path)) as im:
       return np.asarray(im.convert("RGB"))
   except Exception as e:
     raise UserError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
@@ -24,7 +33,7 @@ def read_image(path: str) -> np.ndarray:
 
 def read_label(path: str) -> np.ndarray:
   try:
-    with Image.open(path) as im:
+    with Image.open(_image_file(path)) as im:
       label = np.asarray(im)
   except Exception as e:
     raise UserError(f"cannot decode label {path} ({type(e).__name__}: {e})") from None
@@ -82,19 +91,34 @@ class PairedSource:
 
 
 def need_dir(path, what, layout):
-  if not path or not os.path.isdir(path):
+  if not path or not storage.isdir(path):
     raise UserError(f"{what}: {path!r} is not a directory; expected the layout {layout}")
+
+
+def stems_under(directory: str, suffixes) -> dict:
+  """{suffix: {stem: path}} of the files under ``directory`` (any depth) named
+  ``<stem><suffix>``, stems relative to ``directory``: one listing of the tree, for
+  testing which files exist without a request per file on an object store."""
+  suffixes = tuple(suffixes)
+  found = {suffix: {} for suffix in suffixes}
+  for path in storage.files_under(directory, suffixes):
+    rel = storage.relpath(path, directory)
+    for suffix in suffixes:
+      if rel.endswith(suffix):
+        found[suffix][rel[: -len(suffix)]] = path
+  return found
 
 
 def pair_files(images, image_dir, image_suffix, label_dir, label_kinds):
   """Matches every image with its label (first existing kind); names what is missing."""
+  labels = stems_under(label_dir, [s for s, _ in label_kinds])
   items, stems = [], set()
   for image in images:
-    stem = os.path.relpath(image, image_dir)[: -len(image_suffix)]
+    stem = storage.relpath(image, image_dir)[: -len(image_suffix)]
     stems.add(stem)
     for suffix, mapping in label_kinds:
-      label = os.path.join(label_dir, stem + suffix)
-      if os.path.exists(label):
+      if stem in labels[suffix]:
+        label = os.path.join(label_dir, stem + suffix)
         items.append((image, label, mapping, os.path.basename(stem)))
         break
     else:
@@ -104,8 +128,7 @@ def pair_files(images, image_dir, image_suffix, label_dir, label_kinds):
         f"{' / '.join(s for s, _ in label_kinds[:-1])})"
       )
   for suffix, _ in label_kinds:
-    for label in glob.glob(os.path.join(label_dir, "**", "*" + suffix), recursive=True):
-      stem = os.path.relpath(label, label_dir)[: -len(suffix)]
+    for stem, label in sorted(labels[suffix].items(), key=lambda kv: kv[1]):
       if stem not in stems:
         raise UserError(
           f"label {label} has no image: expected {os.path.join(image_dir, stem + image_suffix)}"
@@ -116,10 +139,9 @@ def pair_files(images, image_dir, image_suffix, label_dir, label_kinds):
 def read_split_list(root: str, listing: str, split: str, layout: str) -> list:
   """The non-empty lines (stripped) of ``split``'s listing file ``listing`` (under ``root``)."""
   need_dir(root, "config.data.root", layout)
-  if not os.path.exists(listing):
+  if not storage.exists(listing):
     raise UserError(f"no split {split!r}: {listing} is missing; expected {layout}")
-  with open(listing) as f:
-    return [line.strip() for line in f if line.strip()]
+  return [line.strip() for line in storage.read_text(listing).splitlines() if line.strip()]
 
 
 def check_key(ok: bool, key: str, expected: str, value) -> None:

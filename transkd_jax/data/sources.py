@@ -18,16 +18,21 @@ which is what ``grain.MapDataset.source`` needs.
   0-39), split lists ``<split>.txt`` (train.txt 795, test.txt 654 names).
 - ``generated``: the street-scene generator's tree (written on first use under
   ``config.data.root``, default ``~/.cache/transkd_jax/generated-...``), read
-  through the Cityscapes source.
+  through the Cityscapes source. It is written on a local disk: a URI root is
+  refused (a copy of the tree in a bucket reads as ``cityscapes``).
+
+``config.data.root`` of the four file layouts may be a URI (``gs://...``, any
+``etils.epath`` one): each directory is listed once (``transkd_jax.storage``),
+so which files exist is known without a request per file, and paths stay URIs.
 
 Each ``<dataset>_source(data_config, split, num_classes)`` is the builder of a row of
 the dataset table (``datasets.py``; ``tfds`` is ``tfds_source.py``'s), which passes the
 row's class count; ``check_<dataset>`` checks the row's own keys without touching files.
 """
 
-import glob
 import os
 
+from transkd_jax import storage
 from transkd_jax.data import generated
 from transkd_jax.data.labels import to_train_ids as to_train_ids  # (its home before labels.py)
 from transkd_jax.data.readers import (
@@ -36,6 +41,7 @@ from transkd_jax.data.readers import (
   need_dir,
   pair_files,
   read_split_list,
+  stems_under,
 )
 from transkd_jax.data.readers import read_image as read_image  # sources.read_image: predict.py's
 from transkd_jax.data.readers import read_label as read_label
@@ -52,11 +58,11 @@ def cityscapes_items(root: str, split: str):
   """(image, label, mapping, name) for Cityscapes' fine annotations."""
   need_dir(root, "config.data.root", CITYSCAPES_LAYOUT)
   image_dir = os.path.join(root, "leftImg8bit", split)
-  if not os.path.isdir(image_dir):
+  if not storage.isdir(image_dir):
     raise UserError(
       f"no split {split!r} under {root}: {image_dir} is missing; expected {CITYSCAPES_LAYOUT}"
     )
-  images = sorted(glob.glob(os.path.join(image_dir, "*", "*_leftImg8bit.png")))
+  images = storage.glob(os.path.join(image_dir, "*", "*_leftImg8bit.png"))
   if not images:
     raise UserError(f"{image_dir} holds no */*_leftImg8bit.png; expected {CITYSCAPES_LAYOUT}")
   label_dir = os.path.join(root, "gtFine", split)
@@ -98,12 +104,12 @@ def acdc_items(root: str, split: str, conditions="all"):
   items = []
   for condition in acdc_conditions(conditions):
     image_dir = os.path.join(root, "rgb_anon", condition, split)
-    if not os.path.isdir(image_dir):
+    if not storage.isdir(image_dir):
       raise UserError(
         f"no split {split!r} for condition {condition!r}: {image_dir} is "
         f"missing; expected {ACDC_LAYOUT}"
       )
-    images = sorted(glob.glob(os.path.join(image_dir, "*", "*_rgb_anon.png")))
+    images = storage.glob(os.path.join(image_dir, "*", "*_rgb_anon.png"))
     items += pair_files(
       images,
       image_dir,
@@ -128,18 +134,21 @@ def voc_items(root: str, split: str):
   listing = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
   names = [line.split()[0] for line in read_split_list(root, listing, split, VOC_LAYOUT)]
   label_dirs = [
-    d for d in ("SegmentationClassAug", "SegmentationClass") if os.path.isdir(os.path.join(root, d))
+    d for d in ("SegmentationClassAug", "SegmentationClass") if storage.isdir(os.path.join(root, d))
   ]
   if not label_dirs:
     raise UserError(
       f"{root} has neither SegmentationClassAug/ nor SegmentationClass/; expected {VOC_LAYOUT}"
     )
+  jpegs = stems_under(os.path.join(root, "JPEGImages"), [".jpg"])[".jpg"]
+  pngs = [stems_under(os.path.join(root, d), [".png"])[".png"] for d in label_dirs]
   items = []
   for name in names:
     image = os.path.join(root, "JPEGImages", name + ".jpg")
     labels = [os.path.join(root, d, name + ".png") for d in label_dirs]
-    label = next((p for p in labels if os.path.exists(p)), None)
-    if not os.path.exists(image):
+    key = os.path.normpath(name)
+    label = next((p for p, found in zip(labels, pngs) if key in found), None)
+    if key not in jpegs:
       raise UserError(f"{listing} lists {name!r} but {image} is missing")
     if label is None:
       raise UserError(f"image {image} has no label: expected {labels[0]}")
@@ -159,16 +168,19 @@ def nyuv2_items(root: str, split: str):
   listing = os.path.join(root, f"{split}.txt")
   names = read_split_list(root, listing, split, NYUV2_LAYOUT)
   label_dir = os.path.join(root, "labels40")
-  if not os.path.isdir(label_dir):
+  if not storage.isdir(label_dir):
     raise UserError(f"{label_dir} is missing; expected {NYUV2_LAYOUT}")
+  found = stems_under(os.path.join(root, "images"), [".jpg", ".png"])
+  labels = stems_under(label_dir, [".png"])[".png"]
   items = []
   for name in sorted(names):
     images = [os.path.join(root, "images", name + ext) for ext in (".jpg", ".png")]
-    image = next((p for p in images if os.path.exists(p)), None)
+    key = os.path.normpath(name)
+    image = next((p for p, ext in zip(images, (".jpg", ".png")) if key in found[ext]), None)
     label = os.path.join(label_dir, name + ".png")
     if image is None:
       raise UserError(f"{listing} lists {name!r} but {images[0]} is missing")
-    if not os.path.exists(label):
+    if key not in labels:
       raise UserError(f"image {image} has no label: expected {label}")
     items.append((image, label, "nyu40", name))
   if not items:
@@ -177,6 +189,8 @@ def nyuv2_items(root: str, split: str):
 
 
 def generated_root(data_config) -> str:
+  """Where the generated tree is written: a local directory (a URI root is refused)."""
+  _check_generated_root(data_config.root)
   if data_config.root:
     return os.path.expanduser(data_config.root)
   h, w = data_config.generated_size
@@ -238,7 +252,18 @@ def _count(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _check_generated_root(root) -> None:
+  check_key(
+    not storage.is_uri(root),
+    "root",
+    "a local directory for name='generated' (the tree is written there; a copy of it in a "
+    "bucket reads as name='cityscapes')",
+    root,
+  )
+
+
 def check_generated(data_config) -> None:
+  _check_generated_root(data_config.root)
   for key in ("num_train", "num_val", "generated_seed"):
     check_key(_count(data_config[key]), key, "a non-negative integer", data_config[key])
   size = tuple(data_config.generated_size)

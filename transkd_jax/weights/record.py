@@ -1,9 +1,6 @@
 """Writing converted weights: the Orbax checkpoint and its record (``META_FILE``, what
 ``transkd_jax.build.read_model`` and ``transkd_jax.export`` read back)."""
 
-import json
-import os
-
 import orbax.checkpoint as ocp
 
 from transkd_jax import checkpoint as ckpt_lib
@@ -34,15 +31,15 @@ def record(
 
 
 def save(tree, output: str, meta: dict, overwrite: bool = False):
-  """``tree`` as an Orbax checkpoint at ``output``, with ``meta`` as its META_FILE."""
-  output = os.path.abspath(output)
-  if os.path.exists(output) and not overwrite:
+  """``tree`` as an Orbax checkpoint at ``output`` (a local directory or a URI: Orbax
+  writes both), with ``meta`` as its META_FILE."""
+  output = storage.resolve(output)
+  if storage.exists(output) and not overwrite:
     raise UserError(f"--output {output} exists; choose a new directory or pass --overwrite")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(output, tree, force=overwrite)
   checkpointer.wait_until_finished()
-  with open(os.path.join(output, META_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
+  storage.write_json(storage.join(output, META_FILE), meta, indent=2)
 
 
 def recorded_model(checkpoint: str):

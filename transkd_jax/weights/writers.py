@@ -1,36 +1,37 @@
 """Exported files: a HuggingFace ``save_pretrained`` directory (model.safetensors and its
-configs) and a public-layout PyTorch state dict (model.pth). Each file is written beside
-and then moved into place."""
+configs) and a public-layout PyTorch state dict (model.pth), in a local directory or
+under a URI. Each file is written through ``storage.staged``: locally beside and then
+moved into place, for a URI locally and then copied there."""
 
 import json
-import os
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from transkd_jax import storage
 from transkd_jax.weights.hf_config import hf_config, preprocessor_config
 from transkd_jax.weights.names import public_to_hf
 from transkd_jax.weights.readers import import_torch
 
 
 def write_json(path: str, obj):
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  with storage.staged(path) as local:
+    with open(local, "w") as f:
+      json.dump(obj, f, indent=2)
+      f.write("\n")
 
 
 def write_hf(public, spec, num_classes, output, normalization, image_size, names):
   """``output``/model.safetensors, config.json and preprocessor_config.json of a SegFormer
   given as its public state dict."""
   tensors = {k: np.array(v, order="C") for k, v in public_to_hf(public).items()}
-  path = os.path.join(output, "model.safetensors")
-  save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-  os.replace(path + ".tmp", path)
+  with storage.staged(storage.join(output, "model.safetensors")) as local:
+    save_file(tensors, local, metadata={"format": "pt"})
   in_channels = public["patch_embed1.proj.weight"].shape[1]
-  write_json(os.path.join(output, "config.json"), hf_config(spec, num_classes, names, in_channels))
+  write_json(storage.join(output, "config.json"), hf_config(spec, num_classes, names, in_channels))
   write_json(
-    os.path.join(output, "preprocessor_config.json"), preprocessor_config(normalization, image_size)
+    storage.join(output, "preprocessor_config.json"),
+    preprocessor_config(normalization, image_size),
   )
 
 
@@ -42,6 +43,5 @@ def torch_for_export():
 def write_pytorch(public, output):
   """``output``/model.pth: the public state dict as PyTorch tensors."""
   torch = torch_for_export()
-  path = os.path.join(output, "model.pth")
-  torch.save({k: torch.from_numpy(v) for k, v in public.items()}, path + ".tmp")
-  os.replace(path + ".tmp", path)
+  with storage.staged(storage.join(output, "model.pth")) as local:
+    torch.save({k: torch.from_numpy(v) for k, v in public.items()}, local)
