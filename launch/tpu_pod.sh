@@ -6,7 +6,8 @@
 #
 #   TPU_NAME=NAME ZONE=ZONE launch/tpu_pod.sh <transkd_jax.main arguments>
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh --config=configs/cityscapes.py \
-#       --workdir=gs://my-bucket/runs/b0 --mode=train --config.data.root=/mnt/nfs/cityscapes
+#       --workdir=gs://my-bucket/runs/b0 --mode=train --config.data.root=/mnt/nfs/cityscapes \
+#       --config.teacher.checkpoint=gs://my-bucket/ckpt/b2
 #
 # Creates nothing: the slice must exist (gcloud compute tpus tpu-vm create ...). Then:
 # 1. The code. By default this checkout's last commit: `git archive HEAD` (committed files
