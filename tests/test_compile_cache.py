@@ -22,3 +22,20 @@ def test_empty_turns_the_cache_off_and_jax_compilation_cache_dir_wins():
   finally:
     for k, v in saved.items():
       jax.config.update(k, v)
+
+
+def test_without_filelock_the_cache_stays_unbounded(monkeypatch):
+  """JAX refuses a bounded cache without the filelock package (a base install lacks it)."""
+  import importlib.util
+
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "filelock" else find_spec(name)
+  )
+  saved = jax.config.jax_compilation_cache_max_size
+  try:
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    compile_cache.enable("~/.cache/transkd_jax/xla")
+    assert jax.config.jax_compilation_cache_max_size == -1
+  finally:
+    jax.config.update("jax_compilation_cache_max_size", saved)

@@ -5,10 +5,12 @@ compiled programs are kept between starts, keyed by the program, the devices
 and the JAX version: a resumed or repeated run skips the step's compile (minutes
 for full-size models on a GPU or TPU) and only traces it. Empty turns the cache
 off. ``JAX_COMPILATION_CACHE_DIR``, when set, wins over the config (JAX's own
-setting). The cache is bounded (least recently used entries go first), which
-also makes processes that share it take a file lock around each entry.
+setting). Where the ``filelock`` package is installed the cache is bounded
+(least recently used entries go first), which also makes processes that share
+it take a file lock around each entry; without it JAX keeps it unbounded.
 """
 
+import importlib.util
 import os
 
 import jax
@@ -22,7 +24,9 @@ def enable(path: str) -> str:
   if not path:
     jax.config.update("jax_enable_compilation_cache", False)
     return "off (config.compile_cache is empty)"
-  if jax.config.jax_compilation_cache_max_size == -1:
+  # JAX bounds the cache only with a file lock (the filelock package, which the test
+  # extra brings); without it the cache stays unbounded, as JAX's default.
+  if jax.config.jax_compilation_cache_max_size == -1 and importlib.util.find_spec("filelock"):
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR
     return f"{jax.config.jax_compilation_cache_dir} (JAX_COMPILATION_CACHE_DIR)"
