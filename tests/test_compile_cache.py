@@ -1,5 +1,7 @@
-"""config.compile_cache: where main keeps compiled programs (tests/test_main.py runs one
-start with the default, under the home directory)."""
+"""config.compile_cache: where main keeps compiled programs (main prints it at start-up:
+tests/test_distributed.py)."""
+
+import os
 
 import jax
 
@@ -16,6 +18,10 @@ def test_empty_turns_the_cache_off_and_jax_compilation_cache_dir_wins():
     jax.config.update("jax_compilation_cache_dir", "/tmp/set_by_the_variable")
     where = compile_cache.enable("~/.cache/transkd_jax/xla")
     assert where == "/tmp/set_by_the_variable (JAX_COMPILATION_CACHE_DIR)"
+    jax.config.update("jax_compilation_cache_dir", None)
+    home = os.path.expanduser("~")
+    assert compile_cache.enable("~/.cache/transkd_jax/xla") == f"{home}/.cache/transkd_jax/xla"
+    assert jax.config.jax_compilation_cache_dir == f"{home}/.cache/transkd_jax/xla"
     jax.config.update("jax_compilation_cache_dir", None)
     assert compile_cache.enable("gs://bucket/xla") == "gs://bucket/xla"
     assert jax.config.jax_compilation_cache_dir == "gs://bucket/xla"

@@ -1,6 +1,7 @@
 """Several processes on 127.0.0.1 (CPU devices, gloo): the multi-host code path.
 
-2 processes x 2 devices train to the parameters of 1 process x 4 devices; a
+configs/cityscapes.py at a tiny size, 2 images per device: 2 processes x 2 devices
+train with a global batch of 8 to the parameters of 1 process x 4 devices; a
 checkpoint they write resumes in 1 process; a process that dies makes the
 other stop with an error instead of hanging; SIGTERM to one process makes
 both save the same step and exit cleanly.
@@ -13,9 +14,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from runs import REPO, SYNTHETIC, env, final_params, main, overrides, stop, wait_for
+from runs import REPO, env, final_params, main, stop, wait_for
 
 from transkd_jax import distributed
+from transkd_jax.data import generated
 from transkd_jax.logs import read_metrics
 
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
@@ -62,17 +64,41 @@ def test_start_up_flags_that_contradict_are_named(monkeypatch):
     distributed.initialize("127.0.0.1:1234", 2, 0, mode="off")
 
 
+CITYSCAPES = f"--config={REPO / 'configs' / 'cityscapes.py'}"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  """Generated scenes in Cityscapes' layout: 8 to train on, 4 to validate."""
+  root = tmp_path_factory.mktemp("cityscapes") / "tree"
+  generated.write_dataset(str(root), 8, 4, (64, 128), seed=0)
+  return str(root)
+
+
 def _args(data_root, workdir, **extra):
-  # Batch 4 over 4 devices; the schedule's length is fixed so runs of 2 and 4 steps
-  # agree. AdamW's eps 1.0 keeps updates proportional to gradients (with 1e-8 a
-  # gradient that is float noise around 0 becomes a +-lr step in either run), and a
-  # large rate makes a wrong batch visible in the parameters.
-  optimizer = {"optimizer.decay_steps": 4, "optimizer.eps": 1.0, "optimizer.lr": 0.05}
+  # configs/cityscapes.py at 64x128, the student alone: its 2 images per device make a
+  # global batch of 8 on 1 x 4 and on 2 x 2 devices alike. The schedule's length is
+  # fixed so runs of 2 and 4 steps agree. AdamW's eps 1.0 keeps updates proportional to
+  # gradients (with 1e-8 a gradient that is float noise around 0 becomes a +-lr step in
+  # either run), and a large rate makes a wrong batch visible in the parameters.
+  values = {
+    "method": "student",
+    "image_size": "(64,128)",
+    "data.root": data_root,
+    "log_every": 1,
+    "eval_every": 0,
+    "count_flops": False,
+    "optimizer.warmup_steps": 0,
+    "optimizer.decay_steps": 4,
+    "optimizer.eps": 1.0,
+    "optimizer.lr": 0.05,
+    **extra,
+  }
   return [
     "--mode=train",
-    SYNTHETIC,
+    CITYSCAPES,
     f"--workdir={workdir}",
-    *overrides(data_root, batch_size=4, **optimizer, **extra),
+    *(f"--config.{k}={v}" for k, v in values.items()),
   ]
 
 
@@ -107,7 +133,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(
 ):
   one = env(compile_cache, devices=4)
   # 1 process x 4 devices, 4 steps, a checkpoint at 2.
-  _run(
+  out = _run(
     [
       "python",
       "-m",
@@ -116,12 +142,14 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(
     ],
     one,
   )
+  assert "global batch 8 (2 per device x 4 devices); compile cache" in out
   # 2 processes x 2 devices, 2 steps, validating at the end.
   out = _run(
     ["bash", str(LAUNCH), "2", *_args(data_root, tmp_path / "two", total_steps=2, eval_every=2)],
     dict(env(compile_cache), DEVICES_PER_PROCESS="2"),
   )
   assert "process 1 of 2: 2 local of 4 devices" in out
+  assert "global batch 8 (2 per device x 4 devices)" in out
   done = [line for line in out.splitlines() if "done: step 2" in line]
   assert len(done) == 1 and done[0].startswith("[process 0]")  # one console
   assert "on 4 images" in done[0]  # validation counted both processes' images

@@ -143,50 +143,6 @@ def test_recipe_is_a_mode(tmp_path):
     assert "unknown distillation method 'nope'" in result.stderr
 
 
-def test_a_cityscapes_config_batches_2_per_device_and_caches_its_compiles(tmp_path):
-  """configs/cityscapes.py sets per_device_batch_size=2: on 4 devices a step takes 8
-  images, all the training split has (a 9th would be needed for a global batch above 8).
-  The compiled programs go to config.compile_cache's default, under the home directory."""
-  from runs import env
-
-  from transkd_jax.data import generated
-
-  root = tmp_path / "cityscapes"
-  generated.write_dataset(str(root), 8, 2, (64, 128), seed=0)
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "transkd_jax.main",
-      CITYSCAPES,
-      f"--workdir={tmp_path / 'run'}",
-      f"--config.data.root={root}",
-      "--config.method=student",
-      "--config.image_size=(64,128)",
-      "--config.total_steps=1",
-      "--config.log_every=1",
-      "--config.eval_every=0",
-      "--config.count_flops=False",
-    ],
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    env=_without_jax_cache(env("", devices=4), home=tmp_path / "home"),
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-  cache = tmp_path / "home" / ".cache" / "transkd_jax" / "xla"
-  assert f"global batch 8 (2 per device x 4 devices); compile cache {cache}" in result.stdout
-  assert [p for p in cache.iterdir() if p.name.startswith("jit_step")]
-  assert "step 1/1: loss" in result.stdout
-
-
-def _without_jax_cache(environment, home):
-  environment = {k: v for k, v in environment.items() if not k.startswith("JAX_COMPILATION")}
-  environment = {k: v for k, v in environment.items() if not k.startswith("JAX_PERSISTENT")}
-  return dict(environment, HOME=str(home))
-
-
 def test_a_cpu_start_prints_no_tpu_initialisation_noise():
   """The test extra installs libtpu; on a machine without a TPU or GPU a start stays quiet."""
   import glob
