@@ -90,16 +90,22 @@ def _shared_compilation_cache(compile_cache):
   jax.config.update("jax_compilation_cache_max_size", 8 << 30)  # with the file lock
   compilation_cache.reset_cache()
   compilation_cache.set_cache_dir(compile_cache)
-  # Every subprocess's main uses it too (the variable wins over config.compile_cache),
-  # instead of ~/.cache/transkd_jax.
-  previous = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = compile_cache
+  # Every subprocess uses it too (the variable wins over main's config.compile_cache),
+  # instead of ~/.cache/transkd_jax, and bounded like this process: a process with an
+  # unbounded cache writes entries without the access-time files the others evict by.
+  variables = {
+    "JAX_COMPILATION_CACHE_DIR": compile_cache,
+    "JAX_COMPILATION_CACHE_MAX_SIZE": "8589934592",
+  }
+  previous = {k: os.environ.get(k) for k in variables}
+  os.environ.update(variables)
   yield
   compilation_cache.reset_cache()
-  if previous is None:
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-  else:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = previous
+  for k, v in previous.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
