@@ -8,12 +8,20 @@ off. ``JAX_COMPILATION_CACHE_DIR``, when set, wins over the config (JAX's own
 setting). Where the ``filelock`` package is installed the cache is bounded
 (least recently used entries go first), which also makes processes that share
 it take a file lock around each entry; without it JAX keeps it unbounded.
+
+``remembered(lowered, name, compute)`` keeps a number about a program (the train
+step's FLOPs, which take a second trace to count) beside the compiled programs,
+keyed by the program's text, so that a second start skips that trace as well.
 """
 
+import hashlib
 import importlib.util
+import json
 import os
+from typing import Callable
 
 import jax
+from etils import epath
 
 MAX_BYTES = 8 << 30
 
@@ -33,3 +41,27 @@ def enable(path: str) -> str:
   path = path if "://" in path else os.path.expanduser(path)
   jax.config.update("jax_compilation_cache_dir", path)
   return path
+
+
+def remembered(lowered, name: str, compute: Callable[[], float]) -> float:
+  """``compute()``, kept in the cache directory under the hash of ``lowered``'s
+  program text (with the JAX version and platform) and read back from there by a
+  later start; computed each time when the cache is off or unreadable."""
+  root = jax.config.jax_compilation_cache_dir
+  if not (jax.config.jax_enable_compilation_cache and root):
+    return compute()
+  key = hashlib.sha256(
+    f"{jax.__version__} {jax.default_backend()} {name}\n{lowered.as_text()}".encode()
+  ).hexdigest()
+  path = epath.Path(root) / "transkd_jax" / f"{name}-{key}.json"
+  try:
+    return float(json.loads(path.read_text())["value"])
+  except (OSError, ValueError, KeyError, TypeError):
+    pass  # not written yet (or by an older start): counted now
+  value = compute()
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"value": value}))
+  except OSError:
+    pass  # a read-only cache: counted again next time
+  return value

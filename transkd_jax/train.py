@@ -29,7 +29,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from transkd_jax import build, data, distributed, normalization, sharding, storage, throughput
+from transkd_jax import (
+  build,
+  compile_cache,
+  data,
+  distributed,
+  normalization,
+  sharding,
+  storage,
+  throughput,
+)
 from transkd_jax import checkpoint as ckpt_lib
 from transkd_jax.errors import UserError
 from transkd_jax.eval_step import evaluate_split, make_eval_step
@@ -147,7 +156,11 @@ def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
   xla = time.perf_counter() - start - traced
   flops = float("nan")
   if run.config.count_flops:
-    flops = throughput.step_flops(run.train_step, state, teacher_vars, batch, compiled=compiled)
+    flops = compile_cache.remembered(
+      lowered,
+      "step_flops",
+      lambda: throughput.step_flops(run.train_step, state, teacher_vars, batch, compiled=compiled),
+    )
   if chief:
     work = (
       f" ({flops / 1e9 / run.config.batch_size:.1f} GFLOP per image)"
