@@ -42,14 +42,63 @@ def test_checkpoints_restore_state_and_data_and_fall_back(tmp_path):
   restored, step = ckpts.restore(abstract, fresh)
   assert step == 5 and float(restored["w"][0]) == 5.0
   assert next(fresh)["x"].tolist() == expected_next  # the data stream resumes exactly
-  # A damaged latest checkpoint: restore falls back to the previous one, saying so.
-  for f in (tmp_path / "checkpoints" / "5" / "state").rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"garbage")
+  # A damaged latest checkpoint (a truncated data file): restore falls back to the
+  # previous one, saying so, and sets the damaged one aside so a later save of step 5
+  # does not collide with it.
+  data_files = [f for f in (tmp_path / "checkpoints" / "5" / "state").rglob("*") if f.is_file()]
+  largest = max(data_files, key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+  ckpts = ckpt_lib.RunCheckpoints(str(tmp_path), keep=2)
   restored, step = ckpts.restore(abstract, _iterator())
   assert step == 4 and float(restored["w"][0]) == 4.0
+  assert ckpts.steps() == [2, 4] and (tmp_path / "checkpoints" / "5.damaged").is_dir()
+  ckpts.save(5, state, it, config, force=True)
+  ckpts.wait()
+  assert ckpts.steps() == [2, 4, 5]
   saved_config = json.loads((tmp_path / "checkpoints" / "4" / "config" / "metadata").read_text())
   assert saved_config == {"a": 1}
+  # When no checkpoint can be read, the run stops: it is never started afresh over them.
+  for step in (2, 4, 5):
+    for f in (tmp_path / "checkpoints" / str(step) / "state").rglob("*"):
+      if f.is_file():
+        f.write_bytes(b"garbage")
+  ckpts.close()
+  ckpts = ckpt_lib.RunCheckpoints(str(tmp_path), keep=2)
+  with pytest.raises(UserError, match=r"none of the checkpoints in .* \(steps 2, 4, 5\)"):
+    ckpts.restore(abstract, _iterator())
+  ckpts.close()
+
+
+def test_a_transient_read_error_is_retried_and_never_taken_for_damage(tmp_path, monkeypatch):
+  config = ml_collections.ConfigDict({"a": 1})
+  ckpts = ckpt_lib.RunCheckpoints(str(tmp_path), async_save=False)
+  for step in (1, 2):
+    ckpts.save(step, {"w": jnp.full(3, float(step))}, None, config, force=True)
+  abstract = jax.eval_shape(lambda: {"w": jnp.zeros(3)})
+  read = ckpts.manager.restore
+  failures = {"left": 2}
+
+  def flaky(step, args=None):
+    if failures["left"]:
+      failures["left"] -= 1
+      raise ValueError("OUT_OF_RANGE reading gs://b/r: 503 Service Unavailable")
+    return read(step, args=args)
+
+  monkeypatch.setattr(ckpts.manager, "restore", flaky)
+  waits = []
+  restored, step = ckpts.restore(abstract, sleep=waits.append)
+  assert step == 2 and float(restored["w"][0]) == 2.0  # the newest, after two tries
+  assert waits == [ckpt_lib.READ_RETRY_WAIT, 2 * ckpt_lib.READ_RETRY_WAIT]
+  # Storage that keeps failing: the run stops, naming it, and does not fall back to 1.
+  failures["left"] = 100
+  waits.clear()
+  with pytest.raises(ckpt_lib.TransientReadError, match=r"checkpoints/2 failed 5 times"):
+    ckpts.restore(abstract, sleep=waits.append)
+  assert len(waits) == ckpt_lib.READ_TRIES - 1
+  assert ckpt_lib.transient(OSError(104, "Connection reset by peer"))
+  assert ckpt_lib.transient(TimeoutError())
+  assert not ckpt_lib.transient(ValueError("Error reading: DATA_LOSS: truncated chunk"))
+  ckpts.close()
 
 
 def test_model_variables_from_converted_dir_and_errors(tmp_path):

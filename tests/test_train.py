@@ -82,6 +82,12 @@ def test_training_is_the_default_mode_lowers_the_loss_and_a_killed_run_resumes_b
   b = _final_params(tmp_path / "b", 12)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+  # The finished run made longer (a key that may change on resume): it goes on from 12.
+  longer = _main([*args, f"--workdir={tmp_path / 'b'}", "--config.total_steps=14"], env)
+  out, _ = longer.communicate(timeout=600)
+  assert longer.returncode == 0, out[-3000:]
+  assert "changed keys: total_steps 12 -> 14" in out and "resumed from" in out
+  assert "step 14/14" in out and (tmp_path / "b" / "checkpoints" / "14").is_dir()
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_root, compile_cache):
@@ -116,3 +122,64 @@ def test_a_non_finite_loss_is_named_at_its_first_step():
     r"good checkpoint: none",
   ):
     check_finite(rows, 7)
+
+
+def test_sigterm_during_compile_or_validation_keeps_the_last_completed_step(
+  tmp_path, data_root, monkeypatch, capsys
+):
+  """SIGTERM while the step compiles stops at once (nothing new to save); during
+  validation it stops the validation and saves the step unscored; both exit cleanly
+  and say so in WORKDIR/run_status.json, and the restarted run goes on from there."""
+  import os
+  import time
+
+  from runs import tiny_config
+
+  from transkd_jax import train as train_lib
+  from transkd_jax.storage import read_json
+
+  config = tiny_config(data_root, method="student", total_steps=4, eval_every=2)
+  compile_step = train_lib._compile
+
+  def slow_compile(*args):  # a long compile (minutes on a TPU slice), signalled
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the run stops without waiting for it
+
+  monkeypatch.setattr(train_lib, "_compile", slow_compile)
+  start = time.perf_counter()
+  summary = train_lib.train(config, str(tmp_path))
+  assert time.perf_counter() - start < 20 and summary["status"] == "preempted"
+  assert summary["step"] == 0 and not list((tmp_path / "checkpoints").iterdir())
+  assert read_json(str(tmp_path / "run_status.json")) == {
+    "status": "preempted",
+    "step": 0,
+    "total_steps": 4,
+  }
+  monkeypatch.setattr(train_lib, "_compile", compile_step)
+
+  validate = train_lib.run_validation
+  batches = []
+
+  def signalled_validation(run, state, stop):
+    def counting_stop():
+      batches.append(1)
+      answer = stop()
+      if len(batches) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the first batch
+      return answer
+
+    return validate(run, state, stop=counting_stop)
+
+  monkeypatch.setattr(train_lib, "run_validation", signalled_validation)
+  summary = train_lib.train(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "SIGTERM before the first step: step 0 is the last completed one (a fresh run" in out
+  assert "SIGTERM during validation: saved step 2 (unscored)" in out
+  assert summary["status"] == "preempted" and summary["step"] == 2 and "val" not in summary
+  assert len(batches) == 2  # stopped before the second validation batch
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+  assert not [r for r in read_metrics(str(tmp_path)) if r["split"] == "val"]
+  monkeypatch.setattr(train_lib, "run_validation", validate)
+  summary = train_lib.train(config, str(tmp_path))
+  assert summary["status"] == "done" and summary["start_step"] == 2 and summary["step"] == 4
+  assert read_json(str(tmp_path / "run_status.json"))["status"] == "done"

@@ -10,13 +10,17 @@ temporary directory and renames it when complete), so a crash never leaves a
 half-written checkpoint that looks finished. Kept: the last
 ``config.keep_checkpoints`` and the best by validation metric.
 
-Restoring walks back from the newest step: a checkpoint that cannot be read is
-skipped with a warning naming it, and the previous one is used.
+Restoring walks back from the newest step: a checkpoint that cannot be read
+(damage: a truncated or missing file) is skipped with a warning naming it, set
+aside as ``<step>.damaged``, and the previous one is used, by every process
+together. A transient storage error is retried, never taken for damage; a
+workdir whose checkpoints all fail to read stops the run.
 """
 
 import dataclasses
 import json
 import re
+import time
 from typing import Any, Optional
 
 import grain
@@ -26,7 +30,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from transkd_jax import normalization, storage
+from transkd_jax import distributed, normalization, storage
 from transkd_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -87,6 +91,58 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 def _metric_fn(name):
   return lambda metrics: float(metrics[name])
+
+
+READ_TRIES = 5  # a checkpoint read that fails transiently, tried this many times in all
+READ_RETRY_WAIT = 2.0  # seconds before the second try; doubling after
+# Words in the errors of storage that may answer on the next try (gRPC / HTTP / OS).
+TRANSIENT_MARKERS = (
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "RESOURCE_EXHAUSTED",
+  "Service Unavailable",
+  "Too Many Requests",
+  "Connection reset",
+  "Connection aborted",
+  "timed out",
+  "Temporary failure",
+)
+
+
+class TransientReadError(RuntimeError):
+  """A checkpoint read kept failing with a transient error: not damage."""
+
+
+def transient(error: BaseException) -> bool:
+  """Whether ``error`` (or one it was raised from) looks like storage that may answer
+  on the next try, rather than a damaged checkpoint."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (TimeoutError, ConnectionError)):
+      return True
+    if any(marker in str(error) for marker in TRANSIENT_MARKERS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _key_name(key) -> str:
+  for attribute in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def tree_shapes(tree) -> dict:
+  """{"params/student/...": shape} for the arrays of a state, abstract or saved (a
+  checkpoint's metadata tree, where a namedtuple's fields come back as dict keys)."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+  return {
+    "/".join(_key_name(k) for k in path): tuple(leaf.shape)
+    for path, leaf in leaves
+    if hasattr(leaf, "shape")
+  }
 
 
 class RunCheckpoints:
@@ -161,32 +217,104 @@ class RunCheckpoints:
     """The step with the best ``best_metric`` among saved ones (None if none scored)."""
     return self.manager.best_step()
 
-  def restore(self, abstract_state, data_iterator=None):
-    """(state, step) from the newest readable checkpoint, or (None, None) if none.
+  def saved_shapes(self) -> Optional[dict]:
+    """{"params/student/...": shape} of the newest checkpoint's state, from its
+    metadata; None when there is none, or its metadata cannot be read (restore
+    then names it)."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    try:
+      metadata = self.manager.item_metadata(step)["state"]
+    except Exception:  # a damaged newest checkpoint: restore() falls back past it
+      return None
+    return tree_shapes(metadata)
+
+  def restore(self, abstract_state, data_iterator=None, sleep=time.sleep):
+    """(state, step) from the newest checkpoint every process can read, or (None, None)
+    when the workdir holds none.
 
     ``abstract_state`` gives structure, shapes and shardings (ShapeDtypeStructs
-    with ``sharding``); ``data_iterator`` is restored in place.
+    with ``sharding``); ``data_iterator`` is restored in place. A read that fails
+    with a transient error (``transient``) is tried again, READ_TRIES times in all
+    with doubling waits, and then raised: it is never taken for damage. Any other
+    error marks the checkpoint damaged: every process then falls back to the
+    previous step together (process 0's list of steps, agreed success), and the
+    damaged directory is moved aside (``<step>.damaged``) so that the run's later
+    save of that step does not collide with it. When checkpoints exist but none can
+    be read, it raises: a workdir is never silently started afresh.
     """
-    for step in reversed(self.steps()):
+    steps = distributed.chief_ints(self.steps())
+    damaged = []
+    for step in reversed(steps):
+      path = storage.join(self.directory, str(step))
+      error = None
+      try:
+        restored = self._read(step, abstract_state, data_iterator, sleep)
+      except TransientReadError:
+        raise
+      except Exception as e:  # damage: a truncated or missing file, a bad structure
+        error, restored = e, None
+      if distributed.all_true(error is None):
+        self._set_aside(damaged)
+        return restored["state"], step
+      reason = f"{type(error).__name__}: {str(error)[:300]}" if error else "another process"
+      logging.warning("checkpoint %s cannot be restored (%s)", path, reason)
+      print(
+        f"warning: checkpoint {path} cannot be restored ({reason}); trying the previous one",
+        flush=True,
+      )
+      damaged.append(step)
+    if steps:
+      raise UserError(
+        f"none of the checkpoints in {self.directory} (steps "
+        f"{', '.join(map(str, steps))}) can be restored (the warnings above say why); "
+        "the run was not started afresh over them. Move them away, or give this run "
+        "another --workdir."
+      )
+    return None, None
+
+  def _read(self, step, abstract_state, data_iterator, sleep):
+    """One checkpoint, read with retries on transient errors."""
+    for attempt in range(READ_TRIES):
       try:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
           items["data"] = DataRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], step
-      except Exception as e:  # a damaged or incompatible checkpoint: try the previous one
-        logging.warning(
-          "checkpoint %s cannot be restored (%s: %s); trying the previous one",
-          storage.join(self.directory, str(step)),
-          type(e).__name__,
-          e,
-        )
+        return self.manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:
+        if not transient(e):
+          raise
+        path = storage.join(self.directory, str(step))
+        if attempt == READ_TRIES - 1:
+          raise TransientReadError(
+            f"reading checkpoint {path} failed {READ_TRIES} times with a transient "
+            f"error ({type(e).__name__}: {str(e)[:300]}); not taken for damage: start the "
+            "run again when the storage answers"
+          ) from e
+        wait = READ_RETRY_WAIT * 2**attempt
         print(
-          f"warning: checkpoint {storage.join(self.directory, str(step))} cannot be "
-          f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one",
+          f"warning: reading {path} failed ({type(e).__name__}: {str(e)[:200]}); trying "
+          f"again in {wait:.0f} s ({attempt + 2} of {READ_TRIES})",
           flush=True,
         )
-    return None, None
+        sleep(wait)
+
+  def _set_aside(self, steps):
+    """Renames damaged step directories to ``<step>.damaged`` (process 0), kept for a
+    look, out of the way of the run's later saves."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        path = epath.Path(storage.join(self.directory, str(step)))
+        target = epath.Path(storage.join(self.directory, f"{step}.damaged"))
+        if target.exists():
+          target.rmtree()
+        path.rename(target)
+        print(f"moved the damaged checkpoint {path} to {target}", flush=True)
+    distributed.barrier("checkpoint:set_aside")
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every = STEPS_PER_EPOCH  # validate once per epoch, as the public code
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3  # latest N, plus the best by validation mIoU
+  # Keys (comma-separated, e.g. "data.root,data.num_workers") that may differ from the
+  # config a workdir's checkpoints were saved with; logging, evaluation, checkpoint and
+  # length keys may always (transkd_jax/resume.py).
+  config.resume_allow = ""
   config.train_split = "train"
   config.eval_split = "val"
   config.eval_protocol = "standard"  # mIoU: or "reference" (the public code's, 1/4 labels)

@@ -26,6 +26,7 @@ import os
 from typing import Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
 
@@ -112,3 +113,24 @@ def _start(*args, **kwargs):
     f"({jax.devices()[0].platform})",
     flush=True,
   )
+
+
+def all_true(value: bool) -> bool:
+  """Whether ``value`` is true on every process (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return bool(value)
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(value)))))
+
+
+def chief_ints(values, size: int = 256) -> list:
+  """Process 0's list of up to ``size`` non-negative integers, on every process."""
+  if jax.process_count() == 1:
+    return list(values)
+  from jax.experimental import multihost_utils
+
+  padded = np.full(size, -1, np.int64)
+  values = list(values)[-size:]
+  padded[: len(values)] = values
+  return [int(v) for v in multihost_utils.broadcast_one_to_all(padded) if v >= 0]

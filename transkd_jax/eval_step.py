@@ -12,7 +12,7 @@ Validation during training (transkd_jax/train.py), the teacher check, ``--mode=e
   predictions at the logits' resolution; an absent class counts as IoU 0.
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -189,15 +189,20 @@ def _exact(high_low) -> np.ndarray:
   return (high << _LOW_BITS) + low
 
 
-def evaluate_split(config, mesh, eval_step, variables, split: str, limit: int = 0) -> dict:
+def evaluate_split(
+  config, mesh, eval_step, variables, split: str, limit: int = 0, stop=None
+) -> Optional[dict]:
   """Runs ``eval_step`` over ``split`` (its first ``limit`` images when > 0); scores +
-  "loss", "num_images", "confusion".
+  "loss", "num_images", "confusion". None when ``stop()``, asked before each batch (by
+  every process: a preemption point), says to stop.
 
   The sums stay on the device (no host sync per batch: dispatch runs ahead of
   the device) and come to the host once, after the last batch.
   """
   totals, skipped = None, 0
   for batch in data.make_eval_iterator(config, split=split, limit=limit):
+    if stop is not None and stop():
+      return None
     local = {k: batch[k] for k in ("image", "label", "valid", "label_size") if k in batch}
     skipped += int(np.sum(batch.get("skipped", 0)))  # this process's, from the host batch
     totals = _accumulate(totals, eval_step(variables, sharding.global_batch(local, mesh)))

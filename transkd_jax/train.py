@@ -21,6 +21,7 @@
 import math
 import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -35,6 +36,7 @@ from transkd_jax import (
   data,
   distributed,
   normalization,
+  resume,
   sharding,
   storage,
   throughput,
@@ -45,24 +47,31 @@ from transkd_jax.eval_step import evaluate_split, make_eval_step
 from transkd_jax.logs import MetricWriter
 from transkd_jax.train_step import TrainState
 
+# WORKDIR/run_status.json, written as a run ends: {"status": "done" | "preempted", "step",
+# "total_steps"} (launch/slurm.sbatch and launch/tpu_pod.sh --watch read it).
+STATUS_FILE = "run_status.json"
+
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
 
 
 class _Preemption:
-  """SIGTERM (preemption) -> save after a step and stop.
+  """SIGTERM (preemption) -> save the last completed step and stop.
 
-  One process: a handler sets a flag the loop reads after every step. Several:
-  JAX's preemption service owns SIGTERM and agrees on a step every process
-  reaches (``reached_preemption_sync_point``), so all of them save that same
-  step together, whichever received the signal and when.
+  ``reached()`` is asked after every step, before every evaluation batch and after
+  the step's compile, by every process at the same points. One process: a
+  handler sets the flag it returns. Several: JAX's preemption service owns
+  SIGTERM and agrees on one of these points that every process reaches
+  (``reached_preemption_sync_point``, counted here), so all of them stop at the
+  same place and save the same step together, whichever received the signal.
   """
 
   def __init__(self):
     self.requested = False
     self._previous = None
     self._multi = jax.process_count() > 1
+    self._points = 0
 
   def __enter__(self):
     if not self._multi:
@@ -75,10 +84,11 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
-  def reached(self, step: int) -> bool:
-    """Whether to save and stop after ``step``; call once per step, on every process."""
-    if self._multi:
-      self.requested = multihost_utils.reached_preemption_sync_point(step)
+  def reached(self) -> bool:
+    """Whether to stop here; every process calls it at the same points."""
+    if self._multi and not self.requested:
+      self._points += 1
+      self.requested = multihost_utils.reached_preemption_sync_point(self._points)
     return self.requested
 
   def __exit__(self, *exc):
@@ -175,6 +185,34 @@ def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
   return compiled, flops
 
 
+def _compile_unless_stopped(run, state, teacher_vars, batch, chief, preemption):
+  """``_compile``'s result, or None when SIGTERM came first.
+
+  One process: the compile runs in a thread while this one watches the flag, so a
+  signal during a long compile (minutes on a TPU slice) stops the run at once. Several:
+  they compile in step and ask ``preemption.reached()`` together afterwards.
+  """
+  if jax.process_count() > 1:
+    return _compile(run, state, teacher_vars, batch, chief)
+  result = {}
+
+  def work():
+    try:
+      result["value"] = _compile(run, state, teacher_vars, batch, chief)
+    except BaseException as e:  # raised again in this thread
+      result["error"] = e
+
+  thread = threading.Thread(target=work, name="compile", daemon=True)
+  thread.start()
+  while thread.is_alive():
+    thread.join(0.2)
+    if preemption.requested:
+      return None
+  if "error" in result:
+    raise result["error"]
+  return result["value"]
+
+
 class _Profile:
   """``config.profile_steps`` = (first, last): a ``jax.profiler`` trace of those steps
   (numbered as logged, from 1) in ``directory`` (TensorBoard's profile plugin, Perfetto)."""
@@ -231,9 +269,14 @@ def check_teacher(run: build.Training) -> Optional[dict]:
   return {"miou": scores["miou"], "images": scores["num_images"]}
 
 
-def run_validation(run: build.Training, state) -> dict:
+def run_validation(run: build.Training, state, stop=None) -> Optional[dict]:
+  """Validation scores; None when ``stop()`` said to stop part-way (preemption)."""
   config = run.config
-  scores = evaluate_split(config, run.mesh, run.eval_step, run.deployed(state), config.eval_split)
+  scores = evaluate_split(
+    config, run.mesh, run.eval_step, run.deployed(state), config.eval_split, stop=stop
+  )
+  if scores is None:
+    return None
   return {
     "miou": scores["miou"],
     "pixel_acc": scores["pixel_acc"],
@@ -244,8 +287,16 @@ def run_validation(run: build.Training, state) -> dict:
 
 
 def train(config, workdir: str) -> dict:
-  """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
+  """Trains (or resumes) the run in ``workdir``; returns a summary dict.
+
+  SIGTERM from here on saves the last completed step and stops (``_Preemption``)."""
+  with _Preemption() as preemption:
+    return _train(config, workdir, preemption)
+
+
+def _train(config, workdir: str, preemption) -> dict:
   chief = jax.process_index() == 0  # the one process that prints and writes logs
+  resume.check(workdir, config)  # another run's checkpoints: stop before anything is built
   run = build.training(config)  # the teacher is checked before anything compiles
   if chief and run.teacher is not None:
     print(
@@ -257,7 +308,11 @@ def train(config, workdir: str) -> dict:
   checkpoints = ckpt_lib.RunCheckpoints(
     workdir, keep=config.keep_checkpoints, best_metric="val_miou", best_mode="max"
   )
-  restored, restored_step = checkpoints.restore(run.abstract_state.as_dict(), train_iter)
+  abstract_state = run.abstract_state.as_dict()
+  saved_shapes = checkpoints.saved_shapes()
+  if saved_shapes is not None:
+    resume.check_shapes(workdir, saved_shapes, abstract_state)
+  restored, restored_step = checkpoints.restore(abstract_state, train_iter)
   checked = None  # the teacher check, on a fresh start only
   if restored is not None:
     state = TrainState(**restored)
@@ -299,84 +354,103 @@ def train(config, workdir: str) -> dict:
   profile = _Profile(config.profile_steps, storage.join(workdir, "profile"))
   step_fn, flops = None, float("nan")
   distributed.barrier("train:loop")  # gloo's first collective waits only 30 s for the others
-  with _Preemption() as preemption:
-    step = start
-    while step < total_steps:
-      waited = time.perf_counter()
-      batch = next(train_iter)
-      speed.data_wait += time.perf_counter() - waited
-      skipped += int(np.sum(batch.get("skipped", 0)))
-      batch = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
-      if step_fn is None:  # compiled ahead of the first step: its time is not the step's
-        step_fn, flops = _compile(run, state, teacher_vars, batch, chief)
-        speed.restart()
-      profile.before(step + 1)
-      state, metrics = step_fn(state, teacher_vars, batch)
-      step += 1
-      speed.steps += 1
-      profile.after(step, state)
-      window.append(metrics)  # device arrays: no host sync per step (dispatch runs ahead)
-      bar.update(1)
-      eval_now = bool(config.eval_every) and (step % config.eval_every == 0 or step == total_steps)
-      log_now = step % config.log_every == 0 or step == total_steps
-      preempted = preemption.reached(step)
-      save_now = (
-        eval_now
-        or step == total_steps
-        or preempted
-        or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
-      )
-      if log_now or save_now:
-        # One sync: the window's metrics come to the host and are checked, so a
-        # non-finite state is never evaluated or saved.
-        window = jax.device_get(window)
-        check_finite(window, step - len(window) + 1, checkpoints)
-      if log_now:
-        scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        scalars["lr"] = float(window[-1]["lr"])
-        scalars.update(speed.rates(config.batch_size, flops, list(mesh.devices.flat)))
-        writer.write(step, "train", scalars)
-        bar.set_postfix(loss=f"{float(window[-1]['loss']):.4f}", refresh=False)
-        if chief and not interactive:
-          print(
-            f"step {step}/{total_steps}: loss {scalars['loss']:.4f}, lr {scalars['lr']:.3g}"
-            f"{_speed_text(scalars)}",
-            flush=True,
-          )
-        window = []
-        speed.restart()
-      val = None
-      if eval_now:
-        val = run_validation(run, state)
-        writer.write(step, "val", val)
-        if chief:
-          bar.write(
-            f"step {step}: val mIoU {val['miou']:.4f} "
-            f"({config.eval_protocol} protocol), "
-            f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}"
-          )
-        last_val = val
-      if save_now:
-        checkpoints.save(
-          step,
-          state.as_dict(),
-          train_iter,
-          config,
-          metrics={"val_miou": val["miou"]} if val else None,
-          force=True,
-        )
-      if eval_now or save_now:
-        speed.restart()  # throughput counts training steps only, not evaluation or saving
-      if preempted:
+  step = start
+  while step < total_steps:
+    waited = time.perf_counter()
+    batch = next(train_iter)
+    speed.data_wait += time.perf_counter() - waited
+    skipped += int(np.sum(batch.get("skipped", 0)))
+    batch = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+    if step_fn is None:  # compiled ahead of the first step: its time is not the step's
+      compiled = _compile_unless_stopped(run, state, teacher_vars, batch, chief, preemption)
+      if compiled is None or preemption.reached():
         summary["status"] = "preempted"
         if chief:
-          bar.write(f"SIGTERM: saved step {step} to {checkpoints.directory}; exiting")
+          bar.write(
+            f"SIGTERM before the first step: step {step} is the last completed one "
+            f"({'saved before' if step else 'a fresh run: nothing to save'}); exiting"
+          )
         break
+      step_fn, flops = compiled
+      speed.restart()
+    profile.before(step + 1)
+    state, metrics = step_fn(state, teacher_vars, batch)
+    step += 1
+    speed.steps += 1
+    profile.after(step, state)
+    window.append(metrics)  # device arrays: no host sync per step (dispatch runs ahead)
+    bar.update(1)
+    eval_now = bool(config.eval_every) and (step % config.eval_every == 0 or step == total_steps)
+    log_now = step % config.log_every == 0 or step == total_steps
+    preempted = preemption.reached()
+    save_now = (
+      eval_now
+      or step == total_steps
+      or preempted
+      or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+    )
+    if log_now or save_now:
+      # One sync: the window's metrics come to the host and are checked, so a
+      # non-finite state is never evaluated or saved.
+      window = jax.device_get(window)
+      check_finite(window, step - len(window) + 1, checkpoints)
+    if log_now:
+      scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      scalars["lr"] = float(window[-1]["lr"])
+      scalars.update(speed.rates(config.batch_size, flops, list(mesh.devices.flat)))
+      writer.write(step, "train", scalars)
+      bar.set_postfix(loss=f"{float(window[-1]['loss']):.4f}", refresh=False)
+      if chief and not interactive:
+        print(
+          f"step {step}/{total_steps}: loss {scalars['loss']:.4f}, lr {scalars['lr']:.3g}"
+          f"{_speed_text(scalars)}",
+          flush=True,
+        )
+      window = []
+      speed.restart()
+    val, when = None, ""
+    if eval_now and not preempted:
+      val = run_validation(run, state, stop=preemption.reached)
+      if val is None:  # SIGTERM during validation: save the step unscored
+        preempted, save_now, when = True, True, " during validation"
+    if val is not None:
+      writer.write(step, "val", val)
+      if chief:
+        bar.write(
+          f"step {step}: val mIoU {val['miou']:.4f} "
+          f"({config.eval_protocol} protocol), "
+          f"pixel acc {val['pixel_acc']:.4f}, loss {val['loss']:.4f}"
+        )
+      last_val = val
+    if save_now:
+      checkpoints.save(
+        step,
+        state.as_dict(),
+        train_iter,
+        config,
+        metrics={"val_miou": val["miou"]} if val else None,
+        force=True,
+      )
+    if eval_now or save_now:
+      speed.restart()  # throughput counts training steps only, not evaluation or saving
+    if preempted:
+      summary["status"] = "preempted"
+      if chief:
+        bar.write(
+          f"SIGTERM{when}: saved step {step}{' (unscored)' if when else ''} to "
+          f"{checkpoints.directory}; exiting"
+        )
+      break
   profile.close(state)
   bar.close()
   checkpoints.close()
   writer.close()
   summary.update(step=int(step), checkpoint_dir=checkpoints.directory, skipped_bad_files=skipped)
+  if chief:  # what a supervisor reads to decide whether to start the run again
+    storage.write_json(
+      storage.join(workdir, STATUS_FILE),
+      {"status": summary["status"], "step": int(step), "total_steps": total_steps},
+    )
   if skipped:
     print(
       f"process {jax.process_index()} skipped {skipped} reads of unreadable training files "
