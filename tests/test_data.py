@@ -234,12 +234,24 @@ def test_auto_workers_follow_the_devices_and_cpus(monkeypatch):
     validate_config(config)
 
 
-def test_iterator_with_worker_processes_resumes(gen_root):
+def test_iterator_with_worker_processes_resumes_and_outlives_sigterm(gen_root):
+  """Worker processes ignore SIGTERM (SLURM signals every process of a step): the run
+  reads on while it saves."""
+  import multiprocessing
+  import os
+  import signal
+
   config = _config(gen_root, num_workers=1)
+  before = set(multiprocessing.active_children())
   it = data.make_train_iterator(config)
   next(it)
+  workers = set(multiprocessing.active_children()) - before
+  assert workers
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGTERM)
   state = it.get_state()
   expected = next(it)
+  assert all(w.is_alive() for w in workers)
   resumed = data.make_train_iterator(config)
   resumed.set_state(state)
   np.testing.assert_array_equal(next(resumed)["image"], expected["image"])

@@ -17,6 +17,7 @@ import pytest
 from runs import REPO, env, final_params, main, stop, wait_for
 
 from transkd_jax import distributed
+from transkd_jax.checkpoint import restore_pytree
 from transkd_jax.data import generated
 from transkd_jax.logs import read_metrics
 
@@ -165,16 +166,22 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(
   _assert_close(final_params(tmp_path / "two", 4), final_params(tmp_path / "one", 4))
 
 
-def _two_processes(tmp_path, data_root, compile_cache, port_offset, **extra):
+def _start_two(tmp_path, data_root, compile_cache, port_offset, **extra):
   port = 23000 + port_offset * 7 + (int(time.time()) % 500) * 10
+  values = {"total_steps": 100000, "checkpoint_every": 100000, **extra}
   common = [
-    *_args(data_root, tmp_path, total_steps=100000, checkpoint_every=100000, **extra),
+    *_args(data_root, tmp_path, **values),
     f"--coordinator_address=127.0.0.1:{port}",
     "--num_processes=2",
     "--heartbeat_timeout=5",
   ]
-  procs = [main([*common, f"--process_id={i}"], env(compile_cache, devices=2)) for i in (0, 1)]
-  wait_for(lambda: any(r["step"] >= 1 for r in read_metrics(str(tmp_path))), procs[0], 600)
+  return [main([*common, f"--process_id={i}"], env(compile_cache, devices=2)) for i in (0, 1)]
+
+
+def _two_processes(tmp_path, data_root, compile_cache, port_offset, first_step=1, **extra):
+  """Two processes training, once process 0 has logged ``first_step``."""
+  procs = _start_two(tmp_path, data_root, compile_cache, port_offset, **extra)
+  wait_for(lambda: any(r["step"] >= first_step for r in read_metrics(str(tmp_path))), procs[0], 600)
   return procs
 
 
@@ -225,22 +232,58 @@ def test_an_error_in_one_process_stops_both(tmp_path, data_root, compile_cache):
     stop(procs)
 
 
-def test_sigterm_to_one_process_saves_one_step_everywhere(tmp_path, data_root, compile_cache):
-  # The killed-process test's run: its program comes from the compile cache. (Placing a
-  # teacher's weights uses the same global-array path as the student's state: test_build,
-  # test_bench_compile.)
-  procs = _two_processes(tmp_path, data_root, compile_cache, 2)
+def _state(workdir, step):
+  return restore_pytree(str(workdir / "checkpoints" / str(step) / "state"))
+
+
+def _data_states(workdir, step):
+  data = workdir / "checkpoints" / str(step) / "data"
+  return {q.name: q.read_text() for q in data.iterdir() if q.suffix == ".json"}
+
+
+def test_sigterm_to_one_process_saves_one_step_everywhere_and_the_restart_continues_exactly(
+  tmp_path, data_root, compile_cache
+):
+  """SIGTERM to one process: both save the same step and exit 0. Then that newest
+  checkpoint is damaged (a truncated file): both processes of the restarted run fall
+  back to the previous checkpoint together, and reach the newest step again with the
+  same state (parameters, optimiser moments, BatchNorm statistics) and the same data
+  positions as the run that went there straight.
+
+  (The killed-process test's run: its program comes from the compile cache. Placing a
+  teacher's weights uses the same global-array path as the student's state: test_build,
+  test_bench_compile.)"""
+  procs = _two_processes(tmp_path, data_root, compile_cache, 2, first_step=3, checkpoint_every=2)
   try:
     procs[1].send_signal(signal.SIGTERM)  # preemption notice to one host only
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(steps) == 1 and f"preempted: step {steps[0]}" in outs[0]
-    # Both processes' data-iterator states are in that one checkpoint.
-    data = (tmp_path / "checkpoints" / str(steps[0]) / "data").iterdir()
-    assert sorted(q.name for q in data if q.suffix == ".json") == [
-      "process_0-of-2.json",
-      "process_1-of-2.json",
-    ]
   finally:
     stop(procs)
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  newest, previous = steps[-1], steps[-2]
+  assert newest >= 3 and f"preempted: step {newest}" in outs[0]
+  # Both processes' data-iterator states are in that one checkpoint.
+  straight_data = _data_states(tmp_path, newest)
+  assert sorted(straight_data) == ["process_0-of-2.json", "process_1-of-2.json"]
+  straight = _state(tmp_path, newest)
+  files = [f for f in (tmp_path / "checkpoints" / str(newest) / "state").rglob("*") if f.is_file()]
+  largest = max(files, key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+
+  procs = _start_two(tmp_path, data_root, compile_cache, 3, total_steps=newest, checkpoint_every=2)
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  finally:
+    stop(procs)
+  assert f"checkpoints/{newest} cannot be restored" in outs[0]
+  assert f"resumed from {tmp_path}/checkpoints/{previous}" in outs[0]
+  assert f"done: step {newest}" in outs[0]
+  assert (tmp_path / "checkpoints" / f"{newest}.damaged").is_dir()
+  assert _data_states(tmp_path, newest) == straight_data
+  again = jax.tree_util.tree_flatten_with_path(_state(tmp_path, newest))[0]
+  straight = jax.tree_util.tree_flatten_with_path(straight)[0]
+  assert [p for p, _ in again] == [p for p, _ in straight]
+  for (path, x), (_, y) in zip(straight, again):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))

@@ -24,6 +24,7 @@ example, so sharded evaluation never drops or double-counts an image.
 
 import math
 import os
+import signal
 
 import grain
 import jax
@@ -79,13 +80,23 @@ def read_options(config) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=depth, prefetch_buffer_size=depth)
 
 
+def _ignore_sigterm(worker_index: int, worker_count: int):
+  """In each data worker: SIGTERM is the training process's to act on. SLURM
+  (``scancel --signal``, preemption) and ``kill -- -PGID`` signal every process, and a
+  worker that died of it would fail the very read the run needs to save and stop."""
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(ds: grain.MapDataset, config) -> grain.IterDataset:
   """Read with bounded buffers; in ``num_workers`` processes when > 0 (each holds
   ``prefetch`` batches of its own and hands over one at a time)."""
   ds = ds.to_iter_dataset(read_options(config))
   workers = num_workers(config)
   if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1),
+      worker_init_fn=_ignore_sigterm,
+    )
   return ds
 
 
