@@ -183,3 +183,24 @@ def test_sigterm_during_compile_or_validation_keeps_the_last_completed_step(
   summary = train_lib.train(config, str(tmp_path))
   assert summary["status"] == "done" and summary["start_step"] == 2 and summary["step"] == 4
   assert read_json(str(tmp_path / "run_status.json"))["status"] == "done"
+
+
+def test_a_failed_checkpoint_write_names_the_newest_complete_one():
+  """A full disk (checked by hand on a small tmpfs: README's Long runs): the write's error
+  stops the run with one line naming the newest complete checkpoint to resume from."""
+  from transkd_jax import train as train_lib
+
+  class Checkpoints:
+    directory = "/runs/x/checkpoints"
+
+    def latest_step(self):
+      return 2
+
+  with pytest.raises(train_lib.CheckpointWriteFailed) as error:
+    with train_lib._checkpoint_writes(Checkpoints()):
+      raise ValueError("RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']")
+  message = str(error.value)
+  assert "writing a checkpoint to /runs/x/checkpoints failed (ValueError: RESOURCE_EX" in message
+  assert "No space left on device" in message
+  assert "newest complete checkpoint is /runs/x/checkpoints/2" in message
+  assert isinstance(error.value, train_lib.UserError)  # exit status 2, one line

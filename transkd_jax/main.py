@@ -41,7 +41,7 @@ from transkd_jax.evaluate import run_eval
 from transkd_jax.info import run_info
 from transkd_jax.predict import run_predict
 from transkd_jax.recipe import run_recipe
-from transkd_jax.train import train
+from transkd_jax.train import CheckpointWriteFailed, train
 
 _REPO_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "cityscapes.py"
 
@@ -153,7 +153,9 @@ def main(argv):
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
-    _exit(2)
+    # A failed checkpoint write leaves Orbax's writers pending: exit without the
+    # interpreter's teardown, which would bury the line above under their tracebacks.
+    _exit(2, at_once=isinstance(e, CheckpointWriteFailed))
   except Exception:
     if not _multi_process():
       raise
@@ -170,14 +172,14 @@ def _multi_process() -> bool:
   return "jax" in sys.modules and sys.modules["jax"].process_count() > 1
 
 
-def _exit(code: int):
+def _exit(code: int, at_once: bool = False):
   """Exits; in a multi-process run at once, without JAX's shutdown barrier.
 
   A process that fails alone would otherwise wait in that barrier while the
   others wait for it in theirs; exiting at once stops its heartbeats, and
   the others stop with an error after --heartbeat_timeout seconds.
   """
-  if _multi_process():
+  if at_once or _multi_process():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

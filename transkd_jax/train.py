@@ -18,6 +18,7 @@
    checkpoint.
 """
 
+import contextlib
 import math
 import signal
 import sys
@@ -54,6 +55,27 @@ STATUS_FILE = "run_status.json"
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
+
+
+class CheckpointWriteFailed(UserError):
+  """A checkpoint could not be written (a full disk, lost storage)."""
+
+
+@contextlib.contextmanager
+def _checkpoint_writes(checkpoints):
+  """A failed checkpoint write (an asynchronous one surfaces at the next save or at
+  the end) stops the run, naming the newest complete checkpoint it resumes from."""
+  try:
+    yield
+  except Exception as e:
+    latest = checkpoints.latest_step()
+    raise CheckpointWriteFailed(
+      f"writing a checkpoint to {checkpoints.directory} failed ({type(e).__name__}: "
+      f"{str(e)[:400]}). The newest complete checkpoint is "
+      f"{'none' if latest is None else f'{checkpoints.directory}/{latest}'} (an unfinished "
+      "one is never taken for complete); free space or fix the storage, then start the same "
+      "command again: it resumes from there"
+    ) from e
 
 
 class _Preemption:
@@ -423,14 +445,15 @@ def _train(config, workdir: str, preemption) -> dict:
         )
       last_val = val
     if save_now:
-      checkpoints.save(
-        step,
-        state.as_dict(),
-        train_iter,
-        config,
-        metrics={"val_miou": val["miou"]} if val else None,
-        force=True,
-      )
+      with _checkpoint_writes(checkpoints):
+        checkpoints.save(
+          step,
+          state.as_dict(),
+          train_iter,
+          config,
+          metrics={"val_miou": val["miou"]} if val else None,
+          force=True,
+        )
     if eval_now or save_now:
       speed.restart()  # throughput counts training steps only, not evaluation or saving
     if preempted:
@@ -443,7 +466,8 @@ def _train(config, workdir: str, preemption) -> dict:
       break
   profile.close(state)
   bar.close()
-  checkpoints.close()
+  with _checkpoint_writes(checkpoints):
+    checkpoints.close()
   writer.close()
   summary.update(step=int(step), checkpoint_dir=checkpoints.directory, skipped_bad_files=skipped)
   if chief:  # what a supervisor reads to decide whether to start the run again
