@@ -190,6 +190,10 @@ fi
 d=$(home_path "$remote_dir")
 python="$(home_path "$venv")/bin/python"
 remote="set -e; "
+# fd 9 holds the lock: taken first, so a second start fails at once, before it ships or
+# installs anything under a live run, and kept by the run's processes, which inherit fd 9.
+remote+="exec 9>>$run.lock; "
+remote+="if ! flock -n 9; then echo \"\$(hostname): transkd_jax.main is already running here ($run.log)\" >&2; exit 1; fi; "
 if [[ "$install" != 0 ]]; then
   # The virtualenv, made once with the first of $pythons that is Python >= 3.11.
   remote+="if [ ! -x $python ]; then py=; for p in $pythons; do "
@@ -218,10 +222,6 @@ for arg in "$@"; do
   main+=" $(q "$arg")"
 done
 inner="trap 'echo \$? > $run.exit' EXIT; echo \"== \$(date -Is) \$(hostname): transkd_jax.main starts\"; $main"
-# fd 9 holds the lock: taken here, so a second start fails at once, and kept by the run's
-# processes, which inherit fd 9.
-remote+="exec 9>>$run.lock; "
-remote+="if ! flock -n 9; then echo \"\$(hostname): transkd_jax.main is already running here ($run.log)\" >&2; exit 1; fi; "
 remote+="rm -f $run.exit; if [ -f $run.log ]; then mv -f $run.log $run.log.1; fi; "
 remote+="setsid nohup bash -c $(q "$inner") > $run.log 2>&1 < /dev/null & echo \$! > $run.pid; "
 remote+="echo \"\$(hostname): transkd_jax.main started in the background (log: $run.log)\""

@@ -75,16 +75,16 @@ def test_a_transient_read_error_is_retried_and_never_taken_for_damage(tmp_path, 
   for step in (1, 2):
     ckpts.save(step, {"w": jnp.full(3, float(step))}, None, config, force=True)
   abstract = jax.eval_shape(lambda: {"w": jnp.zeros(3)})
-  read = ckpts.manager.restore
+  read = ckpts._read_once
   failures = {"left": 2}
 
-  def flaky(step, args=None):
+  def flaky(*args):
     if failures["left"]:
       failures["left"] -= 1
       raise ValueError("OUT_OF_RANGE reading gs://b/r: 503 Service Unavailable")
-    return read(step, args=args)
+    return read(*args)
 
-  monkeypatch.setattr(ckpts.manager, "restore", flaky)
+  monkeypatch.setattr(ckpts, "_read_once", flaky)
   waits = []
   restored, step = ckpts.restore(abstract, sleep=waits.append)
   assert step == 2 and float(restored["w"][0]) == 2.0  # the newest, after two tries
@@ -98,6 +98,16 @@ def test_a_transient_read_error_is_retried_and_never_taken_for_damage(tmp_path, 
   assert ckpt_lib.transient(OSError(104, "Connection reset by peer"))
   assert ckpt_lib.transient(TimeoutError())
   assert not ckpt_lib.transient(ValueError("Error reading: DATA_LOSS: truncated chunk"))
+  assert not ckpt_lib.transient(ValueError("RESOURCE_EXHAUSTED: Out of memory allocating"))
+  assert ckpt_lib.damage(ValueError("Error reading: DATA_LOSS: truncated chunk"))
+
+  # Memory running out is not damage either: the run stops, no fall back to step 1.
+  def out_of_memory(*args):
+    raise MemoryError("cannot allocate")
+
+  monkeypatch.setattr(ckpts, "_read_once", out_of_memory)
+  with pytest.raises(MemoryError):
+    ckpts.restore(abstract, sleep=waits.append)
   ckpts.close()
 
 

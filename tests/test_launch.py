@@ -394,6 +394,7 @@ def test_tpu_pod_dry_run_ships_the_checkout():
   assert {"--zone=us-central2-b", "--worker=all"} <= set(ssh)
   command = _remote_command(ssh)
   steps = [
+    "exec 9>>~/transkd-run.lock; if ! flock -n 9; then",  # a second start fails, first
     "for p in python3.12 python3.11 python3; do",
     '"$p" -c "import sys; sys.exit(sys.version_info < (3, 11))"',
     "sudo apt-get install python3.11 python3.11-venv",
@@ -401,7 +402,6 @@ def test_tpu_pod_dry_run_ships_the_checkout():
     "tar -xzf ~/transkd-jax.tar.gz -C ~/transkd-jax",
     "cd ~/transkd-jax;",
     f"{VENV_PYTHON} -m pip install --quiet -e '.[tpu]'",
-    "exec 9>>~/transkd-run.lock; if ! flock -n 9; then",  # a second start fails
     "mv -f ~/transkd-run.log ~/transkd-run.log.1",
     "setsid nohup bash -c ",  # in the background, in a session of its own
     " > ~/transkd-run.log 2>&1 < /dev/null & echo $! > ~/transkd-run.pid;",
@@ -453,7 +453,8 @@ def test_tpu_pod_passes_arguments_through_a_shell_unchanged(tmp_path):
   assert proc.returncode == 0, proc.stderr
   (words,) = _gcloud_lines(proc.stdout)
   command = _remote_command(words)
-  assert command.startswith(f"set -e; cd {shlex.quote(str(tmp_path))}; exec 9>>~/transkd-run.lock")
+  assert command.startswith("set -e; exec 9>>~/transkd-run.lock")  # the lock first
+  assert f"; cd {shlex.quote(str(tmp_path))}; rm -f ~/transkd-run.exit" in command
   assert _main_words(command)[0] == f"{venv}/bin/python"
   (venv / "bin").mkdir(parents=True)
   (venv / "bin" / "python").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')

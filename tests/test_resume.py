@@ -67,6 +67,7 @@ def test_safe_and_allowed_keys_resume(workdir, capsys):
   out = capsys.readouterr().out
   assert "changed keys: log_every 50 -> 7, total_steps" in out
   resume.check(str(workdir), _config(**{"data.root": "/moved", "resume_allow": "data.root"}))
+  resume.check(str(workdir), _config(**{"data.root": "/moved", "resume_allow": "data"}))
   with pytest.raises(UserError, match="data.root: '' in the saved run, '/moved' now"):
     resume.check(str(workdir), _config(**{"data.root": "/moved"}))
   with pytest.raises(UserError, match="config.resume_allow names data.rot, which the config"):

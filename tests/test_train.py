@@ -161,10 +161,13 @@ def test_sigterm_during_compile_or_validation_keeps_the_last_completed_step(
   batches = []
 
   def signalled_validation(run, state, stop):
+    calls = []
+
     def counting_stop():
+      calls.append(1)
       batches.append(1)
       answer = stop()
-      if len(batches) == 1:
+      if len(calls) == 1:
         os.kill(os.getpid(), signal.SIGTERM)  # arrives during the first batch
       return answer
 
@@ -179,10 +182,23 @@ def test_sigterm_during_compile_or_validation_keeps_the_last_completed_step(
   assert len(batches) == 2  # stopped before the second validation batch
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
   assert not [r for r in read_metrics(str(tmp_path)) if r["split"] == "val"]
+  # Restarted, it goes on from step 2; SIGTERM again during the final validation.
+  summary = train_lib.train(config, str(tmp_path))
+  assert summary["start_step"] == 2 and summary["step"] == 4
+  assert summary["status"] == "preempted" and "SIGTERM during validation: saved step 4" in (
+    capsys.readouterr().out
+  )
+  # Started again, it runs that final validation, and the run is done.
   monkeypatch.setattr(train_lib, "run_validation", validate)
   summary = train_lib.train(config, str(tmp_path))
-  assert summary["status"] == "done" and summary["start_step"] == 2 and summary["step"] == 4
-  assert read_json(str(tmp_path / "run_status.json"))["status"] == "done"
+  assert summary["status"] == "done" and summary["start_step"] == 4 and summary["step"] == 4
+  assert summary["val"]["images"] == 4
+  assert [r["step"] for r in read_metrics(str(tmp_path)) if r["split"] == "val"] == [4]
+  assert read_json(str(tmp_path / "run_status.json")) == {
+    "status": "done",
+    "step": 4,
+    "total_steps": 4,
+  }
 
 
 def test_a_failed_checkpoint_write_names_the_newest_complete_one():

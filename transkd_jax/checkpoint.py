@@ -109,22 +109,40 @@ TRANSIENT_MARKERS = (
 )
 
 
+# How a process's read of one checkpoint went (shared between processes; the worst wins).
+READ, DAMAGED, TRANSIENT, FAILED = 0, 1, 2, 3
+
+
 class TransientReadError(RuntimeError):
   """A checkpoint read kept failing with a transient error: not damage."""
 
 
-def transient(error: BaseException) -> bool:
-  """Whether ``error`` (or one it was raised from) looks like storage that may answer
-  on the next try, rather than a damaged checkpoint."""
+def _chain(error: BaseException):
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, (TimeoutError, ConnectionError)):
-      return True
-    if any(marker in str(error) for marker in TRANSIENT_MARKERS):
-      return True
+    yield error
     error = error.__cause__ or error.__context__
+
+
+def transient(error: BaseException) -> bool:
+  """Whether ``error`` (or one it was raised from) looks like storage that may answer
+  on the next try, rather than a damaged checkpoint (memory running out is neither)."""
+  for e in _chain(error):
+    if isinstance(e, MemoryError) or "memory" in str(e).lower():
+      return False
+    if isinstance(e, (TimeoutError, ConnectionError)):
+      return True
+    if any(marker in str(e) for marker in TRANSIENT_MARKERS):
+      return True
   return False
+
+
+def damage(error: BaseException) -> bool:
+  """Whether ``error`` is taken to say a checkpoint's files are damaged (missing,
+  truncated, undecodable: tensorstore and Orbax report these as ValueError, OSError or
+  AssertionError, among others): any error but a transient one or memory running out."""
+  return not transient(error) and not any(isinstance(e, MemoryError) for e in _chain(error))
 
 
 def _key_name(key) -> str:
@@ -235,30 +253,49 @@ class RunCheckpoints:
     when the workdir holds none.
 
     ``abstract_state`` gives structure, shapes and shardings (ShapeDtypeStructs
-    with ``sharding``); ``data_iterator`` is restored in place. A read that fails
-    with a transient error (``transient``) is tried again, READ_TRIES times in all
-    with doubling waits, and then raised: it is never taken for damage. Any other
-    error marks the checkpoint damaged: every process then falls back to the
-    previous step together (process 0's list of steps, agreed success), and the
-    damaged directory is moved aside (``<step>.damaged``) so that the run's later
-    save of that step does not collide with it. When checkpoints exist but none can
-    be read, it raises: a workdir is never silently started afresh.
+    with ``sharding``); ``data_iterator`` is restored in place. Each process reads
+    on its own (no barrier inside the read, so one that fails cannot leave the others
+    waiting), then all of them share how it went:
+
+    - read everywhere: restored;
+    - damaged somewhere (``damage``: a truncated, missing or undecodable file): every
+      process falls back to the previous step together (process 0's list of steps),
+      and the damaged directory is set aside (``<step>.damaged``) so the run's later
+      save of that step does not collide with it;
+    - a transient error (``transient``) is retried first, READ_TRIES times in all with
+      doubling waits; if it persists, or any other error, every process stops: neither
+      is taken for damage.
+
+    When checkpoints exist but none can be read, it raises: a workdir is never
+    silently started afresh.
     """
     steps = distributed.chief_ints(self.steps())
     damaged = []
     for step in reversed(steps):
       path = storage.join(self.directory, str(step))
-      error = None
+      restored, error, outcome = None, None, READ
       try:
         restored = self._read(step, abstract_state, data_iterator, sleep)
-      except TransientReadError:
-        raise
-      except Exception as e:  # damage: a truncated or missing file, a bad structure
-        error, restored = e, None
-      if distributed.all_true(error is None):
+      except TransientReadError as e:
+        error, outcome = e, TRANSIENT
+      except Exception as e:
+        error, outcome = e, (DAMAGED if damage(e) else FAILED)
+      outcomes = distributed.each_int(outcome)
+      if max(outcomes) == READ:
         self._set_aside(damaged)
         return restored["state"], step
-      reason = f"{type(error).__name__}: {str(error)[:300]}" if error else "another process"
+      if max(outcomes) > DAMAGED:  # transient or unknown: stop, everywhere
+        if error is not None and outcome > DAMAGED:
+          raise error
+        raise RuntimeError(
+          f"reading checkpoint {path} failed on process(es) "
+          f"{[i for i, o in enumerate(outcomes) if o > DAMAGED]} (their output says why)"
+        ) from error
+      reason = (
+        f"{type(error).__name__}: {str(error)[:300]}"
+        if error is not None
+        else f"damaged for process(es) {[i for i, o in enumerate(outcomes) if o == DAMAGED]}"
+      )
       logging.warning("checkpoint %s cannot be restored (%s)", path, reason)
       print(
         f"warning: checkpoint {path} cannot be restored ({reason}); trying the previous one",
@@ -274,14 +311,22 @@ class RunCheckpoints:
       )
     return None, None
 
+  def _read_once(self, step, abstract_state, data_iterator):
+    """One checkpoint's items, read by this process alone (the handlers, without the
+    manager's barrier)."""
+    path = epath.Path(self.directory) / str(step)
+    state = ocp.StandardCheckpointHandler().restore(
+      path / "state", args=ocp.args.StandardRestore(abstract_state)
+    )
+    if data_iterator is not None:
+      DataStateHandler().restore(path / "data", args=DataRestore(data_iterator))
+    return {"state": state}
+
   def _read(self, step, abstract_state, data_iterator, sleep):
     """One checkpoint, read with retries on transient errors."""
     for attempt in range(READ_TRIES):
       try:
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-          items["data"] = DataRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))
+        return self._read_once(step, abstract_state, data_iterator)
       except Exception as e:
         if not transient(e):
           raise
@@ -301,18 +346,23 @@ class RunCheckpoints:
         sleep(wait)
 
   def _set_aside(self, steps):
-    """Renames damaged step directories to ``<step>.damaged`` (process 0), kept for a
-    look, out of the way of the run's later saves."""
+    """Renames damaged step directories to ``<step>.damaged`` (``.damaged-2`` ... when
+    that exists; process 0), kept for a look, out of the way of the run's later saves.
+    A rename that fails is reported; every process reaches the barrier either way."""
     if not steps:
       return
     if jax.process_index() == 0:
       for step in steps:
         path = epath.Path(storage.join(self.directory, str(step)))
-        target = epath.Path(storage.join(self.directory, f"{step}.damaged"))
-        if target.exists():
-          target.rmtree()
-        path.rename(target)
-        print(f"moved the damaged checkpoint {path} to {target}", flush=True)
+        target, n = epath.Path(storage.join(self.directory, f"{step}.damaged")), 1
+        while target.exists():
+          n += 1
+          target = epath.Path(storage.join(self.directory, f"{step}.damaged-{n}"))
+        try:
+          path.rename(target)
+          print(f"moved the damaged checkpoint {path} to {target}", flush=True)
+        except Exception as e:  # the run's save of this step will name the collision
+          print(f"warning: could not move {path} aside ({type(e).__name__}: {e})", flush=True)
     distributed.barrier("checkpoint:set_aside")
     self.manager.reload()
 

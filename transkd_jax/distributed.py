@@ -115,13 +115,13 @@ def _start(*args, **kwargs):
   )
 
 
-def all_true(value: bool) -> bool:
-  """Whether ``value`` is true on every process (a collective: every process calls it)."""
+def each_int(value: int) -> list:
+  """Every process's ``value``, in process order (a collective: every process calls it)."""
   if jax.process_count() == 1:
-    return bool(value)
+    return [int(value)]
   from jax.experimental import multihost_utils
 
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(value)))))
+  return [int(v) for v in multihost_utils.process_allgather(np.asarray(value, np.int32))]
 
 
 def chief_ints(values, size: int = 256) -> list:

@@ -57,12 +57,14 @@ def flatten(tree, prefix: str = "") -> dict:
 
 
 def _safe(key: str, allowed) -> bool:
-  return any(key == k or (k.endswith(".") and key.startswith(k)) for k in (*SAFE, *allowed))
+  """Whether ``key`` is one of ``SAFE`` or ``allowed``, or under one of them (a
+  section: "eval." or "eval" covers every key in config.eval)."""
+  return any(key == k.rstrip(".") or key.startswith(k.rstrip(".") + ".") for k in (*SAFE, *allowed))
 
 
 def allowed_keys(config) -> tuple:
-  """``config.resume_allow`` as keys; each must be a key of the config."""
-  keys = tuple(k.strip() for k in str(config.resume_allow).split(",") if k.strip())
+  """``config.resume_allow`` as keys or sections; each must be in the config."""
+  keys = tuple(k.strip().rstrip(".") for k in str(config.resume_allow).split(",") if k.strip())
   known = flatten(json.loads(config.to_json_best_effort()))
   unknown = [k for k in keys if k not in known and not any(q.startswith(k + ".") for q in known)]
   if unknown:

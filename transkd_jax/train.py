@@ -358,9 +358,23 @@ def _train(config, workdir: str, preemption) -> dict:
   summary = {"start_step": start, "status": "done"}
   if checked is not None:
     summary["teacher_check"] = checked
+  status_path = storage.join(workdir, STATUS_FILE)
+  before = storage.read_json(status_path) if restored is not None else None
+  distributed.barrier("train:status")  # every process read it before process 0 writes
+  if chief:  # a stale "done" must not outlive a run made longer
+    storage.write_json(
+      status_path, {"status": "running", "step": start, "total_steps": total_steps}
+    )
   window = []  # the metrics of the steps since the last log step (device arrays)
   speed = _Speed()
   last_val = None
+  if start >= total_steps and config.eval_every and (before or {}).get("status") == "preempted":
+    # The last run saved its final step unscored (SIGTERM during that validation).
+    last_val = run_validation(run, state, stop=preemption.reached)
+    if last_val is not None:
+      writer.write(start, "val", last_val)
+      if chief:
+        print(f"step {start}: val mIoU {last_val['miou']:.4f} (the final validation)", flush=True)
   skipped = 0  # bad files passed over by this process (config.data.skip_bad_files)
 
   # A progress bar on a terminal; in a log file (SLURM, nohup) one plain line per log step.
@@ -472,8 +486,7 @@ def _train(config, workdir: str, preemption) -> dict:
   summary.update(step=int(step), checkpoint_dir=checkpoints.directory, skipped_bad_files=skipped)
   if chief:  # what a supervisor reads to decide whether to start the run again
     storage.write_json(
-      storage.join(workdir, STATUS_FILE),
-      {"status": summary["status"], "step": int(step), "total_steps": total_steps},
+      status_path, {"status": summary["status"], "step": int(step), "total_steps": total_steps}
     )
   if skipped:
     print(

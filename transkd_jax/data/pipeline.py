@@ -25,6 +25,8 @@ example, so sharded evaluation never drops or double-counts an image.
 import math
 import os
 import signal
+import threading
+import time
 
 import grain
 import jax
@@ -83,8 +85,17 @@ def read_options(config) -> grain.ReadOptions:
 def _ignore_sigterm(worker_index: int, worker_count: int):
   """In each data worker: SIGTERM is the training process's to act on. SLURM
   (``scancel --signal``, preemption) and ``kill -- -PGID`` signal every process, and a
-  worker that died of it would fail the very read the run needs to save and stop."""
+  worker that died of it would fail the very read the run needs to save and stop.
+  A worker whose training process is gone (exited at once, killed) exits too."""
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def exit_with_parent():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)
+
+  threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 
 def _loader(ds: grain.MapDataset, config) -> grain.IterDataset:
