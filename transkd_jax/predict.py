@@ -43,7 +43,14 @@ from tqdm import tqdm
 
 from transkd_jax import build, normalization, storage
 from transkd_jax.data import transforms
-from transkd_jax.data.classes import CITYSCAPES_NAMES, CITYSCAPES_TRAIN_TO_ID, class_names, palette
+from transkd_jax.data.classes import (
+  CITYSCAPES_NAMES,
+  CITYSCAPES_TRAIN_TO_ID,
+  class_names,
+  colorize,
+  overlay,
+  palette,
+)
 from transkd_jax.data.sources import read_image
 from transkd_jax.errors import UserError
 from transkd_jax.eval_step import predictions_at
@@ -120,15 +127,6 @@ def make_predict_fn(model, resize: bool, input_norm=("unit", "unit")):
     return predictions_at(logits, full, model.kernels)[:, : size[0], : size[1]]
 
   return jax.jit(predict, static_argnums=2)
-
-
-def colorize(ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
-  return colours[ids]
-
-
-def overlay(image: np.ndarray, colour: np.ndarray, alpha: float) -> np.ndarray:
-  blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colour.astype(np.float32)
-  return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
 
 
 def write_outputs(

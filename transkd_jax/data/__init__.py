@@ -9,7 +9,8 @@ Modules, lowest first: ``labels`` (IGNORE, class tables, label mappings), ``read
 (image/label files, ``PairedSource``), ``generated`` (the scene generator), ``sources``
 (the file-layout datasets) and ``tfds_source`` (prepared TFDS datasets), ``transforms``,
 ``datasets`` (the table: one row per dataset; ``make_source``, ``check_config``),
-``classes`` (class names and palettes per dataset), ``pipeline`` (grain iterators).
+``classes`` (class names and palettes per dataset), ``pipeline`` (grain iterators);
+``browse`` (``python -m transkd_jax.data.browse``: one example's PNGs as the model sees it).
 
 ``config.data`` keys (``default_data_config()`` lists them with defaults):
 ``name`` (a row of ``DATASETS``, ``datasets.py``), ``root``, ``conditions`` (ACDC),

@@ -59,6 +59,17 @@ def palette(data_config, num_classes: int) -> np.ndarray:
   return ClassTable.numbered(num_classes).palette
 
 
+def colorize(ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+  """Class ids -> RGB colours (``colours``: num_classes x 3 uint8, e.g. ``palette``)."""
+  return colours[ids]
+
+
+def overlay(image: np.ndarray, colour: np.ndarray, alpha: float) -> np.ndarray:
+  """``colour`` blended over ``image`` (both H x W x 3 uint8) with weight ``alpha``."""
+  blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colour.astype(np.float32)
+  return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+
 __all__ = [
   "CITYSCAPES",
   "CITYSCAPES_CLASS_WEIGHTS",
@@ -79,5 +90,7 @@ __all__ = [
   "bit_palette",
   "class_names",
   "class_table",
+  "colorize",
+  "overlay",
   "palette",
 ]
