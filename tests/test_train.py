@@ -21,7 +21,7 @@ from transkd_jax.logs import read_metrics
 def _args(data_root):
   """One 12-step run of the student: both tests compile the same program (cached).
 
-  (Distillation end to end through main: test_distributed's SIGTERM test and the
+  (Distillation end to end through main: test_preemption's SIGTERM test and the
   README's first command, which CI runs.)"""
   return [
     SYNTHETIC,
