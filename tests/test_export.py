@@ -162,8 +162,8 @@ def test_errors_name_the_flag(tmp_path, tiny, capsys):
     == 2
   )
   assert "--overwrite" in capsys.readouterr().err
-  assert export.main([f"--checkpoint={ckpt}", "--format=onnx", f"--output={tmp_path / 'x'}"]) == 2
-  assert "--format='onnx'" in capsys.readouterr().err
+  assert export.main([f"--checkpoint={ckpt}", "--format=tflite", f"--output={tmp_path / 'x'}"]) == 2
+  assert "--format='tflite'" in capsys.readouterr().err
   assert (
     export.main(
       [
@@ -270,7 +270,7 @@ def test_output_in_a_bucket(tmp_path, tiny, capsys, monkeypatch):
   monkeypatch.chdir(tmp_path)
   bucket = tmp_path / "bucket"
   with buckets.mock_bucket(bucket):
-    for fmt in ("hf", "pytorch"):
+    for fmt in ("hf", "pytorch", "onnx"):
       argv = [f"--checkpoint={ckpt}", f"--format={fmt}", f"--output=gs://bucket/{fmt}", TINY_HEADS]
       assert export.main(argv) == 0
       assert "wrote gs://bucket/" in capsys.readouterr().out
@@ -288,7 +288,34 @@ def test_output_in_a_bucket(tmp_path, tiny, capsys, monkeypatch):
   ]
   assert json.loads((bucket / "hf" / "config.json").read_text())["num_labels"] == CLASSES
   assert sorted(p.name for p in (bucket / "pytorch").iterdir()) == ["model.pth"]
+  assert sorted(p.name for p in (bucket / "onnx").iterdir()) == ["model.onnx"]
   for path in (bucket / "hf" / "model.safetensors", bucket / "pytorch" / "model.pth"):
     tree, _ = to_flax_variables(read_state_dict(str(path)), TINY, log=lambda *_: None)
     _assert_same_tree(tree, variables)
   assert not (tmp_path / "gs:").exists()  # nothing went to a local "gs:" directory
+
+
+def test_onnx_export_runs_as_the_model(tmp_path, tiny, capsys):
+  """--format=onnx --argmax of a converted directory: the record's ImageNet normalisation
+  is inside the graph, and onnxruntime gives our logits on raw uint8 pixels."""
+  onnx = pytest.importorskip("onnx")
+  ort = pytest.importorskip("onnxruntime")
+  variables, ckpt = tiny
+  out = tmp_path / "onnx"
+  argv = [f"--checkpoint={ckpt}", "--format=onnx", f"--output={out}", TINY_HEADS, "--argmax"]
+  assert export.main(argv) == 0
+  line = capsys.readouterr().out
+  assert "uint8 pixels, imagenet normalisation from" in line and "logits and labels" in line
+  graph = onnx.load(out / "model.onnx")
+  meta = {p.key: p.value for p in graph.metadata_props}
+  assert meta["family"] == "segformer" and meta["normalization"] == "imagenet"
+  assert len(json.loads(meta["class_names"])) == CLASSES
+  session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+  pixels = np.random.default_rng(1).integers(0, 256, (2, 64, 32, 3), dtype=np.uint8)
+  logits, labels = session.run(None, {"pixels": pixels.transpose(0, 3, 1, 2)})
+  images = normalization.renormalize(pixels, "imagenet", "imagenet")
+  want = jax.jit(SegFormer(TINY, CLASSES).apply)(variables, images)["logits"]
+  np.testing.assert_allclose(logits, np.asarray(want).transpose(0, 3, 1, 2), atol=1e-4)
+  assert labels.shape == (2, 64, 32)
+  assert export.main([*argv[:3], TINY_HEADS, "--format=hf", "--argmax", "--overwrite"]) == 2
+  assert "--argmax: only --format=onnx" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Export a trained model for PyTorch users: HuggingFace transformers or the public layout.
+"""Export a trained model: ONNX for deployment, HuggingFace transformers or the public layout.
 
+    python -m transkd_jax.export --checkpoint=WORKDIR_OR_DIR --format=onnx --output=D [--argmax]
     python -m transkd_jax.export --checkpoint=WORKDIR_OR_DIR --format=hf --output=D \\
         [--normalization=auto|unit|imagenet] [--heads=1,2,5,8] [--overwrite]
     python -m transkd_jax.export --checkpoint=WORKDIR_OR_DIR --format=pytorch --output=D
@@ -27,7 +28,15 @@ code's names, which its models load with ``load_state_dict(strict=True)`` and
 LVT's (``lvt(rasa_cfg)``: ``backbone.{stage}.*``, ``linear_c*``, ``linear_fuse``,
 ``linear_pred``).
 
-``--normalization`` is the input scaling the preprocessor config declares:
+``--format=onnx`` (all three families) writes ``D/model.onnx`` (opset 18, standard ops
+only): input ``pixels``, uint8 RGB N x 3 x H x W (H, W multiples of 32; batch, height and
+width dynamic), normalised inside the graph as the weights expect; output ``logits``
+(N x classes x H/4 x W/4) and, with ``--argmax``, ``labels`` (uint8 N x H x W, the
+logits resized bilinearly to the input and arg-maxed). The graph is written from the
+weights module by module (``transkd_jax.weights.onnx_models``); docs/deploy.md says why.
+
+``--normalization`` is the input scaling the preprocessor config (hf) or the graph (onnx)
+declares:
 ``unit`` (pixels / 255, no mean/std: TransKD's reference transforms),
 ``imagenet`` (ImageNet mean/std: official SegFormer weights, the ``mmseg``
 transforms). ``auto``: a run's saved config decides (``data.transforms``, or
@@ -51,9 +60,15 @@ from transkd_jax.weights.hf_config import class_names, input_settings
 from transkd_jax.weights.infer import infer_model
 from transkd_jax.weights.layouts import to_public_state_dict
 from transkd_jax.weights.record import recorded_model
-from transkd_jax.weights.writers import torch_for_export, write_hf, write_pytorch
+from transkd_jax.weights.writers import (
+  onnx_for_export,
+  torch_for_export,
+  write_hf,
+  write_onnx,
+  write_pytorch,
+)
 
-FORMATS = ("hf", "pytorch", "public")  # public: the same as pytorch
+FORMATS = ("onnx", "hf", "pytorch", "public")  # public: the same as pytorch
 NORMALIZATIONS = ("auto", "unit", "imagenet")
 
 
@@ -71,7 +86,7 @@ def parse_heads(text: str):
 PARSER = cli.command_line(
   "transkd_jax.export",
   "Export a SegFormer, PVTv2 or LVT (a run's workdir or a transkd_jax.convert "
-  "directory) as a public-layout PyTorch state dict (all three) or a "
+  "directory) as an ONNX model or a public-layout PyTorch state dict (all three), or a "
   "HuggingFace transformers directory (SegFormer).",
   [
     (
@@ -87,8 +102,9 @@ PARSER = cli.command_line(
         dest="fmt",
         metavar="FORMAT",
         required=True,
-        help="pytorch (alias public): model.pth with the public TransKD code's "
-        "names, for SegFormer, PVTv2 and LVT; hf: a HuggingFace "
+        help="onnx: model.onnx (uint8 NCHW pixels in, logits at 1/4 out) for SegFormer, "
+        "PVTv2 and LVT; pytorch (alias public): model.pth with the public TransKD code's "
+        "names, for all three; hf: a HuggingFace "
         "SegformerForSemanticSegmentation directory (SegFormer only)",
       ),
     ),
@@ -97,7 +113,7 @@ PARSER = cli.command_line(
       "--normalization",
       dict(
         default="auto",
-        help="hf: the inputs the model expects: auto (from the checkpoint), "
+        help="hf, onnx: the inputs the model expects: auto (from the checkpoint), "
         "unit ([0, 1] pixels) or imagenet (mean/std)",
       ),
     ),
@@ -108,6 +124,13 @@ PARSER = cli.command_line(
         default=None,
         help="attention heads per stage, e.g. 1,2,5,8; needed only for SegFormer "
         "variants that are no row of transkd_jax/models/variants.py",
+      ),
+    ),
+    (
+      "--argmax",
+      dict(
+        action="store_true",
+        help="onnx: also output labels, the class of every input pixel (uint8 N x H x W)",
       ),
     ),
     (
@@ -128,12 +151,17 @@ def export(
   normalization: str = "auto",
   heads=None,
   overwrite: bool = False,
+  argmax: bool = False,
 ) -> str:
   """Writes ``output``; returns the line saying what was written."""
   if fmt not in FORMATS:
     raise UserError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
+  if argmax and fmt != "onnx":
+    raise UserError(f"--argmax: only --format=onnx has a label output (got --format={fmt})")
   if fmt in ("pytorch", "public"):
     torch_for_export()  # before anything is written
+  if fmt == "onnx":
+    onnx_for_export()
   if normalization not in NORMALIZATIONS:
     raise UserError(
       f"--normalization={normalization!r}: expected one of {', '.join(NORMALIZATIONS)}"
@@ -162,7 +190,16 @@ def export(
       f"wrote {storage.join(output, 'model.pth')} (public {label} layout; {what}) from {source}"
     )
   norm, why, image_size, data = input_settings(checkpoint, normalization, source)
-  write_hf(public, spec, num_classes, output, norm, image_size, class_names(num_classes, data))
+  names = class_names(num_classes, data)
+  if fmt == "onnx":
+    path = storage.join(output, "model.onnx")
+    write_onnx(variables, family, name, spec, num_classes, norm, argmax, names, path)
+    outputs = "logits and labels" if argmax else "logits"
+    return (
+      f"wrote {path} ({label}; {what}; uint8 pixels, {norm} normalisation from {why}; "
+      f"{outputs}) from {source}"
+    )
+  write_hf(public, spec, num_classes, output, norm, image_size, names)
   return (
     f"wrote {output} (HuggingFace SegFormer; {what}; {norm} normalisation from {why}) from {source}"
   )

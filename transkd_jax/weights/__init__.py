@@ -16,7 +16,9 @@ HuggingFace), which are only their command lines.
     record     saving: the Orbax checkpoint and its transkd_convert.json record
     hf_config  HuggingFace config.json / preprocessor_config.json, and the inputs
                (normalisation, image size, class names) a checkpoint declares
-    writers    exported files: the HF directory, the public model.pth
+    writers    exported files: the HF directory, the public model.pth, model.onnx
+    onnx_graph an ONNX graph written by hand: the builder and the layers
+    onnx_models the three families as ONNX graphs (needs onnx)
     cli        the parser and error handling both command lines share
 
 The model families themselves are ``transkd_jax.models.archs.ARCHS``' rows.

@@ -1,5 +1,6 @@
 """Exported files: a HuggingFace ``save_pretrained`` directory (model.safetensors and its
-configs) and a public-layout PyTorch state dict (model.pth), in a local directory or
+configs), a public-layout PyTorch state dict (model.pth) and an ONNX model (model.onnx), in a
+local directory or
 under a URI. Each file is written through ``storage.staged``: locally beside and then
 moved into place, for a URI locally and then copied there."""
 
@@ -9,6 +10,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from transkd_jax import storage
+from transkd_jax.errors import UserError
 from transkd_jax.weights.hf_config import hf_config, preprocessor_config
 from transkd_jax.weights.names import public_to_hf
 from transkd_jax.weights.readers import import_torch
@@ -45,3 +47,34 @@ def write_pytorch(public, output):
   torch = torch_for_export()
   with storage.staged(storage.join(output, "model.pth")) as local:
     torch.save({k: torch.from_numpy(v) for k, v in public.items()}, local)
+
+
+def onnx_for_export():
+  """onnx, or UserError saying --format=onnx needs it (checked before anything is written)."""
+  try:
+    import onnx
+  except ImportError as e:
+    raise UserError(
+      "--format=onnx needs the onnx package: pip install -e \".[onnx]\" (onnx, and "
+      "onnxruntime to run the model)"
+    ) from e
+  return onnx
+
+
+def write_onnx(variables, family, name, spec, num_classes, normalization, argmax, names, path):
+  """``path`` (model.onnx): the model's graph with its weights, and what it expects and
+  gives in its metadata (family, variant, classes, normalisation)."""
+  onnx = onnx_for_export()
+  from transkd_jax.weights.onnx_models import onnx_model  # imports onnx
+
+  if argmax and num_classes > 256:
+    raise UserError(f"--argmax: uint8 labels hold up to 256 classes; the model has {num_classes}")
+  metadata = {
+    "family": family,
+    "variant": name or "custom",
+    "class_names": json.dumps(list(names)),
+    "input": "pixels: uint8 RGB, N x 3 x H x W, H and W multiples of 32",
+  }
+  model = onnx_model(variables, family, spec, num_classes, normalization, argmax, metadata)
+  with storage.staged(path) as local:
+    onnx.save_model(model, local)
