@@ -6,10 +6,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from runs import REPO, SYNTHETIC, tiny_config
 
 from transkd_jax import throughput
 from transkd_jax.bench.step import bench_step
+from transkd_jax.errors import UserError
 from transkd_jax.models import kernels
 
 
@@ -87,3 +90,33 @@ def test_peak_memory_counts_the_worker_processes():
     child.kill()
     child.wait()
   assert memory.peak_mb - before > 250
+
+
+def test_infer_runs_both_engines_on_the_same_pixels(tmp_path):
+  """benchmark infer on a converted B0: both engines' label maps agree, each row has the
+  latencies, memory and the CPU's name; bad sizes name the flag."""
+  pytest.importorskip("onnxruntime")
+  from flax import traverse_util
+
+  from transkd_jax.bench.infer import bench_infer, parse_sizes
+  from transkd_jax.models import SegFormer
+  from transkd_jax.weights.record import save
+
+  shapes = jax.eval_shape(SegFormer("b0", 3).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  rng = np.random.default_rng(0)
+  flat = {
+    path: (1 + np.abs(x) if path[-1] in ("scale", "var") else x)
+    for path, leaf in traverse_util.flatten_dict(shapes).items()
+    for x in [rng.normal(scale=0.1, size=leaf.shape).astype(np.float32)]
+  }
+  save(traverse_util.unflatten_dict(flat), str(tmp_path / "b0"), {"num_classes": 3})
+  (row,) = bench_infer(str(tmp_path / "b0"), parse_sizes("64x96"), batch=2, steps=2)
+  assert row["model"] == "SegFormer-B0" and row["size"] == "64x96" and row["batch"] == 2
+  assert row["labels_agree"] > 0.999
+  for engine in ("jax", "onnxruntime"):
+    stats = row[engine]
+    assert 0 < stats["p50_ms"] <= stats["p90_ms"] and stats["img_per_s"] > 0
+    assert stats["peak_rss_mib"] >= 0
+  assert row["onnx_vs_jax"] > 0 and row["cpu"]
+  with pytest.raises(UserError, match="--sizes: 64x100 is not two positive multiples of 32"):
+    parse_sizes("64x100")

@@ -1,4 +1,4 @@
-"""``python -m transkd_jax.benchmark step|data|eval|model|compile``: see transkd_jax/bench/.
+"""``python -m transkd_jax.benchmark step|data|eval|model|compile|infer``: see transkd_jax/bench/.
 
 The same command as ``python -m transkd_jax.bench``, whose ``__main__`` this runs.
 """

@@ -11,12 +11,13 @@ from ml_collections import config_flags
 from transkd_jax.bench.compile import compile_report, does_not_fit, topology_devices
 from transkd_jax.bench.data import bench_data
 from transkd_jax.bench.eval import bench_eval
+from transkd_jax.bench.infer import bench_infer, parse_sizes
 from transkd_jax.bench.model import bench_model
 from transkd_jax.bench.step import bench_step
 from transkd_jax.config import resolve_batch_size, validate_config
 from transkd_jax.errors import UserError
 
-WHAT = ("step", "data", "eval", "model", "compile")
+WHAT = ("step", "data", "eval", "model", "compile", "infer")
 _DEFAULT = pathlib.Path(__file__).resolve().parents[2] / "configs" / "cityscapes.py"
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file(
   "Config file (configs/*.py); override values with --config.key=value.",
   lock_config=True,
 )
-_STEPS = flags.DEFINE_integer("steps", 5, "step, eval, model: timed calls after warm-up.")
+_STEPS = flags.DEFINE_integer("steps", 5, "step, eval, model, infer: timed calls after warm-up.")
 _WORKERS = flags.DEFINE_string(
   "workers", "0,1,2", "data: grain worker counts to time ('auto': config.data.num_workers='auto')."
 )
@@ -42,6 +43,13 @@ _TOPOLOGY = flags.DEFINE_string(
 _PROFILE = flags.DEFINE_integer(
   "profile", 0, "model: also print the N most expensive ops of the student step."
 )
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "infer: a training run's workdir or a transkd_jax.convert directory."
+)
+_SIZES = flags.DEFINE_string(
+  "sizes", "512x1024,1024x2048", "infer: input sizes HxW (multiples of 32), comma-separated."
+)
+_BATCH = flags.DEFINE_integer("batch", 1, "infer: images per call.")
 
 
 def _print(row):
@@ -56,6 +64,14 @@ def _main(argv):
     )
   what, config = argv[1], _CONFIG.value
   try:
+    if what == "infer":  # a trained model, no config
+      if not _CHECKPOINT.value:
+        raise UserError("infer needs --checkpoint=WORKDIR_OR_DIR (a run or a convert output)")
+      for row in bench_infer(
+        _CHECKPOINT.value, parse_sizes(_SIZES.value), _BATCH.value, _STEPS.value
+      ):
+        _print(row)
+      return
     validate_config(config)
     # A per-device batch counts the devices the step is for: the topology's for compile.
     devices = topology_devices(_TOPOLOGY.value) if what == "compile" else jax.devices()
