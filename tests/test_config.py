@@ -25,6 +25,7 @@ def test_every_config_file_validates():
     "cityscapes": 19,
     "cityscapes_lvt": 19,
     "cityscapes_pvtv2": 19,
+    "folder": 7,  # its example's class file (data/folder_example.py)
     "nyuv2": 40,
     "quickstart": 19,
     "synthetic": 19,

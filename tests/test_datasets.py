@@ -18,8 +18,8 @@ FIXED = {name: row for name, row in DATASETS.items() if isinstance(row.classes, 
 
 
 def test_the_rows_and_their_class_counts():
-  assert tuple(DATASETS) == ("cityscapes", "acdc", "nyuv2", "voc", "tfds", "generated")
-  assert set(FIXED) == set(DATASETS) - {"tfds"}
+  assert tuple(DATASETS) == ("cityscapes", "acdc", "nyuv2", "voc", "tfds", "generated", "folder")
+  assert set(FIXED) == set(DATASETS) - {"tfds", "folder"}  # the config chooses (test_folder.py)
   for name, row in FIXED.items():
     table = row.classes
     cfg = data.default_data_config(name=name)
@@ -64,7 +64,7 @@ def test_an_unknown_dataset_is_named():
   with pytest.raises(
     UserError,
     match=r"config.data.name='kitti' is not known; expected one of "
-    "cityscapes, acdc, nyuv2, voc, tfds, generated",
+    "cityscapes, acdc, nyuv2, voc, tfds, generated, folder",
   ):
     make_source(data.default_data_config(name="kitti"), "train")
 
@@ -99,6 +99,7 @@ def test_every_default_passes_and_no_file_is_touched():
     ("num_train", -1, {}),
     ("generated_size", (0, 64), {}),
     ("root", "gs://bucket/generated", {"name": "generated"}),
+    ("folder_classes", "classes.csv", {"name": "folder", "root": "/data"}),
   ],
 )
 def test_each_bad_key_is_named(key, value, overrides):

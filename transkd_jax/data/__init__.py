@@ -7,7 +7,8 @@
 
 Modules, lowest first: ``labels`` (IGNORE, class tables, label mappings), ``readers``
 (image/label files, ``PairedSource``), ``generated`` (the scene generator), ``sources``
-(the file-layout datasets) and ``tfds_source`` (prepared TFDS datasets), ``transforms``,
+(the file-layout datasets), ``tfds_source`` (prepared TFDS datasets) and ``folder`` (your
+own images and masks with a class file), ``transforms``,
 ``datasets`` (the table: one row per dataset; ``make_source``, ``check_config``),
 ``classes`` (class names and palettes per dataset), ``pipeline`` (grain iterators);
 ``browse`` (``python -m transkd_jax.data.browse``: one example's PNGs as the model sees it).
@@ -19,7 +20,9 @@ Modules, lowest first: ``labels`` (IGNORE, class tables, label mappings), ``read
 ``config.eval_protocol``), ``num_workers``, ``prefetch``, the ``tfds_*`` keys of ``tfds``,
 ``skip_bad_files``, for ``mmseg``: ``mmseg_scale``, ``mmseg_ratio_range``,
 ``mmseg_cat_max_ratio``, and for ``generated``: ``num_train``, ``num_val``,
-``generated_size``, ``generated_seed``.
+``generated_size``, ``generated_seed``, and for ``folder``: ``folder_images``,
+``folder_masks``, ``folder_classes``, ``folder_splits``, ``folder_val_fraction``,
+``folder_split_seed``.
 
 Transforms (``transforms.py`` has the details): ``reference``, the public TransKD
 code's, exactly (resize to ``config.image_size``, labels to 1/4 by PIL's
@@ -71,6 +74,14 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
       "num_val": 50,
       "generated_size": (256, 512),  # (height, width) of generated images
       "generated_seed": 0,
+      # folder (data/folder.py): paths under root unless absolute or URIs
+      "folder_images": "images",  # folder: <stem>.png / .jpg / .jpeg, any depth
+      "folder_masks": "masks",  # folder: <stem>.png, single channel, paired by stem
+      "folder_classes": "classes.json",  # folder: names, palette, ignore, map (JSON or YAML)
+      "folder_splits": "",  # folder: a directory of <split>.txt stem lists; empty: train
+      # and val drawn from the sorted stems by folder_val_fraction and folder_split_seed
+      "folder_val_fraction": 0.2,  # folder without list files: the share of stems in val
+      "folder_split_seed": 0,  # folder without list files: seeds the draw (every host alike)
     }
   )
   config.update(overrides)

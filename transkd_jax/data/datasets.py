@@ -8,12 +8,13 @@ palette, hence class count) and the file layout it expects (the text errors quot
     from transkd_jax.data.datasets import DATASETS, check_config, make_source
     DATASETS["voc"].classes.num_classes        # 21
     DATASETS["tfds"].class_table(data_config)  # a row whose classes the config sets
+    DATASETS["folder"].class_table(data_config)  # read from config.data.folder_classes
 """
 
 import dataclasses
 from typing import Callable, Optional, Union
 
-from transkd_jax.data import sources, tfds_source, transforms
+from transkd_jax.data import folder, sources, tfds_source, transforms
 from transkd_jax.data.labels import CITYSCAPES, NYUV2, VOC, ClassTable
 from transkd_jax.data.readers import check_key
 from transkd_jax.errors import UserError
@@ -25,10 +26,11 @@ class Dataset:
 
   ``build(data_config, split, num_classes)``: its random-access source (examples
   ``{"image", "label", "name", "skipped"}``). ``classes``: its ``ClassTable``, or
-  ``fn(data_config) -> ClassTable`` where the config chooses (tfds). ``layout``: the
-  layout it expects on disk. ``check(data_config)``: its own keys, without touching
-  files (None: it has none). ``count(data_config)``: its class count where the config
-  sets one apart from the table (tfds' ``tfds_num_classes``; None: the table's).
+  ``fn(data_config) -> ClassTable`` where the config chooses (tfds; folder: its class
+  file). ``layout``: the layout it expects on disk. ``check(data_config)``: its own keys,
+  without touching files (None: it has none). ``count(data_config)``: its class count
+  where the config sets one apart from the table (tfds' ``tfds_num_classes``; None: the
+  table's).
   """
 
   name: str
@@ -71,6 +73,8 @@ DATASETS = {
       sources.CITYSCAPES_LAYOUT,
       check=sources.check_generated,
     ),
+    # Your own images and masks, paired by stem; classes from its class file (folder.py).
+    Dataset("folder", folder.folder_source, folder.class_table, folder.LAYOUT, check=folder.check),
   )
 }
 
@@ -103,7 +107,7 @@ def check_config(data_config) -> None:
   The dataset name, the transform keys (``transforms.check_keys``: transforms,
   eval_label_resolution, ``mmseg_*``), reading (num_workers, prefetch, eval_label_pad)
   and the dataset's own keys (its row's ``check``: ACDC's conditions, the ``tfds_*``
-  keys, the generated dataset's sizes).
+  keys, the generated dataset's sizes, the ``folder_*`` keys).
   """
   name = data_config.name
   check_key(name in DATASETS, "name", f"one of {tuple(DATASETS)}", name)

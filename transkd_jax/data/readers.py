@@ -48,7 +48,8 @@ class PairedSource:
   """Image/label file pairs -> examples; the label mapping decides the train ids.
 
   ``items``: (image path, label path, mapping, name), mapping as in
-  ``to_train_ids``. With ``skip_bad_files`` an undecodable pair is skipped with
+  ``to_train_ids``, or a callable ``(label, label path) -> train ids`` (the folder
+  dataset's class file). With ``skip_bad_files`` an undecodable pair is skipped with
   a warning (the next pair is returned instead) and every example carries
   ``skipped``: how many bad files were passed over to produce it, so the
   training loop can report a total even when workers do the reading.
@@ -81,7 +82,10 @@ class PairedSource:
         f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
         f"{label_path} is {label.shape[1]}x{label.shape[0]}"
       )
-    label = to_train_ids(label, mapping, self.num_classes, label_path)
+    if callable(mapping):
+      label = mapping(label, label_path)
+    else:
+      label = to_train_ids(label, mapping, self.num_classes, label_path)
     return {
       "image": image,
       "label": label.astype(np.uint8),
