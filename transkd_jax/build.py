@@ -310,6 +310,7 @@ def training(config, weights: bool = True, devices=None) -> Training:
     mesh,
     teacher_input=(student_norm, student_norm if teacher is None else teacher.input_norm),
     param_shardings=shardings.params,
+    grad_accum_steps=config.grad_accum_steps,
   )
   teacher_shardings = None if teacher is None else teacher.shardings
   train_step = jit_train_step(step, mesh, shardings, teacher_shardings)
@@ -344,6 +345,13 @@ def check_batch_size(config, mesh):
       "transkd_jax.config.resolve_batch_size(config, jax.device_count()) first"
     )
   processes = len({d.process_index for d in mesh.devices.flat})
+  k = config.grad_accum_steps
+  if k > 1 and (config.batch_size % k or (config.batch_size // k) % mesh.size):
+    raise UserError(
+      f"config.grad_accum_steps={k}: the batch of {config.batch_size} must split into {k} "
+      f"micro-batches that divide evenly over the mesh's {mesh.size} devices (a multiple "
+      f"of {k * mesh.size})"
+    )
   if config.batch_size % mesh.size or config.batch_size % processes:
     raise UserError(
       f"config.batch_size={config.batch_size} must divide evenly over the "

@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   # at start-up). Exactly one of the two is non-zero.
   config.batch_size = 2
   config.per_device_batch_size = 0
+  # Gradient accumulation: each update's batch runs as this many micro-batches in turn
+  # (transkd_jax/train_step.py), so activations take a micro-batch's memory. The batch
+  # above stays the update's; it must split into micro-batches that divide over devices.
+  config.grad_accum_steps = 1
   config.total_steps = 1000 * STEPS_PER_EPOCH
   config.seed = 0
   config.log_every = 50
@@ -284,7 +288,7 @@ def validate_config(config):
       f"expected {config.num_classes} numbers (config.num_classes), or () for "
       "unweighted cross-entropy"
     )
-  for key in ("total_steps", "log_every", "keep_checkpoints"):
+  for key in ("total_steps", "log_every", "keep_checkpoints", "grad_accum_steps"):
     _positive_int(config, key)
   _check_batch_size(config)
   for key in (

@@ -36,6 +36,9 @@ SAFE = (
   "compile_cache",
   "data.num_workers",  # the data state is the number of batches read: any worker count
   "data.prefetch",
+  # The same batch per update in less memory (an out-of-memory resume may raise it);
+  # only BatchNorm's statistics see the micro-batches (transkd_jax/train_step.py).
+  "grad_accum_steps",
   "resume_allow",
   "teacher.check_images",
   "eval.",

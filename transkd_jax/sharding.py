@@ -57,6 +57,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXES))
 
 
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """(micro-batch, batch, ...): the second axis split as ``batch_sharding`` splits the first."""
+  return NamedSharding(mesh, P(None, AXES))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

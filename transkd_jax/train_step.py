@@ -68,6 +68,16 @@ def logits_for_ce(logits, labels, kernels: str = "native"):
   return resize_bilinear(logits, labels.shape[1:3], kernels)
 
 
+def split_micro_batches(x, k: int, mesh=None):
+  """(B, ...) -> (k, B / k, ...): micro-batch j holds examples j, j + k, j + 2k, ... so
+  that each device's share of the batch (a contiguous block along ``data``) gives every
+  micro-batch the same number of examples, and no example moves between devices."""
+  x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding.micro_batch_sharding(mesh))
+
+
 def make_train_step(
   model: Distiller,
   teacher: Optional[SegFormer],
@@ -80,6 +90,7 @@ def make_train_step(
   mesh=None,
   teacher_input=("unit", "unit"),
   param_shardings=None,
+  grad_accum_steps: int = 1,
 ) -> Callable:
   """step(state, teacher_variables, batch) -> (state, metrics); not yet jitted.
 
@@ -94,6 +105,17 @@ def make_train_step(
   ``teacher_input`` = (the student's normalisation, the teacher's): the batch's
   uint8 pixels are normalised on the device, for each model its own way
   (transkd_jax/normalization.py).
+
+  ``grad_accum_steps`` = k > 1: the batch is split into k micro-batches
+  (``split_micro_batches``), each run forward and backward in turn (a ``lax.scan``, so
+  only one micro-batch's activations are alive), and the update uses the mean of their
+  gradients: one batch k times larger than a micro-batch, in the memory of one. The
+  loss is each micro-batch's own mean, so the update equals the whole batch's where
+  every micro-batch has as many labelled pixels. BatchNorm (the SegFormer and LVT
+  heads', and the fusion modules' of TransKD and ReviewKD) normalises each micro-batch
+  by its own statistics and updates its running statistics k times, as gradient
+  accumulation in PyTorch does; so with BatchNorm the update is close to, not equal
+  to, the whole batch's.
   """
   teacher_call = method.teacher_call
   class_weights = None if not class_weights else tuple(float(w) for w in class_weights)
@@ -115,7 +137,8 @@ def make_train_step(
 
   gathered.defvjp(lambda params: (gathered(params), None), gathered_bwd)
 
-  def step(state: TrainState, teacher_variables, batch):
+  def gradients(params, batch_stats, teacher_variables, batch, key):
+    """(loss, terms, new batch_stats, grads) of one (micro-)batch."""
     pixels = batch["image"]  # uint8 from the pipeline (or floats normalised as teacher_input[0])
     images = normalization.renormalize(pixels, teacher_input[0], teacher_input[0])
     teacher_out = None
@@ -127,11 +150,10 @@ def make_train_step(
         method="encode" if teacher_call == "encode" else None,
       )
       teacher_out = jax.lax.stop_gradient(teacher_out)
-    key = jax.random.fold_in(base_key, state.step)
 
     def loss_fn(params):
       out, updated = model.apply(
-        {"params": gathered(params), "batch_stats": state.batch_stats},
+        {"params": gathered(params), "batch_stats": batch_stats},
         images,
         train=True,
         rngs={"dropout": key},
@@ -149,7 +171,43 @@ def make_train_step(
       )
       return total, (terms, updated.get("batch_stats", {}))
 
-    (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return total, terms, batch_stats, grads
+
+  def accumulated(state: TrainState, teacher_variables, batch, key):
+    """``gradients`` over ``grad_accum_steps`` micro-batches in a scan: the mean loss,
+    terms and gradients; BatchNorm running statistics updated once per micro-batch."""
+    k = grad_accum_steps
+    micro = jax.tree.map(lambda x: split_micro_batches(x, k, mesh), batch)
+
+    def body(carry, xs):
+      grads_sum, batch_stats = carry
+      index, one = xs
+      total, terms, batch_stats, grads = gradients(
+        state.params, batch_stats, teacher_variables, one, jax.random.fold_in(key, index)
+      )
+      return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), (total, terms)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, batch_stats), (totals, terms) = jax.lax.scan(
+      body, (zeros, state.batch_stats), (jnp.arange(k), micro)
+    )
+    mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
+    return (
+      mean(totals),
+      jax.tree.map(mean, terms),
+      batch_stats,
+      jax.tree.map(lambda g: g / k, grads),
+    )
+
+  def step(state: TrainState, teacher_variables, batch):
+    key = jax.random.fold_in(base_key, state.step)
+    if grad_accum_steps == 1:
+      total, terms, batch_stats, grads = gradients(
+        state.params, state.batch_stats, teacher_variables, batch, key
+      )
+    else:
+      total, terms, batch_stats, grads = accumulated(state, teacher_variables, batch, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
