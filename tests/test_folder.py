@@ -243,6 +243,9 @@ def test_the_train_iterator_resumes_exactly(tmp_path):
     assert a["image"].shape == (2, *SIZE, 3) and a["label"].shape == (2, 4, 8)
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
+  config.num_classes = 19  # a config's default, not the class file's 3
+  with pytest.raises(UserError, match=r"config.num_classes=19, but .*classes.json\) are 3"):
+    data.make_train_iterator(config)
 
 
 def test_a_gs_root_reads_through_the_bucket(tmp_path):

@@ -34,7 +34,7 @@ def view(config, split: str, index: int) -> dict:
   """{"name", "image" (H x W x 3 uint8), "label" (h x w uint8, IGNORE where ignored)}:
   example ``index`` of ``split`` after the config's transforms."""
   split_name = config.train_split if split == "train" else config.eval_split
-  source = make_source(config.data, split_name)
+  source = make_source(config.data, split_name, config.num_classes)
   if not 0 <= index < len(source):
     raise UserError(f"--index={index}: the {split_name} split holds {len(source)} examples")
   example = source[index]

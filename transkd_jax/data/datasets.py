@@ -30,7 +30,8 @@ class Dataset:
   file). ``layout``: the layout it expects on disk. ``check(data_config)``: its own keys,
   without touching files (None: it has none). ``count(data_config)``: its class count
   where the config sets one apart from the table (tfds' ``tfds_num_classes``; None: the
-  table's).
+  table's). ``own_classes``: the dataset defines its classes (folder: its class file), so
+  ``config.num_classes`` must be their count.
   """
 
   name: str
@@ -39,6 +40,7 @@ class Dataset:
   layout: str
   check: Optional[Callable] = None
   count: Optional[Callable] = None
+  own_classes: bool = False
 
   def class_table(self, data_config) -> ClassTable:
     return self.classes(data_config) if callable(self.classes) else self.classes
@@ -74,7 +76,14 @@ DATASETS = {
       check=sources.check_generated,
     ),
     # Your own images and masks, paired by stem; classes from its class file (folder.py).
-    Dataset("folder", folder.folder_source, folder.class_table, folder.LAYOUT, check=folder.check),
+    Dataset(
+      "folder",
+      folder.folder_source,
+      folder.class_table,
+      folder.LAYOUT,
+      check=folder.check,
+      own_classes=True,
+    ),
   )
 }
 
@@ -88,10 +97,17 @@ def get_dataset(name: str) -> Dataset:
   return DATASETS[name]
 
 
-def make_source(data_config, split: str):
-  """The random-access source of ``config.data`` for ``split``."""
+def make_source(data_config, split: str, num_classes: Optional[int] = None):
+  """The random-access source of ``config.data`` for ``split``. ``num_classes``
+  (``config.num_classes``) is checked against a dataset that defines its own classes."""
   row = get_dataset(data_config.name)
-  return row.build(data_config, split, row.num_classes(data_config))
+  count = row.num_classes(data_config)
+  if row.own_classes and num_classes is not None and num_classes != count:
+    raise UserError(
+      f"config.num_classes={num_classes}, but the {row.name} dataset's classes "
+      f"({folder.classes_path(data_config)}) are {count}: set --config.num_classes={count}"
+    )
+  return row.build(data_config, split, count)
 
 
 def _count(value, allow_zero: bool = True) -> bool:

@@ -115,7 +115,7 @@ def make_train_iterator(config, process_index=None, process_count=None):
   """An endless iterator of host-local batches {"image", "label"} with get/set_state."""
   index, count = _process(process_index, process_count)
   local = _local_batch(config, count)
-  source = make_source(config.data, config.train_split)
+  source = make_source(config.data, config.train_split, config.num_classes)
   ds = grain.MapDataset.source(source)
   if len(ds) < config.batch_size:
     raise UserError(
@@ -154,7 +154,7 @@ def make_eval_iterator(
   """
   index, count = _process(process_index, process_count)
   local = _local_batch(config, count)
-  source = grain.MapDataset.source(make_source(config.data, split))
+  source = grain.MapDataset.source(make_source(config.data, split, config.num_classes))
   if limit:
     source = source[:limit]
   shard = source[index::count]
