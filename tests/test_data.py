@@ -174,6 +174,17 @@ def test_train_iterator_shuffles_per_epoch_resumes_and_shards(gen_root):
   one = data.make_train_iterator(config)
   one.set_state(halves[0].get_state())  # a 2-process state resumes a 1-process run
   np.testing.assert_array_equal(next(one)["image"], batches[7]["image"])
+  # Two batches read ahead onto the device: its state is that after the last batch
+  # handed out, and a checkpoint of it resumes with the next one.
+  ahead = data.DevicePrefetch(data.make_train_iterator(config), lambda b: b["label"] + 0, depth=2)
+  for alone in batches[:3]:
+    np.testing.assert_array_equal(next(ahead), alone["label"])
+  plain = data.make_train_iterator(config)
+  [next(plain) for _ in range(3)]
+  assert ahead.get_state() == plain.get_state()
+  resumed = data.DevicePrefetch(data.make_train_iterator(config), lambda b: b["label"] + 0)
+  resumed.set_state(ahead.get_state())
+  np.testing.assert_array_equal(next(resumed), batches[3]["label"])
 
 
 def test_eval_iterator_pads_with_a_valid_mask(gen_root):

@@ -61,19 +61,25 @@ _register_array_handler()
 
 
 class DataStateHandler(grain.checkpoint.CheckpointHandler):
-  """grain's iterator handler; restores on another process count from process 0's file."""
+  """grain's iterator handler for any iterator whose ``get_state`` is a JSON-able dict (a
+  grain ``DatasetIterator``, or ``data.DevicePrefetch`` around one); restores on another
+  process count from process 0's file."""
+
+  def save(self, directory, item=None, args=None):
+    item = item or args.item
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (epath.Path(directory) / own).write_text(json.dumps(item.get_state(), indent=4))
 
   def restore(self, directory, item=None, args=None):
     item = item or args.item
     directory = epath.Path(directory)
     own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if own.exists():
-      return super().restore(directory, item=item)
-    written = sorted(directory.glob("process_0-of-*.json"))
+    written = [own] if own.exists() else sorted(directory.glob("process_0-of-*.json"))
     if not written:
       raise ValueError(f"{directory} holds no data-iterator state (process_*-of-*.json)")
     item.set_state(json.loads(written[0].read_text()))
-    item.start_prefetch()
+    if hasattr(item, "start_prefetch"):
+      item.start_prefetch()
     return item
 
 

@@ -326,7 +326,15 @@ def _train(config, workdir: str, preemption) -> dict:
       flush=True,
     )
   total_steps = config.total_steps
-  train_iter = data.make_train_iterator(config)
+  # Two batches ahead on the devices (their copies overlap the step); the data state a
+  # checkpoint saves is that after the last batch trained on.
+  train_iter = data.DevicePrefetch(
+    data.make_train_iterator(config),
+    lambda b: (
+      sharding.global_batch({"image": b["image"], "label": b["label"]}, run.mesh),
+      int(np.sum(b.get("skipped", 0))),
+    ),
+  )
   checkpoints = ckpt_lib.RunCheckpoints(
     workdir, keep=config.keep_checkpoints, best_metric="val_miou", best_mode="max"
   )
@@ -393,10 +401,9 @@ def _train(config, workdir: str, preemption) -> dict:
   step = start
   while step < total_steps:
     waited = time.perf_counter()
-    batch = next(train_iter)
+    batch, skipped_here = next(train_iter)
     speed.data_wait += time.perf_counter() - waited
-    skipped += int(np.sum(batch.get("skipped", 0)))
-    batch = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+    skipped += skipped_here
     if step_fn is None:  # compiled ahead of the first step: its time is not the step's
       compiled = _compile_unless_stopped(run, state, teacher_vars, batch, chief, preemption)
       if compiled is None or preemption.reached():

@@ -38,7 +38,7 @@ import ml_collections
 
 from transkd_jax.data.classes import CLASS_NAMES, PALETTES
 from transkd_jax.data.datasets import DATASETS, Dataset, check_config, make_source
-from transkd_jax.data.pipeline import make_eval_iterator, make_train_iterator
+from transkd_jax.data.pipeline import DevicePrefetch, make_eval_iterator, make_train_iterator
 from transkd_jax.data.transforms import TRANSFORMS
 
 
@@ -99,4 +99,5 @@ __all__ = [
   "make_eval_iterator",
   "make_source",
   "make_train_iterator",
+  "DevicePrefetch",
 ]

@@ -22,6 +22,7 @@ process (the same number of batches everywhere) with a boolean ``valid`` per
 example, so sharded evaluation never drops or double-counts an image.
 """
 
+import collections
 import math
 import os
 import signal
@@ -128,6 +129,40 @@ def make_train_iterator(config, process_index=None, process_count=None):
   # so this process's n-th batch is its part of global batch n.
   ds = ds.batch(local, drop_remainder=True)[index::count]
   return iter(_loader(ds, config))
+
+
+class DevicePrefetch:
+  """``put(batch)`` of ``iterator``'s batches, ``depth`` batches ahead.
+
+  ``put`` starts the batch's copy to the devices (``sharding.global_batch``), and the
+  copy is asynchronous, so with depth 2 the next batch is on its way to the devices
+  while a step runs. ``get_state`` is the wrapped iterator's state after the last
+  batch handed out, not after the last one read ahead: a checkpoint resumes with
+  the first batch not yet trained on. ``set_state`` drops what was read ahead.
+  """
+
+  def __init__(self, iterator, put, depth: int = 2):
+    self._iterator, self._put, self._depth = iterator, put, max(1, int(depth))
+    self._ahead = collections.deque()  # (put batch, the iterator's state after it)
+    self._state = iterator.get_state()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self._ahead) < self._depth:
+      batch = next(self._iterator)
+      self._ahead.append((self._put(batch), self._iterator.get_state()))
+    batch, self._state = self._ahead.popleft()
+    return batch
+
+  def get_state(self):
+    return self._state
+
+  def set_state(self, state):
+    self._iterator.set_state(state)
+    self._ahead.clear()
+    self._state = self._iterator.get_state()
 
 
 def _strip(fn):
