@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 from runs import TINY_STUDENT
 
-from transkd_jax.models import VARIANTS, SegFormer, kernels
+from transkd_jax.models import VARIANTS, SegFormer, archs, kernels
 from transkd_jax.models import initializers as init
 from transkd_jax.models.head import SegFormerHead
 from transkd_jax.models.kernels import softmax_attention
@@ -326,3 +326,38 @@ def test_gelu_is_the_exact_erf_gelu_and_keeps_the_dtype():
     jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x, jnp.float32)),
     atol=2e-6,
   )
+
+
+def test_rematerialised_blocks_keep_the_parameters_and_the_gradients():
+  """config.remat: the same variables, the blocks under jax.checkpoint in the gradient's
+  program, and the same gradients as without it."""
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 32, 64, 3)), jnp.float32)
+  plain = SegFormer(TINY_STUDENT, 5)
+  variables = jax.jit(plain.init)(jax.random.key(0), x)
+
+  def grad_fn(model):
+    def loss(params):
+      out, _ = model.apply(
+        {**variables, "params": params},
+        x,
+        train=True,
+        rngs={"dropout": jax.random.key(1)},
+        mutable=["batch_stats"],
+      )
+      return jnp.sum(out["logits"] ** 2)
+
+    return jax.grad(loss)
+
+  remat = SegFormer(TINY_STUDENT, 5, remat="block")
+  shapes = jax.eval_shape(remat.init, jax.random.key(0), x)
+  assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+
+  def forward(model):
+    return str(jax.make_jaxpr(lambda v: model.apply(v, x, method="encode"))(variables))
+
+  assert "remat" in forward(remat) and "remat" not in forward(plain)  # jax.checkpoint's primitive
+  want, got = (jax.jit(grad_fn(m))(variables["params"]) for m in (plain, remat))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="remat='all': expected one of none, block"):
+    archs.build("segformer", "b0", 19, remat="all")

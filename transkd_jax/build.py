@@ -77,6 +77,7 @@ def distiller(config, kernels: str = "native") -> Distiller:
     gl_mix_init=tuple(d.gl_mix_init),
     kernels=kernels,
     dtype=jnp.dtype(config.dtype),
+    remat=config.remat,
   )
 
 

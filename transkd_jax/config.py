@@ -14,6 +14,7 @@ from transkd_jax.distill import get_method, loss_settings
 from transkd_jax.errors import UserError
 from transkd_jax.eval_step import PROTOCOLS
 from transkd_jax.models import archs
+from transkd_jax.models.base import REMAT_POLICIES
 from transkd_jax.models.kernels import SETTINGS
 from transkd_jax.pairs import pairs_of
 from transkd_jax.sharding import RULES
@@ -94,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
   # (transkd_jax/train_step.py), so activations take a micro-batch's memory. The batch
   # above stays the update's; it must split into micro-batches that divide over devices.
   config.grad_accum_steps = 1
+  # Activation rematerialisation of the trained model's encoder blocks (memory for
+  # compute): "none", "block" (keep each block's input only) or "block_save_dots" (also
+  # its matmul outputs); transkd_jax/models/base.py REMAT_POLICIES.
+  config.remat = "none"
   config.total_steps = 1000 * STEPS_PER_EPOCH
   config.seed = 0
   config.log_every = 50
@@ -251,6 +256,7 @@ def validate_config(config):
       "(float32's range, the same speed on TPUs and on A100/H100-class GPUs)"
     )
   _check(config.dtype in _DTYPES, "dtype", f"one of {_DTYPES[:2]}", config.dtype)
+  _check(config.remat in REMAT_POLICIES, "remat", f"one of {tuple(REMAT_POLICIES)}", config.remat)
   _check(config.kernels in SETTINGS, "kernels", f"one of {SETTINGS}", config.kernels)
   for key in ("teacher", "eval"):
     _check(

@@ -231,6 +231,7 @@ class Distiller(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   arch: str = "segformer"  # the trained model's family (transkd_jax/models/archs.py)
+  remat: str = "none"  # the trained model's encoder blocks (models/base.py REMAT_POLICIES)
   teacher_arch: str = "segformer"
 
   @nn.compact
@@ -242,6 +243,7 @@ class Distiller(nn.Module):
       variant=self.variant,
       num_classes=self.num_classes,
       kernels=self.kernels,
+      remat=self.remat,
       name=method.trains,
       **kw,
     )

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Tuple
 
 import jax.numpy as jnp
 
+from transkd_jax.models.base import check_remat
 from transkd_jax.models.lvt import LVT, LVT_VARIANTS, get_lvt_variant
 from transkd_jax.models.pvtv2 import PVT_VARIANTS, PVTv2, get_pvt_variant
 from transkd_jax.models.segformer import SegFormer
@@ -150,10 +151,22 @@ def has_batch_stats(arch) -> bool:
 
 
 def build(
-  arch, variant, num_classes, *, kernels="native", dtype=jnp.float32, param_dtype=jnp.float32
+  arch,
+  variant,
+  num_classes,
+  *,
+  kernels="native",
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  remat="none",
 ):
   """The flax module of ``arch`` / ``variant`` (checked here, so errors come before any trace)."""
   get_arch_variant(arch, variant)
   return ARCHS[arch].model(
-    variant=variant, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, kernels=kernels
+    variant=variant,
+    num_classes=num_classes,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernels=kernels,
+    remat=check_remat(remat),
   )

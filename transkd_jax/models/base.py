@@ -12,6 +12,7 @@
 
 from typing import Any, Dict
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -20,6 +21,22 @@ from transkd_jax.models.head import SegFormerHead
 from transkd_jax.models.variants import PATCH_GEOMETRY
 
 Dtype = Any
+
+# config.remat: what each encoder block keeps for the backward pass (jax.checkpoint's
+# policies). "none": everything (no recomputation); "block": only the block's input,
+# the rest recomputed in the backward pass; "block_save_dots": the block's matmul and
+# convolution outputs too, the elementwise work (norms, GELU, softmax) recomputed.
+REMAT_POLICIES = {
+  "none": None,
+  "block": jax.checkpoint_policies.nothing_saveable,
+  "block_save_dots": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def check_remat(remat: str) -> str:
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+  return remat
 
 
 def check_images(images, model: str):
@@ -56,9 +73,18 @@ class StageEncoder(nn.Module):
   kernels: str = "native"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # REMAT_POLICIES
 
   def row(self):
     raise NotImplementedError
+
+  def block_class(self, cls, static_argnums):
+    """``cls`` (a block module), rematerialised by ``self.remat``'s policy; names and
+    parameters unchanged. ``static_argnums``: its non-array call arguments (from 1)."""
+    policy = REMAT_POLICIES[check_remat(self.remat)]
+    if policy is None:
+      return cls
+    return nn.remat(cls, policy=policy, static_argnums=static_argnums)
 
   def embed(self, stage: int, spec, x):
     """Stage ``stage``'s (0-based) patch embedding of x -> (state, embedding N x T x C)."""
@@ -104,6 +130,7 @@ class SegmentationModel(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: str = "native"  # "cpu" | "native": transkd_jax/models/kernels.py
+  remat: str = "none"  # the encoder blocks' rematerialisation: REMAT_POLICIES
 
   def row(self):
     raise NotImplementedError
@@ -111,7 +138,7 @@ class SegmentationModel(nn.Module):
   encoder_class = StageEncoder  # the family's encoder, built from the variant row
 
   def make_encoder(self, spec) -> nn.Module:
-    return self.encoder_class(spec, self.kernels, self.dtype, self.param_dtype)
+    return self.encoder_class(spec, self.kernels, self.dtype, self.param_dtype, self.remat)
 
   def make_decoder(self, spec) -> Dict[str, nn.Module]:
     """The decoder's submodules by attribute name: SegFormer's all-MLP head by default."""

@@ -415,7 +415,7 @@ class LiteVisionTransformer(StageEncoder):
     return patch_embed(PatchEmbed, stage, spec.channels[stage], self.dtype, self.param_dtype)(x)
 
   def block(self, stage, index, spec, drop_path, state, train):
-    return Block(
+    return self.block_class(Block, static_argnums=(2,))(
       spec.attention[stage],
       spec.heads[stage],
       spec.sr_ratios[stage],

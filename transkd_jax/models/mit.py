@@ -234,7 +234,7 @@ class MixTransformer(StageEncoder):
 
   def block(self, stage, index, spec, drop_path, state, train):
     tokens, hw = state
-    tokens = Block(
+    tokens = self.block_class(Block, static_argnums=(2, 3))(
       spec.heads[stage],
       spec.sr_ratios[stage],
       spec.mlp_ratios[stage],
