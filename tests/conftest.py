@@ -28,27 +28,30 @@ flags.FLAGS.mark_as_parsed()
 import pytest  # noqa: E402
 
 # The slowest test files first: with one file per xdist worker at a time, starting the long
-# ones early keeps both workers busy to the end (longest-processing-time-first).
+# ones early keeps every worker busy to the end (longest-processing-time-first).
 _SLOW_FIRST = (
   "test_distributed",
-  "test_distill",
+  "test_preemption",
   "test_train",
-  "test_train_step",
-  "test_recipe",
   "test_bench_compile",
+  "test_distill",
+  "test_recipe",
+  "test_train_step",
   "test_build",
+  "test_checkpoint",
+  "test_launch",
   "test_models",
   "test_main",
   "test_pvtv2",
   "test_lvt",
   "test_archs",
-  "test_launch",
   "test_evaluate",
   "test_convert_pairs",
   "test_convert",
   "test_bench",
   "test_predict",
   "test_export",
+  "test_onnx",
 )
 
 

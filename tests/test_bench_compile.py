@@ -69,6 +69,12 @@ def test_the_memory_figure_grows_with_the_batch():
     ).compile()
     memory.append(compile_bench._memory_gib(compiled))
   assert memory[1] > memory[0] > 0
+  # Where the bytes go: the ten heaviest ops, sorted, with their modules and FLOPs.
+  rows = compile_bench.traffic(compiled.as_text())
+  assert len(rows) == 10 and [r["bytes"] for r in rows] == sorted(
+    (r["bytes"] for r in rows), reverse=True
+  )
+  assert any("encoder/" in r["module"] for r in rows) and any(r["flops"] > 0 for r in rows)
 
 
 def test_the_kernel_form_follows_the_compiled_devices_unless_forced():
@@ -160,3 +166,35 @@ def test_collectives_are_counted_with_their_bytes():
     "reduce-scatter": {"count": 1, "bytes": 4 * 8 * 4},
   }
   assert summary["ops"]["grouped_convolution"] == 1 and summary["ops"]["gather"] == 1
+
+
+# fmt: off
+HLO = """HloModule jit_step, entry_computation_layout={()->f32[2,8]{1,0}}
+
+%fused_dot (p0: f32[2,4], p1: f32[4,8]) -> f32[2,8] {
+  %p0 = f32[2,4]{1,0} parameter(0)
+  %p1 = f32[4,8]{1,0} parameter(1)
+  ROOT %dot.1 = f32[2,8]{1,0} dot(f32[2,4]{1,0} %p0, f32[4,8]{1,0} %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[2,4], b: f32[4,8], x: f32[1,6,6,3], k: f32[3,3,3,5]) -> f32[2,8] {
+  %a = f32[2,4]{1,0} parameter(0)
+  %b = f32[4,8]{1,0} parameter(1)
+  %x = f32[1,6,6,3]{3,2,1,0} parameter(2)
+  %k = f32[3,3,3,5]{3,2,1,0} parameter(3)
+  %conv = f32[1,4,4,5]{3,2,1,0} convolution(f32[1,6,6,3]{3,2,1,0} %x, f32[3,3,3,5]{3,2,1,0} %k), window={size=3x3}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(step)/jvp(student)/student/encoder/patch_embed1/proj/conv_general_dilated"}
+  ROOT %fusion = f32[2,8]{1,0} fusion(f32[2,4]{1,0} %a, f32[4,8]{1,0} %b), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(step)/student/head/linear_pred/dot_general"}
+}
+"""  # noqa: E501
+# fmt: on
+
+
+def test_traffic_counts_each_ops_bytes_and_flops_by_module():
+  conv, fusion = compile_bench.traffic(HLO)
+  assert conv["op"] == "conv" and conv["kind"] == "convolution"
+  assert conv["bytes"] == 4 * (1 * 4 * 4 * 5 + 1 * 6 * 6 * 3 + 3 * 3 * 3 * 5)
+  assert conv["flops"] == 2 * (4 * 4 * 5) * (3 * 3 * 3)
+  assert conv["module"] == "student/encoder/patch_embed1/proj/conv_general_dilated"
+  assert fusion["kind"] == "fusion:kOutput" and fusion["flops"] == 2 * 2 * 8 * 4
+  assert fusion["bytes"] == 4 * (2 * 8 + 2 * 4 + 4 * 8)
+  assert fusion["module"] == "student/head/linear_pred/dot_general"

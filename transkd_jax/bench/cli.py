@@ -50,6 +50,22 @@ _SIZES = flags.DEFINE_string(
   "sizes", "512x1024,1024x2048", "infer: input sizes HxW (multiples of 32), comma-separated."
 )
 _BATCH = flags.DEFINE_integer("batch", 1, "infer: images per call.")
+_PER_DEVICE = flags.DEFINE_string(
+  "per_device_batch_sizes",
+  "",
+  "compile: per-device batches to compile the train step for, e.g. 2,4,8,16,32 (one JSON "
+  "line each: memory, fits, roofline bound); empty: the config's batch, with the eval step.",
+)
+
+
+def _per_device_sizes(text: str):
+  try:
+    sizes = [int(v) for v in text.split(",")]
+  except ValueError:
+    sizes = []
+  if not sizes or min(sizes) < 1:
+    raise UserError(f"--per_device_batch_sizes={text!r}: expected positive integers, e.g. 2,4,8")
+  return sizes
 
 
 def _print(row):
@@ -84,6 +100,10 @@ def _main(argv):
     elif what == "data":
       for count in _WORKERS.value.split(","):
         _print(bench_data(config, count if count == "auto" else int(count)))
+    elif what == "compile" and _PER_DEVICE.value:
+      for per_device in _per_device_sizes(_PER_DEVICE.value):  # a line each, fits or not
+        config.batch_size = per_device * len(devices)
+        _print(compile_report(config, _TOPOLOGY.value, with_eval=False))
     elif what == "compile":
       row = compile_report(config, _TOPOLOGY.value)
       _print(row)

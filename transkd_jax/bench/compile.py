@@ -14,9 +14,13 @@ One JSON line: the compile time; per-device memory (arguments + outputs +
 temporaries - aliased) against the chip's HBM; XLA's FLOP count; every
 collective (count and bytes by kind); the kernel form each swappable op
 compiled to; and a roofline estimate from the chip's peak bfloat16 FLOP/s and
-HBM bandwidth. The estimates are bounds (the step takes at least that long),
-not predictions. A step that does not fit exits 1 with one line saying by how
-much and what to change.
+HBM bandwidth. Where the bytes go: ``hbm_bytes_per_image`` (XLA's bytes accessed per
+image) and ``top_traffic``, the ten fusions or ops that move the most bytes (``traffic``:
+operands plus result, from the shapes), each with its FLOPs and the Flax module it comes
+from (the HLO's op_name metadata). ``--per_device_batch_sizes=2,4,8`` prints one such
+line per per-device batch, so the largest that fits shows. The estimates are bounds
+(the step takes at least that long), not predictions. A step that does not fit exits 1
+with one line saying by how much and what to change.
 """
 
 import re
@@ -118,6 +122,131 @@ def hlo_summary(hlo_text: str) -> dict:
   return {"collectives": {k: v for k, v in collectives.items() if v["count"]}, "ops": ops}
 
 
+_SKIP = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all"}
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+
+
+def _dims(shape_text: str):
+  match = _ARRAY.search(shape_text)
+  return [int(d) for d in filter(None, match.group(2).split(","))] if match else []
+
+
+def _operands(rest: str) -> str:
+  """The operand list of an instruction (the text up to its closing parenthesis)."""
+  depth = 1
+  for i, ch in enumerate(rest):
+    depth += ch == "("
+    depth -= ch == ")"
+    if depth == 0:
+      return rest[:i]
+  return rest
+
+
+def _operand_shapes(operands: str, shapes: dict) -> str:
+  """The operands' shapes: as written, or (where only names are) looked up in ``shapes``."""
+  if _ARRAY.search(operands):
+    return operands
+  return " ".join(shapes.get(n, "") for n in re.findall(r"%([\w.\-]+)", operands))
+
+
+def _flops(op: str, shape: str, operands: str, line: str) -> float:
+  """A dot's or convolution's FLOPs (2 x multiply-adds) from its shapes (``operands``:
+  their shapes, in order); 0 otherwise."""
+  out = 1
+  for d in _dims(shape):
+    out *= d
+  arrays = _ARRAY.findall(operands)
+  if op == "dot" and arrays:
+    lhs = [int(d) for d in filter(None, arrays[0][1].split(","))]
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+    size = 1
+    for i in filter(None, (contracting.group(1) if contracting else "").split(",")):
+      size *= lhs[int(i)]
+    return 2.0 * out * size
+  if op == "convolution" and len(arrays) > 1:
+    kernel = [int(d) for d in filter(None, arrays[1][1].split(","))]
+    labels = re.search(r"dim_labels=\w+_(\w+)->", line)
+    per_output = 1
+    for label, d in zip(labels.group(1) if labels else "", kernel):
+      per_output *= 1 if label == "o" else d
+    return 2.0 * out * per_output
+  return 0.0
+
+
+def _computations(hlo_text: str) -> dict:
+  """Computation name -> its instruction lines; the entry computation under "ENTRY"."""
+  found, name = {}, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      name = "ENTRY" if header.group(1) else header.group(2)
+      found[name] = []
+    elif name is not None and line.strip() and line.strip() != "}":
+      found[name].append(line)
+  return found
+
+
+def _module(line: str) -> str:
+  """The Flax module path an instruction comes from (its op_name metadata, without the
+  transformations' wrappers: jit(step)/jvp(...)/transpose(...))."""
+  match = re.search(r'op_name="([^"]*)"', line)
+  if not match:
+    return ""
+  # Dropped: transformations (jvp(...), transpose(...)) and flax's Class.method entries.
+  parts = [
+    p for p in match.group(1).split("/") if p and "." not in p and not re.match(r"^\w+\(.*\)$", p)
+  ]
+  return "/".join(parts)
+
+
+def traffic(hlo_text: str, top: int = 10) -> list:
+  """The ``top`` instructions of the entry computation (and the loops it runs) by the
+  bytes they move: operands read plus result written, each from its shape (what a fusion
+  or kernel reads from and writes to HBM; a custom call's are counted the same way, from
+  its operand and result shapes, whatever it does inside). FLOPs: the dots and
+  convolutions inside (2 x multiply-adds)."""
+  computations = _computations(hlo_text)
+  bodies = {"ENTRY"}
+  for line in computations.get("ENTRY", ()):
+    bodies.update(re.findall(r"body=%?([\w.\-]+)", line))
+  shapes = {}  # instruction name -> its shape text, over every computation
+  for lines in computations.values():
+    for line in lines:
+      match = _LINE.match(line)
+      if match:
+        shapes[match.group(1)] = match.group(2)
+  rows = []
+  for body in sorted(bodies):
+    for line in computations.get(body, ()):
+      match = _LINE.match(line)
+      if not match:
+        continue
+      name, shape, op, rest = match.groups()
+      if op in _SKIP or op in ("while", "call", "conditional") or op.endswith("-done"):
+        continue
+      operands = _operand_shapes(_operands(rest), shapes)
+      flops = _flops(op, shape, operands, line)
+      for called in re.findall(r"calls=%?([\w.\-]+)", line):
+        for inner in computations.get(called, ()):
+          m = _LINE.match(inner)
+          if m and m.group(3) in ("dot", "convolution"):
+            inner_operands = _operand_shapes(_operands(m.group(4)), shapes)
+            flops += _flops(m.group(3), m.group(2), inner_operands, inner)
+      kind = re.search(r"kind=(\w+)", line) if op == "fusion" else None
+      rows.append(
+        {
+          "op": name,
+          "kind": f"fusion:{kind.group(1)}" if kind else op,
+          "module": _module(line),
+          "bytes": _array_bytes(shape) + _array_bytes(operands),
+          "flops": flops,
+        }
+      )
+  rows.sort(key=lambda r: -r["bytes"])
+  return rows[:top]
+
+
 def _kernels(form: str, ops: dict) -> dict:
   native = form == "native"
   return {
@@ -209,6 +338,14 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
     "collectives": summary["collectives"],
     "kernels": _kernels(run.kernels, summary["ops"]),
   }
+  bytes_accessed = float(cost.get("bytes accessed", float("nan")))
+  row["hbm_bytes_per_image"] = (
+    round(bytes_accessed / per_device_batch) if per_device_batch else None
+  )
+  row["top_traffic"] = [
+    {**r, "gib": round(r["bytes"] / 2**30, 4), "gflop": round(r["flops"] / 1e9, 3)}
+    for r in traffic(compiled.as_text())
+  ]
   if chip is not None:
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
     seconds = max(flops / (chip.bf16_tflops * 1e12), bytes_accessed / (chip.hbm_gb_per_s * 1e9))
