@@ -181,11 +181,10 @@ def export(
       f"holds a {label} ({name}). --format=pytorch writes it in the public "
       "code's layout"
     )
-  public = to_public_state_dict(variables, family)
   what = f"{name or 'custom MiT ' + str(spec.channels)}, {num_classes} classes"
   storage.makedirs(output)
   if fmt in ("pytorch", "public"):
-    write_pytorch(public, output)
+    write_pytorch(to_public_state_dict(variables, family), output)
     return (
       f"wrote {storage.join(output, 'model.pth')} (public {label} layout; {what}) from {source}"
     )
@@ -199,6 +198,7 @@ def export(
       f"wrote {path} ({label}; {what}; uint8 pixels, {norm} normalisation from {why}; "
       f"{outputs}) from {source}"
     )
+  public = to_public_state_dict(variables, family)
   write_hf(public, spec, num_classes, output, norm, image_size, names)
   return (
     f"wrote {output} (HuggingFace SegFormer; {what}; {norm} normalisation from {why}) from {source}"

@@ -71,6 +71,12 @@ def _patch_conv(g, x, p, stage, name):
   return conv(g, x, p["kernel"], p["bias"], name, stride=stride, padding=padding)
 
 
+def _keys_values(g, context, kv, channels, name):
+  """The kv Linear of the context, split as the public code splits it: keys first."""
+  y = dense(g, context, kv, f"{name}/kv")
+  return g.op("Split", [y, g.const([channels, channels])], f"{name}/kv_split", outputs=2, axis=-1)
+
+
 def _efficient_attention(g, x, p, heads, sr_ratio, name):
   channels = p["q"]["kernel"].shape[0]
   q = dense(g, x, p["q"], f"{name}/q")
@@ -79,13 +85,7 @@ def _efficient_attention(g, x, p, heads, sr_ratio, name):
     sr = p["sr"]
     context = conv(g, x, sr["kernel"], sr["bias"], f"{name}/sr", stride=sr_ratio)
     context = layer_norm(g, context, p["norm"], mit.EPS_PATCH, f"{name}/norm")
-  k, v = g.op(
-    "Split",
-    [dense(g, context, p["kv"], f"{name}/kv"), g.const([channels, channels])],
-    f"{name}/kv_split",
-    outputs=2,
-    axis=-1,
-  )
+  k, v = _keys_values(g, context, p["kv"], channels, name)
   grid = g.op("Shape", [x], f"{name}/grid")
   out = attention(g, q, k, v, heads, channels, grid, name)
   return dense(g, out, p["proj"], f"{name}/proj")
@@ -188,13 +188,7 @@ def _rasa(g, x, p, spec, stage, name):
       sr = p["sr"]
       context = conv(g, x, sr["kernel"], sr["bias"], f"{at}/sr", stride=sr_ratio)
       context = layer_norm(g, context, p["norm"], LVT_EPS, f"{at}/norm")
-    k_, v_ = g.op(
-      "Split",
-      [dense(g, context, p["kv"], f"{at}/kv"), g.const([channels, channels])],
-      f"{at}/kv_split",
-      outputs=2,
-      axis=-1,
-    )
+    k_, v_ = _keys_values(g, context, p["kv"], channels, at)
     out = attention(g, q, k_, v_, heads, channels, grid, at)
     return dense(g, out, p["proj"], f"{at}/proj")
 
