@@ -4,7 +4,7 @@ and two processes of it started on 127.0.0.1."""
 
 import time
 
-from runs import REPO, env, main, wait_for
+from runs import REPO, env, main, stop, wait_for
 
 from transkd_jax.data import generated
 from transkd_jax.logs import read_metrics
@@ -62,5 +62,11 @@ def start_two(tmp_path, data_root, compile_cache, port_offset, **extra):
 def two_processes(tmp_path, data_root, compile_cache, port_offset, first_step=1, **extra):
   """Two processes training, once process 0 has logged ``first_step``."""
   procs = start_two(tmp_path, data_root, compile_cache, port_offset, **extra)
-  wait_for(lambda: any(r["step"] >= first_step for r in read_metrics(str(tmp_path))), procs[0], 600)
+  logged = lambda: any(r["step"] >= first_step for r in read_metrics(str(tmp_path)))  # noqa: E731
+  try:
+    wait_for(logged, procs[0], 300)
+  except AssertionError as e:
+    stop(procs)  # both outputs, so a hang or a crash of either process is seen
+    outs = [p.stdout.read()[-3000:] for p in procs]
+    raise AssertionError(f"{e}\n--- process 0:\n{outs[0]}\n--- process 1:\n{outs[1]}") from None
   return procs

@@ -180,18 +180,23 @@ def _speed_text(scalars: dict) -> str:
 
 
 def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
-  """The train step compiled for these arguments, and its FLOPs per step (all devices)."""
+  """The train step compiled for these arguments, and its FLOPs per step (all devices).
+
+  A second start of the same run reads the traced program and XLA's compiled one from
+  ``config.compile_cache`` (``compile_cache.compiled_step``)."""
   start = time.perf_counter()
-  lowered = run.train_step.lower(state, teacher_vars, batch)
-  traced = time.perf_counter() - start
-  compiled = lowered.compile()  # from config.compile_cache when an earlier start wrote it
-  xla = time.perf_counter() - start - traced
+  args = (state, teacher_vars, batch)
+  key = compile_cache.program_key("train_step", args, salt=str(run.config))
+  out_shardings = (run.state_shardings, sharding.replicated(run.mesh))
+  step = compile_cache.compiled_step(run.train_step, args, out_shardings, key)
   flops = float("nan")
   if run.config.count_flops:
     flops = compile_cache.remembered(
-      lowered,
+      step.program,
       "step_flops",
-      lambda: throughput.step_flops(run.train_step, state, teacher_vars, batch, compiled=compiled),
+      lambda: throughput.step_flops(
+        run.train_step, state, teacher_vars, batch, compiled=step.executable
+      ),
     )
   if chief:
     work = (
@@ -199,12 +204,13 @@ def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
       if math.isfinite(flops)
       else ""
     )
+    how = "stored program read in" if step.stored else "tracing"
     print(
-      f"compiled the train step in {time.perf_counter() - start:.1f} s (tracing "
-      f"{traced:.1f} s, XLA {xla:.1f} s){work}",
+      f"compiled the train step in {time.perf_counter() - start:.1f} s ({how} "
+      f"{step.trace_s:.1f} s, XLA {step.xla_s:.1f} s){work}",
       flush=True,
     )
-  return compiled, flops
+  return step.call, flops
 
 
 def _compile_unless_stopped(run, state, teacher_vars, batch, chief, preemption):
