@@ -186,7 +186,14 @@ def _compile(run: build.Training, state, teacher_vars, batch, chief: bool):
   ``config.compile_cache`` (``compile_cache.compiled_step``)."""
   start = time.perf_counter()
   args = (state, teacher_vars, batch)
-  key = compile_cache.program_key("train_step", args, salt=str(run.config))
+  # What the trace reads besides the arguments: the config and what the build derived
+  # from files (the modules as built, the teacher checkpoint's normalisation).
+  teacher = run.teacher
+  salt = "\n".join(
+    [str(run.config), repr(run.model), run.kernels]
+    + ([repr(teacher.model), teacher.input_norm] if teacher is not None else [])
+  )
+  key = compile_cache.program_key("train_step", args, salt=salt)
   out_shardings = (run.state_shardings, sharding.replicated(run.mesh))
   step = compile_cache.compiled_step(run.train_step, args, out_shardings, key)
   flops = float("nan")
