@@ -124,10 +124,17 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(
   # Only process 0 wrote the metrics (one row per step): the same losses, the same batches.
   np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one")[:2], rtol=1e-5)
   # The 2-process checkpoint (model and data position) resumes in 1 process.
+  # The first run's arguments: the same program, read from the cache (no trace).
   out = _run(
-    ["python", "-m", "transkd_jax.main", *_args(data_root, tmp_path / "two", total_steps=4)], one
+    [
+      "python",
+      "-m",
+      "transkd_jax.main",
+      *_args(data_root, tmp_path / "two", total_steps=4, checkpoint_every=2),
+    ],
+    one,
   )
-  assert "resumed from" in out
+  assert "resumed from" in out and "stored program read in" in out
   np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
   _assert_close(final_params(tmp_path / "two", 4), final_params(tmp_path / "one", 4))
 
