@@ -163,3 +163,26 @@ def test_the_programs_key_follows_code_config_and_arguments(monkeypatch):
   assert compile_cache.program_key("toy", (state, {"e": extra}, batch), "config") != key
   monkeypatch.setattr(compile_cache, "source_digest", lambda: "edited code")
   assert compile_cache.program_key("toy", args, salt="config") != key
+
+
+def test_a_step_export_cannot_keep_is_traced_the_plain_way(cache_dir, capsys):
+  """A host callback cannot be serialised: one warning line, then the plain jit, whose
+  step runs as written; nothing is stored."""
+
+  def step(state, extra, batch):
+    doubled = jax.pure_callback(
+      lambda x: np.asarray(x) * 2, jax.ShapeDtypeStruct((), jnp.float32), jnp.sum(batch["x"])
+    )
+    return {"w": state["w"] + doubled}, {"loss": doubled}
+
+  args = ({"w": jnp.ones(3)}, None, {"x": jnp.ones(4)})
+  sharding = jax.tree.leaves(args)[0].sharding
+  out = compile_cache.compiled_step(
+    jax.jit(step, donate_argnums=(0,)), args, ({"w": sharding}, sharding), "c" * 64
+  )
+  assert "cannot be kept (NotImplementedError" in capsys.readouterr().out
+  assert not out.stored and out.program == ""
+  state, metrics = out.call(*args)
+  np.testing.assert_array_equal(state["w"], [9.0, 9.0, 9.0])
+  assert float(metrics["loss"]) == 8.0
+  assert not list((cache_dir / "transkd_jax").glob("*.exported"))

@@ -32,9 +32,11 @@ import pathlib
 import re
 import sys
 import time
+import uuid
 from typing import Callable, NamedTuple
 
 import jax
+import numpy as np
 from etils import epath
 
 MAX_BYTES = 8 << 30
@@ -81,14 +83,17 @@ def _versions() -> str:
   return " ".join(f"{n}={getattr(sys.modules.get(n), '__version__', '-')}" for n in names)
 
 
+def _unkeyed(setting: str) -> bool:
+  """JAX settings that cannot change a trace: the caches' own and logging."""
+  return "cache" in setting or setting.startswith(("jax_log", "jax_debug_log"))
+
+
 def program_key(name: str, args, salt: str = "") -> str:
   """A key for the program ``name`` traced for ``args`` (arrays or ShapeDtypeStructs
   with shardings): the source, versions, JAX settings, devices, the arguments' tree,
   shapes, dtypes and shardings, and ``salt`` (the config)."""
   leaves, tree = jax.tree.flatten(args)
-  settings = sorted(
-    (k, repr(v)) for k, v in jax.config.values.items() if "cache" not in k and "log" not in k
-  )
+  settings = sorted((k, repr(v)) for k, v in jax.config.values.items() if not _unkeyed(k))
   devices = [(d.id, d.platform, d.device_kind, d.process_index) for d in jax.devices()]
   parts = [
     name,
@@ -97,7 +102,10 @@ def program_key(name: str, args, salt: str = "") -> str:
     repr(settings),
     repr(devices),
     str(tree),
-    *(f"{x.shape} {x.dtype} {getattr(x, 'sharding', None)}" for x in leaves),
+    *(
+      f"{x.shape} {x.dtype} {getattr(x, 'weak_type', False)} {getattr(x, 'sharding', None)}"
+      for x in leaves
+    ),
     re.sub(r" at 0x[0-9a-f]+", "", salt),  # reprs of functions: addresses move per start
   ]
   return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -142,39 +150,27 @@ def compiled_step(jitted, args: tuple, out_shardings, key: str) -> Compiled:
   ``outputs`` must be made of dicts, lists and tuples of arrays (``jax.export``
   keeps those); ``out_shardings`` is ``(state shardings, outputs' sharding)``. The
   stored program is the same StableHLO the trace gives, so the step computes the same
-  values. Anything going wrong with the stored form (an old file, a program
-  ``jax.export`` cannot keep) falls back to tracing, with one line saying why.
+  values. A stored file that cannot be read is traced again and replaced; a program
+  ``jax.export`` cannot keep is traced the plain way, with one line saying why. Errors
+  of the step itself (its trace, XLA's compile) are raised as they come. With several
+  processes, all of them read the stored program or none does.
   """
-  root = _root()
-  start = time.perf_counter()
-  if root is not None:
-    try:
-      return _through_export(jitted, args, out_shardings, root / f"step-{key}.exported", start)
-    except Exception as e:  # an optimisation only: the plain trace below still runs
-      print(
-        f"warning: the train step's traced program is not kept ({type(e).__name__}: "
-        f"{str(e)[:200]}); tracing it",
-        flush=True,
-      )
-  start = time.perf_counter()
-  lowered = jitted.lower(*args)
-  traced = time.perf_counter() - start
-  call = lowered.compile()
-  return Compiled(call, call, "", False, traced, time.perf_counter() - start - traced)
-
-
-def _through_export(jitted, args, out_shardings, path, start) -> Compiled:
   from jax import export
 
+  root = _root()
+  start = time.perf_counter()
+  if root is None:
+    return _plain(jitted, args, start)
+  path = root / f"step-{key}.exported"
+  exported = _read(path)
+  if jax.process_count() > 1:  # one program everywhere: read by all, or traced by all
+    from jax.experimental import multihost_utils
+
+    read = multihost_utils.process_allgather(np.int32(exported is not None))
+    if not np.all(read):
+      exported = None
+  stored = exported is not None
   leaves, tree = jax.tree.flatten(args)
-  state_tree = jax.tree.structure(args[0])
-  n_state = state_tree.num_leaves
-  exported, stored = None, False
-  if path.exists():
-    try:
-      exported, stored = export.deserialize(bytearray(path.read_bytes())), True
-    except Exception as e:  # damaged or from another version: traced again
-      print(f"warning: {path} cannot be read ({type(e).__name__}); tracing the step", flush=True)
   if exported is None:
 
     def flat(*flat_args):
@@ -182,20 +178,27 @@ def _through_export(jitted, args, out_shardings, path, start) -> Compiled:
       return jax.tree.leaves(state), outputs
 
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in leaves]
-    platform = next(iter(leaves[0].sharding.device_set)).platform
-    exported = export.export(
-      jax.jit(flat),
-      platforms=[platform],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("ALL")],
-    )(*specs)
-    _write(path, exported.serialize())
+    try:  # for the mesh's platform (the default backend's: named as export names it)
+      exported = export.export(
+        jax.jit(flat), disabled_checks=[export.DisabledSafetyCheck.custom_call("ALL")]
+      )(*specs)
+      data = exported.serialize()
+    except Exception as e:  # raised again by the plain trace if the step itself is wrong
+      print(
+        f"warning: the train step's traced program cannot be kept ({type(e).__name__}: "
+        f"{str(e)[:200]}); tracing it the plain way",
+        flush=True,
+      )
+      return _plain(jitted, args, time.perf_counter())
+    _write(path, data)
   traced = time.perf_counter() - start
+  state_tree = jax.tree.structure(args[0])
   state_shardings, output_sharding = out_shardings
   wrapper = jax.jit(
     exported.call,
     in_shardings=tuple(x.sharding for x in leaves),
     out_shardings=(jax.tree.leaves(state_shardings), output_sharding),
-    donate_argnums=tuple(range(n_state)),
+    donate_argnums=tuple(range(state_tree.num_leaves)),
   )
   compiled = wrapper.lower(*leaves).compile()
 
@@ -207,12 +210,32 @@ def _through_export(jitted, args, out_shardings, path, start) -> Compiled:
   return Compiled(call, compiled, program, stored, traced, time.perf_counter() - start - traced)
 
 
+def _plain(jitted, args, start) -> Compiled:
+  lowered = jitted.lower(*args)
+  traced = time.perf_counter() - start
+  call = lowered.compile()
+  return Compiled(call, call, "", False, traced, time.perf_counter() - start - traced)
+
+
+def _read(path):
+  """The stored program at ``path``, or None (none yet, or one that cannot be read)."""
+  from jax import export
+
+  try:
+    if not path.exists():
+      return None
+    return export.deserialize(bytearray(path.read_bytes()))
+  except Exception as e:  # damaged, from another version, or storage trouble: traced again
+    print(f"warning: {path} cannot be read ({type(e).__name__}); tracing the step", flush=True)
+    return None
+
+
 def _write(path, data: bytes):
   """Written whole or not at all (a temporary name, then a rename); the oldest stored
   programs beyond ``KEEP_PROGRAMS`` are removed."""
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f"{path.name}.{os.getpid()}.tmp"
+    temporary = path.parent / f"{path.name}.{uuid.uuid4().hex}.tmp"  # one per writer
     temporary.write_bytes(data)
     temporary.replace(path)  # over a damaged one
   except Exception:  # a read-only or full cache: traced again next time
