@@ -19,10 +19,13 @@ from transkd_jax.logs import read_metrics
 
 
 def _args(data_root):
-  """One 12-step run of the student: both tests compile the same program (cached).
+  """One 12-step run of the student, each step's batch of 2 as 2 accumulated micro-batches
+  (config.grad_accum_steps), so the killed-and-restarted run checks that accumulation
+  resumes exactly too (its equality to one large batch: test_train_step.py). Every run
+  here compiles the same program (cached).
 
   (Distillation end to end through main: test_preemption's SIGTERM test and the
-  README's first command, which CI runs.)"""
+  README's first command, which CI runs; one-batch steps resumed: test_distributed.)"""
   return [
     SYNTHETIC,
     *_overrides(
@@ -30,6 +33,7 @@ def _args(data_root):
       total_steps=12,
       checkpoint_every=4,
       method="student",
+      grad_accum_steps=2,
       **{"optimizer.lr": 1e-3, "optimizer.decay_steps": 12},
     ),
   ]
