@@ -35,6 +35,12 @@ def test_info_writes_sizes(tmp_path):
   assert 4 < info["teacher"]["gflops"] < 25
   assert info["student"]["gflops"] < info["teacher"]["gflops"] / 5
   assert "SegFormer-B2" in result.stdout
+  # The model zoo's multiply-adds (tests/test_macs.py): 1/16 of 512x1024's at 19 classes,
+  # and the paper's "> 85 %" reduction from B2 to B0.
+  assert (info["teacher"]["zoo_gmacs"], info["student"]["zoo_gmacs"]) == (7.114, 0.854)
+  assert info["reduction"]["zoo_gmacs"] == pytest.approx(1 - 854_099_968 / 7_113_527_296, abs=1e-3)
+  assert "SegFormer-B2 -> SegFormer-B0: 86.4 % fewer parameters" in result.stdout
+  assert "88.0 % fewer zoo GMACs" in result.stdout
   # The configured method's training-time wrapper: the 19-class B0 + CSF + PEA
   # (the public code's 4,563,124 counts a 20-way head: 257 more weights).
   assert info["distiller"]["method"] == "transkd_base"

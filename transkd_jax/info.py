@@ -5,13 +5,16 @@ import math
 import jax
 import jax.numpy as jnp
 
-from transkd_jax import build, storage
+from transkd_jax import build, macs, storage
 from transkd_jax.models import archs
 
 FLOPS_NOTE = (
   "GFLOPs from XLA's cost analysis of one image's forward pass: FLOPs, i.e. "
-  "about 2 x multiply-adds; the model zoo's numbers (113.84 for B2, 13.67 for B0) "
-  "count multiply-adds and leave some ops out"
+  "about 2 x multiply-adds, of everything the model computes, in our head's order; "
+  "zoo GMACs: multiply-adds as the SegFormer / TransKD model zoo counts them "
+  "(mmcv's rule: convolutions, linears, norms; not the attention matmuls; the public "
+  "head's order), which gives its 113.84 (B2) and 13.67 (B0) at 512x1024 and 20 classes "
+  "(transkd_jax/macs.py)"
 )
 
 
@@ -43,12 +46,20 @@ def run_info(config, workdir: str) -> dict:
   for role in ("teacher", "student"):
     arch, variant = config[role].arch, config[role].variant
     model = archs.build(arch, variant, config.num_classes, dtype=jnp.dtype(config.dtype))
+    zoo = macs.count(model, size)
     info[role] = {
       "arch": arch,
       "variant": str(variant),
       "model": archs.model_name(arch, variant),
       **model_info(model, size),
+      "zoo_gmacs": None if zoo is None else round(zoo / 1e9, 3),
     }
+  info["reduction"] = {  # teacher -> student, the paper's "> 85 %"
+    key: None
+    if info["teacher"][key] is None or info["student"][key] is None
+    else round(1 - info["student"][key] / info["teacher"][key], 4)
+    for key in ("params", "gflops", "zoo_gmacs")
+  }
   method = build.method_of(config)
   info["distiller"] = {
     "method": method.name,
@@ -60,7 +71,16 @@ def run_info(config, workdir: str) -> dict:
   print(f"input {size[0]}x{size[1]}, {config.num_classes} classes")
   for role in ("teacher", "student"):
     row = info[role]
-    print(f"  {role:8s} {row['model']}: {row['params']:,} parameters, {row['gflops']:.2f} GFLOPs")
+    zoo = "n/a" if row["zoo_gmacs"] is None else f"{row['zoo_gmacs']:.2f}"
+    print(
+      f"  {role:8s} {row['model']}: {row['params']:,} parameters, {row['gflops']:.2f} GFLOPs, "
+      f"{zoo} zoo GMACs"
+    )
+  cut = {k: "n/a" if v is None else f"{100 * v:.1f} %" for k, v in info["reduction"].items()}
+  print(
+    f"  {info['teacher']['model']} -> {info['student']['model']}: {cut['params']} fewer "
+    f"parameters, {cut['gflops']} fewer GFLOPs, {cut['zoo_gmacs']} fewer zoo GMACs"
+  )
   row = info["distiller"]
   print(
     f"  training-time model ({row['method']}: {row['description']}): "
