@@ -59,7 +59,8 @@ def tiny_config(data_root="", **overrides):
   config.optimizer.warmup_steps = 0
   config.teacher.check_images = 0  # test_build checks the teacher check itself
   config.count_flops = False  # one more trace per run; test_train's end-to-end run counts
-  config.recipe.pairs = ()  # the tiny pair only (synthetic.py lists full-size pairs)
+  config.recipe.pairs = ()  # the tiny pair only (synthetic.py:full lists full-size pairs)
+  config.recipe.seeds = 1  # synthetic.py runs 3
   config.data.update(root=str(data_root), num_train=8, num_val=4, generated_size=(64, 128))
   config.update(overrides)
   return config

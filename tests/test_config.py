@@ -60,6 +60,7 @@ def _set(config, key, value):
     ("data.name", "kitti", "config.data.name must be one of"),
     ("optimizer.warmup_steps", 10**9, "config.optimizer.warmup_steps"),
     ("recipe.methods", ("student", "nope"), "unknown distillation method 'nope'"),
+    ("recipe.seeds", 0, "config.recipe.seeds must be a positive integer"),
     ("distill.pea_weights", (0.1, 0.1), "config.distill.pea_weights needs 4 values"),
   ],
 )

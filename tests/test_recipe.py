@@ -35,6 +35,7 @@ def test_recipe_writes_the_table_and_skips_finished_runs(tmp_path, capsys):
     assert 0 <= results["miou"] <= 1 and results["num_images"] == 4
     assert f"{100 * results['miou']:.2f}" in table
   assert Image.open(tmp_path / "recipe" / "results.png").size[0] > 200
+  assert (tmp_path / "recipe" / "results_curve.png").exists()  # no points: eval_every=0
   saved = json.loads((tmp_path / "recipe" / "results.json").read_text())
   assert saved["runs"]["student"]["steps"] == 2
   capsys.readouterr()
@@ -187,3 +188,82 @@ def test_each_pair_gets_its_directory_its_section_and_shares_a_trained_teacher(
     == ["PVTv2-B2 -> PVTv2-B0", "SegFormer-B2 -> LVT", "PVTv2-B2 -> LVT"]
   )
   assert saved["pairs"]["SegFormer-B2 -> LVT"]["dir"] == "segformer-b2_to_lvt"
+
+
+def test_seeds_give_each_method_a_mean_a_std_a_curve_and_steps_to_the_students_accuracy(
+  tmp_path, monkeypatch
+):
+  """Orchestration and arithmetic with the runs replaced: numbers checked by hand."""
+  miou = {  # (method, seed) -> final mIoU
+    ("student", 0): 0.30,
+    ("student", 1): 0.32,
+    ("student", 2): 0.34,
+    ("transkd_base", 0): 0.33,
+    ("transkd_base", 1): 0.35,
+    ("transkd_base", 2): 0.37,
+    ("kd", 0): 0.20,
+    ("kd", 1): 0.20,
+    ("kd", 2): 0.20,
+  }
+  curves = {  # the in-training validations (mIoU %) at steps 2 and 4
+    "student": [[2, 20.0], [4, 29.0]],
+    "student-seed1": [[2, 22.0], [4, 30.0]],
+    "student-seed2": [[2, 24.0], [4, 31.0]],  # mean: 22 then 30, the target
+    "transkd_base": [[2, 31.0], [4, 35.0]],  # above 30 at step 2 already
+    "kd": [[2, 10.0], [4, 20.0]],  # never
+  }
+  seen = []
+
+  def fake_run(name, run_config, workdir):
+    seen.append((name, run_config.method, run_config.seed))
+    key = (run_config.method, run_config.seed)
+    return {
+      "train_time_s": 60.0,
+      "steps": run_config.total_steps,
+      "eval": {"miou": miou.get(key, 0.5), "protocol": "standard", "num_images": 4},
+    }
+
+  monkeypatch.setattr(recipe, "run_one", fake_run)
+  monkeypatch.setattr(
+    recipe,
+    "val_curve",
+    lambda workdir: curves.get(name := workdir.rsplit("/", 1)[-1], curves.get(name[:-6], [])),
+  )
+  monkeypatch.setattr(
+    recipe,
+    "model_rows",
+    lambda config, source: {
+      role: {"model": role, "params": 1e6, "gflops": 1.0, "source": source}
+      for role in ("teacher", "student")
+    },
+  )
+  config = _config(tmp_path, methods=("student", "transkd_base", "kd"))
+  config.total_steps, config.recipe.seeds, config.seed = 4, 3, 0
+  out = recipe.run_recipe(config, str(tmp_path / "r"))
+  assert seen[:4] == [
+    ("teacher", "teacher", 0),
+    ("student", "student", 0),
+    ("student-seed1", "student", 1),
+    ("student-seed2", "student", 2),
+  ]
+  assert len(seen) == 10  # one teacher for all seeds
+  methods = out["methods"]
+  assert methods["student"]["miou"] == pytest.approx(32.0)
+  assert methods["student"]["miou_std"] == pytest.approx(2.0)
+  assert methods["student"]["curve"] == [[2, pytest.approx(22.0)], [4, pytest.approx(30.0)]]
+  assert (methods["student"]["steps_to_student"], methods["transkd_base"]["steps_to_student"]) == (
+    4,
+    2,
+  )
+  assert methods["transkd_base"]["fraction_of_student"] == 0.5
+  assert methods["kd"]["steps_to_student"] is None
+  assert "steps_to_student" not in methods["teacher"]
+  table = (tmp_path / "r" / "results.md").read_text()
+  assert "| transkd_base | student | 1.00 M | 1.00 | 35.00 ± 2.00 | +3.00 | 3 | 4 | 2 (0.50) |" in (
+    table
+  )
+  assert "| kd | student | 1.00 M | 1.00 | 20.00 ± 0.00 | -12.00 | 3 | 4 | not reached |" in table
+  assert "mean ± std (n - 1) over seeds 0-2" in table
+  assert Image.open(tmp_path / "r" / "results_curve.png").size == (760, 440)
+  saved = json.loads((tmp_path / "r" / "results.json").read_text())
+  assert saved["methods"]["transkd_base"]["miou_per_seed"] == pytest.approx([33.0, 35.0, 37.0])

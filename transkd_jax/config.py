@@ -148,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
     "fitnet",
   )  # each trains the student for total_steps
   config.recipe.teacher_steps = 0  # the teacher's training steps; 0: config.total_steps
+  # Each method's runs: seeds config.seed .. config.seed + seeds - 1 (one teacher for all);
+  # results.md gives mean +- std.
+  config.recipe.seeds = 1
   # The student-alone row's own budget (the public train_student.py: batch 4, 500 epochs;
   # configs/cityscapes.py and acdc.py set it). 0: the same as every other row.
   config.recipe.student_batch_size = 0  # 0: config.batch_size
@@ -294,7 +297,7 @@ def validate_config(config):
       f"expected {config.num_classes} numbers (config.num_classes), or () for "
       "unweighted cross-entropy"
     )
-  for key in ("total_steps", "log_every", "keep_checkpoints", "grad_accum_steps"):
+  for key in ("total_steps", "log_every", "keep_checkpoints", "grad_accum_steps", "recipe.seeds"):
     _positive_int(config, key)
   _check_batch_size(config)
   for key in (

@@ -1,5 +1,5 @@
 """The paper's table in miniature: a teacher, the student alone, and the student
-distilled by every method, with one seed; one command.
+distilled by every method, over ``config.recipe.seeds`` seeds; one command.
 
     python -m transkd_jax.main --mode=recipe --config=configs/synthetic.py --workdir=DIR
 
@@ -7,14 +7,25 @@ distilled by every method, with one seed; one command.
    ``config.recipe.teacher_steps`` (``--config.method=teacher``), unless
    ``config.teacher.checkpoint`` names a teacher already trained or converted.
 2. ``DIR/<method>`` for each of ``config.recipe.methods``: trains the student
-   for ``config.total_steps`` with the same seed, distilling from that teacher.
+   for ``config.total_steps`` with ``config.seed``, distilling from that teacher;
+   with ``config.recipe.seeds`` = n > 1 also ``DIR/<method>-seed<s>`` for the
+   seeds ``config.seed + 1 .. + n - 1`` (one teacher for all of them).
    The student-alone row takes ``config.recipe.student_batch_size`` /
    ``student_steps`` / ``student_decay_steps`` when set (the public
    train_student.py's budget, which configs/cityscapes.py and acdc.py set:
    override those keys too when you shorten a run).
 3. Evaluates each run's best checkpoint (``--mode=eval``: validation mIoU) and
-   writes ``DIR/results.md`` (method, params, GFLOPs, mIoU with its protocol,
-   train time), ``DIR/results.json`` and ``DIR/results.png`` (mIoU bars).
+   writes ``DIR/results.md`` (per method: params, GFLOPs, mIoU as mean +- std over
+   the seeds with its protocol, steps to the student's accuracy, train time),
+   ``DIR/results.json``, ``DIR/results.png`` (mIoU bars) and
+   ``DIR/results_curve.png`` (each method's validation mIoU over steps, the mean
+   over seeds, from the runs' ``metrics.jsonl``: ``config.eval_every`` sets the
+   points).
+
+Steps to the student's accuracy is the paper's training-time claim in miniature:
+the first evaluated step at which a method's mean validation mIoU reaches the
+student alone's final one (its mean at the last step), and that step as a
+fraction of the student alone's steps.
 
 ``config.recipe.pairs`` runs the table for several teacher/student pairs, e.g.
 ``("segformer-b2>segformer-b0", "pvtv2-b2>pvtv2-b0", "segformer-b2>lvt")``: the
@@ -39,6 +50,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
 
@@ -47,6 +59,7 @@ from transkd_jax.distill import get_method
 from transkd_jax.errors import UserError
 from transkd_jax.evaluate import run_eval
 from transkd_jax.info import model_info
+from transkd_jax.logs import read_metrics
 from transkd_jax.models import archs
 from transkd_jax.pairs import Pair, pairs_of
 from transkd_jax.train import train
@@ -92,16 +105,18 @@ def run_configs(config, pair: Optional[Pair] = None) -> dict:
       get_method(method)
     except ValueError as e:
       raise UserError(f"config.recipe.methods: {e}") from None
-    run = copy.deepcopy(config)
-    with run.unlocked():
-      run.method = method
-      if method == BASELINE:  # the student alone, on its own budget when one is set
-        recipe = config.recipe
-        if recipe.student_batch_size:  # global, as the public solo scripts' batch
-          run.batch_size, run.per_device_batch_size = recipe.student_batch_size, 0
-        run.total_steps = recipe.student_steps or run.total_steps
-        run.optimizer.decay_steps = recipe.student_decay_steps or run.optimizer.decay_steps
-    runs[method] = run
+    for index in range(int(config.recipe.seeds)):
+      run = copy.deepcopy(config)
+      with run.unlocked():
+        run.method = method
+        run.seed = config.seed + index
+        if method == BASELINE:  # the student alone, on its own budget when one is set
+          recipe = config.recipe
+          if recipe.student_batch_size:  # global, as the public solo scripts' batch
+            run.batch_size, run.per_device_batch_size = recipe.student_batch_size, 0
+          run.total_steps = recipe.student_steps or run.total_steps
+          run.optimizer.decay_steps = recipe.student_decay_steps or run.optimizer.decay_steps
+      runs[method if index == 0 else f"{method}-seed{run.seed}"] = run
   return runs
 
 
@@ -155,39 +170,106 @@ def model_rows(config, teacher_source: str) -> dict:
   return rows
 
 
-def results_table(config, runs: dict, models: dict) -> str:
-  """The markdown table of DIR/results.md."""
-  protocol = next(iter(runs.values()))["eval"]["protocol"]
-  baseline = runs.get(BASELINE)
+def val_curve(workdir: str) -> list:
+  """[[step, mIoU %], ...] of a run's in-training validations (its metrics.jsonl);
+  a step evaluated twice (a resumed run) keeps its last value."""
+  points = {
+    row["step"]: 100 * row["miou"] for row in read_metrics(workdir) if row["split"] == "val"
+  }
+  return [[step, points[step]] for step in sorted(points)]
+
+
+def _mean_curve(curves: list) -> list:
+  """The mean over seeds at the steps every seed evaluated."""
+  shared = set.intersection(*(set(step for step, _ in c) for c in curves)) if curves else set()
+  return [
+    [step, float(np.mean([dict(map(tuple, c))[step] for c in curves]))] for step in sorted(shared)
+  ]
+
+
+def by_method(runs: dict) -> dict:
+  """{method: summary over its seeds}: mIoU (%) mean, std (ddof=1; 0 for one seed) and
+  per seed, the mean train time and validation curve, and steps to the student's
+  accuracy (``steps_to_student``: the first step of the mean curve at or above the
+  student alone's final value; ``fraction_of_student``: that over its steps)."""
+  groups = {}
+  for run in runs.values():
+    groups.setdefault(run["method"], []).append(run)
+  methods = {}
+  for method, group in groups.items():
+    mious = [100 * run["eval"]["miou"] for run in group]
+    times = [run["train_time_s"] for run in group if run.get("train_time_s") is not None]
+    methods[method] = {
+      "seeds": [run.get("seed") for run in group],
+      "miou": float(np.mean(mious)),
+      "miou_std": float(np.std(mious, ddof=1)) if len(mious) > 1 else 0.0,
+      "miou_per_seed": mious,
+      "steps": group[0].get("steps"),
+      "train_time_s": float(np.mean(times)) if times else None,
+      "curve": _mean_curve([run.get("curve") or [] for run in group]),
+    }
+  baseline = methods.get(BASELINE)
+  if baseline and baseline["curve"] and baseline["steps"]:
+    target = baseline["curve"][-1][1]
+    for method, row in methods.items():
+      if get_method(method).trains != get_method(BASELINE).trains:
+        continue
+      step = next((s for s, miou in row["curve"] if miou >= target), None)
+      row["steps_to_student"] = step
+      row["fraction_of_student"] = None if step is None else step / baseline["steps"]
+  return methods
+
+
+def results_table(config, methods: dict, models: dict, protocol: str, num_images: int) -> str:
+  """The markdown table of DIR/results.md: one row per method, mean +- std over seeds."""
+  baseline = methods.get(BASELINE)
   header = (
-    "| method | model | params | GFLOPs | mIoU (%) | vs student | steps | train time |\n"
-    "|---|---|---|---|---|---|---|---|"
+    "| method | model | params | GFLOPs | mIoU (%) | vs student | seeds | steps "
+    "| steps to student | train time |\n|---|---|---|---|---|---|---|---|---|---|"
   )
   lines = [header]
-  for name, run in runs.items():
+  for name, row in methods.items():
     role = get_method(name).trains
-    miou = 100 * run["eval"]["miou"]
     compared = baseline is not None and name != BASELINE and role == get_method(BASELINE).trains
-    delta = f"{miou - 100 * baseline['eval']['miou']:+.2f}" if compared else ""
-    time_s = run.get("train_time_s")
+    delta = f"{row['miou'] - baseline['miou']:+.2f}" if compared else ""
+    miou = f"{row['miou']:.2f}" + (f" ± {row['miou_std']:.2f}" if len(row["seeds"]) > 1 else "")
+    if "steps_to_student" not in row:
+      reached = ""
+    elif row["steps_to_student"] is None:
+      reached = "not reached"
+    else:
+      reached = f"{row['steps_to_student']} ({row['fraction_of_student']:.2f})"
+    time_s = row["train_time_s"]
     lines.append(
       f"| {name} | {models[role]['model']} | {models[role]['params'] / 1e6:.2f} M | "
-      f"{models[role]['gflops']:.2f} | {miou:.2f} | {delta} | "
-      f"{run.get('steps') or ''} | "
+      f"{models[role]['gflops']:.2f} | {miou} | {delta} | {len(row['seeds'])} | "
+      f"{row['steps'] or ''} | {reached} | "
       f"{'given' if time_s is None else f'{time_s / 60:.1f} min'} |"
     )
   size = "x".join(str(s) for s in config.image_size)
+  seeds = int(config.recipe.seeds)
   notes = [
     f"mIoU: `{protocol}` protocol, {config.data.name} `{config.eval_split}` "
-    f"split ({runs[next(iter(runs))]['eval']['num_images']} images), each run's best "
-    "checkpoint by validation mIoU.",
+    f"split ({num_images} images), each run's best checkpoint by validation mIoU"
+    + (
+      f"; mean ± std (n - 1) over seeds {config.seed}-{config.seed + seeds - 1}."
+      if seeds > 1
+      else "."
+    ),
     f"Students: {config.total_steps} steps each, batch {config.batch_size}, {size} inputs, "
-    f"seed {config.seed}; the teacher: {models['teacher']['source']}.",
+    f"`{config.data.transforms}` transforms, seed {config.seed}"
+    + (f" and the {seeds - 1} after it" if seeds > 1 else "")
+    + f"; the teacher: {models['teacher']['source']}.",
+    "Steps to student: the first validated step "
+    f"({f'every {config.eval_every} steps' if config.eval_every else 'the final one only'}) "
+    "at which the method's mean validation mIoU "
+    "reaches the student alone's final one, and that step as a fraction of the student's "
+    "steps (the paper's training-time claim in miniature); train time is per run.",
     "Params and GFLOPs (XLA's count: about 2 x multiply-adds, one image at "
     f"{size}) are the deployed model's; training-time modules are dropped after training.",
   ]
   recipe = config.recipe
-  if BASELINE in runs and (recipe.student_batch_size or recipe.student_steps):
+  if BASELINE in methods and (recipe.student_batch_size or recipe.student_steps):
     notes.append(
       f"The student-alone row has its own budget, as the public train_student.py: "
       f"batch {recipe.student_batch_size or config.batch_size}, "
@@ -196,10 +278,25 @@ def results_table(config, runs: dict, models: dict) -> str:
   return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
-def bar_chart(path: str, runs: dict, protocol: str):
-  """DIR/results.png: one bar of mIoU per run (PIL only; no plotting library needed)."""
-  names = list(runs)
-  values = [100 * runs[n]["eval"]["miou"] for n in names]
+def _colour(name: str):
+  if get_method(name).trains != get_method(BASELINE).trains:
+    return (120, 120, 120)
+  if name == BASELINE:
+    return (200, 90, 60)
+  palette = [(60, 110, 190), (40, 150, 90), (150, 80, 170), (210, 160, 40), (30, 160, 170)]
+  return palette[sum(map(ord, name)) % len(palette)]
+
+
+def _save_png(path: str, image):
+  with epath.Path(path).open("wb") as f:  # a local file or a gs:// object
+    image.save(f, format="PNG")
+
+
+def bar_chart(path: str, methods: dict, protocol: str):
+  """DIR/results.png: one bar of mean mIoU per method, the seeds' std as a whisker (PIL
+  only; no plotting library needed)."""
+  names = list(methods)
+  values = [methods[n]["miou"] for n in names]
   width, height, left, bottom, top = 120 + 90 * len(names), 420, 60, 60, 40
   image = Image.new("RGB", (width, height), "white")
   draw = ImageDraw.Draw(image)
@@ -210,16 +307,52 @@ def bar_chart(path: str, runs: dict, protocol: str):
   for i, (name, value) in enumerate(zip(names, values)):
     x0 = left + 20 + 90 * i
     y0 = height - bottom - value * scale
-    colour = (
-      (120, 120, 120)
-      if get_method(name).trains != get_method(BASELINE).trains
-      else ((200, 90, 60) if name == BASELINE else (60, 110, 190))
-    )
-    draw.rectangle((x0, y0, x0 + 60, height - bottom), fill=colour)
-    draw.text((x0 + 8, y0 - 14), f"{value:.1f}", fill="black")
+    draw.rectangle((x0, y0, x0 + 60, height - bottom), fill=_colour(name))
+    std = methods[name]["miou_std"] * scale
+    if std:
+      draw.line((x0 + 30, y0 - std, x0 + 30, y0 + std), fill="black", width=2)
+    draw.text((x0 + 8, y0 - 14 - std), f"{value:.1f}", fill="black")
     draw.text((x0, height - bottom + 8), name[:12], fill="black")
-  with epath.Path(path).open("wb") as f:  # a local file or a gs:// object
-    image.save(f, format="PNG")
+  _save_png(path, image)
+
+
+def curve_chart(path: str, methods: dict, protocol: str):
+  """DIR/results_curve.png: each student method's mean validation mIoU over steps, and
+  the student alone's final value dashed (what steps-to-student counts up to)."""
+  curves = {n: m["curve"] for n, m in methods.items() if m["curve"] and n != "teacher"}
+  width, height, left, bottom, top, right = 760, 440, 60, 50, 40, 170
+  image = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(image)
+  draw.text((left, 10), f"validation mIoU (%) over steps, {protocol} protocol", fill="black")
+  if not curves:
+    draw.text(
+      (left, height // 2), "no in-training validations (config.eval_every = 0)", fill="black"
+    )
+    _save_png(path, image)
+    return
+  steps = [s for c in curves.values() for s, _ in c]
+  values = [v for c in curves.values() for _, v in c]
+  x_max, y_max = max(steps), max(values) * 1.1 or 1.0
+
+  def xy(step, value):
+    return (
+      left + (width - left - right) * step / x_max,
+      height - bottom - (height - bottom - top) * value / y_max,
+    )
+
+  draw.line((left, height - bottom, width - right, height - bottom), fill="black")
+  draw.line((left, top, left, height - bottom), fill="black")
+  draw.text((width - right - 30, height - bottom + 8), f"{x_max}", fill="black")
+  draw.text((left - 40, top), f"{y_max:.0f}", fill="black")
+  if BASELINE in curves:
+    y = xy(0, curves[BASELINE][-1][1])[1]
+    for x in range(left, width - right, 12):
+      draw.line((x, y, x + 6, y), fill=_colour(BASELINE))
+  for i, (name, curve) in enumerate(curves.items()):
+    points = [xy(step, value) for step, value in [[0, 0.0], *curve]]
+    draw.line(points, fill=_colour(name), width=2)
+    draw.text((width - right + 10, top + 16 * i), f"{name} {curve[-1][1]:.1f}", fill=_colour(name))
+  _save_png(path, image)
 
 
 def _run_pair(config, pair: Pair, workdir: str, teachers: dict) -> dict:
@@ -238,9 +371,14 @@ def _run_pair(config, pair: Pair, workdir: str, teachers: dict) -> dict:
       with run_config.unlocked():
         run_config.teacher.checkpoint = teacher_source
     label = f"{pair.subdir}/{name}" if pair.subdir else name
-    runs[name] = run_one(label, run_config, run_dir)
+    runs[name] = {
+      **run_one(label, run_config, run_dir),
+      "method": run_config.method,
+      "seed": run_config.seed,
+      "curve": val_curve(run_dir),
+    }
   if "teacher" not in runs:  # a given teacher: evaluate it for its row
-    runs = {"teacher": _given_teacher(config, workdir), **runs}
+    runs = {"teacher": {**_given_teacher(config, workdir), "method": "teacher"}, **runs}
   if "teacher" in configs:
     teachers[pair.teacher] = teacher_source
     source = f"trained by this recipe for {configs['teacher'].total_steps} steps"
@@ -249,11 +387,16 @@ def _run_pair(config, pair: Pair, workdir: str, teachers: dict) -> dict:
   else:
     source = f"given ({config.teacher.checkpoint})"
   models = model_rows(config, source)
+  methods = by_method(runs)
+  protocol = runs["teacher"]["eval"]["protocol"]
   return {
     "runs": runs,
+    "methods": methods,
     "models": models,
-    "table": results_table(config, runs, models),
-    "protocol": runs["teacher"]["eval"]["protocol"],
+    "table": results_table(
+      config, methods, models, protocol, runs["teacher"]["eval"]["num_images"]
+    ),
+    "protocol": protocol,
   }
 
 
@@ -283,14 +426,17 @@ def run_recipe(config, workdir: str) -> dict:
   first = results[next((p for p in pairs if not p.subdir), pairs[0])]
   if _is_chief():
     storage.write_text(storage.join(workdir, "results.md"), table)
-    bar_chart(storage.join(workdir, "results.png"), first["runs"], first["protocol"])
+    bar_chart(storage.join(workdir, "results.png"), first["methods"], first["protocol"])
+    curve_chart(storage.join(workdir, "results_curve.png"), first["methods"], first["protocol"])
   summary = {
     "runs": first["runs"],
+    "methods": first["methods"],
     "models": first["models"],
     "pairs": {
       pair.title: {
         "dir": pair.subdir,
         "runs": results[pair]["runs"],
+        "methods": results[pair]["methods"],
         "models": results[pair]["models"],
       }
       for pair in pairs
@@ -301,7 +447,8 @@ def run_recipe(config, workdir: str) -> dict:
   )
   print("\n" + table, flush=True)
   print(
-    f"wrote {storage.join(workdir, 'results.md')}, results.json and results.png "
+    f"wrote {storage.join(workdir, 'results.md')}, results.json, results.png and "
+    "results_curve.png "
     f"({(time.perf_counter() - wall) / 60:.1f} min in all)",
     flush=True,
   )
