@@ -267,3 +267,74 @@ def test_seeds_give_each_method_a_mean_a_std_a_curve_and_steps_to_the_students_a
   assert Image.open(tmp_path / "r" / "results_curve.png").size == (760, 440)
   saved = json.loads((tmp_path / "r" / "results.json").read_text())
   assert saved["methods"]["transkd_base"]["miou_per_seed"] == pytest.approx([33.0, 35.0, 37.0])
+
+
+def test_the_ablation_adds_its_rows_and_says_which_gains_are_beyond_the_noise(
+  tmp_path, monkeypatch
+):
+  miou = {  # method -> the two seeds' mIoU (%): means 30, 33, 33.1, 34, 34, 34, 34
+    "student": (29.0, 31.0),  # std 1.414
+    "hcl": (32.0, 34.0),  # +3 over student; standard error sqrt(2/2 + 2/2) = 1.414: 2.1 x
+    "csf": (33.0, 33.2),  # +0.1 over hcl: no
+    "transkd_base": (34.0, 34.0),
+    "transkd_gl": (34.0, 34.0),  # +0, standard error 0: no
+    "transkd_ea": (34.0, 34.0),
+    "reviewkd": (34.0, 34.0),
+    "teacher": (50.0,),
+  }
+  seen = []
+
+  def fake_run(name, run_config, workdir):
+    seen.append(name)
+    value = miou[run_config.method][run_config.seed % len(miou[run_config.method])]
+    return {
+      "train_time_s": 1.0,
+      "steps": run_config.total_steps,
+      "eval": {"miou": value / 100, "protocol": "standard", "num_images": 4},
+    }
+
+  monkeypatch.setattr(recipe, "run_one", fake_run)
+  monkeypatch.setattr(
+    recipe,
+    "model_rows",
+    lambda config, source: {
+      role: {"model": role, "params": 1e6, "gflops": 1.0, "source": source}
+      for role in ("teacher", "student")
+    },
+  )
+  config = _config(tmp_path, methods=("student", "transkd_base"))
+  config.recipe.seeds, config.recipe.ablation = 2, True
+  out = recipe.run_recipe(config, str(tmp_path / "r"))
+  assert seen == [
+    "teacher",
+    *(f"{m}{s}" for m in ("student", "transkd_base") for s in ("", "-seed1")),
+    *(
+      f"{m}{s}"
+      for m in ("hcl", "csf", "transkd_gl", "transkd_ea", "reviewkd")
+      for s in ("", "-seed1")
+    ),
+  ]
+  table = (tmp_path / "r" / "results.md").read_text()
+  main, ablation = table.split("## Ablation")
+  assert "| hcl |" not in main and "| transkd_base |" in main  # recipe.methods only
+  rows = {r["method"]: r for r in out["ablation"]}
+  assert list(rows) == [
+    "student",
+    "hcl",
+    "csf",
+    "transkd_base",
+    "transkd_gl",
+    "transkd_ea",
+    "reviewkd",
+  ]
+  assert rows["hcl"]["gain"] == pytest.approx(3.0) and rows["hcl"]["beyond_noise"] is True
+  assert rows["hcl"]["standard_error"] == pytest.approx(2**0.5)
+  assert rows["csf"]["gain"] == pytest.approx(0.1) and rows["csf"]["beyond_noise"] is False
+  assert (
+    rows["transkd_gl"]["compared_with"] == "transkd_base" and not rows["transkd_gl"]["beyond_noise"]
+  )
+  assert (
+    "| + HCL on the stage maps (1x1 adapters, no CSF) | hcl | 33.00 ± 1.41 | +3.00 | student "
+    "| yes: 2.1 x its standard error (1.41) |" in ablation
+  )
+  assert json.loads((tmp_path / "r" / "results.json").read_text())["ablation"][1]["method"] == "hcl"

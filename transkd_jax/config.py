@@ -151,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Each method's runs: seeds config.seed .. config.seed + seeds - 1 (one teacher for all);
   # results.md gives mean +- std.
   config.recipe.seeds = 1
+  # Also the ablation's rows (recipe.ABLATION: + HCL, + CSF, + PEA, + GL-Mixer, + EA,
+  # ReviewKD) and their section in results.md; the config's own pair only.
+  config.recipe.ablation = False
   # The student-alone row's own budget (the public train_student.py: batch 4, 500 epochs;
   # configs/cityscapes.py and acdc.py set it). 0: the same as every other row.
   config.recipe.student_batch_size = 0  # 0: config.batch_size

@@ -66,6 +66,16 @@ from transkd_jax.train import train
 
 RUN_FILE = "recipe_run.json"  # per run: training time, steps, status
 BASELINE = "student"  # the run every other student run is compared with
+# config.recipe.ablation: (method, the row it is compared with, what it adds), in order.
+ABLATION = (
+  ("student", None, "the student alone"),
+  ("hcl", "student", "+ HCL on the stage maps (1x1 adapters, no CSF)"),
+  ("csf", "hcl", "+ CSF before HCL"),
+  ("transkd_base", "csf", "+ PEA (= TransKD-Base)"),
+  ("transkd_gl", "transkd_base", "+ GL-Mixer on stage 4 (TransKD-GL)"),
+  ("transkd_ea", "transkd_base", "+ Embedding Assistant (TransKD-EA)"),
+  ("reviewkd", "transkd_base", "ReviewKD (ABF + HCL), beside TransKD-Base"),
+)
 
 
 def _with_models(config, pair: Pair):
@@ -79,6 +89,7 @@ def _with_models(config, pair: Pair):
           {**run[role].to_dict(), "arch": arch, "variant": variant, "init": ""}
         )
     if pair.subdir:
+      run.recipe.ablation = False  # the config's own pair only
       run.total_steps = int(config.recipe.pair_steps or config.total_steps)
       run.recipe.methods = tuple(config.recipe.pair_methods or config.recipe.methods)
       run.recipe.teacher_steps = int(
@@ -100,7 +111,10 @@ def run_configs(config, pair: Optional[Pair] = None) -> dict:
       teacher.method = "teacher"
       teacher.total_steps = int(config.recipe.teacher_steps or config.total_steps)
     runs["teacher"] = teacher
-  for method in config.recipe.methods:
+  methods = tuple(config.recipe.methods)
+  if config.recipe.ablation:
+    methods += tuple(m for m, _, _ in ABLATION if m not in methods)
+  for method in methods:
     try:
       get_method(method)
     except ValueError as e:
@@ -278,6 +292,59 @@ def results_table(config, methods: dict, models: dict, protocol: str, num_images
   return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def ablation_rows(methods: dict) -> list:
+  """ABLATION's rows with each one's gain over the row it is compared with, and whether
+  that gain is beyond the seed noise: more than twice its standard error,
+  sqrt(std_a^2 / n_a + std_b^2 / n_b), which needs two seeds or more on both sides."""
+  rows = []
+  for method, base, adds in ABLATION:
+    row = methods[method]
+    entry = {"method": method, "adds": adds, "compared_with": base, "miou": row["miou"]}
+    entry.update(miou_std=row["miou_std"], seeds=len(row["seeds"]))
+    if base is not None:
+      other = methods[base]
+      gain = row["miou"] - other["miou"]
+      error = (
+        row["miou_std"] ** 2 / len(row["seeds"]) + other["miou_std"] ** 2 / len(other["seeds"])
+      ) ** 0.5
+      noisy = min(len(row["seeds"]), len(other["seeds"])) < 2
+      entry.update(gain=gain, standard_error=None if noisy else error)
+      entry["beyond_noise"] = None if noisy else bool(abs(gain) > 2 * error)
+    rows.append(entry)
+  return rows
+
+
+def ablation_table(rows: list) -> str:
+  """The markdown of results.md's ablation section."""
+  lines = [
+    "| what | method | mIoU (%) | gain | over | beyond the seed noise? |",
+    "|---|---|---|---|---|---|",
+  ]
+  for row in rows:
+    miou = f"{row['miou']:.2f}" + (f" ± {row['miou_std']:.2f}" if row["seeds"] > 1 else "")
+    if row["compared_with"] is None:
+      gain = verdict = ""
+    else:
+      gain = f"{row['gain']:+.2f}"
+      if row["beyond_noise"] is None:
+        verdict = "one seed: no estimate"
+      else:
+        error = row["standard_error"]
+        ratio = f"{abs(row['gain']) / error:.1f} x" if error else "infinitely many times"
+        verdict = (
+          f"{'yes' if row['beyond_noise'] else 'no'}: {ratio} its standard error ({error:.2f})"
+        )
+    lines.append(
+      f"| {row['adds']} | {row['method']} | {miou} | {gain} | {row['compared_with'] or ''} "
+      f"| {verdict} |"
+    )
+  return (
+    "\n".join(lines)
+    + "\n\n- Each row's gain is over the row named in 'over'; beyond the seed noise means "
+    "more than twice the gain's standard error, sqrt(std_a^2 / n_a + std_b^2 / n_b).\n"
+  )
+
+
 def _colour(name: str):
   if get_method(name).trains != get_method(BASELINE).trains:
     return (120, 120, 120)
@@ -389,13 +456,17 @@ def _run_pair(config, pair: Pair, workdir: str, teachers: dict) -> dict:
   models = model_rows(config, source)
   methods = by_method(runs)
   protocol = runs["teacher"]["eval"]["protocol"]
+  shown = {m: row for m, row in methods.items() if m in ("teacher", *config.recipe.methods)}
+  table = results_table(config, shown, models, protocol, runs["teacher"]["eval"]["num_images"])
+  ablation = ablation_rows(methods) if config.recipe.ablation else None
+  if ablation:
+    table += f"\n## Ablation\n\n{ablation_table(ablation)}"
   return {
     "runs": runs,
     "methods": methods,
+    "ablation": ablation,
     "models": models,
-    "table": results_table(
-      config, methods, models, protocol, runs["teacher"]["eval"]["num_images"]
-    ),
+    "table": table,
     "protocol": protocol,
   }
 
@@ -431,12 +502,14 @@ def run_recipe(config, workdir: str) -> dict:
   summary = {
     "runs": first["runs"],
     "methods": first["methods"],
+    "ablation": first["ablation"],
     "models": first["models"],
     "pairs": {
       pair.title: {
         "dir": pair.subdir,
         "runs": results[pair]["runs"],
         "methods": results[pair]["methods"],
+        "ablation": results[pair]["ablation"],
         "models": results[pair]["models"],
       }
       for pair in pairs

@@ -142,6 +142,14 @@ METHODS: Dict[str, Method] = {
       "the teacher alone (config.teacher.variant, from config.teacher.init)",
       trains="teacher",
     ),
+    # The ablation's two steps before TransKD-Base (config.recipe.ablation).
+    Method(
+      "hcl",
+      "ablation: HCL on the stage maps through 1x1 adapters (no CSF, no PEA)",
+      fitnet_adapters,
+      terms=(HCL,),
+    ),
+    Method("csf", "ablation: CSF + HCL (TransKD-Base without PEA)", csf, terms=(HCL,)),
     Method(
       "transkd_base", "TransKD-Base: CSF + HCL, PEA", csf, align_embeddings=True, terms=(HCL, PEA)
     ),
