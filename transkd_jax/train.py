@@ -228,7 +228,13 @@ def _compile_unless_stopped(run, state, teacher_vars, batch, chief, preemption):
   they compile in step and ask ``preemption.reached()`` together afterwards.
   """
   if jax.process_count() > 1:
-    return _compile(run, state, teacher_vars, batch, chief)
+    # gloo's first collective over the step's devices gives up after 30 s: the processes
+    # meet before the stored program's all-gather (after a first batch that may come at
+    # different times) and after XLA's compile (which may take one much longer).
+    distributed.barrier("train:compile")
+    compiled = _compile(run, state, teacher_vars, batch, chief)
+    distributed.barrier("train:compiled")
+    return compiled
   result = {}
 
   def work():
