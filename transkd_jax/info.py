@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from transkd_jax import build, macs, storage
-from transkd_jax.models import archs
+from transkd_jax.models import archs, kernels
 
 FLOPS_NOTE = (
   "GFLOPs from XLA's cost analysis of one image's forward pass: FLOPs, i.e. "
@@ -27,14 +27,16 @@ def model_info(model, image_size, method=None) -> dict:
 
   Uses only abstract shapes (``jax.eval_shape``) and the lowered, uncompiled
   computation, so it is cheap even for B5 at full resolution. Counted with the
-  CPU kernel forms: the native resize's interpolation-matrix contractions
-  (transkd_jax/models/kernels.py) would add FLOPs the model itself does not need.
+  CPU kernel forms, attention unchunked (XLA counts a loop's body once): the native
+  resize's interpolation-matrix contractions (transkd_jax/models/kernels.py) would add
+  FLOPs the model itself does not need.
   """
   model = model.clone(kernels="cpu")
   images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   forward = jax.jit(lambda v, x: model.apply(v, x, method=method))
-  cost = forward.lower(variables, images).cost_analysis()
+  with kernels.unchunked():  # XLA counts a loop's body once: attention in one chunk
+    cost = forward.lower(variables, images).cost_analysis()
   flops = float(cost["flops"]) if cost and "flops" in cost else float("nan")
   return {"params": count_params(variables["params"]), "gflops": round(flops / 1e9, 3)}
 
