@@ -345,13 +345,17 @@ def ablation_table(rows: list) -> str:
   )
 
 
-def _colour(name: str):
+_PALETTE = [(60, 110, 190), (40, 150, 90), (150, 80, 170), (210, 160, 40), (30, 160, 170)]
+_PALETTE += [(120, 70, 40), (220, 100, 160), (90, 90, 200), (120, 160, 40)]
+
+
+def _colour(name: str, index: int):
+  """The teacher grey, the student alone orange, the others in turn (``index``)."""
   if get_method(name).trains != get_method(BASELINE).trains:
     return (120, 120, 120)
   if name == BASELINE:
     return (200, 90, 60)
-  palette = [(60, 110, 190), (40, 150, 90), (150, 80, 170), (210, 160, 40), (30, 160, 170)]
-  return palette[sum(map(ord, name)) % len(palette)]
+  return _PALETTE[index % len(_PALETTE)]
 
 
 def _save_png(path: str, image):
@@ -374,7 +378,7 @@ def bar_chart(path: str, methods: dict, protocol: str):
   for i, (name, value) in enumerate(zip(names, values)):
     x0 = left + 20 + 90 * i
     y0 = height - bottom - value * scale
-    draw.rectangle((x0, y0, x0 + 60, height - bottom), fill=_colour(name))
+    draw.rectangle((x0, y0, x0 + 60, height - bottom), fill=_colour(name, i))
     std = methods[name]["miou_std"] * scale
     if std:
       draw.line((x0 + 30, y0 - std, x0 + 30, y0 + std), fill="black", width=2)
@@ -414,11 +418,13 @@ def curve_chart(path: str, methods: dict, protocol: str):
   if BASELINE in curves:
     y = xy(0, curves[BASELINE][-1][1])[1]
     for x in range(left, width - right, 12):
-      draw.line((x, y, x + 6, y), fill=_colour(BASELINE))
+      draw.line((x, y, x + 6, y), fill=_colour(BASELINE, 0))
   for i, (name, curve) in enumerate(curves.items()):
     points = [xy(step, value) for step, value in [[0, 0.0], *curve]]
-    draw.line(points, fill=_colour(name), width=2)
-    draw.text((width - right + 10, top + 16 * i), f"{name} {curve[-1][1]:.1f}", fill=_colour(name))
+    draw.line(points, fill=_colour(name, i), width=2)
+    draw.text(
+      (width - right + 10, top + 16 * i), f"{name} {curve[-1][1]:.1f}", fill=_colour(name, i)
+    )
   _save_png(path, image)
 
 
