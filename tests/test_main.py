@@ -48,18 +48,29 @@ def test_info_writes_sizes(tmp_path):
   assert info["student"]["gflops"] < info["distiller"]["gflops"] < info["teacher"]["gflops"]
 
 
+def _info(config_file, tmp_path, **overrides):
+  """run_info in this process (the command line is test_info_writes_sizes')."""
+  from runs import load_config
+
+  from transkd_jax.config import validate_config
+  from transkd_jax.info import run_info
+
+  config = load_config(REPO / "configs" / config_file)
+  config.update(overrides)
+  validate_config(config)
+  run_info(config, str(tmp_path))
+  return json.loads((tmp_path / "info.json").read_text())
+
+
 def test_info_distiller_follows_the_method(tmp_path):
-  result = _main(
-    CITYSCAPES,
-    f"--workdir={tmp_path}",
-    "--mode=info",
-    "--config.image_size=(64, 128)",
-    "--config.method=transkd_ea",
-    "--config.num_classes=20",
-    "--config.class_weights=()",
+  info = _info(
+    "cityscapes.py",
+    tmp_path,
+    image_size=(64, 128),
+    method="transkd_ea",
+    num_classes=20,
+    class_weights=(),
   )
-  assert result.returncode == 0, result.stderr
-  info = json.loads((tmp_path / "info.json").read_text())
   assert info["distiller"]["params"] == 5_534_076
 
 
@@ -88,23 +99,17 @@ def test_info_distiller_follows_the_method(tmp_path):
   ],
 )
 def test_info_of_the_other_pairs_counts_the_public_models(
-  tmp_path, config, teacher, student, distiller, names
+  tmp_path, capsys, config, teacher, student, distiller, names
 ):
-  result = _main(
-    f"--config={REPO / 'configs' / config}",
-    f"--workdir={tmp_path}",
-    "--mode=info",
-    "--config.image_size=(64, 128)",
-  )
-  assert result.returncode == 0, result.stderr
-  info = json.loads((tmp_path / "info.json").read_text())
+  info = _info(config, tmp_path, image_size=(64, 128))
   assert (info["teacher"]["params"], info["student"]["params"], info["distiller"]["params"]) == (
     teacher,
     student,
     distiller,
   )
   assert (info["teacher"]["model"], info["student"]["model"]) == names
-  assert all(name in result.stdout for name in names)
+  out = capsys.readouterr().out
+  assert all(name in out for name in names)
 
 
 # One override the flag parser refuses and one validate_config refuses (the others are
