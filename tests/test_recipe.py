@@ -190,6 +190,14 @@ def test_each_pair_gets_its_directory_its_section_and_shares_a_trained_teacher(
   assert saved["pairs"]["SegFormer-B2 -> LVT"]["dir"] == "segformer-b2_to_lvt"
 
 
+def _fake_model_rows(config, source):
+  """model_rows without building the models: 1 M parameters, 1 GFLOP, named by role."""
+  return {
+    role: {"model": role, "params": 1e6, "gflops": 1.0, "source": source}
+    for role in ("teacher", "student")
+  }
+
+
 def test_seeds_give_each_method_a_mean_a_std_a_curve_and_steps_to_the_students_accuracy(
   tmp_path, monkeypatch
 ):
@@ -229,14 +237,7 @@ def test_seeds_give_each_method_a_mean_a_std_a_curve_and_steps_to_the_students_a
     "val_curve",
     lambda workdir: curves.get(name := workdir.rsplit("/", 1)[-1], curves.get(name[:-6], [])),
   )
-  monkeypatch.setattr(
-    recipe,
-    "model_rows",
-    lambda config, source: {
-      role: {"model": role, "params": 1e6, "gflops": 1.0, "source": source}
-      for role in ("teacher", "student")
-    },
-  )
+  monkeypatch.setattr(recipe, "model_rows", _fake_model_rows)
   config = _config(tmp_path, methods=("student", "transkd_base", "kd"))
   config.total_steps, config.recipe.seeds, config.seed = 4, 3, 0
   out = recipe.run_recipe(config, str(tmp_path / "r"))
@@ -294,14 +295,7 @@ def test_the_ablation_adds_its_rows_and_says_which_gains_are_beyond_the_noise(
     }
 
   monkeypatch.setattr(recipe, "run_one", fake_run)
-  monkeypatch.setattr(
-    recipe,
-    "model_rows",
-    lambda config, source: {
-      role: {"model": role, "params": 1e6, "gflops": 1.0, "source": source}
-      for role in ("teacher", "student")
-    },
-  )
+  monkeypatch.setattr(recipe, "model_rows", _fake_model_rows)
   config = _config(tmp_path, methods=("student", "transkd_base"))
   config.recipe.seeds, config.recipe.ablation = 2, True
   out = recipe.run_recipe(config, str(tmp_path / "r"))
