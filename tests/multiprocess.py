@@ -9,7 +9,8 @@ from runs import REPO, env, main, stop, wait_for
 from transkd_jax.data import generated
 from transkd_jax.logs import read_metrics
 
-CITYSCAPES = f"--config={REPO / 'configs' / 'cityscapes.py'}"
+# configs/cityscapes.py with tiny student and teacher rows (tests/tiny.py).
+CITYSCAPES = f"--config={REPO / 'tests' / 'tiny.py'}:cityscapes"
 
 
 def cityscapes_tree(tmp_path_factory):
@@ -21,7 +22,7 @@ def cityscapes_tree(tmp_path_factory):
 
 
 def args(data_root, workdir, **extra):
-  # configs/cityscapes.py at 64x128, the student alone: its 2 images per device make a
+  # configs/cityscapes.py (tiny rows) at 64x128, the student alone: its 2 images per device make a
   # global batch of 8 on 1 x 4 and on 2 x 2 devices alike. The schedule's length is
   # fixed so runs of 2 and 4 steps agree. AdamW's eps 1.0 keeps updates proportional to
   # gradients (with 1e-8 a gradient that is float noise around 0 becomes a +-lr step in

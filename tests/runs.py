@@ -13,6 +13,9 @@ from transkd_jax.models import LVTVariant, MiTVariant
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SYNTHETIC = f"--config={REPO / 'configs' / 'synthetic.py'}"
+# configs/synthetic.py with the tiny rows below (tests/tiny.py): subprocess runs that
+# test the run's machinery, not the model, compile in seconds.
+TINY_SYNTHETIC = f"--config={REPO / 'tests' / 'tiny.py'}:synthetic"
 
 # Tiny rows (MiT / PVTv2, LVT): the same four-stage geometry, a fraction of the widths.
 TINY_STUDENT = MiTVariant((8, 16, 24, 32), (1, 1, 1, 1), (1, 1, 1, 2), 32)

@@ -72,7 +72,7 @@ def test_notebook_trains_plots_and_predicts(tmp_path):
   # As papermill does: a cell after the parameters cell overrides them.
   injected = nbformat.v4.new_code_cell(
     f"SKIP_INSTALL = True\nWORKDIR = {str(workdir)!r}\nEXTRA_OVERRIDES = {extra!r}\n"
-    "NUM_PREDICTIONS = 2\n",
+    f"NUM_PREDICTIONS = 2\nCONFIG = {str(REPO / 'tests' / 'tiny.py')!r}\n",  # tiny rows
     metadata={"tags": ["injected-parameters"]},
   )
   nb.cells.insert(params[0] + 1, injected)

@@ -8,7 +8,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from runs import SYNTHETIC
+from runs import TINY_SYNTHETIC
 from runs import env as _env
 from runs import final_params as _final_params
 from runs import main as _main
@@ -27,14 +27,14 @@ def _args(data_root):
   (Distillation end to end through main: test_preemption's SIGTERM test and the
   README's first command, which CI runs; one-batch steps resumed: test_distributed.)"""
   return [
-    SYNTHETIC,
+    TINY_SYNTHETIC,
     *_overrides(
       data_root,
       total_steps=12,
       checkpoint_every=4,
       method="student",
       grad_accum_steps=2,
-      **{"optimizer.lr": 1e-3, "optimizer.decay_steps": 12},
+      **{"optimizer.lr": 1e-2, "optimizer.decay_steps": 12},
     ),
   ]
 

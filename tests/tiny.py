@@ -1,0 +1,19 @@
+"""A config file for the tests' subprocess runs: ``configs/<name>.py`` with the tiny MiT
+rows of tests/runs.py for the student and the teacher, so a run through
+``python -m transkd_jax.main --config=tests/tiny.py:cityscapes`` compiles in seconds
+instead of the half minute or more a B0 step takes. Every other key is the named config's
+and ``--config.*`` flags override it as usual."""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from runs import REPO, TINY_STUDENT, TINY_TEACHER, load_config, set_variant  # noqa: E402
+
+
+def get_config(name="synthetic"):
+  config = load_config(REPO / "configs" / f"{name}.py")
+  set_variant(config, "student", TINY_STUDENT)
+  set_variant(config, "teacher", TINY_TEACHER)
+  return config
