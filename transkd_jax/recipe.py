@@ -44,6 +44,7 @@ take precedence for the student-alone row).
 """
 
 import copy
+import functools
 import time
 from typing import Optional
 
@@ -172,14 +173,21 @@ def _write_json(path, value):
     storage.write_json(path, value, indent=2)
 
 
+@functools.lru_cache(maxsize=None)
+def _model_row(arch: str, variant, num_classes: int, size: tuple) -> dict:
+  """One deployed model's name, params and GFLOPs (a trace; cached: a pair's teacher
+  is often another pair's, and a second invocation asks again)."""
+  model = archs.build(arch, variant, num_classes, dtype=jnp.float32)
+  return {"model": archs.model_name(arch, variant), **model_info(model, size)}
+
+
 def model_rows(config, teacher_source: str) -> dict:
   """Params and GFLOPs of the deployed teacher and student at config.image_size."""
   size = tuple(config.image_size)
-  rows = {}
-  for role in ("teacher", "student"):
-    arch, variant = config[role].arch, config[role].variant
-    model = archs.build(arch, variant, config.num_classes, dtype=jnp.float32)
-    rows[role] = {"model": archs.model_name(arch, variant), **model_info(model, size)}
+  rows = {
+    role: dict(_model_row(config[role].arch, config[role].variant, config.num_classes, size))
+    for role in ("teacher", "student")
+  }
   rows["teacher"]["source"] = teacher_source
   return rows
 
