@@ -56,6 +56,9 @@ def test_a_tpu_topology_gets_the_native_kernels_and_data_parallel_all_reduces(st
   assert row["fits"] and row["hbm_capacity_gib"] == 16
   assert row["tflops_per_step_per_device"] > 0 and row["est_step_ms"] > 0
   assert row["eval_hbm_gib_per_device"] > 0
+  parts = {p["part"]: p for p in row["traffic_by_part"]}
+  assert "student/encoder/block1/attn" in parts and row["traffic_gib_from_shapes"] > 0
+  assert 0.99 <= sum(p["share"] for p in row["traffic_by_part"]) <= 1.0001 or len(parts) == 15
 
 
 def test_the_memory_figure_grows_with_the_batch(student_row):
@@ -197,3 +200,29 @@ def test_traffic_counts_each_ops_bytes_and_flops_by_module():
   assert fusion["kind"] == "fusion:kOutput" and fusion["flops"] == 2 * 2 * 8 * 4
   assert fusion["bytes"] == 4 * (2 * 8 + 2 * 4 + 4 * 8)
   assert fusion["module"] == "student/head/linear_pred/dot_general"
+
+
+def test_traffic_by_part_adds_a_stages_blocks_and_keeps_every_byte():
+  rows = [
+    {"module": "student/encoder/block1_0/attn/proj/dot_general", "bytes": 30, "flops": 2e9},
+    {"module": "student/encoder/block1_1/attn/dot_general", "bytes": 20, "flops": 1e9},
+    {"module": "student/encoder/block1_1/mlp/fc1/dot_general", "bytes": 10, "flops": 0.0},
+    {"module": "fusion/pea/dense/dot_general", "bytes": 25, "flops": 0.0},
+    {"module": "", "bytes": 15, "flops": 0.0},
+  ]
+  parts = compile_bench.traffic_by_part(rows)
+  assert [(p["part"], p["ops"], p["share"], p["gflop"]) for p in parts] == [
+    ("student/encoder/block1/attn", 2, 0.5, 3.0),
+    ("fusion/pea/dense", 1, 0.25, 0.0),
+    ("(no module: optimizer, copies, collectives)", 1, 0.15, 0.0),
+    ("student/encoder/block1/mlp", 1, 0.1, 0.0),
+  ]
+  assert [p["part"] for p in compile_bench.traffic_by_part(rows, top=2)] == [
+    "student/encoder/block1/attn",
+    "fusion/pea/dense",
+  ]
+  # Every op of a compiled HLO is counted once: the parts add up to the ops' bytes.
+  every_op = compile_bench.traffic(HLO, top=None)
+  assert sum(p["gib"] for p in compile_bench.traffic_by_part(every_op)) == pytest.approx(
+    sum(r["bytes"] for r in every_op) / 2**30, abs=1e-4
+  )

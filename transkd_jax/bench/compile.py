@@ -17,10 +17,13 @@ compiled to; and a roofline estimate from the chip's peak bfloat16 FLOP/s and
 HBM bandwidth. Where the bytes go: ``hbm_bytes_per_image`` (XLA's bytes accessed per
 image) and ``top_traffic``, the ten fusions or ops that move the most bytes (``traffic``:
 operands plus result, from the shapes), each with its FLOPs and the Flax module it comes
-from (the HLO's op_name metadata). ``--per_device_batch_sizes=2,4,8`` prints one such
-line per per-device batch, so the largest that fits shows. The estimates are bounds
-(the step takes at least that long), not predictions. A step that does not fit exits 1
-with one line saying by how much and what to change.
+from (the HLO's op_name metadata); and ``traffic_by_part``, every op's bytes summed by
+the part of the model it comes from (a stage's attention or MLP, the head, a distillation
+module), with ``traffic_gib_from_shapes`` their sum beside XLA's own count.
+``--per_device_batch_sizes=2,4,8`` prints one such line per per-device batch, so the
+largest that fits shows. The estimates are bounds (the step takes at least that long),
+not predictions. A step that does not fit exits 1 with one line saying by how much and
+what to change.
 """
 
 import re
@@ -200,8 +203,8 @@ def _module(line: str) -> str:
   return "/".join(parts)
 
 
-def traffic(hlo_text: str, top: int = 10) -> list:
-  """The ``top`` instructions of the entry computation (and the loops it runs) by the
+def traffic(hlo_text: str, top: Optional[int] = 10) -> list:
+  """The ``top`` instructions (all: None) of the entry computation (and the loops it runs) by the
   bytes they move: operands read plus result written, each from its shape (what a fusion
   or kernel reads from and writes to HBM; a custom call's are counted the same way, from
   its operand and result shapes, whatever it does inside). FLOPs: the dots and
@@ -244,7 +247,44 @@ def traffic(hlo_text: str, top: int = 10) -> list:
         }
       )
   rows.sort(key=lambda r: -r["bytes"])
-  return rows[:top]
+  return rows if top is None else rows[:top]
+
+
+def _part(module: str) -> str:
+  """The part of the model an op's module path belongs to: the path up to the block's
+  sub-layer, with the block's index dropped (``student/encoder/block1_0/attn/proj/dot``
+  -> ``student/encoder/block1/attn``), so a stage's blocks add up."""
+  if not module:
+    return "(no module: optimizer, copies, collectives)"
+  parts = module.split("/")
+  for i, p in enumerate(parts):
+    if re.fullmatch(r"block\d+_\d+", p):
+      return "/".join(parts[:i] + [p.split("_")[0]] + parts[i + 1 : i + 2])
+  return "/".join(parts[:3])
+
+
+def traffic_by_part(rows: list, top: int = 15) -> list:
+  """Every op's bytes (``traffic(top=None)``) summed by the part of the model it comes
+  from (``_part``), the ``top`` largest first, each with its share of the summed bytes
+  and its FLOPs: where the rest goes when no single op stands out."""
+  total = sum(r["bytes"] for r in rows) or 1
+  parts = {}
+  for r in rows:
+    part = parts.setdefault(_part(r["module"]), {"bytes": 0, "flops": 0.0, "ops": 0})
+    part["bytes"] += r["bytes"]
+    part["flops"] += r["flops"]
+    part["ops"] += 1
+  ordered = sorted(parts.items(), key=lambda kv: -kv[1]["bytes"])[:top]
+  return [
+    {
+      "part": name,
+      "ops": v["ops"],
+      "gib": round(v["bytes"] / 2**30, 4),
+      "share": round(v["bytes"] / total, 4),
+      "gflop": round(v["flops"] / 1e9, 3),
+    }
+    for name, v in ordered
+  ]
 
 
 def _kernels(form: str, ops: dict) -> dict:
@@ -342,10 +382,13 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
   row["hbm_bytes_per_image"] = (
     round(bytes_accessed / per_device_batch) if per_device_batch else None
   )
+  every_op = traffic(compiled.as_text(), top=None)
   row["top_traffic"] = [
     {**r, "gib": round(r["bytes"] / 2**30, 4), "gflop": round(r["flops"] / 1e9, 3)}
-    for r in traffic(compiled.as_text())
+    for r in every_op[:10]
   ]
+  row["traffic_gib_from_shapes"] = round(sum(r["bytes"] for r in every_op) / 2**30, 3)
+  row["traffic_by_part"] = traffic_by_part(every_op)
   if chip is not None:
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
     seconds = max(flops / (chip.bf16_tflops * 1e12), bytes_accessed / (chip.hbm_gb_per_s * 1e9))
