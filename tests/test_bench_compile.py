@@ -208,13 +208,13 @@ def test_traffic_by_part_adds_a_stages_blocks_and_keeps_every_byte():
     {"module": "student/encoder/block1_1/attn/dot_general", "bytes": 20, "flops": 1e9},
     {"module": "student/encoder/block1_1/mlp/fc1/dot_general", "bytes": 10, "flops": 0.0},
     {"module": "fusion/pea/dense/dot_general", "bytes": 25, "flops": 0.0},
-    {"module": "", "bytes": 15, "flops": 0.0},
+    {"module": "", "kind": "copy", "bytes": 15, "flops": 0.0},
   ]
   parts = compile_bench.traffic_by_part(rows)
   assert [(p["part"], p["ops"], p["share"], p["gflop"]) for p in parts] == [
     ("student/encoder/block1/attn", 2, 0.5, 3.0),
     ("fusion/pea/dense", 1, 0.25, 0.0),
-    ("(no module: optimizer, copies, collectives)", 1, 0.15, 0.0),
+    ("(no module: copy)", 1, 0.15, 0.0),
     ("student/encoder/block1/mlp", 1, 0.1, 0.0),
   ]
   assert [p["part"] for p in compile_bench.traffic_by_part(rows, top=2)] == [

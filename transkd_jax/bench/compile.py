@@ -250,12 +250,13 @@ def traffic(hlo_text: str, top: Optional[int] = 10) -> list:
   return rows if top is None else rows[:top]
 
 
-def _part(module: str) -> str:
+def _part(module: str, kind: str = "") -> str:
   """The part of the model an op's module path belongs to: the path up to the block's
   sub-layer, with the block's index dropped (``student/encoder/block1_0/attn/proj/dot``
-  -> ``student/encoder/block1/attn``), so a stage's blocks add up."""
+  -> ``student/encoder/block1/attn``), so a stage's blocks add up. Ops without a module
+  (the optimizer, layout copies, collectives) are told apart by their kind."""
   if not module:
-    return "(no module: optimizer, copies, collectives)"
+    return f"(no module: {kind or 'op'})"
   parts = module.split("/")
   for i, p in enumerate(parts):
     if re.fullmatch(r"block\d+_\d+", p):
@@ -270,7 +271,9 @@ def traffic_by_part(rows: list, top: int = 15) -> list:
   total = sum(r["bytes"] for r in rows) or 1
   parts = {}
   for r in rows:
-    part = parts.setdefault(_part(r["module"]), {"bytes": 0, "flops": 0.0, "ops": 0})
+    part = parts.setdefault(
+      _part(r["module"], r.get("kind", "")), {"bytes": 0, "flops": 0.0, "ops": 0}
+    )
     part["bytes"] += r["bytes"]
     part["flops"] += r["flops"]
     part["ops"] += 1
