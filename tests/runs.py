@@ -51,11 +51,16 @@ def set_variant(config, role, variant):
   config[role] = ml_collections.ConfigDict({**config[role].to_dict(), "variant": variant})
 
 
-def tiny_config(data_root="", **overrides):
-  """configs/synthetic.py with tiny MiT rows, 64x128 generated scenes and a short run."""
-  config = synthetic_config()
+def with_tiny_rows(config):
+  """``config`` with TINY_STUDENT and TINY_TEACHER as its models (also tests/tiny.py)."""
   set_variant(config, "student", TINY_STUDENT)
   set_variant(config, "teacher", TINY_TEACHER)
+  return config
+
+
+def tiny_config(data_root="", **overrides):
+  """configs/synthetic.py with tiny MiT rows, 64x128 generated scenes and a short run."""
+  config = with_tiny_rows(synthetic_config())
   config.update(
     image_size=(64, 128), batch_size=2, total_steps=6, log_every=1, eval_every=0, checkpoint_every=0
   )

@@ -9,11 +9,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from runs import REPO, TINY_STUDENT, TINY_TEACHER, load_config, set_variant  # noqa: E402
+from runs import REPO, load_config, with_tiny_rows  # noqa: E402
 
 
 def get_config(name="synthetic"):
-  config = load_config(REPO / "configs" / f"{name}.py")
-  set_variant(config, "student", TINY_STUDENT)
-  set_variant(config, "teacher", TINY_TEACHER)
-  return config
+  return with_tiny_rows(load_config(REPO / "configs" / f"{name}.py"))
