@@ -18,6 +18,7 @@ gradient taken with the float32 run's own ReLU mask, what remains is rounding, a
 is bounded here (docs/differences.md).
 """
 
+import contextlib
 import functools
 
 import jax
@@ -145,9 +146,23 @@ def _relative_errors(grads, expected):
   return out
 
 
+@contextlib.contextmanager
+def _x64():
+  """jax.enable_x64 with JAX's caches cleared on the way in and out: a nested jit that
+  jax.numpy traced earlier in this process with 32-bit indices (jnp.take's ``_take``)
+  is otherwise reused with 64-bit ones and fails MLIR verification, depending on which
+  test file ran before in the same xdist worker."""
+  jax.clear_caches()
+  try:
+    with jax.enable_x64(True):
+      yield
+  finally:
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("form", ["cpu", "native"])
 def test_head_gradients_equal_the_public_order_in_float64(form):
-  with jax.enable_x64(True):
+  with _x64():
     features, labels = _features(jnp.float64), _labels()
     head = SegFormerHead(CLASSES, WIDTH, 0.0, form, jnp.float64, jnp.float64)
     params, batch_stats = _variables(jnp.float64)
@@ -167,7 +182,7 @@ def test_float32_head_gradients_are_float64_ones_up_to_rounding(form):
   head = SegFormerHead(CLASSES, WIDTH, 0.0, form)
   params, batch_stats = _variables(jnp.float32)
   grads, y = _ours(head, params, batch_stats, features, labels)
-  with jax.enable_x64(True):
+  with _x64():
     to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
     expected = _reference(to64(params), to64(features), labels, mask=np.asarray(y) > 0)
   errors = _relative_errors(grads, expected)
