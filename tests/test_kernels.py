@@ -1,4 +1,4 @@
-"""models/kernels.py: the ops' two forms (cpu, native) against each other and a plain
+"""models/kernels.py: the ops' forms (cpu, native, tpu) against each other and a plain
 reference, values and gradients."""
 
 import jax
@@ -47,4 +47,46 @@ def test_dilation_one_is_the_default():
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 3))
   np.testing.assert_array_equal(
     kernels.shifted_depthwise3x3(x, kernel), kernels.shifted_depthwise3x3(x, kernel, 1)
+  )
+
+
+def test_the_forms_resolve_from_the_platform_unless_forced():
+  assert [kernels.resolve("auto", p) for p in ("cpu", "tpu", "gpu")] == ["cpu", "tpu", "native"]
+  assert [kernels.resolve(f, "tpu") for f in kernels.FORMS] == list(kernels.FORMS)
+  with pytest.raises(ValueError, match="needs TPU devices; these are gpu devices"):
+    kernels.resolve("tpu", "gpu")
+  with pytest.raises(ValueError, match="config.kernels must be one of"):
+    kernels.resolve("flash", "tpu")
+
+
+def test_splash_takes_sequences_in_blocks_of_128():
+  assert kernels.splash_fits(32768, 512) and kernels.splash_fits(384, 128)  # MiT at 512x1024
+  assert not kernels.splash_fits(2048, 32)  # stage 1 at 128x256: 4 x 8 keys
+  assert not kernels.splash_fits(200, 128)
+  assert [kernels._splash_block(n) for n in (32768, 768, 384, 100)] == [512, 256, 128, None]
+
+
+def test_splash_attention_and_its_gradient_equal_dot_product_attention():
+  """The tpu form's kernel, run by Pallas' interpreter on the CPU: 256 queries (two blocks
+  of 128) over 128 keys, two heads, MiT's head_dim 32; values and all three gradients."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (2, 256, 2, 32)) * 2
+  k = jax.random.normal(keys[1], (2, 128, 2, 32))
+  v = jax.random.normal(keys[2], (2, 128, 2, 32))
+  g = jax.random.normal(keys[3], q.shape)
+  splash = jax.jit(lambda q, k, v: kernels.splash_attention(q, k, v, interpret=True))
+  out, vjp = jax.vjp(splash, q, k, v)
+  ref, vjp_ref = jax.vjp(jax.nn.dot_product_attention, q, k, v)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  for name, a, b in zip(("dq", "dk", "dv"), vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_the_tpu_form_runs_native_attention_where_splash_does_not_fit():
+  """Short sequences (a tiny model, 32 keys) take jax.nn.dot_product_attention: no kernel,
+  so the tpu form's modules also run on a CPU at such sizes."""
+  keys = jax.random.split(jax.random.key(1), 3)
+  q, k, v = (jax.random.normal(key, (1, n, 2, 8)) for key, n in zip(keys, (64, 32, 32)))
+  np.testing.assert_array_equal(
+    kernels.attention(q, k, v, "tpu"), jax.nn.dot_product_attention(q, k, v)
   )

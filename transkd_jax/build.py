@@ -190,7 +190,7 @@ class Training:
   model: Distiller
   teacher: Optional[Teacher]  # None when the method distils nothing
   mesh: Any
-  kernels: str  # the resolved kernel form ("cpu" | "native")
+  kernels: str  # the resolved kernel form ("cpu" | "native" | "tpu")
   optimizer: Any
   schedule: Callable
   init: Callable[[], TrainState]  # a fresh state (student init applied)

@@ -94,7 +94,7 @@ def _array_bytes(shape_text: str) -> int:
 def hlo_summary(hlo_text: str) -> dict:
   """Collectives (count, bytes of their results) and op counts of a compiled HLO module."""
   collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-  ops = {"gather": 0, "scatter": 0, "grouped_convolution": 0}
+  ops = {"gather": 0, "scatter": 0, "grouped_convolution": 0, "pallas_kernel": 0}
   inside_fused_collective = False
   for line in hlo_text.splitlines():
     # XLA:TPU writes a reduce-scatter as a fusion calling an "all-reduce-scatter"
@@ -120,6 +120,8 @@ def hlo_summary(hlo_text: str) -> dict:
         collectives[kind]["bytes"] += _array_bytes(shape)
     elif op in ("gather", "scatter"):
       ops[op] += 1
+    elif op == "custom-call" and 'custom_call_target="tpu_custom_call"' in line:
+      ops["pallas_kernel"] += 1
     elif op == "convolution" and re.search(r"feature_group_count=([2-9]|\d\d+)", line):
       ops["grouped_convolution"] += 1
   return {"collectives": {k: v for k, v in collectives.items() if v["count"]}, "ops": ops}
@@ -291,11 +293,16 @@ def traffic_by_part(rows: list, top: int = 15) -> list:
 
 
 def _kernels(form: str, ops: dict) -> dict:
-  native = form == "native"
+  native = form != "cpu"
+  attention = {
+    "cpu": "einsums + hand-written softmax VJP",
+    "native": "jax.nn.dot_product_attention",
+    "tpu": "Pallas splash attention where queries and keys tile by 128, else native",
+  }[form]
   return {
     "form": form,
     "depthwise_conv": "grouped convolution" if native else "nine shifted multiply-adds",
-    "attention": "jax.nn.dot_product_attention" if native else "einsums + hand-written softmax VJP",
+    "attention": attention,
     "resize": "interpolation-matrix contractions" if native else "gathers + gather VJP",
     "compiled_ops": ops,
   }

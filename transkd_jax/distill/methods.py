@@ -235,7 +235,7 @@ class Distiller(nn.Module):
   gl_heads: int = 8
   gl_residual: bool = False
   gl_mix_init: Tuple[float, float] = (1.0, 1.0)
-  kernels: str = "native"  # "cpu" | "native": transkd_jax/models/kernels.py
+  kernels: str = "native"  # "cpu" | "native" | "tpu": transkd_jax/models/kernels.py
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   arch: str = "segformer"  # the trained model's family (transkd_jax/models/archs.py)

@@ -129,7 +129,7 @@ class SegmentationModel(nn.Module):
   num_classes: int = 19
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  kernels: str = "native"  # "cpu" | "native": transkd_jax/models/kernels.py
+  kernels: str = "native"  # "cpu" | "native" | "tpu": transkd_jax/models/kernels.py
   remat: str = "none"  # the encoder blocks' rematerialisation: REMAT_POLICIES
 
   def row(self):

@@ -7,7 +7,9 @@ differ in what the compiler makes of them:
   multiply-adds with a hand-written VJP; ``native``, a grouped ``conv_general_dilated``.
 - attention (MiT, GL-Mixer): ``cpu``, einsums over chunks of queries with a
   hand-written softmax VJP;
-  ``native``, ``jax.nn.dot_product_attention`` (XLA's implementation).
+  ``native``, ``jax.nn.dot_product_attention`` (XLA's implementation);
+  ``tpu``, JAX's Pallas TPU splash-attention kernel (``splash_attention``): the
+  queries x keys scores never reach HBM, in the forward or the backward pass.
 - resize along one axis by PyTorch's rules (``interpolate_axis``; ``resize.py``
   applies it per axis for the head, CSF, ReviewKD, logits): ``cpu``, row gathers
   with the adjoint as gathers; ``native``, contraction with the interpolation
@@ -19,7 +21,8 @@ SegFormer head, taken over a 2-D view of the input.
 
 XLA:CPU runs grouped convolutions, autodiff's softmax backward and scatter-adds
 slowly (docs/performance.md); TPUs and GPUs run the native ops on their
-convolution and matmul units, and gathers poorly. The form is chosen
+convolution and matmul units, and gathers poorly. The ``tpu`` form is the native
+one but for attention. The form is chosen
 from the devices the program is compiled for (``resolve``, called by
 ``transkd_jax/build.py`` with the mesh's platform), never from
 ``jax.default_backend()``: a program compiled here for a TPU topology gets the
@@ -34,16 +37,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMS = ("cpu", "native")
+FORMS = ("cpu", "native", "tpu")
 SETTINGS = ("auto",) + FORMS
+_AUTO = {"cpu": "cpu", "tpu": "tpu"}  # platform -> form; any other platform: native
 
 
 def resolve(setting: str, platform: str) -> str:
-  """``config.kernels`` (auto | cpu | native) for devices of ``platform`` -> a form."""
+  """``config.kernels`` (auto | cpu | native | tpu) for devices of ``platform`` -> a form."""
   if setting not in SETTINGS:
     raise ValueError(f"config.kernels must be one of {', '.join(SETTINGS)}, got {setting!r}")
   if setting == "auto":
-    return "cpu" if platform == "cpu" else "native"
+    return _AUTO.get(platform, "native")
+  if setting == "tpu" and platform != "tpu":
+    raise ValueError(
+      f"config.kernels='tpu' (Pallas TPU kernels) needs TPU devices; these are {platform} "
+      "devices: use auto, cpu or native"
+    )
   return setting
 
 
@@ -263,10 +272,73 @@ def depthwise3x3(x, kernel, form: str, dilation: int = 1):
   )
 
 
+_SPLASH_BLOCKS = (512, 256, 128)  # the splash kernel's block along a sequence, largest first
+
+
+def _splash_block(length: int):
+  """The largest of ``_SPLASH_BLOCKS`` that tiles ``length``; None when none does."""
+  return next((b for b in _SPLASH_BLOCKS if length % b == 0), None)
+
+
+def splash_fits(tokens: int, keys: int) -> bool:
+  """Whether ``splash_attention`` takes these sequence lengths (else the native form runs):
+  both in blocks of 128 or more (TPU's lane width). MiT at 512 x 1024 has 512 keys and
+  32,768 / 8,192 / 2,048 / 512 queries in its four stages."""
+  return _splash_block(tokens) is not None and _splash_block(keys) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(tokens: int, keys: int, heads: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  bq, bk = _splash_block(tokens), _splash_block(keys)
+  blocks = splash.BlockSizes(
+    block_q=bq,
+    block_kv=bk,
+    block_kv_compute=bk,
+    block_q_dkv=bq,
+    block_kv_dkv=bk,
+    block_kv_dkv_compute=bk,
+    use_fused_bwd_kernel=True,
+  )
+  mask = masks.MultiHeadMask([masks.FullMask((tokens, keys))] * heads)
+  return splash.make_splash_mha(
+    mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
+
+
+def splash_attention(q, k, v, interpret: bool = False):
+  """``jax.nn.dot_product_attention(q, k, v)`` by JAX's Pallas TPU splash-attention kernel,
+  for (batch, tokens, heads, head_dim) inputs whose lengths ``splash_fits``.
+
+  The kernel walks blocks of queries against blocks of keys with an online softmax, so
+  the (tokens x keys) scores and probabilities live only in the TPU's VMEM; its backward
+  (one fused kernel for dq, dk and dv) recomputes them from the saved log-sum-exp per
+  query. The scores it keeps out of HBM are MiT's largest tensors: 32,768 x 512 per head
+  and image in stage 1 at 512 x 1024, written and read several times per step by the
+  native form. To XLA each kernel is a custom call whose bytes are the kernel's own
+  estimate, its operands and results read and written once; it declares no FLOPs, so
+  XLA's FLOP count leaves the attention's matmuls out.
+
+  Runs on TPUs; elsewhere only with ``interpret=True`` (Pallas' interpreter: the tests).
+  """
+  kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], interpret)
+
+  def heads_major(t):  # the kernel's layout, per image: (heads, tokens, head_dim)
+    return jnp.swapaxes(t, 1, 2)
+
+  scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)
+  out = jax.vmap(kernel)(heads_major(q * scale), heads_major(k), heads_major(v))
+  return heads_major(out)
+
+
 def attention(q, k, v, form: str):
   """Scaled dot-product attention over (batch, tokens, heads, head_dim) inputs."""
   if check_form(form) == "cpu":
     return softmax_attention(q, k, v)
+  if form == "tpu" and splash_fits(q.shape[1], k.shape[1]):
+    return splash_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v)
 
 
