@@ -152,7 +152,7 @@ def make_eval_step(model, num_classes: int, protocol: str, mesh, input_norm):
     images = labels.shape[0] if valid is None else jnp.sum(valid)
     return cm, ce, pixels, images
 
-  return jax.jit(step, out_shardings=sharding.replicated(mesh))
+  return jax.jit(sharding.traced_on(mesh, step), out_shardings=sharding.replicated(mesh))
 
 
 _LOW_BITS = 30  # a count on the device: high * 2**30 + low, both int32 (exact to 2**61)

@@ -16,6 +16,7 @@ Rules look only at an array's shape, so the optimiser state (which mirrors the
 parameters) is laid out like the parameters.
 """
 
+import functools
 import math
 from typing import Sequence
 
@@ -120,3 +121,16 @@ def global_batch(local_batch, mesh: Mesh):
   return jax.tree.map(
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
   )
+
+
+def traced_on(mesh: Mesh, fn):
+  """``fn``, traced with ``mesh`` as the context's abstract mesh. Kernels XLA cannot
+  partition (the Pallas attention of transkd_jax/models/kernels.py) find it there and
+  ``shard_map`` themselves over it."""
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced

@@ -227,7 +227,7 @@ def make_train_step(
 def jit_train_step(step: Callable, mesh, state_sharding, teacher_sharding):
   """The step under jit: state donated, batch over every device, metrics replicated."""
   return jax.jit(
-    step,
+    sharding.traced_on(mesh, step),
     in_shardings=(state_sharding, teacher_sharding, sharding.batch_sharding(mesh)),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=(0,),

@@ -321,6 +321,11 @@ def splash_attention(q, k, v, interpret: bool = False):
   estimate, its operands and results read and written once; it declares no FLOPs, so
   XLA's FLOP count leaves the attention's matmuls out.
 
+  XLA cannot partition a Pallas kernel over several devices: inside a program traced on a
+  mesh (``sharding.traced_on``: the train and eval steps) the kernel runs per device
+  under ``shard_map``, on that device's images (the batch split over every mesh axis, as
+  the steps' batches are).
+
   Runs on TPUs; elsewhere only with ``interpret=True`` (Pallas' interpreter: the tests).
   """
   kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], interpret)
@@ -328,16 +333,33 @@ def splash_attention(q, k, v, interpret: bool = False):
   def heads_major(t):  # the kernel's layout, per image: (heads, tokens, head_dim)
     return jnp.swapaxes(t, 1, 2)
 
-  scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)
-  out = jax.vmap(kernel)(heads_major(q * scale), heads_major(k), heads_major(v))
-  return heads_major(out)
+  def per_device(q, k, v):
+    scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)
+    return heads_major(jax.vmap(kernel)(heads_major(q * scale), heads_major(k), heads_major(v)))
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return per_device(q, k, v)
+  batch = jax.sharding.PartitionSpec(mesh.axis_names)
+  return jax.shard_map(per_device, mesh=mesh, in_specs=batch, out_specs=batch, check_vma=False)(
+    q, k, v
+  )
+
+
+def _devices_in_context() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else mesh.size
 
 
 def attention(q, k, v, form: str):
   """Scaled dot-product attention over (batch, tokens, heads, head_dim) inputs."""
   if check_form(form) == "cpu":
     return softmax_attention(q, k, v)
-  if form == "tpu" and splash_fits(q.shape[1], k.shape[1]):
+  if (
+    form == "tpu"
+    and splash_fits(q.shape[1], k.shape[1])
+    and q.shape[0] % _devices_in_context() == 0  # whole images per device
+  ):
     return splash_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v)
 
