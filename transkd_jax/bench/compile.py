@@ -91,6 +91,27 @@ def _array_bytes(shape_text: str) -> int:
   return total
 
 
+# An array with its layout: XLA:TPU writes the memory space in it, S(1) for the core's
+# VMEM, S(2) for SMEM; no S(n) (or S(0)) is HBM.
+_PLACED_ARRAY = re.compile(r"\b(pred|[suf](?:8|16|32|64)|bf16|c64|c128)\[([\d,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+
+
+def _hbm_bytes(shape_text: str) -> int:
+  """The bytes of the arrays in ``shape_text`` that live in HBM (not in an on-chip
+  memory space: an operand a prefetch has brought into VMEM is read from there)."""
+  total = 0
+  for dtype, dims, layout in _PLACED_ARRAY.findall(shape_text):
+    space = _MEMORY_SPACE.search(layout)
+    if space and space.group(1) != "0":
+      continue
+    size = 1
+    for d in filter(None, dims.split(",")):
+      size *= int(d)
+    total += size * _BYTES.get(dtype, 4)
+  return total
+
+
 def hlo_summary(hlo_text: str) -> dict:
   """Collectives (count, bytes of their results) and op counts of a compiled HLO module."""
   collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
@@ -207,10 +228,13 @@ def _module(line: str) -> str:
 
 def traffic(hlo_text: str, top: Optional[int] = 10) -> list:
   """The ``top`` instructions (all: None) of the entry computation (and the loops it runs) by the
-  bytes they move: operands read plus result written, each from its shape (what a fusion
-  or kernel reads from and writes to HBM; a custom call's are counted the same way, from
-  its operand and result shapes, whatever it does inside). FLOPs: the dots and
-  convolutions inside (2 x multiply-adds)."""
+  HBM bytes they move: operands read plus result written, each from its shape (what a
+  fusion or kernel reads from and writes to HBM; a custom call's are counted the same way,
+  from its operand and result shapes, whatever it does inside). Arrays in an on-chip
+  memory space (XLA:TPU's VMEM, ``S(1)`` in the layout) are not counted: the asynchronous
+  copies and slices that bring them there (``copy-start``, ``slice-start``) are, once. An
+  asynchronous op's result tuple also holds its operands, so it counts the larger of its
+  operands and its result. FLOPs: the dots and convolutions inside (2 x multiply-adds)."""
   computations = _computations(hlo_text)
   bodies = {"ENTRY"}
   for line in computations.get("ENTRY", ()):
@@ -244,7 +268,9 @@ def traffic(hlo_text: str, top: Optional[int] = 10) -> list:
           "op": name,
           "kind": f"fusion:{kind.group(1)}" if kind else op,
           "module": _module(line),
-          "bytes": _array_bytes(shape) + _array_bytes(operands),
+          "bytes": max(_hbm_bytes(shape), _hbm_bytes(operands))
+          if op.endswith("-start")
+          else _hbm_bytes(shape) + _hbm_bytes(operands),
           "flops": flops,
         }
       )
