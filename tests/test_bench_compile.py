@@ -208,6 +208,29 @@ def test_traffic_counts_each_ops_bytes_and_flops_by_module():
   assert fusion["module"] == "student/head/linear_pred/dot_general"
 
 
+# fmt: off
+PLACED_HLO = """HloModule jit_step
+
+ENTRY %main (w: f32[64,64], x: f32[8,64]) -> f32[8,64] {
+  %w = f32[64,64]{1,0:T(8,128)} parameter(0)
+  %x = f32[8,64]{1,0:T(8,128)} parameter(1)
+  %cs = (f32[64,64]{1,0:T(8,128)S(1)}, f32[64,64]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%w)
+  %cd = f32[64,64]{1,0:T(8,128)S(1)} copy-done(%cs)
+  %y = f32[8,64]{1,0:T(8,128)S(1)} fusion(f32[8,64]{1,0:T(8,128)} %x, f32[64,64]{1,0:T(8,128)S(1)} %cd), kind=kOutput, calls=%f
+  ROOT %z = f32[8,64]{1,0:T(8,128)} fusion(f32[8,64]{1,0:T(8,128)S(1)} %y), kind=kLoop, calls=%g
+}
+"""  # noqa: E501
+# fmt: on
+
+
+def test_traffic_counts_hbm_only_and_a_prefetch_once():
+  """A weight prefetched into VMEM (S(1)) counts once, at its copy-start (the HBM read);
+  the fusion that reads it there and writes its result to VMEM counts only x from HBM; the
+  last fusion counts only its HBM result."""
+  rows = {r["op"]: r["bytes"] for r in compile_bench.traffic(PLACED_HLO, top=None)}
+  assert rows == {"cs": 64 * 64 * 4, "y": 8 * 64 * 4, "z": 8 * 64 * 4}
+
+
 def test_traffic_by_part_adds_a_stages_blocks_and_keeps_every_byte():
   rows = [
     {"module": "student/encoder/block1_0/attn/proj/dot_general", "bytes": 30, "flops": 2e9},

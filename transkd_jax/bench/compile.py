@@ -436,6 +436,15 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
         "the step takes at least est_step_ms, so at most est_imgs_per_s_per_chip",
       }
     )
+    # The same bound on the HBM bytes from the shapes: XLA's count also counts operands
+    # that a prefetch has placed in VMEM, so it is the looser of the two.
+    hbm_seconds = max(
+      flops / (chip.bf16_tflops * 1e12),
+      sum(r["bytes"] for r in every_op) / (chip.hbm_gb_per_s * 1e9),
+    )
+    row["est_imgs_per_s_per_chip_hbm_only"] = (
+      round(per_device_batch / hbm_seconds, 2) if hbm_seconds else None
+    )
   return row
 
 
