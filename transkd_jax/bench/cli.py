@@ -50,6 +50,12 @@ _SIZES = flags.DEFINE_string(
   "sizes", "512x1024,1024x2048", "infer: input sizes HxW (multiples of 32), comma-separated."
 )
 _BATCH = flags.DEFINE_integer("batch", 1, "infer: images per call.")
+_SAVE_HLO = flags.DEFINE_string(
+  "save_hlo",
+  "",
+  "compile: also write the compiled train step's HLO text to this file (per-device batch "
+  "B: FILE.bB), to read or recount its traffic later.",
+)
 _PER_DEVICE = flags.DEFINE_string(
   "per_device_batch_sizes",
   "",
@@ -103,9 +109,10 @@ def _main(argv):
     elif what == "compile" and _PER_DEVICE.value:
       for per_device in _per_device_sizes(_PER_DEVICE.value):  # a line each, fits or not
         config.batch_size = per_device * len(devices)
-        _print(compile_report(config, _TOPOLOGY.value, with_eval=False))
+        hlo = f"{_SAVE_HLO.value}.b{per_device}" if _SAVE_HLO.value else ""
+        _print(compile_report(config, _TOPOLOGY.value, with_eval=False, save_hlo=hlo))
     elif what == "compile":
-      row = compile_report(config, _TOPOLOGY.value)
+      row = compile_report(config, _TOPOLOGY.value, save_hlo=_SAVE_HLO.value)
       _print(row)
       problem = does_not_fit(row)
       if problem:

@@ -97,18 +97,36 @@ _PLACED_ARRAY = re.compile(r"\b(pred|[suf](?:8|16|32|64)|bf16|c64|c128)\[([\d,]*
 _MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 
 
-def _hbm_bytes(shape_text: str) -> int:
-  """The bytes of the arrays in ``shape_text`` that live in HBM (not in an on-chip
-  memory space: an operand a prefetch has brought into VMEM is read from there)."""
+_LAYOUT = re.compile(r"^\{([\d,]*)(?::T\(([\d,]+)\))?")
+
+
+def _stored_elements(dims: str, layout: str) -> int:
+  """Elements an array takes in memory: its dims, the most-minor ones padded up to its
+  layout's first tile (``{1,0:T(8,128)}``: rows to 8, columns to 128, as XLA:TPU stores
+  them); the dims' product where the layout names no tile."""
+  sizes = [int(d) for d in filter(None, dims.split(","))]
+  match = _LAYOUT.match(layout)
+  if match and match.group(2) and match.group(1):
+    minor_to_major = [int(d) for d in match.group(1).split(",")]
+    tile = [int(t) for t in match.group(2).split(",")]
+    for dim, t in zip(minor_to_major, reversed(tile)):
+      sizes[dim] = -(-sizes[dim] // t) * t
+  total = 1
+  for s in sizes:
+    total *= s
+  return total
+
+
+def _hbm_bytes(shape_text: str, every_space: bool = False) -> int:
+  """The bytes of the arrays in ``shape_text`` that live in HBM, as stored (tile-padded):
+  not those in an on-chip memory space (an operand a prefetch has brought into VMEM is
+  read from there), unless ``every_space``."""
   total = 0
   for dtype, dims, layout in _PLACED_ARRAY.findall(shape_text):
     space = _MEMORY_SPACE.search(layout)
-    if space and space.group(1) != "0":
+    if space and space.group(1) != "0" and not every_space:
       continue
-    size = 1
-    for d in filter(None, dims.split(",")):
-      size *= int(d)
-    total += size * _BYTES.get(dtype, 4)
+    total += _stored_elements(dims, layout) * _BYTES.get(dtype, 4)
   return total
 
 
@@ -360,8 +378,9 @@ def _capacity_gib(device, chip: Optional[Chip]) -> Optional[float]:
   return chip.hbm_gib if chip else None
 
 
-def compile_report(config, topology: str, with_eval: bool = True) -> dict:
-  """Compiles the train step (and the eval step) for ``topology``; returns the JSON row."""
+def compile_report(config, topology: str, with_eval: bool = True, save_hlo: str = "") -> dict:
+  """Compiles the train step (and the eval step) for ``topology``; returns the JSON row.
+  ``save_hlo``: a file to write the compiled train step's HLO text to."""
   devices = topology_devices(topology)
   run = build.training(config, weights=False, devices=devices)
   mesh = run.mesh
@@ -388,7 +407,11 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
   hbm = _memory_gib(compiled)
   cost = _cost(compiled)
   flops = float(cost.get("flops", float("nan")))
-  summary = hlo_summary(compiled.as_text())
+  hlo_text = compiled.as_text()
+  if save_hlo:
+    with open(save_hlo, "w") as f:
+      f.write(hlo_text)
+  summary = hlo_summary(hlo_text)
   row = {
     "bench": "compile",
     "method": config.method,
@@ -418,7 +441,7 @@ def compile_report(config, topology: str, with_eval: bool = True) -> dict:
   row["hbm_bytes_per_image"] = (
     round(bytes_accessed / per_device_batch) if per_device_batch else None
   )
-  every_op = traffic(compiled.as_text(), top=None)
+  every_op = traffic(hlo_text, top=None)
   row["top_traffic"] = [
     {**r, "gib": round(r["bytes"] / 2**30, 4), "gflop": round(r["flops"] / 1e9, 3)}
     for r in every_op[:10]
