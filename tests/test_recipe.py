@@ -329,6 +329,12 @@ def test_the_ablation_adds_its_rows_and_says_which_gains_are_beyond_the_noise(
   )
   assert (
     "| + HCL on the stage maps (1x1 adapters, no CSF) | hcl | 33.00 ± 1.41 | +3.00 | student "
-    "| yes: 2.1 x its standard error (1.41) |" in ablation
+    "| yes: 2.1 x its standard error (1.41) | yes: +3.00, infinitely many times its standard "
+    "error (0.00) |" in ablation
   )
+  # Paired by seed: hcl - student is +3 on both seeds; csf - hcl is +1.0 and -0.8.
+  assert rows["hcl"]["paired_beyond_noise"] is True
+  assert rows["csf"]["paired_gain"] == pytest.approx(0.1)
+  assert rows["csf"]["paired_standard_error"] == pytest.approx(0.9)
+  assert rows["csf"]["paired_beyond_noise"] is False
   assert json.loads((tmp_path / "r" / "results.json").read_text())["ablation"][1]["method"] == "hcl"

@@ -300,10 +300,30 @@ def results_table(config, methods: dict, models: dict, protocol: str, num_images
   return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def _paired(row: dict, other: dict) -> dict:
+  """The gain of ``row`` over ``other`` paired by seed: a seed fixes the initialisation
+  and the data order of every method's run, so the per-seed differences cancel what the
+  seed does to both. Their mean, its standard error std(d) / sqrt(n), and whether the mean
+  is beyond twice that; None where fewer than two seeds are shared."""
+  mine = dict(zip(row["seeds"], row["miou_per_seed"]))
+  theirs = dict(zip(other["seeds"], other["miou_per_seed"]))
+  diffs = [mine[s] - theirs[s] for s in mine if s in theirs]
+  if len(diffs) < 2:
+    return {"paired_gain": None, "paired_standard_error": None, "paired_beyond_noise": None}
+  error = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+  gain = float(np.mean(diffs))
+  return {
+    "paired_gain": gain,
+    "paired_standard_error": error,
+    "paired_beyond_noise": bool(abs(gain) > 2 * error),
+  }
+
+
 def ablation_rows(methods: dict) -> list:
   """ABLATION's rows with each one's gain over the row it is compared with, and whether
   that gain is beyond the seed noise: more than twice its standard error,
-  sqrt(std_a^2 / n_a + std_b^2 / n_b), which needs two seeds or more on both sides."""
+  sqrt(std_a^2 / n_a + std_b^2 / n_b), which needs two seeds or more on both sides; and
+  the same gain paired by seed (``_paired``)."""
   rows = []
   for method, base, adds in ABLATION:
     row = methods[method]
@@ -318,6 +338,7 @@ def ablation_rows(methods: dict) -> list:
       noisy = min(len(row["seeds"]), len(other["seeds"])) < 2
       entry.update(gain=gain, standard_error=None if noisy else error)
       entry["beyond_noise"] = None if noisy else bool(abs(gain) > 2 * error)
+      entry.update(_paired(row, other))
     rows.append(entry)
   return rows
 
@@ -325,32 +346,39 @@ def ablation_rows(methods: dict) -> list:
 def ablation_table(rows: list) -> str:
   """The markdown of results.md's ablation section."""
   lines = [
-    "| what | method | mIoU (%) | gain | over | beyond the seed noise? |",
-    "|---|---|---|---|---|---|",
+    "| what | method | mIoU (%) | gain | over | beyond the seed noise? | paired by seed |",
+    "|---|---|---|---|---|---|---|",
   ]
   for row in rows:
     miou = f"{row['miou']:.2f}" + (f" ± {row['miou_std']:.2f}" if row["seeds"] > 1 else "")
     if row["compared_with"] is None:
-      gain = verdict = ""
+      gain = verdict = paired = ""
     else:
       gain = f"{row['gain']:+.2f}"
-      if row["beyond_noise"] is None:
-        verdict = "one seed: no estimate"
-      else:
-        error = row["standard_error"]
-        ratio = f"{abs(row['gain']) / error:.1f} x" if error else "infinitely many times"
-        verdict = (
-          f"{'yes' if row['beyond_noise'] else 'no'}: {ratio} its standard error ({error:.2f})"
-        )
+      verdict = _verdict(row["gain"], row["standard_error"], row["beyond_noise"])
+      paired = _verdict(
+        row["paired_gain"], row["paired_standard_error"], row["paired_beyond_noise"], True
+      )
     lines.append(
       f"| {row['adds']} | {row['method']} | {miou} | {gain} | {row['compared_with'] or ''} "
-      f"| {verdict} |"
+      f"| {verdict} | {paired} |"
     )
   return (
     "\n".join(lines)
     + "\n\n- Each row's gain is over the row named in 'over'; beyond the seed noise means "
     "more than twice the gain's standard error, sqrt(std_a^2 / n_a + std_b^2 / n_b).\n"
+    "- Paired by seed: the mean of the per-seed differences (a seed fixes the initialisation "
+    "and the data order of every method's run) against twice its standard error, "
+    "std(d) / sqrt(n).\n"
   )
+
+
+def _verdict(gain, error, beyond, with_gain: bool = False) -> str:
+  if beyond is None:
+    return "one seed: no estimate"
+  ratio = f"{abs(gain) / error:.1f} x" if error > 1e-9 else "infinitely many times"
+  mean = f"{gain:+.2f}, " if with_gain else ""
+  return f"{'yes' if beyond else 'no'}: {mean}{ratio} its standard error ({error:.2f})"
 
 
 _PALETTE = [(60, 110, 190), (40, 150, 90), (150, 80, 170), (210, 160, 40), (30, 160, 170)]
