@@ -224,6 +224,8 @@ ENTRY %main (w: f32[64,64], x: f32[8,64]) -> f32[8,64] {
   %x = f32[8,64]{1,0:T(8,128)} parameter(1)
   %cs = (f32[64,64]{1,0:T(8,128)S(1)}, f32[64,64]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%w)
   %cd = f32[64,64]{1,0:T(8,128)S(1)} copy-done(%cs)
+  %ss = ((f32[64,64]{1,0:T(8,128)}), f32[16,64]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%w), slice={[0:16], [0:64]}
+  %sv = ((f32[64,64]{1,0:T(8,128)S(1)}), f32[16,64]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%cd), slice={[0:16], [0:64]}
   %y = f32[8,64]{1,0:T(8,128)S(1)} fusion(f32[8,64]{1,0:T(8,128)} %x, f32[64,64]{1,0:T(8,128)S(1)} %cd), kind=kOutput, calls=%f
   ROOT %z = f32[8,64]{1,0:T(8,128)} fusion(f32[8,64]{1,0:T(8,128)S(1)} %y), kind=kLoop, calls=%g
 }
@@ -233,11 +235,19 @@ ENTRY %main (w: f32[64,64], x: f32[8,64]) -> f32[8,64] {
 
 def test_traffic_counts_hbm_only_and_a_prefetch_once():
   """A weight prefetched into VMEM (S(1)) counts once, at its copy-start (the HBM read);
+  a slice of it read from HBM counts the slice;
   the fusion that reads it there and writes its result to VMEM counts only x from HBM; the
   last fusion counts only its HBM result. Each as stored: 64 columns padded to the
   layout's 128-wide tile."""
   rows = {r["op"]: r["bytes"] for r in compile_bench.traffic(PLACED_HLO, top=None)}
-  assert rows == {"cs": 64 * 128 * 4, "y": 8 * 128 * 4, "z": 8 * 128 * 4}
+  # A slice of w from HBM into VMEM reads its 16 rows; one of the VMEM copy, nothing.
+  assert rows == {
+    "cs": 64 * 128 * 4,
+    "y": 8 * 128 * 4,
+    "z": 8 * 128 * 4,
+    "ss": 16 * 128 * 4,
+    "sv": 0,
+  }
   assert compile_bench._stored_elements("3,5,40", "{2,1,0:T(8,128)}") == 3 * 8 * 128
   assert compile_bench._stored_elements("3,5,40", "{1,2,0:T(8,128)}") == 3 * 128 * 40
   assert compile_bench._stored_elements("3,5,40", "{2,1,0}") == 3 * 5 * 40

@@ -117,17 +117,36 @@ def _stored_elements(dims: str, layout: str) -> int:
   return total
 
 
+def _in_hbm(layout: str) -> bool:
+  space = _MEMORY_SPACE.search(layout)
+  return not space or space.group(1) == "0"
+
+
 def _hbm_bytes(shape_text: str, every_space: bool = False) -> int:
   """The bytes of the arrays in ``shape_text`` that live in HBM, as stored (tile-padded):
   not those in an on-chip memory space (an operand a prefetch has brought into VMEM is
   read from there), unless ``every_space``."""
   total = 0
   for dtype, dims, layout in _PLACED_ARRAY.findall(shape_text):
-    space = _MEMORY_SPACE.search(layout)
-    if space and space.group(1) != "0" and not every_space:
-      continue
-    total += _stored_elements(dims, layout) * _BYTES.get(dtype, 4)
+    if every_space or _in_hbm(layout):
+      total += _stored_elements(dims, layout) * _BYTES.get(dtype, 4)
   return total
+
+
+def _moved_bytes(op: str, shape: str, operands: str) -> int:
+  """The HBM bytes one instruction reads and writes (``traffic``)."""
+  if op == "slice-start":
+    # ((the source), the slice, a context): the slice is read from the source and
+    # written to its own place; whichever of the two is in HBM counts.
+    arrays = _PLACED_ARRAY.findall(shape)
+    if len(arrays) < 2:
+      return _hbm_bytes(shape) + _hbm_bytes(operands)
+    (_, _, source), (dtype, dims, layout) = arrays[0], arrays[1]
+    size = _stored_elements(dims, layout) * _BYTES.get(dtype, 4)
+    return size * (_in_hbm(source) + _in_hbm(layout))
+  if op.endswith("-start"):  # the result tuple also holds the operands
+    return max(_hbm_bytes(shape), _hbm_bytes(operands))
+  return _hbm_bytes(shape) + _hbm_bytes(operands)
 
 
 def hlo_summary(hlo_text: str) -> dict:
@@ -250,9 +269,10 @@ def traffic(hlo_text: str, top: Optional[int] = 10) -> list:
   fusion or kernel reads from and writes to HBM; a custom call's are counted the same way,
   from its operand and result shapes, whatever it does inside). Arrays in an on-chip
   memory space (XLA:TPU's VMEM, ``S(1)`` in the layout) are not counted: the asynchronous
-  copies and slices that bring them there (``copy-start``, ``slice-start``) are, once. An
-  asynchronous op's result tuple also holds its operands, so it counts the larger of its
-  operands and its result. FLOPs: the dots and convolutions inside (2 x multiply-adds)."""
+  copies and slices that bring them there (``copy-start``, ``slice-start``) are, once: a
+  copy the larger of its operand and its result (its result tuple also holds the
+  operand), a slice the slice's bytes. FLOPs: the dots and convolutions inside (2 x
+  multiply-adds)."""
   computations = _computations(hlo_text)
   bodies = {"ENTRY"}
   for line in computations.get("ENTRY", ()):
@@ -286,9 +306,7 @@ def traffic(hlo_text: str, top: Optional[int] = 10) -> list:
           "op": name,
           "kind": f"fusion:{kind.group(1)}" if kind else op,
           "module": _module(line),
-          "bytes": max(_hbm_bytes(shape), _hbm_bytes(operands))
-          if op.endswith("-start")
-          else _hbm_bytes(shape) + _hbm_bytes(operands),
+          "bytes": _moved_bytes(op, shape, operands),
           "flops": flops,
         }
       )
