@@ -122,15 +122,17 @@ def _in_hbm(layout: str) -> bool:
   return not space or space.group(1) == "0"
 
 
-def _hbm_bytes(shape_text: str, every_space: bool = False) -> int:
+def _stored_bytes(dtype: str, dims: str, layout: str) -> int:
+  return _stored_elements(dims, layout) * _BYTES.get(dtype, 4)
+
+
+def _hbm_bytes(shape_text: str) -> int:
   """The bytes of the arrays in ``shape_text`` that live in HBM, as stored (tile-padded):
   not those in an on-chip memory space (an operand a prefetch has brought into VMEM is
-  read from there), unless ``every_space``."""
-  total = 0
-  for dtype, dims, layout in _PLACED_ARRAY.findall(shape_text):
-    if every_space or _in_hbm(layout):
-      total += _stored_elements(dims, layout) * _BYTES.get(dtype, 4)
-  return total
+  read from there)."""
+  return sum(
+    _stored_bytes(*array) for array in _PLACED_ARRAY.findall(shape_text) if _in_hbm(array[2])
+  )
 
 
 def _moved_bytes(op: str, shape: str, operands: str) -> int:
@@ -141,9 +143,8 @@ def _moved_bytes(op: str, shape: str, operands: str) -> int:
     arrays = _PLACED_ARRAY.findall(shape)
     if len(arrays) < 2:
       return _hbm_bytes(shape) + _hbm_bytes(operands)
-    (_, _, source), (dtype, dims, layout) = arrays[0], arrays[1]
-    size = _stored_elements(dims, layout) * _BYTES.get(dtype, 4)
-    return size * (_in_hbm(source) + _in_hbm(layout))
+    source, destination = arrays[0], arrays[1]
+    return _stored_bytes(*destination) * (_in_hbm(source[2]) + _in_hbm(destination[2]))
   if op.endswith("-start"):  # the result tuple also holds the operands
     return max(_hbm_bytes(shape), _hbm_bytes(operands))
   return _hbm_bytes(shape) + _hbm_bytes(operands)
@@ -464,7 +465,8 @@ def compile_report(config, topology: str, with_eval: bool = True, save_hlo: str 
     {**r, "gib": round(r["bytes"] / 2**30, 4), "gflop": round(r["flops"] / 1e9, 3)}
     for r in every_op[:10]
   ]
-  row["traffic_gib_from_shapes"] = round(sum(r["bytes"] for r in every_op) / 2**30, 3)
+  hbm_bytes = sum(r["bytes"] for r in every_op)
+  row["traffic_gib_from_shapes"] = round(hbm_bytes / 2**30, 3)
   row["traffic_by_part"] = traffic_by_part(every_op)
   if chip is not None:
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
@@ -477,12 +479,9 @@ def compile_report(config, topology: str, with_eval: bool = True, save_hlo: str 
         "the step takes at least est_step_ms, so at most est_imgs_per_s_per_chip",
       }
     )
-    # The same bound on the HBM bytes from the shapes: XLA's count also counts operands
-    # that a prefetch has placed in VMEM, so it is the looser of the two.
-    hbm_seconds = max(
-      flops / (chip.bf16_tflops * 1e12),
-      sum(r["bytes"] for r in every_op) / (chip.hbm_gb_per_s * 1e9),
-    )
+    # The same bound on the HBM bytes from the shapes: XLA's count also charges HBM for
+    # operands a prefetch has placed in VMEM, so its bound is the lower of the two.
+    hbm_seconds = max(flops / (chip.bf16_tflops * 1e12), hbm_bytes / (chip.hbm_gb_per_s * 1e9))
     row["est_imgs_per_s_per_chip_hbm_only"] = (
       round(per_device_batch / hbm_seconds, 2) if hbm_seconds else None
     )

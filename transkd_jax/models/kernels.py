@@ -337,9 +337,9 @@ def splash_attention(q, k, v, interpret: bool = False):
     scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)
     return heads_major(jax.vmap(kernel)(heads_major(q * scale), heads_major(k), heads_major(v)))
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if _devices_in_context() == 1:
     return per_device(q, k, v)
+  mesh = jax.sharding.get_abstract_mesh()
   batch = jax.sharding.PartitionSpec(mesh.axis_names)
   return jax.shard_map(per_device, mesh=mesh, in_specs=batch, out_specs=batch, check_vma=False)(
     q, k, v
