@@ -21,6 +21,26 @@ def _iterator():
   return iter(ds)
 
 
+def test_saving_leaves_the_preemption_sync_counter_to_the_train_loop(tmp_path, monkeypatch):
+  """JAX's preemption sync manager keeps one call counter per process, the last call's.
+  Orbax asks it with the step number as it saves (also from its finalize thread); between
+  the train loop's own calls that set the counter back, and a SIGTERM then could agree
+  on a sync point no later call reached: two processes trained on (test_preemption,
+  about one run in four)."""
+  from jax.experimental import multihost_utils
+
+  calls = []
+  monkeypatch.setattr(
+    multihost_utils, "reached_preemption_sync_point", lambda step: calls.append(step) or False
+  )
+  ckpts = ckpt_lib.RunCheckpoints(str(tmp_path), async_save=True)
+  state = {"w": jnp.zeros(3)}
+  for step in (2, 4):
+    ckpts.save(step, state, _iterator(), ml_collections.ConfigDict({"a": 1}), force=True)
+  ckpts.close()
+  assert ckpts.steps() == [2, 4] and calls == []
+
+
 def test_checkpoints_restore_state_and_data_and_fall_back(tmp_path):
   config = ml_collections.ConfigDict({"a": 1})
   ckpts = ckpt_lib.RunCheckpoints(str(tmp_path), keep=2, async_save=True)

@@ -169,6 +169,23 @@ def tree_shapes(tree) -> dict:
   }
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, kept off JAX's preemption sync counter.
+
+  Orbax asks ``reached_preemption(step)`` as it saves, also from its background
+  finalize thread, and that passes the step number to JAX's
+  ``reached_preemption_sync_point``. JAX keeps one counter per process, the last call's,
+  and the train loop counts its own calls there (``train._Preemption``). A call of
+  orbax's between two of the loop's set the counter back; when a SIGTERM came then,
+  the agreed sync point could fall on a count no later call passed, and every process
+  trained on instead of stopping. The loop decides when to stop and saves with
+  ``force=True``, so orbax is told no preemption was reached.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
 class RunCheckpoints:
   """Save and restore a training run's checkpoints in ``workdir``."""
 
@@ -204,7 +221,7 @@ class RunCheckpoints:
       best_mode=best_mode,
       enable_async_checkpointing=async_save,
     )
-    self.manager = ocp.CheckpointManager(
+    self.manager = _Manager(
       self.directory,
       options=options,
       item_handlers={
