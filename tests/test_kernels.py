@@ -1,7 +1,10 @@
 """models/kernels.py: the ops' forms (cpu, native, tpu) against each other and a plain
 reference, values and gradients."""
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -90,3 +93,63 @@ def test_the_tpu_form_runs_native_attention_where_splash_does_not_fit():
   np.testing.assert_array_equal(
     kernels.attention(q, k, v, "tpu"), jax.nn.dot_product_attention(q, k, v)
   )
+
+
+@pytest.mark.parametrize(
+  "channels, size, stride, padding, hw",
+  [
+    (3, 7, 4, 3, (32, 64)),  # MiT's first patch embedding
+    (3, 3, 2, 1, (16, 24)),  # the later embeddings' geometry, on an image
+    (1, 5, 4, 1, (16, 20)),  # low padding under a block: zero taps before the kernel
+  ],
+)
+def test_space_to_depth_conv_and_its_gradients_equal_the_strided_conv(
+  channels, size, stride, padding, hw
+):
+  """The TPU form of an image's patch-embedding conv: the input folded into stride x stride
+  blocks and a stride-1 conv over them, the kernel zero-padded to whole blocks. The same
+  values, and the same gradients for the input and the kernel, as the strided conv."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, *hw, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(size, size, channels, 16)), jnp.float32)
+  numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+  pads = ((padding, padding), (padding, padding))
+
+  def out(conv):
+    def f(x, kernel):
+      y = conv(x, kernel, (stride, stride), pads, dimension_numbers=numbers)
+      return jnp.sum(jnp.sin(y)), y
+
+    return jax.grad(f, argnums=(0, 1), has_aux=True)(x, kernel)
+
+  with jax.default_matmul_precision("highest"):
+    (dx, dk), y = out(kernels.space_to_depth_conv)
+    (dx_ref, dk_ref), y_ref = out(jax.lax.conv_general_dilated)
+  assert y.shape == y_ref.shape
+  # Sums of up to 147 products of unit normals, added in another order: float32 rounding.
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=2e-4)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=2e-4)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=2e-4)
+
+
+def test_patch_conv_folds_only_an_image_into_blocks():
+  """``tpu``: a strided conv over an image (3 channels) is computed over blocks (its compiled
+  conv has stride 1); over a feature map (32 channels), and in every other form, it is the
+  plain strided conv."""
+  x_image = jnp.zeros((1, 32, 64, 3))
+  x_map = jnp.zeros((1, 32, 64, 32))
+
+  def strides_of(form, x):
+    kernel = jnp.zeros((7, 7, x.shape[-1], 8))
+    numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    conv = kernels.patch_conv(form)
+    text = (
+      jax.jit(lambda x, k: conv(x, k, (4, 4), ((3, 3), (3, 3)), dimension_numbers=numbers))
+      .lower(x, kernel)
+      .as_text()
+    )
+    return re.findall(r"window = \{stride = \[(\d+), (\d+)\]", text)
+
+  assert strides_of("tpu", x_image) == [("1", "1")]
+  assert strides_of("tpu", x_map) == [("4", "4")]
+  assert strides_of("native", x_image) == [("4", "4")] == strides_of("cpu", x_image)

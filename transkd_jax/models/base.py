@@ -52,11 +52,14 @@ def check_num_classes(num_classes):
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
 
 
-def patch_embed(cls, stage: int, features: int, dtype, param_dtype):
+def patch_embed(cls, stage: int, features: int, dtype, param_dtype, *more):
   """Stage ``stage``'s (0-based) patch embedding ``cls(features, kernel, stride, padding,
-  dtype, param_dtype)`` with that stage's ``PATCH_GEOMETRY``, named ``patch_embed{stage + 1}``."""
+  dtype, param_dtype, *more)`` with that stage's ``PATCH_GEOMETRY``, named
+  ``patch_embed{stage + 1}``."""
   kernel, stride, padding = PATCH_GEOMETRY[stage]
-  return cls(features, kernel, stride, padding, dtype, param_dtype, name=f"patch_embed{stage + 1}")
+  return cls(
+    features, kernel, stride, padding, dtype, param_dtype, *more, name=f"patch_embed{stage + 1}"
+  )
 
 
 class StageEncoder(nn.Module):

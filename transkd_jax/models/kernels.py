@@ -524,3 +524,71 @@ def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_el
       f"{dimension_numbers!r} for shapes {x.shape} and {kernel.shape}"
     )
   return linear(x, kernel, precision)
+
+
+# --------------------------------------------------------------------------
+# The image's patch embedding: a strided conv over few channels
+# --------------------------------------------------------------------------
+
+_IMAGE_CHANNELS = 8  # inputs with fewer channels than this are images (RGB: 3)
+
+
+def patch_conv(form: str):
+  """The ``conv_general_dilated`` of a strided patch-embedding conv for ``form``: pass it
+  as ``nn.Conv(conv_general_dilated=...)``. ``tpu``: ``space_to_depth_conv``; every other
+  form: ``jax.lax.conv_general_dilated``."""
+  return space_to_depth_conv if check_form(form) == "tpu" else jax.lax.conv_general_dilated
+
+
+def space_to_depth_conv(
+  x, kernel, strides, padding, lhs_dilation=None, rhs_dilation=None, **kwargs
+):
+  """``jax.lax.conv_general_dilated`` (NHWC, HWIO, as ``nn.Conv`` calls it), computed as a
+  stride-1 conv over the input's stride x stride blocks where the input is an image.
+
+  MiT's first patch embedding is a 7x7 conv, stride 4, over the 3 channels of the image.
+  XLA:TPU lays such an input out with the batch in the 128-wide lane dimension and the
+  channels padded: at 8 images of 512x1024 per chip it stores and reads 512 MiB where the
+  image holds 24 MiB, three times per step (the student's and the teacher's forward, the
+  student's kernel gradient). Folded into blocks (``s x s x C`` = 48 channels) the input
+  has channels enough to fill the lanes, and the conv becomes a 2x2 one, stride 1, with
+  the kernel zero-padded to whole blocks: the same sums over the same products, added
+  in another order. Any other conv (more channels, dilation, groups, sizes that do not
+  split into blocks) is ``jax.lax.conv_general_dilated`` itself.
+  """
+  batch, height, width, channels = x.shape
+  size, _, _, features = kernel.shape
+  s = strides[0]
+  plain = (
+    kwargs.get("feature_group_count", 1) != 1
+    or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    or tuple(strides) != (s, s)
+    or s == 1
+    or channels >= _IMAGE_CHANNELS
+    or kernel.shape[1] != size
+    or height % s
+    or width % s
+    or isinstance(padding, str)
+    or len({tuple(p) for p in padding}) != 1
+    or kwargs.get("dimension_numbers")
+    != jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+  )
+  if not plain:
+    low, high = padding[0]
+    blocks = -(-low // s)  # the low padding, in whole blocks
+    front = blocks * s - low  # zeros before the kernel's first tap
+    padded = s * -(-(size + front) // s)  # the kernel, in whole blocks
+    # Blocks of padding after the input, per axis, so the outputs are as many as the conv's.
+    back = [(n + low + high - size) // s + padded // s - blocks - n // s for n in (height, width)]
+    plain = min(back) < 0
+  if plain:
+    return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, lhs_dilation, rhs_dilation, **kwargs
+    )
+  x = x.reshape(batch, height // s, s, width // s, s, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // s, width // s, s * s * channels)
+  taps = ((front, padded - size - front),) * 2 + ((0, 0), (0, 0))
+  kernel = jnp.pad(kernel, taps).reshape(padded // s, s, padded // s, s, channels, features)
+  kernel = kernel.transpose(0, 2, 1, 3, 4, 5).reshape(padded // s, padded // s, -1, features)
+  pads = [(blocks, b) for b in back]
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), pads, **kwargs)

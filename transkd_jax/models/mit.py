@@ -178,9 +178,11 @@ class Block(nn.Module):
     return x + drop(y, deterministic=not train)
 
 
-def patch_conv(embed):
+def patch_conv(embed, form: str = "native"):
   """The strided conv with bias of a patch embedding (``features``, ``kernel``, ``stride``,
-  ``padding``, dtypes: its attributes), named ``proj``; call it inside the embedding."""
+  ``padding``, dtypes: its attributes), named ``proj``; call it inside the embedding.
+  ``form``: the kernel form (``kernels.patch_conv``: on TPUs an image's conv runs over
+  blocks of pixels)."""
   k, p = embed.kernel, embed.padding
   return nn.Conv(
     embed.features,
@@ -191,6 +193,7 @@ def patch_conv(embed):
     bias_init=nn.initializers.zeros,
     dtype=embed.dtype,
     param_dtype=embed.param_dtype,
+    conv_general_dilated=kernels.patch_conv(form),
     name="proj",
   )
 
@@ -204,10 +207,11 @@ class OverlapPatchEmbed(nn.Module):
   padding: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernels: str = "native"
 
   @nn.compact
   def __call__(self, x) -> Tuple[jnp.ndarray, Tuple[int, int]]:
-    x = patch_conv(self)(x)
+    x = patch_conv(self, self.kernels)(x)
     batch, height, width, channels = x.shape
     x = x.reshape(batch, height * width, channels)
     x = layer_norm(EPS_PATCH, "norm", self.dtype, self.param_dtype)(x)
@@ -228,7 +232,7 @@ class MixTransformer(StageEncoder):
 
   def embed(self, stage, spec, x):
     tokens, hw = patch_embed(
-      OverlapPatchEmbed, stage, spec.channels[stage], self.dtype, self.param_dtype
+      OverlapPatchEmbed, stage, spec.channels[stage], self.dtype, self.param_dtype, self.kernels
     )(x)
     return (tokens, hw), tokens
 
