@@ -1,6 +1,7 @@
 """models/kernels.py: the ops' forms (cpu, native, tpu) against each other and a plain
 reference, values and gradients."""
 
+import functools
 import re
 
 import jax
@@ -153,3 +154,30 @@ def test_patch_conv_folds_only_an_image_into_blocks():
   assert strides_of("tpu", x_image) == [("1", "1")]
   assert strides_of("tpu", x_map) == [("4", "4")]
   assert strides_of("native", x_image) == [("4", "4")] == strides_of("cpu", x_image)
+
+
+@pytest.mark.parametrize("hw, ratio", [((32, 64), 8), ((18, 21), 4)])
+def test_patch_matmul_forms_and_their_gradients_equal_the_strided_conv(hw, ratio):
+  """MiT's spatial reduction (kernel = stride, trailing rows and columns that fill no
+  patch dropped): the reshape-and-matmul form (cpu, native) and the strided conv (tpu)
+  against ``jax.lax.conv_general_dilated``, values and both gradients."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(ratio, ratio, 8, 6)), jnp.float32)
+
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(
+      x, kernel, (ratio, ratio), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  def out(fn):
+    f = lambda x, k: (jnp.sum(jnp.sin(fn(x, k))), fn(x, k))  # noqa: E731
+    return jax.grad(f, argnums=(0, 1), has_aux=True)(x, kernel)
+
+  with jax.default_matmul_precision("highest"):
+    (dx_ref, dk_ref), y_ref = out(reference)
+    for form in kernels.FORMS:
+      (dx, dk), y = out(functools.partial(kernels.patch_matmul, form=form))
+      assert y.shape == y_ref.shape == (2, hw[0] // ratio, hw[1] // ratio, 6)
+      for got, want in ((y, y_ref), (dx, dx_ref), (dk, dk_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4, err_msg=form)

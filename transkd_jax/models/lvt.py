@@ -287,7 +287,7 @@ class RecursiveAtrousAttention(nn.Module):
     )
     sr = norm = None
     if self.sr_ratio > 1:
-      sr = PatchConv(channels, self.sr_ratio, self.dtype, self.param_dtype, name="sr")
+      sr = PatchConv(channels, self.sr_ratio, self.dtype, self.param_dtype, self.kernels, name="sr")
       norm = layer_norm(EPS, "norm", self.dtype, self.param_dtype)
     kv = dense(2 * channels, "kv", self.dtype, self.param_dtype, use_bias=False)
     proj = dense(channels, "proj", self.dtype, self.param_dtype)

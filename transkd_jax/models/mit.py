@@ -73,16 +73,16 @@ class DepthwiseConv3x3(nn.Module):
 class PatchConv(nn.Module):
   """Convolution with kernel = stride = ``ratio`` and bias, no padding.
 
-  This is the spatial reduction of efficient self-attention. It is exactly a
-  reshape into non-overlapping patches and one matmul, which is fast forwards
-  and backwards everywhere. Like PyTorch, trailing rows/columns that do not
-  fill a patch are dropped. The kernel is stored HWIO like ``nn.Conv``.
+  This is the spatial reduction of efficient self-attention. Like PyTorch, trailing
+  rows/columns that do not fill a patch are dropped. The kernel is stored HWIO like
+  ``nn.Conv``; ``kernels.patch_matmul`` computes it in the form's way.
   """
 
   features: int
   ratio: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernels: str = "native"
 
   @nn.compact
   def __call__(self, x):
@@ -92,10 +92,7 @@ class PatchConv(nn.Module):
     )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    batch, height, width = x.shape[:3]
-    h, w = height // r, width // r
-    x = x[:, : h * r, : w * r].reshape(batch, h, r, w, r, c)
-    return jnp.einsum("bhiwjc,ijcd->bhwd", x, kernel) + bias
+    return kernels.patch_matmul(x, kernel, self.kernels) + bias
 
 
 class EfficientSelfAttention(nn.Module):
@@ -115,7 +112,8 @@ class EfficientSelfAttention(nn.Module):
     context = x
     if self.sr_ratio > 1:
       grid = x.reshape(batch, hw[0], hw[1], channels)
-      grid = PatchConv(channels, self.sr_ratio, self.dtype, self.param_dtype, name="sr")(grid)
+      sr = PatchConv(channels, self.sr_ratio, self.dtype, self.param_dtype, self.kernels, name="sr")
+      grid = sr(grid)
       context = grid.reshape(batch, -1, channels)
       context = layer_norm(EPS_PATCH, "norm", self.dtype, self.param_dtype)(context)
     kv = dense(2 * channels, "kv", self.dtype, self.param_dtype)(context)
