@@ -216,6 +216,17 @@ def test_traffic_counts_each_ops_bytes_and_flops_by_module():
   assert fusion["module"] == "student/head/linear_pred/dot_general"
 
 
+def test_a_dot_written_as_a_convolution_counts_the_taps_that_land_on_the_input():
+  """XLA:TPU writes some dots as convolutions whose window slides over a length-1 input
+  padded on both sides: each output element takes one tap of the window, not all 8."""
+  line = (
+    "%c = f32[8,2,4]{2,1,0} convolution(f32[1,2,3]{2,1,0} %x, f32[3,8,4]{2,1,0} %k), "
+    "window={size=8 pad=7_7}, dim_labels=0bf_i0o->0bf"
+  )
+  operands = "f32[1,2,3]{2,1,0} %x, f32[3,8,4]{2,1,0} %k"
+  assert compile_bench._flops("convolution", "f32[8,2,4]{2,1,0}", operands, line) == 2 * 64 * 3
+
+
 # fmt: off
 PLACED_HLO = """HloModule jit_step
 

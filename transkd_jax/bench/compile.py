@@ -229,11 +229,20 @@ def _flops(op: str, shape: str, operands: str, line: str) -> float:
       size *= lhs[int(i)]
     return 2.0 * out * size
   if op == "convolution" and len(arrays) > 1:
-    kernel = [int(d) for d in filter(None, arrays[1][1].split(","))]
-    labels = re.search(r"dim_labels=\w+_(\w+)->", line)
+    # Per output element: the input features times, along each spatial dimension, the
+    # kernel taps that can land on the input (no more than the input is long). XLA:TPU
+    # writes some dots as convolutions whose window slides over an input of size 1 with
+    # padding around it (``window={size=8x128 pad=7_7x127_127}``): one tap of the 8 x 128.
+    lhs, kernel = ([int(d) for d in filter(None, a[1].split(","))] for a in arrays[:2])
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->", line)
+    lhs_labels, kernel_labels = labels.groups() if labels else ("", "")
+    spatial = {label: size for label, size in zip(lhs_labels, lhs) if label.isdigit()}
     per_output = 1
-    for label, d in zip(labels.group(1) if labels else "", kernel):
-      per_output *= 1 if label == "o" else d
+    for label, d in zip(kernel_labels, kernel):
+      if label == "i":
+        per_output *= d
+      elif label.isdigit():
+        per_output *= min(d, spatial.get(label, d))
     return 2.0 * out * per_output
   return 0.0
 
