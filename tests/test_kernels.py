@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transkd_jax.models import kernels
+from transkd_jax.models import kernels, resize
 
 
 def _reference_depthwise(x, kernel, dilation):
@@ -181,3 +181,29 @@ def test_patch_matmul_forms_and_their_gradients_equal_the_strided_conv(hw, ratio
       assert y.shape == y_ref.shape == (2, hw[0] // ratio, hw[1] // ratio, 6)
       for got, want in ((y, y_ref), (dx, dx_ref), (dk, dk_ref)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4, err_msg=form)
+
+
+def test_the_resized_sum_of_the_heads_maps_and_its_gradients_equal_the_sum_of_resizes():
+  """The SegFormer head's upsampled sum of its four stage maps (1/32 ... 1/4 of 64 x 128):
+  ``resize_bilinear_sum`` in each form against the sum of per-map ``resize_bilinear`` by
+  the cpu form, values and the gradient of every map; the cpu form is that sum itself."""
+  rng = np.random.default_rng(2)
+  maps = [
+    jnp.asarray(rng.normal(size=(2, h, w, 8)), jnp.float32)
+    for h, w in ((2, 4), (4, 8), (8, 16), (16, 32))
+  ]
+
+  def out(fn):
+    f = lambda maps: (jnp.sum(jnp.sin(fn(maps))), fn(maps))  # noqa: E731
+    return jax.grad(f, has_aux=True)(maps)
+
+  def separately(maps):
+    return sum(resize.resize_bilinear(m, (16, 32), "cpu") for m in maps)
+
+  with jax.default_matmul_precision("highest"):
+    grads_ref, y_ref = out(separately)
+    for form in kernels.FORMS:
+      grads, y = out(functools.partial(resize.resize_bilinear_sum, size=(16, 32), kernels=form))
+      np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=form)
+      for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5, err_msg=form)

@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from transkd_jax.models import initializers as init
 from transkd_jax.models import kernels as kernels_lib
-from transkd_jax.models.resize import resize_bilinear
+from transkd_jax.models.resize import resize_bilinear_sum
 
 Dtype = Any
 
@@ -79,7 +79,7 @@ class SegFormerHead(nn.Module):
     )()
     # The concatenation order is stage 4, 3, 2, 1: rows [0:width] of the
     # fusion kernel act on stage 4, and so on.
-    x = None
+    maps = []
     for slot, stage in enumerate((3, 2, 1, 0)):
       fan_in = features[stage].shape[-1]
       dense = nn.Dense(
@@ -98,9 +98,8 @@ class SegFormerHead(nn.Module):
         features[stage], params["kernel"], params["bias"], block, dtype=self.dtype
       )
       # (f @ K + b) @ F == f @ (K @ F) + b @ F, at the stage's resolution.
-      y = kernels_lib.linear(feat, kernel @ block) + bias @ block
-      y = resize_bilinear(y, size, self.kernels)
-      x = y if x is None else x + y
+      maps.append(kernels_lib.linear(feat, kernel @ block) + bias @ block)
+    x = resize_bilinear_sum(maps, size, self.kernels)
     # PyTorch BatchNorm momentum 0.1 == flax momentum 0.9.
     x = nn.BatchNorm(
       use_running_average=not train,

@@ -28,7 +28,9 @@ transkd_jax/models/kernels.py with the other two-form ops; this module resizes
 NHWC maps with them and keeps their names importable.
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transkd_jax.models.kernels import (  # noqa: F401 (the rules' names stay importable here)
   adjoint_taps,
@@ -57,3 +59,42 @@ def resize_bilinear(x: jnp.ndarray, size, kernels: str = "native") -> jnp.ndarra
 def resize_nearest(x: jnp.ndarray, size, kernels: str = "native") -> jnp.ndarray:
   """Resizes an NHWC (or NHW) array to ``size`` like PyTorch "nearest"."""
   return _resize(x, size, "nearest", kernels)
+
+
+def resize_bilinear_sum(maps, size, kernels: str = "native") -> jnp.ndarray:
+  """``sum(resize_bilinear(m, size, kernels) for m in maps)`` for NHWC maps of one batch
+  and channel count (the SegFormer head's upsampled stage maps).
+
+  ``cpu``: exactly that. ``native``: each map's height is resized alone, then one
+  contraction along the width takes every map at once (their widths side by side, the
+  interpolation matrices likewise), so the sum is written once instead of one full-size
+  map per stage and a sum per addition: the same sums of products, added in another order.
+  Maps already at ``size`` are added afterwards.
+  """
+  check_form(kernels)
+  at_size = [m for m in maps if m.shape[1:3] == tuple(size)]
+  resized = [m for m in maps if m.shape[1:3] != tuple(size)]
+  if kernels == "cpu" or len(resized) < 2:
+    total = None
+    for m in maps:
+      y = resize_bilinear(m, size, kernels)
+      total = y if total is None else total + y
+    return total
+  rows = [_resize(m, (size[0], m.shape[2]), "bilinear", kernels) for m in resized]
+  matrix = np.concatenate(
+    [
+      bilinear_matrix(m.shape[2], size[1]) if m.shape[2] != size[1] else np.eye(size[1])
+      for m in resized
+    ],
+    axis=1,
+  )
+  total = jnp.tensordot(
+    jnp.asarray(matrix, rows[0].dtype),
+    jnp.concatenate(rows, axis=2),
+    axes=(1, 2),
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  total = jnp.moveaxis(total, 0, 2)
+  for m in at_size:
+    total = total + m
+  return total
