@@ -477,6 +477,12 @@ def _native_axis(x, axis: int, out_size: int, mode: str):
   if mode == "nearest" and out_size % in_size == 0:
     return jnp.repeat(x, out_size // in_size, axis=axis)  # floor(i * in / out) = i // factor
   matrix = (bilinear_matrix if mode == "bilinear" else nearest_matrix)(in_size, out_size)
+  return contract_axis(matrix, x, axis)
+
+
+def contract_axis(matrix, x, axis: int):
+  """``x`` with its ``axis`` (of size ``matrix.shape[1]``) contracted with an (out, in)
+  interpolation ``matrix``, at full float32 precision: the native form's resize."""
   y = jnp.tensordot(
     jnp.asarray(matrix, x.dtype), x, axes=(1, axis), precision=jax.lax.Precision.HIGHEST
   )

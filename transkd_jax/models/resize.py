@@ -28,7 +28,9 @@ transkd_jax/models/kernels.py with the other two-form ops; this module resizes
 NHWC maps with them and keeps their names importable.
 """
 
-import jax
+import functools
+import operator
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,6 +39,7 @@ from transkd_jax.models.kernels import (  # noqa: F401 (the rules' names stay im
   bilinear_matrix,
   bilinear_taps,
   check_form,
+  contract_axis,
   interpolate_axis,
   nearest_indices,
   nearest_matrix,
@@ -75,26 +78,8 @@ def resize_bilinear_sum(maps, size, kernels: str = "native") -> jnp.ndarray:
   at_size = [m for m in maps if m.shape[1:3] == tuple(size)]
   resized = [m for m in maps if m.shape[1:3] != tuple(size)]
   if kernels == "cpu" or len(resized) < 2:
-    total = None
-    for m in maps:
-      y = resize_bilinear(m, size, kernels)
-      total = y if total is None else total + y
-    return total
+    return functools.reduce(operator.add, (resize_bilinear(m, size, kernels) for m in maps))
   rows = [_resize(m, (size[0], m.shape[2]), "bilinear", kernels) for m in resized]
-  matrix = np.concatenate(
-    [
-      bilinear_matrix(m.shape[2], size[1]) if m.shape[2] != size[1] else np.eye(size[1])
-      for m in resized
-    ],
-    axis=1,
-  )
-  total = jnp.tensordot(
-    jnp.asarray(matrix, rows[0].dtype),
-    jnp.concatenate(rows, axis=2),
-    axes=(1, 2),
-    precision=jax.lax.Precision.HIGHEST,
-  )
-  total = jnp.moveaxis(total, 0, 2)
-  for m in at_size:
-    total = total + m
-  return total
+  matrix = np.concatenate([bilinear_matrix(m.shape[2], size[1]) for m in resized], axis=1)
+  total = contract_axis(matrix, jnp.concatenate(rows, axis=2), 2)
+  return functools.reduce(operator.add, at_size, total)
