@@ -312,3 +312,29 @@ def test_splash_attention_compiles_for_tpu_and_moves_a_fraction_of_the_native_by
   assert ops["native"]["pallas_kernel"] == 0 and ops["tpu"]["pallas_kernel"] >= 2  # fwd, bwd
   moved = {f: compile_bench._cost(c)["bytes accessed"] for f, c in compiled.items()}
   assert 0 < moved["tpu"] < 0.5 * moved["native"]
+
+
+def test_the_tpu_image_patch_embedding_moves_a_fraction_of_the_strided_convs_bytes():
+  """MiT's first patch embedding (7x7, stride 4, padding 3, 3 -> 32 channels) over 8 bfloat16
+  images of 512x1024 per chip, with its kernel gradient, compiled for v5e 2x2: the tpu
+  form (the image folded into 4x4 blocks) moves under a fifth of the HBM bytes of the
+  strided conv, whose 3-channel input XLA:TPU lays out batch-minor (512 MiB for 24 MiB of
+  images). A fold that went through a padded copy of the image (768 MiB) fails this."""
+  mesh = sharding.make_mesh((-1, 1), compile_bench.topology_devices("v5e:2x2"))
+  image = jax.ShapeDtypeStruct(
+    (32, 512, 1024, 3), jnp.uint8, sharding=sharding.batch_sharding(mesh)
+  )
+  kernel = jax.ShapeDtypeStruct((7, 7, 3, 32), jnp.bfloat16, sharding=sharding.replicated(mesh))
+  numbers = jax.lax.conv_dimension_numbers(image.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+  moved = {}
+  for form in ("native", "tpu"):
+
+    def loss(kernel, image, form=form):
+      x = image.astype(jnp.bfloat16) / 255
+      y = kernels.patch_conv(form)(x, kernel, (4, 4), ((3, 3), (3, 3)), dimension_numbers=numbers)
+      return jnp.square(y.astype(jnp.float32)).mean()
+
+    text = jax.jit(jax.grad(loss)).lower(kernel, image).compile().as_text()
+    moved[form] = sum(row["bytes"] for row in compile_bench.traffic(text, top=None))
+  assert moved["native"] > 3 * 2**30 / 4  # the batch-minor input, read twice
+  assert 0 < moved["tpu"] < 0.2 * moved["native"]
