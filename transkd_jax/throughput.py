@@ -7,7 +7,7 @@
   (``kernels.unchunked``): the same arithmetic, without the chunked backward's
   recomputation (model FLOPs, as MFU counts them).
 - ``CHIPS`` / ``chip_of(device)``: published per-device peaks (HBM, dense
-  bfloat16 TFLOP/s, HBM bandwidth) of the TPUs and GPUs we run on.
+  bfloat16 TFLOP/s, HBM bandwidth; the clock of a v5e) of the TPUs and GPUs we run on.
 - ``rates(flops, seconds, devices)``: TFLOP/s per device and, where the device
   kind is known, model FLOPs utilisation against its dense bfloat16 peak.
 """
@@ -23,13 +23,18 @@ class Chip:
   hbm_gib: float  # memory per device
   bf16_tflops: float  # dense peak per device
   hbm_gb_per_s: float
+  # The TensorCore clock, where a device is one TensorCore: XLA:TPU's per-op cycle
+  # estimates (``benchmark compile``) are turned into time with it. None: not used.
+  clock_ghz: Optional[float] = None
 
 
 # Per device as JAX sees it (a v4 / v5p megacore is one device). Published figures.
 CHIPS = {
   "TPU v3": Chip(16, 61.5, 450),  # per core (two per chip)
   "TPU v4": Chip(32, 275, 1228),
-  "TPU v5 lite": Chip(16, 197, 819),  # v5e
+  # v5e: one TensorCore of four 128x128 MXUs per chip; 197 TFLOP/s / (4 x 128 x 128 x 2)
+  # FLOP per cycle = 1.5 GHz.
+  "TPU v5 lite": Chip(16, 197, 819, clock_ghz=1.5),
   "TPU v5": Chip(95, 459, 2765),  # v5p
   "TPU v6 lite": Chip(32, 918, 1640),  # v6e (Trillium)
   "H100": Chip(80, 989, 3350),  # SXM

@@ -19,7 +19,10 @@ image) and ``top_traffic``, the ten fusions or ops that move the most bytes (``t
 operands plus result, from the shapes), each with its FLOPs and the Flax module it comes
 from (the HLO's op_name metadata); and ``traffic_by_part``, every op's bytes summed by
 the part of the model it comes from (a stage's attention or MLP, the head, a distillation
-module), with ``traffic_gib_from_shapes`` their sum beside XLA's own count.
+module), with ``traffic_gib_from_shapes`` their sum beside XLA's own count. On a TPU
+whose clock is known, ``est_step_ms_compiler`` and ``time_by_part``: XLA:TPU's own
+per-op cycle estimates, summed (not a bound: the compiler's cost model, the Pallas
+kernels and asynchronous copies left out).
 ``--per_device_batch_sizes=2,4,8`` prints one such line per per-device batch, so the
 largest that fits shows. The estimates are bounds (the step takes at least that long),
 not predictions. A step that does not fit exits 1 with one line saying by how much and
@@ -189,6 +192,7 @@ def hlo_summary(hlo_text: str) -> dict:
 _SKIP = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all"}
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 
 
 def _dims(shape_text: str):
@@ -282,7 +286,9 @@ def traffic(hlo_text: str, top: Optional[int] = 10) -> list:
   copies and slices that bring them there (``copy-start``, ``slice-start``) are, once: a
   copy the larger of its operand and its result (its result tuple also holds the
   operand), a slice the slice's bytes. FLOPs: the dots and convolutions inside (2 x
-  multiply-adds)."""
+  multiply-adds). Cycles: XLA:TPU's own estimate for the op (its backend config's
+  ``estimated_cycles``), 0 where it gives none (Pallas kernels, asynchronous copies,
+  every op of other platforms)."""
   computations = _computations(hlo_text)
   bodies = {"ENTRY"}
   for line in computations.get("ENTRY", ()):
@@ -311,6 +317,7 @@ def traffic(hlo_text: str, top: Optional[int] = 10) -> list:
             inner_operands = _operand_shapes(_operands(m.group(4)), shapes)
             flops += _flops(m.group(3), m.group(2), inner_operands, inner)
       kind = re.search(r"kind=(\w+)", line) if op == "fusion" else None
+      cycles = _CYCLES.search(line)
       rows.append(
         {
           "op": name,
@@ -318,6 +325,7 @@ def traffic(hlo_text: str, top: Optional[int] = 10) -> list:
           "module": _module(line),
           "bytes": _moved_bytes(op, shape, operands),
           "flops": flops,
+          "cycles": int(cycles.group(1)) if cycles else 0,
         }
       )
   rows.sort(key=lambda r: -r["bytes"])
@@ -338,27 +346,30 @@ def _part(module: str, kind: str = "") -> str:
   return "/".join(parts[:3])
 
 
-def traffic_by_part(rows: list, top: int = 15) -> list:
-  """Every op's bytes (``traffic(top=None)``) summed by the part of the model it comes
-  from (``_part``), the ``top`` largest first, each with its share of the summed bytes
-  and its FLOPs: where the rest goes when no single op stands out."""
-  total = sum(r["bytes"] for r in rows) or 1
+def traffic_by_part(rows: list, top: int = 15, order: str = "bytes") -> list:
+  """Every op's bytes, FLOPs and estimated cycles (``traffic(top=None)``) summed by the part
+  of the model it comes from (``_part``), the ``top`` largest by ``order`` (bytes or
+  cycles) first, each with its share of that sum: where the rest goes when no single op
+  stands out."""
   parts = {}
   for r in rows:
     part = parts.setdefault(
-      _part(r["module"], r.get("kind", "")), {"bytes": 0, "flops": 0.0, "ops": 0}
+      _part(r["module"], r.get("kind", "")), {"bytes": 0, "flops": 0.0, "cycles": 0, "ops": 0}
     )
     part["bytes"] += r["bytes"]
     part["flops"] += r["flops"]
+    part["cycles"] += r.get("cycles", 0)
     part["ops"] += 1
-  ordered = sorted(parts.items(), key=lambda kv: -kv[1]["bytes"])[:top]
+  total = sum(v[order] for v in parts.values()) or 1
+  ordered = sorted(parts.items(), key=lambda kv: -kv[1][order])[:top]
   return [
     {
       "part": name,
       "ops": v["ops"],
       "gib": round(v["bytes"] / 2**30, 4),
-      "share": round(v["bytes"] / total, 4),
+      "share": round(v[order] / total, 4),
       "gflop": round(v["flops"] / 1e9, 3),
+      "cycles": v["cycles"],
     }
     for name, v in ordered
   ]
@@ -494,6 +505,21 @@ def compile_report(config, topology: str, with_eval: bool = True, save_hlo: str 
     row["est_imgs_per_s_per_chip_hbm_only"] = (
       round(per_device_batch / hbm_seconds, 2) if hbm_seconds else None
     )
+    cycles = sum(r["cycles"] for r in every_op)
+    if chip.clock_ghz and cycles:
+      # Not a bound: XLA:TPU's own estimate of its ops' time, one after another; the
+      # Pallas kernels and asynchronous copies carry none and are left out.
+      compiler_seconds = cycles / (chip.clock_ghz * 1e9)
+      row["est_step_ms_compiler"] = round(compiler_seconds * 1e3, 3)
+      row["est_imgs_per_s_per_chip_compiler"] = round(per_device_batch / compiler_seconds, 2)
+      row["time_by_part"] = [
+        {
+          "part": p["part"],
+          "ms": round(p["cycles"] / (chip.clock_ghz * 1e6), 3),
+          "share": p["share"],
+        }
+        for p in traffic_by_part(every_op, order="cycles")
+      ]
   return row
 
 
