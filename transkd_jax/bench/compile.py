@@ -24,8 +24,8 @@ whose clock is known, ``est_step_ms_compiler`` and ``time_by_part``: XLA:TPU's o
 per-op cycle estimates, summed (not a bound: the compiler's cost model, the Pallas
 kernels and asynchronous copies left out).
 ``--per_device_batch_sizes=2,4,8`` prints one such line per per-device batch, so the
-largest that fits shows. The estimates are bounds (the step takes at least that long),
-not predictions. A step that does not fit exits 1 with one line saying by how much and
+largest that fits shows. The two roofline estimates are bounds (the step takes at least
+that long), not predictions. A step that does not fit exits 1 with one line saying by how much and
 what to change.
 """
 
