@@ -1,4 +1,4 @@
-"""models/kernels.py: the ops' forms (cpu, native, tpu) against each other and a plain
+"""models/kernels.py: the ops' forms (cpu, native, tpu, gpu) against each other and a plain
 reference, values and gradients."""
 
 import functools
@@ -55,8 +55,9 @@ def test_dilation_one_is_the_default():
 
 
 def test_the_forms_resolve_from_the_platform_unless_forced():
-  assert [kernels.resolve("auto", p) for p in ("cpu", "tpu", "gpu")] == ["cpu", "tpu", "native"]
-  assert [kernels.resolve(f, "tpu") for f in kernels.FORMS] == list(kernels.FORMS)
+  assert [kernels.resolve("auto", p) for p in ("cpu", "tpu", "rocm")] == ["cpu", "tpu", "native"]
+  assert kernels.resolve("auto", "gpu", "9.0") == "gpu"  # more in test_gpu_form.py
+  assert [kernels.resolve(f, "tpu") for f in ("cpu", "native", "tpu")] == ["cpu", "native", "tpu"]
   with pytest.raises(ValueError, match="needs TPU devices; these are gpu devices"):
     kernels.resolve("tpu", "gpu")
   with pytest.raises(ValueError, match="config.kernels must be one of"):

@@ -45,9 +45,12 @@ def kernels_of(config, mesh) -> str:
   """The kernel form for the mesh's devices (``config.kernels``; "auto" follows the platform).
 
   The devices the program is compiled for decide, not ``jax.default_backend()``:
-  a mesh of TPU devices from a topology description gets the native ops.
+  a mesh of TPU devices from a topology description gets the tpu form; NVIDIA GPUs
+  get the gpu form (cuDNN's flash attention) from compute capability 8.0 on.
   """
-  return kernels_lib.resolve(config.kernels, mesh.devices.flat[0].platform)
+  device = mesh.devices.flat[0]
+  capability = getattr(device, "compute_capability", None)  # CUDA GPUs only
+  return kernels_lib.resolve(config.kernels, device.platform, capability)
 
 
 def trained_arch(config) -> str:

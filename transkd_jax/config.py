@@ -53,8 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.compile_cache = "~/.cache/transkd_jax/xla"
   config.teacher_dtype = "float32"  # the frozen teacher's compute dtype ("": config.dtype)
   # Kernel forms (transkd_jax/models/kernels.py): "auto" follows the devices the program is
-  # compiled for (XLA:CPU forms on CPU, Pallas splash attention on TPU, native ops on GPU);
-  # "cpu" / "native" / "tpu" force one.
+  # compiled for (XLA:CPU forms on CPU, Pallas splash attention on TPU, cuDNN's flash
+  # attention on NVIDIA GPUs of compute capability 8.0 or newer, else native ops);
+  # "cpu" / "native" / "tpu" / "gpu" force one.
   config.kernels = "auto"
 
   # What to train (transkd_jax/distill/methods.py): student | transkd_base | transkd_gl |

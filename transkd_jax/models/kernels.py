@@ -1,4 +1,4 @@
-"""The ops with two forms: one for XLA:CPU and the native one for GPU and TPU.
+"""The ops with several forms: one for XLA:CPU, the native one, and TPU and GPU forms.
 
 Each op computes the same function in both forms (tests compare them); they
 differ in what the compiler makes of them:
@@ -9,7 +9,10 @@ differ in what the compiler makes of them:
   hand-written softmax VJP;
   ``native``, ``jax.nn.dot_product_attention`` (XLA's implementation);
   ``tpu``, JAX's Pallas TPU splash-attention kernel (``splash_attention``): the
-  queries x keys scores never reach HBM, in the forward or the backward pass.
+  queries x keys scores never reach HBM, in the forward or the backward pass;
+  ``gpu``, cuDNN's flash attention (``jax.nn.dot_product_attention`` with
+  ``implementation="cudnn"``), likewise, for bfloat16 and float16 heads of at most
+  128 (``cudnn_fits``; float32 runs XLA's).
 - resize along one axis by PyTorch's rules (``interpolate_axis``; ``resize.py``
   applies it per axis for the head, CSF, ReviewKD, logits): ``cpu``, row gathers
   with the adjoint as gathers; ``native``, contraction with the interpolation
@@ -21,10 +24,11 @@ SegFormer head, taken over a 2-D view of the input.
 
 XLA:CPU runs grouped convolutions, autodiff's softmax backward and scatter-adds
 slowly (docs/performance.md); TPUs and GPUs run the native ops on their
-convolution and matmul units, and gathers poorly. The ``tpu`` form is the native
-one but for attention. The form is chosen
-from the devices the program is compiled for (``resolve``, called by
-``transkd_jax/build.py`` with the mesh's platform), never from
+convolution and matmul units, and gathers poorly. The ``tpu`` and ``gpu`` forms
+are the native one but for attention (and, on TPU, the patch embedding). The form
+is chosen from the devices the program is compiled for (``resolve``, called by
+``transkd_jax/build.py`` with the mesh's platform and, on NVIDIA GPUs, their
+compute capability: cuDNN's flash attention needs 8.0, Ampere, or newer), never from
 ``jax.default_backend()``: a program compiled here for a TPU topology gets the
 TPU form. ``config.kernels`` forces one. Modules take the resolved form as
 their ``kernels`` attribute, default ``"native"``.
@@ -37,21 +41,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMS = ("cpu", "native", "tpu")
+FORMS = ("cpu", "native", "tpu", "gpu")
 SETTINGS = ("auto",) + FORMS
-_AUTO = {"cpu": "cpu", "tpu": "tpu"}  # platform -> form; any other platform: native
+_AUTO = {"cpu": "cpu", "tpu": "tpu", "gpu": "gpu"}  # platform -> form; any other: native
+CUDNN_FLASH_CAPABILITY = (8, 0)  # cuDNN's flash attention: Ampere (A100), Hopper (H100) ...
 
 
-def resolve(setting: str, platform: str) -> str:
-  """``config.kernels`` (auto | cpu | native | tpu) for devices of ``platform`` -> a form."""
+def _capability_at_least(capability, least) -> bool:
+  """Whether a CUDA compute capability ("9.0") is ``least`` or newer; False for None or
+  anything else (ROCm's gfx names)."""
+  try:
+    return tuple(int(p) for p in str(capability).split(".")) >= least
+  except ValueError:
+    return False
+
+
+def resolve(setting: str, platform: str, capability: str | None = None) -> str:
+  """``config.kernels`` (auto | cpu | native | tpu | gpu) for devices of ``platform`` -> a form.
+
+  ``capability``: the GPUs' CUDA compute capability (``device.compute_capability``). "auto"
+  on GPUs gives the gpu form from 8.0 on, else native (a T4 or V100 has no cuDNN flash
+  attention)."""
   if setting not in SETTINGS:
     raise ValueError(f"config.kernels must be one of {', '.join(SETTINGS)}, got {setting!r}")
+  cudnn_flash = platform == "gpu" and _capability_at_least(capability, CUDNN_FLASH_CAPABILITY)
   if setting == "auto":
-    return _AUTO.get(platform, "native")
+    form = _AUTO.get(platform, "native")
+    return "native" if form == "gpu" and not cudnn_flash else form
   if setting == "tpu" and platform != "tpu":
     raise ValueError(
       f"config.kernels='tpu' (Pallas TPU kernels) needs TPU devices; these are {platform} "
       "devices: use auto, cpu or native"
+    )
+  if setting == "gpu" and not cudnn_flash:
+    of = f" of compute capability {capability}" if capability else ""
+    raise ValueError(
+      "config.kernels='gpu' (cuDNN's flash attention) needs NVIDIA GPUs of compute "
+      f"capability 8.0 or newer; these are {platform} devices{of}: use auto or native"
     )
   return setting
 
@@ -361,10 +387,25 @@ def _devices_in_context() -> int:
   return 1 if mesh.empty else mesh.size
 
 
+def cudnn_fits(q, k, v) -> bool:
+  """Whether cuDNN's flash attention takes these inputs (else XLA's runs): bfloat16 or
+  float16, all three alike, heads a multiple of 8 and at most 128 wide (MiT's are 32 and 64;
+  Hopper takes up to 256, Ampere 128)."""
+  head_dim = q.shape[-1]
+  return (
+    q.dtype in (jnp.bfloat16, jnp.float16)
+    and q.dtype == k.dtype == v.dtype
+    and head_dim % 8 == 0
+    and head_dim <= 128
+  )
+
+
 def attention(q, k, v, form: str):
   """Scaled dot-product attention over (batch, tokens, heads, head_dim) inputs."""
   if check_form(form) == "cpu":
     return softmax_attention(q, k, v)
+  if form == "gpu" and cudnn_fits(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   if (
     form == "tpu"
     and splash_fits(q.shape[1], k.shape[1])
