@@ -26,6 +26,20 @@ def test_step_times_the_configured_method():
   assert "mfu" not in row  # no published peak for a CPU
 
 
+def test_the_step_profile_names_the_ops_of_teacher_student_and_losses():
+  """``benchmark step --profile=N``: the N ops that took the most time in traced steps of
+  the whole TransKD step, by module path, forward and backward."""
+  row = bench_step(tiny_config(method="transkd_base"), steps=1, warmup=1, profile=10**6)
+  ops = row["top_ops"]
+  assert len(ops) > 50 and row["op_time_ms_per_step"] > 0
+  assert [r["ms"] for r in ops] == sorted((r["ms"] for r in ops), reverse=True)
+  assert sum(r["share"] for r in ops) == pytest.approx(1, abs=0.01)  # every op traced
+  roots = {(r["pass"], r["where"].split("/")[0]) for r in ops}
+  assert {("fwd", "teacher"), ("fwd", "student"), ("bwd", "student"), ("bwd", "fusion")} <= roots
+  assert ("bwd", "teacher") not in roots  # frozen: no backward pass
+  assert any(r["where"].startswith("student/encoder/block1_*/attn/") for r in ops)
+
+
 def test_flops_count_every_attention_chunk(monkeypatch):
   """XLA counts a loop's body once: the count is taken on the attention in one chunk."""
   monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 2 * 64 * 16)  # 16 chunks of 64 queries

@@ -41,7 +41,10 @@ _TOPOLOGY = flags.DEFINE_string(
   "process's devices).",
 )
 _PROFILE = flags.DEFINE_integer(
-  "profile", 0, "model: also print the N most expensive ops of the student step."
+  "profile",
+  0,
+  "model, step: also trace three steps and print the N ops that took the most time (model: "
+  "the student's step; step: the whole train step).",
 )
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint", None, "infer: a training run's workdir or a transkd_jax.convert directory."
@@ -99,7 +102,7 @@ def _main(argv):
     devices = topology_devices(_TOPOLOGY.value) if what == "compile" else jax.devices()
     resolve_batch_size(config, len(devices))
     if what == "step":
-      _print(bench_step(config, steps=_STEPS.value))
+      _print(bench_step(config, steps=_STEPS.value, profile=_PROFILE.value))
     elif what == "eval":
       for protocol in ("standard", "reference"):
         _print(bench_eval(config, protocol, _STEPS.value))

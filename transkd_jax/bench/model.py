@@ -82,15 +82,40 @@ def _op_names(hlo_text):
   return names
 
 
-def profile_ops(fn, args, top, steps=3):
-  """Rows {"pass", "where", "ms"}: per-step op time grouped by module path and op."""
-  compiled = fn.lower(*args).compile()
+def _instruction(event, names):
+  """The HLO instruction a trace event ran: its name (XLA:CPU, XLA:TPU, XLA:GPU's own
+  kernels) or, for a library kernel on a GPU (cuBLAS, cuDNN), its ``hlo_op`` argument."""
+  if event.get("ph") != "X":
+    return None
+  for name in (event.get("name"), (event.get("args") or {}).get("hlo_op")):
+    if name in names:
+      return name
+  return None
+
+
+def _where(op: str, roots: dict) -> str:
+  """An op_name as a module path: jit(...)/, jvp( and transpose( dropped, the root module
+  renamed by ``roots`` ({"SegFormer": "teacher/"}), method scopes (student.encode/)
+  dropped, and blocks of a stage merged (block1_*)."""
+  op = re.sub(r"jit\([^)]*\)/|transpose\(|jvp\(|\)", "", op)
+  root = re.match(r"(\w+)(?:\.\w+)?/", op)
+  if root and root.group(1) in roots:
+    op = roots[root.group(1)] + op[root.end() :]
+  op = re.sub(r"\w+\.\w+/", "", op)
+  return re.sub(r"block(\d)_\d+", r"block\1_*", op)
+
+
+def profile_ops(compiled, run_once, top, steps=3, roots=None):
+  """Rows {"pass", "where", "ms", "share"}: per-step op time of ``compiled`` (a compiled
+  program; ``run_once()`` runs it once and waits), grouped by module path and op
+  (``_where``; ``roots``: root module -> prefix, default the student SegFormer's none)."""
+  roots = {"SegFormer": ""} if roots is None else roots
   names = _op_names(compiled.as_text())
-  jax.block_until_ready(compiled(*args))
+  run_once()
   with tempfile.TemporaryDirectory() as logdir:
     jax.profiler.start_trace(logdir, create_perfetto_trace=True)
     for _ in range(steps):
-      jax.block_until_ready(compiled(*args))
+      run_once()
     jax.profiler.stop_trace()
     trace_file = glob.glob(f"{logdir}/**/*.trace.json.gz", recursive=True)[0]
     with gzip.open(trace_file) as f:
@@ -98,12 +123,12 @@ def profile_ops(fn, args, top, steps=3):
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   totals = collections.Counter()
   for event in events:
-    if event.get("ph") != "X" or event.get("name") not in names:
+    instruction = _instruction(event, names)
+    if instruction is None:
       continue
-    op = names[event["name"]]
+    op = names[instruction]
     backward = "transpose(" in op
-    op = re.sub(r"jit\([^)]*\)/|transpose\(|jvp\(|\)|SegFormer\.encode/|SegFormer/", "", op)
-    op = re.sub(r"block(\d)_\d+", r"block\1_*", op) or f"({event['name'].rsplit('.', 1)[0]})"
+    op = _where(op, roots) or f"({instruction.rsplit('.', 1)[0]})"
     totals[("bwd" if backward else "fwd", op)] += event["dur"] / 1000 / steps
   grand = sum(totals.values())
   rows = [
@@ -168,7 +193,10 @@ def bench_model(config, forms, repeats, profile=0):
       flush=True,
     )
     if profile:
-      ops, total = profile_ops(grad, (s_vars["params"], state, images, labels), profile)
+      args = (s_vars["params"], state, images, labels)
+      compiled = grad.lower(*args).compile()
+      run_once = lambda c=compiled, a=args: jax.block_until_ready(c(*a))  # noqa: E731
+      ops, total = profile_ops(compiled, run_once, profile)
       print(
         json.dumps(
           {

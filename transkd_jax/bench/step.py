@@ -15,7 +15,11 @@ line:
 - tflops_per_device, and mfu where the device's peak is known
   (``throughput.CHIPS``, dense bfloat16);
 - huge_pages: whether the process runs with glibc's huge-page tunable
-  (transkd_jax/hugepages.py; ``python -m transkd_jax.benchmark`` sets it).
+  (transkd_jax/hugepages.py; ``python -m transkd_jax.benchmark`` sets it);
+- with ``--profile=N``: top_ops, the N ops of the whole step (teacher, student forward
+  and backward, losses, optimiser) that took the most time in three traced steps
+  (``jax.profiler``), each with its pass, module path, ms per step and share, and
+  op_time_ms_per_step, the time of every op traced (``bench.model.profile_ops``).
 """
 
 import resource
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transkd_jax import build, hugepages, sharding, throughput
-from transkd_jax.bench.model import median_seconds
+from transkd_jax.bench.model import median_seconds, profile_ops
 
 
 def matmul_gflops_per_s(dtype, devices) -> float:
@@ -42,7 +46,7 @@ def matmul_gflops_per_s(dtype, devices) -> float:
   return 2 * n**3 * len(devices) / seconds / 1e9
 
 
-def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
+def bench_step(config, steps: int = 5, warmup: int = 2, profile: int = 0) -> dict:
   run = build.training(config, weights=False)
   size = tuple(config.image_size)
   batch_size = config.batch_size
@@ -103,4 +107,15 @@ def bench_step(config, steps: int = 5, warmup: int = 2) -> dict:
   stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
     row["device_peak_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+  if profile:
+
+    def run_once():
+      nonlocal state
+      state, metrics = compiled(state, teacher_variables, batch)  # the state is donated
+      jax.block_until_ready((state, metrics))
+
+    teacher_and_student = {"Distiller": "", "SegFormer": "teacher/"}  # the op_names' roots
+    ops, total = profile_ops(compiled, run_once, profile, roots=teacher_and_student)
+    row["op_time_ms_per_step"] = round(total, 2)
+    row["top_ops"] = ops
   return row
