@@ -1,6 +1,7 @@
 """The benchmarks: each returns / prints its measurements for a tiny configured run, and
 their command line names bad input in one line."""
 
+import json
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from runs import REPO, SYNTHETIC, tiny_config
+from runs import REPO, SYNTHETIC, env, overrides, tiny_config
 
 from transkd_jax import throughput
 from transkd_jax.bench.step import bench_step
@@ -38,6 +39,27 @@ def test_the_step_profile_names_the_ops_of_teacher_student_and_losses():
   assert {("fwd", "teacher"), ("fwd", "student"), ("bwd", "student"), ("bwd", "fusion")} <= roots
   assert ("bwd", "teacher") not in roots  # frozen: no backward pass
   assert any(r["where"].startswith("student/encoder/block1_*/attn/") for r in ops)
+
+
+def test_the_step_command_times_each_per_device_batch_in_one_process(compile_cache):
+  """``benchmark step --per_device_batch_sizes=1,2``: a line each, with its ops named."""
+  result = subprocess.run(
+    [sys.executable, "-m", "transkd_jax.benchmark", "step", SYNTHETIC]
+    + overrides("", image_size="(32,64)")
+    + ["--per_device_batch_sizes=1,2", "--steps=1", "--profile=3"],
+    cwd=REPO,
+    env=env(compile_cache),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert [(r["bench"], r["batch_size"], r["height"]) for r in rows] == [
+    ("step", 1, 32),
+    ("step", 2, 32),
+  ]
+  assert all(len(r["top_ops"]) == 3 and r["imgs_per_s"] > 0 for r in rows)
 
 
 def test_flops_count_every_attention_chunk(monkeypatch):

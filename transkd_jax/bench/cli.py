@@ -62,8 +62,9 @@ _SAVE_HLO = flags.DEFINE_string(
 _PER_DEVICE = flags.DEFINE_string(
   "per_device_batch_sizes",
   "",
-  "compile: per-device batches to compile the train step for, e.g. 2,4,8,16,32 (one JSON "
-  "line each: memory, fits, roofline bound); empty: the config's batch, with the eval step.",
+  "compile, step: per-device batches to compile (compile: memory, fits, roofline bound) or "
+  "time (step) the train step at, e.g. 2,4,8,16,32, one JSON line each; empty: the config's "
+  "batch (compile: with the eval step).",
 )
 
 
@@ -102,7 +103,10 @@ def _main(argv):
     devices = topology_devices(_TOPOLOGY.value) if what == "compile" else jax.devices()
     resolve_batch_size(config, len(devices))
     if what == "step":
-      _print(bench_step(config, steps=_STEPS.value, profile=_PROFILE.value))
+      for per_device in _per_device_sizes(_PER_DEVICE.value) if _PER_DEVICE.value else [0]:
+        if per_device:  # one line per batch, in one process
+          config.batch_size = per_device * len(devices)
+        _print(bench_step(config, steps=_STEPS.value, profile=_PROFILE.value))
     elif what == "eval":
       for protocol in ("standard", "reference"):
         _print(bench_eval(config, protocol, _STEPS.value))
