@@ -114,8 +114,10 @@ def test_the_kernel_form_follows_the_compiled_devices_unless_forced():
     "cpu",
     "native",
   ]
-  with pytest.raises(ValueError, match="needs TPU devices; these are cpu devices"):
+  with pytest.raises(UserError, match="needs TPU devices; these are cpu devices"):
     build.kernels_of(_config(kernels="tpu"), cpu)
+  with pytest.raises(UserError, match="needs NVIDIA GPUs of compute capability 8.0 or newer"):
+    build.kernels_of(_config(kernels="gpu"), cpu)
   run = build.training(
     _config(method="transkd_base", kernels="cpu"), weights=False, devices=tpu.devices.flat
   )

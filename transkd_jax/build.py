@@ -50,7 +50,10 @@ def kernels_of(config, mesh) -> str:
   """
   device = mesh.devices.flat[0]
   capability = getattr(device, "compute_capability", None)  # CUDA GPUs only
-  return kernels_lib.resolve(config.kernels, device.platform, capability)
+  try:
+    return kernels_lib.resolve(config.kernels, device.platform, capability)
+  except ValueError as e:  # a form these devices lack: one line, not a traceback
+    raise UserError(str(e)) from None
 
 
 def trained_arch(config) -> str:

@@ -1,6 +1,6 @@
 """The ops with several forms: one for XLA:CPU, the native one, and TPU and GPU forms.
 
-Each op computes the same function in both forms (tests compare them); they
+Each op computes the same function in every form (tests compare them); they
 differ in what the compiler makes of them:
 
 - 3x3 depthwise conv (Mix-FFN; dilated, LVT's RASA): ``cpu``, nine shifted
@@ -25,7 +25,7 @@ SegFormer head, taken over a 2-D view of the input.
 XLA:CPU runs grouped convolutions, autodiff's softmax backward and scatter-adds
 slowly (docs/performance.md); TPUs and GPUs run the native ops on their
 convolution and matmul units, and gathers poorly. The ``tpu`` and ``gpu`` forms
-are the native one but for attention (and, on TPU, the patch embedding). The form
+are the native one but for attention (and, on TPU, MiT's patch convolutions). The form
 is chosen from the devices the program is compiled for (``resolve``, called by
 ``transkd_jax/build.py`` with the mesh's platform and, on NVIDIA GPUs, their
 compute capability: cuDNN's flash attention needs 8.0, Ampere, or newer), never from
