@@ -12,6 +12,7 @@ import pytest
 from runs import REPO, SYNTHETIC, env, overrides, tiny_config
 
 from transkd_jax import throughput
+from transkd_jax.bench.model import bench_model
 from transkd_jax.bench.step import bench_step
 from transkd_jax.errors import UserError
 from transkd_jax.models import kernels
@@ -60,6 +61,12 @@ def test_the_step_command_times_each_per_device_batch_in_one_process(compile_cac
     ("step", 2, 32),
   ]
   assert all(len(r["top_ops"]) == 3 and r["imgs_per_s"] > 0 for r in rows)
+
+
+def test_the_model_benchmark_names_a_form_these_devices_lack():
+  for form, lack in (("gpu", "needs NVIDIA GPUs"), ("tpu", "needs TPU devices")):
+    with pytest.raises(UserError, match=f"--kernels=cpu,{form}: .*{lack}"):
+      bench_model(tiny_config(), ["cpu", form], repeats=1)
 
 
 def test_flops_count_every_attention_chunk(monkeypatch):

@@ -48,10 +48,8 @@ def kernels_of(config, mesh) -> str:
   a mesh of TPU devices from a topology description gets the tpu form; NVIDIA GPUs
   get the gpu form (cuDNN's flash attention) from compute capability 8.0 on.
   """
-  device = mesh.devices.flat[0]
-  capability = getattr(device, "compute_capability", None)  # CUDA GPUs only
   try:
-    return kernels_lib.resolve(config.kernels, device.platform, capability)
+    return kernels_lib.resolve_for(config.kernels, mesh.devices.flat[0])
   except ValueError as e:  # a form these devices lack: one line, not a traceback
     raise UserError(str(e)) from None
 

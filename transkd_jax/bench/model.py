@@ -1,6 +1,7 @@
 """``benchmark model``: the teacher's encoder and the student's forward + backward.
 
-For each kernel form (``--kernels``: cpu, native; transkd_jax/models/kernels.py),
+For each kernel form (``--kernels``: cpu, native, and tpu or gpu on those devices;
+transkd_jax/models/kernels.py),
 times the teacher's encoder forward (the features-only call TransKD uses) and the student's
 forward + backward (cross-entropy on its logits), at ``config.image_size``,
 ``config.batch_size`` and ``config.dtype``, for ``config.teacher.variant`` and
@@ -28,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transkd_jax.models import archs
+from transkd_jax.errors import UserError
+from transkd_jax.models import archs, kernels
 
 
 def median_seconds(fn, *args, repeats):
@@ -144,6 +146,11 @@ def bench_model(config, forms, repeats, profile=0):
   dtype = jnp.dtype(config.dtype)
   images = jnp.asarray(np.random.RandomState(0).rand(batch, *size, 3), jnp.float32)
   labels = jnp.zeros((batch, size[0] // 4, size[1] // 4), jnp.int32)
+  for form in forms:  # a form these devices lack (tpu or gpu on a CPU): before any compile
+    try:
+      kernels.resolve_for(form, jax.devices()[0])
+    except ValueError as e:
+      raise UserError(f"--kernels={','.join(forms)}: {e}") from None
   for form in forms:
     teacher, student = (
       archs.build(

@@ -82,6 +82,11 @@ def resolve(setting: str, platform: str, capability: str | None = None) -> str:
   return setting
 
 
+def resolve_for(setting: str, device) -> str:
+  """``resolve`` for a JAX device: its platform and, on CUDA GPUs, compute capability."""
+  return resolve(setting, device.platform, getattr(device, "compute_capability", None))
+
+
 def check_form(form: str) -> str:
   if form not in FORMS:
     raise ValueError(
