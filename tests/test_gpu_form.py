@@ -3,7 +3,9 @@
 This machine has no GPU, but JAX lowers a program for CUDA on any host: the tests read
 the lowered program for cuDNN's fused-attention calls. JAX asks the installed cuDNN for
 its version before it lowers them; with no CUDA libraries here, the tests give it one
-(9.10). Only the test marked ``gpu`` runs the kernel; it needs a GPU and
+(9.10). With JAX's CUDA plugin installed (``pip install 'jax[cuda12]'``, not in the test
+extras: about 3 GB), ``benchmark compile --topology=h100`` compiles for a GPU without one,
+and one test here does. Only the last test runs the kernel; it needs a GPU and
 ``JAX_PLATFORMS=cuda``.
 """
 
@@ -17,10 +19,23 @@ import pytest
 from runs import tiny_config
 
 from transkd_jax import build
+from transkd_jax.bench import compile as compile_bench
+from transkd_jax.errors import UserError
 from transkd_jax.models import kernels
 
 FORWARD, BACKWARD = "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"
 ON_GPU = jax.default_backend() == "gpu"
+
+
+def _cuda_plugin() -> bool:
+  try:
+    compile_bench.topology_devices("h100")
+    return True
+  except UserError:
+    return False
+
+
+CUDA_PLUGIN = _cuda_plugin()
 
 
 @pytest.fixture
@@ -101,6 +116,49 @@ def test_the_bfloat16_transkd_step_runs_every_attention_through_cudnn(cudnn, mon
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in build.batch_spec(config).items()}
     calls = cuda_custom_calls(run.train_step, state, teacher, batch)
     assert (calls[FORWARD], calls[BACKWARD]) == (forward, backward), dtype
+
+
+def test_a_gpu_topology_is_described_by_jaxs_cuda_plugin_or_the_error_names_it():
+  if CUDA_PLUGIN:
+    devices = compile_bench.topology_devices("h200:2")
+    assert len(devices) == 2 and {d.device_kind for d in devices} == {"NVIDIA H200"}
+    assert devices[0].platform == "gpu" and devices[0].compute_capability == "9.0"
+    assert kernels.resolve_for("auto", devices[0]) == "gpu"
+  else:
+    with pytest.raises(UserError, match=r"--topology=h100: .*pip install -U 'jax\[cuda12\]'"):
+      compile_bench.topology_devices("h100")
+  with pytest.raises(UserError, match="expected h100 or h100:N, N GPUs of one host"):
+    compile_bench.topology_devices("h100:0")
+
+
+def test_a_gpu_compile_counts_the_native_steps_flops_lowered_on_the_cpu():
+  """XLA:GPU gives no FLOP count without a GPU: the whole step's, lowered for this CPU with
+  the native kernels, grows with the batch."""
+  config = tiny_config(method="transkd_base", batch_size=2)
+  two = compile_bench._flops_lowered_on_cpu(config)
+  config.batch_size = 4
+  four = compile_bench._flops_lowered_on_cpu(config)
+  assert two > 0 and four == pytest.approx(2 * two, rel=0.02)  # the optimiser's is fixed
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (pip install 'jax[cuda12]')")
+def test_the_bfloat16_transkd_step_compiles_for_an_h100_without_one():
+  """The tiny TransKD step, 8 images, compiled for one H100: the gpu form, cuDNN's attention
+  in all 12 calls (as lowered above), memory against 80 GiB, FLOPs from the CPU, and the
+  roofline on the HBM bytes only (XLA:GPU counts no bytes)."""
+  config = tiny_config(
+    method="transkd_base", dtype="bfloat16", teacher_dtype="bfloat16", batch_size=8
+  )
+  row = compile_bench.compile_report(config, "h100", with_eval=False)
+  assert (row["platform"], row["device_kind"], row["kernels"]["form"]) == (
+    "gpu",
+    "NVIDIA H100 80GB HBM3",
+    "gpu",
+  )
+  assert row["kernels"]["compiled_ops"]["cudnn_attention"] == 12
+  assert row["fits"] and row["hbm_capacity_gib"] == 80 and 0 < row["hbm_gib_per_device"] < 1
+  assert row["tflops_per_step_per_device"] > 0 and row["collectives"] == {}
+  assert row["est_step_ms"] is None and row["est_imgs_per_s_per_chip_hbm_only"] > 0
 
 
 @pytest.mark.skipif(not ON_GPU, reason="runs cuDNN's kernel: needs a GPU and JAX_PLATFORMS=cuda")

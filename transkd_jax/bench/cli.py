@@ -37,8 +37,8 @@ _TOPOLOGY = flags.DEFINE_string(
   "topology",
   "local",
   "compile: a TPU topology (v5e:2x2, "
-  "v5e:4x4, v4:2x2x2, v5p:2x2x2 ...) or 'local' (this "
-  "process's devices).",
+  "v5e:4x4, v4:2x2x2, v5p:2x2x2 ...), NVIDIA GPUs (a100, h100, h200; h100:8 for 8 of one "
+  "host; needs JAX's CUDA plugin) or 'local' (this process's devices).",
 )
 _PROFILE = flags.DEFINE_integer(
   "profile",

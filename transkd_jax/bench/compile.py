@@ -8,7 +8,11 @@ on abstract arguments (``build.batch_spec``) and compiles it, and the eval step
 with it. ``--topology`` is anything ``jax.experimental.topologies.get_topology_desc``
 accepts for TPUs (``v5e:2x2``, ``v5e:4x4``, ``v4:2x2x2``, ``v5p:2x2x2``,
 ``v6e:2x2`` ...; multi-host slices too), compiled here with libtpu and no TPU,
-or ``local`` for this process's devices (a GPU machine, or the CPU).
+NVIDIA GPUs (``a100``, ``h100``, ``h200``, or ``h100:8`` for eight of one host; ``GPUS``),
+compiled here with JAX's CUDA plugin and no GPU (no autotuning, and XLA:GPU counts no
+FLOPs or bytes: the FLOPs are the native step's lowered for the CPU, and only the bound
+on the shapes' bytes is given), or ``local`` for this process's devices (a GPU machine,
+or the CPU).
 
 One JSON line: the compile time; per-device memory (arguments + outputs +
 temporaries - aliased) against the chip's HBM; XLA's FLOP count; every
@@ -64,10 +68,83 @@ _BYTES = {
 }
 
 
+# NVIDIA GPUs to compile for without one (``--topology=h100`` or ``h100:8``, GPUs of one
+# host): XLA:GPU's description of each (its GpuTargetConfig), from the published figures.
+# Such a compile runs no autotuning, so XLA picks its kernels by its defaults.
+GPUS = {  # name: (device kind, compute capability, SMs, FP32 units per SM, shared memory
+  # per SM, shared memory per block opt-in, L2 bytes, HBM bytes/s, SM clock GHz, HBM bytes)
+  "a100": (
+    "NVIDIA A100-SXM4-80GB",
+    (8, 0),
+    108,
+    64,
+    167936,
+    166912,
+    40 << 20,
+    2039e9,
+    1.41,
+    80 << 30,
+  ),
+  "h100": (
+    "NVIDIA H100 80GB HBM3",
+    (9, 0),
+    132,
+    128,
+    233472,
+    232448,
+    50 << 20,
+    3352e9,
+    1.98,
+    80 << 30,
+  ),
+  "h200": ("NVIDIA H200", (9, 0), 132, 128, 233472, 232448, 60 << 20, 4800e9, 1.98, 141 << 30),
+}
+
+
+def gpu_target_config(name: str) -> str:
+  """XLA:GPU's GpuTargetConfig (text format) for one of ``GPUS``."""
+  kind, (major, minor), sms, fpus, smem, optin, l2, bandwidth, ghz, memory = GPUS[name]
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem} threads_per_core_limit: 2048 core_count: {sms}
+  fpus_per_core: {fpus} block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {int(bandwidth)} l2_cache_size: {l2}
+  clock_rate_ghz: {ghz} device_memory_size: {memory} shared_memory_per_block_optin: {optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{kind}"
+"""
+
+
+def _gpu_devices(name: str):
+  gpu, colon, count = name.lower().partition(":")
+  count = count if colon else "1"
+  if not count.isdigit() or int(count) < 1:
+    raise UserError(f"--topology={name}: expected {gpu} or {gpu}:N, N GPUs of one host")
+  try:
+    return topologies.get_topology_desc(
+      platform="cuda", target_config=gpu_target_config(gpu), topology=f"1x1x{count}"
+    ).devices
+  except Exception as e:  # no CUDA plugin in this JAX
+    raise UserError(
+      f"--topology={name}: cannot describe it ({type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''}); compiling for a GPU without one needs "
+      "JAX's CUDA plugin and libraries (pip install -U 'jax[cuda12]') and, on a host with "
+      "no GPU, JAX_PLATFORMS=cpu"
+    ) from None
+
+
 def topology_devices(name: str):
-  """The devices of ``name`` (a TPU topology, or "local" for this process's)."""
+  """The devices of ``name`` (a TPU topology, an NVIDIA GPU of ``GPUS`` (``h100``,
+  ``h100:8``), or "local" for this process's)."""
   if name == "local":
     return jax.devices()
+  if name.lower().partition(":")[0] in GPUS:
+    return _gpu_devices(name)
   try:
     devices = topologies.get_topology_desc(name, platform="tpu").devices
     if any(getattr(d, "core_on_chip", 0) for d in devices):  # v4 / v5p: one device per chip
@@ -79,7 +156,7 @@ def topology_devices(name: str):
       f"--topology={name}: cannot describe it ({type(e).__name__}: "
       f"{str(e).splitlines()[0] if str(e) else ''}); expected a TPU topology "
       "such as v5e:2x2, v5e:4x4, v4:2x2x2 or v5p:2x2x2 (needs libtpu: pip install "
-      "-e '.[tpu]' or '.[test]'), or 'local'"
+      f"-e '.[tpu]' or '.[test]'), a GPU ({', '.join(GPUS)}, or h100:8 for 8), or 'local'"
     ) from None
   return devices
 
@@ -156,7 +233,13 @@ def _moved_bytes(op: str, shape: str, operands: str) -> int:
 def hlo_summary(hlo_text: str) -> dict:
   """Collectives (count, bytes of their results) and op counts of a compiled HLO module."""
   collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-  ops = {"gather": 0, "scatter": 0, "grouped_convolution": 0, "pallas_kernel": 0}
+  ops = {
+    "gather": 0,
+    "scatter": 0,
+    "grouped_convolution": 0,
+    "pallas_kernel": 0,
+    "cudnn_attention": 0,  # cuDNN's fused attention calls, forward and backward
+  }
   inside_fused_collective = False
   for line in hlo_text.splitlines():
     # XLA:TPU writes a reduce-scatter as a fusion calling an "all-reduce-scatter"
@@ -184,6 +267,8 @@ def hlo_summary(hlo_text: str) -> dict:
       ops[op] += 1
     elif op == "custom-call" and 'custom_call_target="tpu_custom_call"' in line:
       ops["pallas_kernel"] += 1
+    elif op == "custom-call" and 'custom_call_target="__cudnn$fmha' in line:
+      ops["cudnn_attention"] += 1
     elif op == "convolution" and re.search(r"feature_group_count=([2-9]|\d\d+)", line):
       ops["grouped_convolution"] += 1
   return {"collectives": {k: v for k, v in collectives.items() if v["count"]}, "ops": ops}
@@ -381,6 +466,7 @@ def _kernels(form: str, ops: dict) -> dict:
     "cpu": "einsums + hand-written softmax VJP",
     "native": "jax.nn.dot_product_attention",
     "tpu": "Pallas splash attention where queries and keys tile by 128, else native",
+    "gpu": "cuDNN flash attention for bfloat16/float16 heads of at most 128, else native",
   }[form]
   return {
     "form": form,
@@ -407,6 +493,18 @@ def _cost(compiled) -> dict:
   return cost or {}
 
 
+def _flops_lowered_on_cpu(config) -> float:
+  """XLA's FLOP count of the whole step with the native kernels, lowered (not compiled)
+  for this host's CPU: XLA:GPU counts none for a program compiled without a GPU. The
+  native attention does the same matmuls as cuDNN's."""
+  native = config.copy_and_resolve_references()
+  native.kernels = "native"
+  run = build.training(native, weights=False, devices=jax.devices("cpu")[:1])
+  teacher = None if run.teacher is None else run.teacher.abstract
+  lowered = run.train_step.lower(run.abstract_state, teacher, build.batch_spec(native))
+  return float(_cost(lowered).get("flops", float("nan")))
+
+
 def _capacity_gib(device, chip: Optional[Chip]) -> Optional[float]:
   try:
     stats = device.memory_stats()  # a real accelerator knows its own
@@ -427,11 +525,12 @@ def compile_report(config, topology: str, with_eval: bool = True, save_hlo: str 
   per_device_batch = config.batch_size / mesh.size
 
   start = time.perf_counter()
-  compiled = run.train_step.lower(
+  lowered = run.train_step.lower(
     run.abstract_state,
     None if run.teacher is None else run.teacher.abstract,
     build.batch_spec(config, mesh),
-  ).compile()
+  )
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   eval_compiled, eval_compile_s = None, float("nan")
   if with_eval:
@@ -446,6 +545,8 @@ def compile_report(config, topology: str, with_eval: bool = True, save_hlo: str 
   hbm = _memory_gib(compiled)
   cost = _cost(compiled)
   flops = float(cost.get("flops", float("nan")))
+  if flops != flops and device.platform == "gpu":
+    flops = _flops_lowered_on_cpu(config) / mesh.size
   hlo_text = compiled.as_text()
   if save_hlo:
     with open(save_hlo, "w") as f:
@@ -477,8 +578,10 @@ def compile_report(config, topology: str, with_eval: bool = True, save_hlo: str 
     "kernels": _kernels(run.kernels, summary["ops"]),
   }
   bytes_accessed = float(cost.get("bytes accessed", float("nan")))
-  row["hbm_bytes_per_image"] = (
-    round(bytes_accessed / per_device_batch) if per_device_batch else None
+  row["hbm_bytes_per_image"] = (  # None on a GPU: XLA:GPU counts no bytes either
+    round(bytes_accessed / per_device_batch)
+    if per_device_batch and bytes_accessed == bytes_accessed
+    else None
   )
   every_op = traffic(hlo_text, top=None)
   row["top_traffic"] = [
@@ -489,12 +592,13 @@ def compile_report(config, topology: str, with_eval: bool = True, save_hlo: str 
   row["traffic_gib_from_shapes"] = round(hbm_bytes / 2**30, 3)
   row["traffic_by_part"] = traffic_by_part(every_op)
   if chip is not None:
-    bytes_accessed = float(cost.get("bytes accessed", 0.0))
     seconds = max(flops / (chip.bf16_tflops * 1e12), bytes_accessed / (chip.hbm_gb_per_s * 1e9))
+    known = flops == flops and bytes_accessed == bytes_accessed  # not NaN: XLA:GPU counts
+    # no bytes, and then only the bound on the shapes' bytes below is given
     row.update(
       {
-        "est_step_ms": round(seconds * 1e3, 3),
-        "est_imgs_per_s_per_chip": round(per_device_batch / seconds, 2) if seconds else None,
+        "est_step_ms": round(seconds * 1e3, 3) if known else None,
+        "est_imgs_per_s_per_chip": round(per_device_batch / seconds, 2) if known else None,
         "est_note": "roofline bounds from the chip's peak bfloat16 FLOP/s and HBM bandwidth: "
         "the step takes at least est_step_ms, so at most est_imgs_per_s_per_chip",
       }
