@@ -269,7 +269,9 @@ def hlo_summary(hlo_text: str) -> dict:
       ops["pallas_kernel"] += 1
     elif op == "custom-call" and 'custom_call_target="__cudnn$fmha' in line:
       ops["cudnn_attention"] += 1
-    elif op == "convolution" and re.search(r"feature_group_count=([2-9]|\d\d+)", line):
+    elif op in ("convolution", "custom-call") and re.search(  # XLA:GPU's: cuDNN calls
+      r"feature_group_count=([2-9]|\d\d+)", line
+    ):
       ops["grouped_convolution"] += 1
   return {"collectives": {k: v for k, v in collectives.items() if v["count"]}, "ops": ops}
 
