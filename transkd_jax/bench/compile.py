@@ -35,7 +35,7 @@ what to change.
 
 import re
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 from jax.experimental import topologies
@@ -68,55 +68,52 @@ _BYTES = {
 }
 
 
+class Gpu(NamedTuple):
+  """What XLA:GPU is told of a GPU (its GpuTargetConfig), from the published figures."""
+
+  kind: str  # the device kind JAX reports
+  capability: tuple  # CUDA compute capability
+  sms: int
+  fp32_units_per_sm: int
+  shared_memory_per_sm: int
+  shared_memory_per_block_optin: int
+  l2_bytes: int
+  hbm_bytes_per_s: float
+  sm_clock_ghz: float
+  hbm_bytes: int
+
+
 # NVIDIA GPUs to compile for without one (``--topology=h100`` or ``h100:8``, GPUs of one
-# host): XLA:GPU's description of each (its GpuTargetConfig), from the published figures.
-# Such a compile runs no autotuning, so XLA picks its kernels by its defaults.
-GPUS = {  # name: (device kind, compute capability, SMs, FP32 units per SM, shared memory
-  # per SM, shared memory per block opt-in, L2 bytes, HBM bytes/s, SM clock GHz, HBM bytes)
-  "a100": (
-    "NVIDIA A100-SXM4-80GB",
-    (8, 0),
-    108,
-    64,
-    167936,
-    166912,
-    40 << 20,
-    2039e9,
-    1.41,
-    80 << 30,
+# host). Such a compile runs no autotuning, so XLA picks its kernels by its defaults.
+GPUS = {
+  "a100": Gpu(
+    "NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 167936, 166912, 40 << 20, 2039e9, 1.41, 80 << 30
   ),
-  "h100": (
-    "NVIDIA H100 80GB HBM3",
-    (9, 0),
-    132,
-    128,
-    233472,
-    232448,
-    50 << 20,
-    3352e9,
-    1.98,
-    80 << 30,
+  "h100": Gpu(
+    "NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 233472, 232448, 50 << 20, 3352e9, 1.98, 80 << 30
   ),
-  "h200": ("NVIDIA H200", (9, 0), 132, 128, 233472, 232448, 60 << 20, 4800e9, 1.98, 141 << 30),
+  "h200": Gpu("NVIDIA H200", (9, 0), 132, 128, 233472, 232448, 60 << 20, 4800e9, 1.98, 141 << 30),
 }
 
 
 def gpu_target_config(name: str) -> str:
   """XLA:GPU's GpuTargetConfig (text format) for one of ``GPUS``."""
-  kind, (major, minor), sms, fpus, smem, optin, l2, bandwidth, ghz, memory = GPUS[name]
+  g = GPUS[name]
   return f"""gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: {smem} threads_per_core_limit: 2048 core_count: {sms}
-  fpus_per_core: {fpus} block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
-  block_dim_limit_z: 65535 memory_bandwidth: {int(bandwidth)} l2_cache_size: {l2}
-  clock_rate_ghz: {ghz} device_memory_size: {memory} shared_memory_per_block_optin: {optin}
-  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  shared_memory_per_core: {g.shared_memory_per_sm} threads_per_core_limit: 2048
+  core_count: {g.sms} fpus_per_core: {g.fp32_units_per_sm}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(g.hbm_bytes_per_s)} l2_cache_size: {g.l2_bytes}
+  clock_rate_ghz: {g.sm_clock_ghz} device_memory_size: {g.hbm_bytes}
+  shared_memory_per_block_optin: {g.shared_memory_per_block_optin}
+  cuda_compute_capability {{ major: {g.capability[0]} minor: {g.capability[1]} }}
   registers_per_core_limit: 65536 registers_per_block_limit: 65536
 }}
 platform_name: "CUDA"
 dnn_version_info {{ major: 9 minor: 8 }}
 runtime_version {{ major: 12 minor: 8 }}
-device_description_str: "{kind}"
+device_description_str: "{g.kind}"
 """
 
 
@@ -499,8 +496,8 @@ def _flops_lowered_on_cpu(config) -> float:
   """XLA's FLOP count of the whole step with the native kernels, lowered (not compiled)
   for this host's CPU: XLA:GPU counts none for a program compiled without a GPU. The
   native attention does the same matmuls as cuDNN's."""
-  native = config.copy_and_resolve_references()
-  native.kernels = "native"
+  native = config.copy_and_resolve_references()  # on one CPU device, as one program
+  native.update(kernels="native", mesh_shape=(-1, 1), sharding="replicate")
   run = build.training(native, weights=False, devices=jax.devices("cpu")[:1])
   teacher = None if run.teacher is None else run.teacher.abstract
   lowered = run.train_step.lower(run.abstract_state, teacher, build.batch_spec(native))
@@ -527,12 +524,11 @@ def compile_report(config, topology: str, with_eval: bool = True, save_hlo: str 
   per_device_batch = config.batch_size / mesh.size
 
   start = time.perf_counter()
-  lowered = run.train_step.lower(
+  compiled = run.train_step.lower(
     run.abstract_state,
     None if run.teacher is None else run.teacher.abstract,
     build.batch_spec(config, mesh),
-  )
-  compiled = lowered.compile()
+  ).compile()
   compile_s = time.perf_counter() - start
   eval_compiled, eval_compile_s = None, float("nan")
   if with_eval:
