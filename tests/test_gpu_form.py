@@ -3,7 +3,7 @@
 This machine has no GPU, but JAX lowers a program for CUDA on any host: the tests read
 the lowered program for cuDNN's fused-attention calls. JAX asks the installed cuDNN for
 its version before it lowers them; with no CUDA libraries here, the tests give it one
-(9.10). With JAX's CUDA plugin installed (``pip install 'jax[cuda12]'``, not in the test
+(9.10). With JAX's CUDA plugin installed (``pip install -e '.[cuda]'``, not in the test
 extras: about 3 GB), ``benchmark compile --topology=h100`` compiles for a GPU without one,
 and one test here does. Only the last test runs the kernel; it needs a GPU and
 ``JAX_PLATFORMS=cuda``.
@@ -125,7 +125,7 @@ def test_a_gpu_topology_is_described_by_jaxs_cuda_plugin_or_the_error_names_it()
     assert devices[0].platform == "gpu" and devices[0].compute_capability == "9.0"
     assert kernels.resolve_for("auto", devices[0]) == "gpu"
   else:
-    with pytest.raises(UserError, match=r"--topology=h100: .*pip install -U 'jax\[cuda12\]'"):
+    with pytest.raises(UserError, match=r"--topology=h100: .*pip install -e '\.\[cuda\]'"):
       compile_bench.topology_devices("h100")
   with pytest.raises(UserError, match="expected h100 or h100:N, N GPUs of one host"):
     compile_bench.topology_devices("h100:0")
@@ -141,7 +141,7 @@ def test_a_gpu_compile_counts_the_native_steps_flops_lowered_on_the_cpu():
   assert two > 0 and four == pytest.approx(2 * two, rel=0.02)  # the optimiser's is fixed
 
 
-@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (pip install 'jax[cuda12]')")
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (pip install -e '.[cuda]')")
 def test_the_bfloat16_transkd_step_compiles_for_an_h100_without_one():
   """The tiny TransKD step, 8 images, compiled for one H100: the gpu form, cuDNN's attention
   in all 12 calls (as lowered above), memory against 80 GiB, FLOPs from the CPU, and the

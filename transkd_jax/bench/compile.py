@@ -130,8 +130,8 @@ def _gpu_devices(name: str):
     raise UserError(
       f"--topology={name}: cannot describe it ({type(e).__name__}: "
       f"{str(e).splitlines()[0] if str(e) else ''}); compiling for a GPU without one needs "
-      "JAX's CUDA plugin and libraries (pip install -U 'jax[cuda12]') and, on a host with "
-      "no GPU, JAX_PLATFORMS=cpu"
+      f"JAX's CUDA plugin and libraries (pip install -e '.[cuda]', or 'jax[cuda12]"
+      f"=={jax.__version__}') and, on a host with no GPU, JAX_PLATFORMS=cpu"
     ) from None
 
 
